@@ -1,0 +1,112 @@
+"""``cosyvoice-pipeline``: one subcommand per stage, flags mirroring the upstream recipe tools.
+
+Each subcommand is a thin face of one library function (same name, snake_case); heavy imports
+happen inside the handlers so that e.g. ``prepare-libritts`` never pays for torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _progress(desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    def wrap(iterable):
+        return tqdm(iterable, desc=desc, total=total, unit="utt", disable=not sys.stderr.isatty(), leave=False)
+
+    return wrap
+
+
+def cmd_prepare_libritts(args: argparse.Namespace) -> int:
+    from cosyvoice.corpus.manifest import prepare_libritts
+    from cosyvoice.corpus.scan import AudioPolicy
+
+    report = prepare_libritts(
+        args.src_dir, args.des_dir, instruct=args.instruct or None, utts_per_shard=args.utts_per_shard,
+        num_workers=args.num_workers, subset=args.subset,
+        policy=AudioPolicy(min_sample_rate=args.min_sample_rate, max_channels=args.max_channels),
+        progress=_progress("checking audio"),
+    )
+    print(report.summary())
+    for item in report.quarantined[: args.show_quarantined]:
+        print(f"  {item}", file=sys.stderr)
+    if len(report.quarantined) > args.show_quarantined:
+        print(f"  ... {len(report.quarantined) - args.show_quarantined} more in quarantine.tsv", file=sys.stderr)
+    return 0
+
+
+def cmd_make_synthetic_corpus(args: argparse.Namespace) -> int:
+    from cosyvoice.corpus.synthetic import make_synthetic_corpus
+
+    report = make_synthetic_corpus(
+        args.out, subsets=[s for s in args.subsets.split(",") if s], speakers=args.speakers,
+        utts_per_speaker=args.utts_per_speaker, seed=args.seed, with_broken=args.with_broken,
+        num_workers=args.num_workers, synthesiser=args.synthesiser,
+    )
+    print(f"wrote {report.utterances} utterances ({report.audio_seconds / 60:.1f} min, {report.synthesiser})"
+          + (f" + {report.broken} broken files" if report.broken else "") + f" to {report.out}")
+    return 0
+
+
+def cmd_make_reference_models(args: argparse.Namespace) -> int:
+    from cosyvoice.features.reference_models import make_reference_models
+
+    report = make_reference_models(args.out, seed=args.seed, size=args.size,
+                                   models=[m for m in args.models.split(",") if m], force=args.force)
+    for name, info in report.items():
+        print(f"{name}: {info['status']} ({info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:12]})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosyvoice-pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-libritts", help="kaldi data dir + shard plan + quarantine for one LibriTTS subset")
+    p.add_argument("--src_dir", required=True, help="one subset folder, e.g. LibriTTS/dev-clean (path or s3:// URL)")
+    p.add_argument("--des_dir", required=True, help="output folder (path or s3:// URL)")
+    p.add_argument("--instruct", default="", help="instruction written for every utterance (CosyVoice3)")
+    p.add_argument("--num_workers", type=int, default=8, help="parallel header checks")
+    p.add_argument("--utts_per_shard", type=int, default=1000)
+    p.add_argument("--subset", default=None, help="shard key prefix (default: the src_dir folder name)")
+    p.add_argument("--min_sample_rate", type=int, default=16000)
+    p.add_argument("--max_channels", type=int, default=1)
+    p.add_argument("--show_quarantined", type=int, default=20, help="how many quarantine entries to print")
+    p.set_defaults(func=cmd_prepare_libritts)
+
+    p = sub.add_parser("make-synthetic-corpus", help="a deterministic LibriTTS-shaped corpus")
+    p.add_argument("--out", required=True)
+    p.add_argument("--subsets", default="dev-clean")
+    p.add_argument("--speakers", type=int, default=4)
+    p.add_argument("--utts-per-speaker", dest="utts_per_speaker", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--with-broken", dest="with_broken", action="store_true")
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--synthesiser", choices=("auto", "espeak", "formant"), default="auto")
+    p.set_defaults(func=cmd_make_synthetic_corpus)
+
+    p = sub.add_parser("make-reference-models", help="seeded random-weight ONNX models with the upstream signatures")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="full: the released architectures; tiny: same signatures, few layers (fast tests)")
+    p.add_argument("--models", default="campplus,speech_tokenizer_v1,speech_tokenizer_v2")
+    p.add_argument("--force", action="store_true", help="rebuild even if identical models are present")
+    p.set_defaults(func=cmd_make_reference_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
