@@ -1,0 +1,59 @@
+"""``manifest``: one LibriTTS subset -> kaldi data dir + shard plan (registers shard partitions)."""
+
+import dagster as dg
+
+from assets._metadata import histogram
+from cosyvoice.corpus.checks import check_data_dir
+from cosyvoice.corpus.manifest import prepare_libritts
+from cosyvoice.corpus.scan import AudioPolicy
+from pipelines.partitions import SHARDS, SUBSETS
+from pipelines.resources import CorpusResource, DataStore
+
+CHECKS = {
+    "unique_utt_ids": "no utterance id appears twice in wav.scp",
+    "wavs_exist": "every kept wav.scp path exists",
+    "text_non_empty": "every kept utterance has non-empty text",
+}
+
+
+class ManifestConfig(dg.Config):
+    instruct: str = ""
+    utts_per_shard: int = 1000
+    num_workers: int = 8
+    min_sample_rate: int = 16000
+    max_channels: int = 1
+
+
+@dg.asset(
+    partitions_def=SUBSETS,
+    group_name="data_prep",
+    kinds={"python"},
+    check_specs=[dg.AssetCheckSpec(name, asset="manifest", description=d) for name, d in CHECKS.items()],
+)
+def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: CorpusResource,
+             store: DataStore) -> dg.MaterializeResult:
+    """wav.scp / text / utt2spk / spk2utt (+instruct), shards.json and quarantine.tsv for one subset."""
+    subset = context.partition_key
+    dest = store.url("manifest", subset)
+    report = prepare_libritts(
+        corpus.subset_url(subset), dest, instruct=config.instruct or None, utts_per_shard=config.utts_per_shard,
+        num_workers=config.num_workers, subset=subset,
+        policy=AudioPolicy(min_sample_rate=config.min_sample_rate, max_channels=config.max_channels),
+    )
+    for item in report.quarantined:
+        context.log.warning(str(item))
+    known = set(context.instance.get_dynamic_partitions(SHARDS.name))
+    context.instance.add_dynamic_partitions(SHARDS.name, [k for k in report.shard_keys if k not in known])
+
+    meta = report.as_metadata()
+    meta["path"] = dg.MetadataValue.path(dest)
+    meta["quarantined_by_reason"] = dg.MetadataValue.json(meta["quarantined_by_reason"])
+    if report.durations:
+        meta["duration_histogram"] = histogram(report.durations, title=f"{subset}: utterance durations",
+                                               xlabel="seconds")
+    checks = [
+        dg.AssetCheckResult(check_name=name, passed=outcome.passed,
+                            metadata={"detail": outcome.detail, "examples": dg.MetadataValue.json(outcome.examples)})
+        for name, outcome in check_data_dir(dest).items()
+    ]
+    return dg.MaterializeResult(metadata=meta, check_results=checks)

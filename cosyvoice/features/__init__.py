@@ -1,0 +1,1 @@
+"""Feature extraction: kaldi fbank + CMN, whisper log-mel, ONNX runners, reference models."""

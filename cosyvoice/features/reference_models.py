@@ -1,0 +1,177 @@
+"""Seeded random-weight stand-ins for the released ONNX models, with the upstream signatures.
+
+The released ``campplus.onnx`` / ``speech_tokenizer_v{1,2}.onnx`` cannot be downloaded here, so
+tests, the demo and benchmarks run the *published reference architectures* (CAM++ from
+``speakerlab``, S3Tokenizer v1/v2 from the ``s3tokenizer`` package) with seeded random weights:
+realistic compute cost and the real code paths. A user points the pipeline at the released files
+and nothing else changes.
+
+==========================  ========================================  ================================
+file                        inputs                                    output
+==========================  ========================================  ================================
+campplus.onnx               input float32 (1, T, 80)                  embedding float32 (1, 192)
+speech_tokenizer_v1.onnx    feats float32 (1, 128, T), feats_length   indices int32 (1, T/2), < 4096
+                            int32 (1,)                                (50 tokens per second)
+speech_tokenizer_v2.onnx    same                                      indices int32 (1, T/4), < 6561
+                                                                      (25 tokens per second)
+==========================  ========================================  ================================
+
+Needs the ``dev`` extra (torch, onnx, onnxscript, s3tokenizer, speakerlab-slim).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+from cosyvoice import storage
+
+MODEL_NAMES = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2")
+SPEC_FILE = "reference_models.json"
+FORMAT_VERSION = 1  # bump when the export recipe changes, so stale models are rebuilt
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    codebook_size: int
+    tokens_per_second: int
+
+
+TOKENIZERS = {
+    "speech_tokenizer_v1": TokenizerSpec(codebook_size=4096, tokens_per_second=50),
+    "speech_tokenizer_v2": TokenizerSpec(codebook_size=6561, tokens_per_second=25),
+}
+
+
+def _tokenizer_config(size: str):
+    from s3tokenizer.model import ModelConfig
+
+    config = ModelConfig()  # always a fresh instance: S3TokenizerV2 mutates the one it is given
+    if size == "tiny":
+        config.n_audio_state, config.n_audio_head, config.n_audio_layer = 256, 4, 1  # head dim 64 (rotary)
+    return config
+
+
+def _build_v1(size: str):
+    import torch
+    from s3tokenizer.model import S3Tokenizer
+
+    model = S3Tokenizer("speech_tokenizer_v1", _tokenizer_config(size)).eval()
+    with torch.no_grad():  # the package initialises the codebook to zeros; use unit-norm random rows
+        embed = torch.nn.functional.normalize(torch.randn_like(model.quantizer._codebook.embed), dim=-1)
+        model.quantizer._codebook.embed.copy_(embed)
+
+    class Export(torch.nn.Module):
+        """Encoder + nearest-codeword search, written without the inference-mode decorators."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.encoder
+            self.register_buffer("codebook", model.quantizer._codebook.embed.clone())
+
+        def forward(self, feats, feats_length):
+            hidden, _ = self.encoder(feats, feats_length)
+            x = torch.nn.functional.normalize(hidden, p=2.0, dim=-1)
+            scores = 2 * x @ self.codebook.t() - self.codebook.pow(2).sum(-1)
+            return scores.argmax(dim=-1).to(torch.int32)
+
+    return Export().eval()
+
+
+def _build_v2(size: str):
+    import torch
+    from s3tokenizer.model_v2 import S3TokenizerV2
+
+    model = S3TokenizerV2("speech_tokenizer_v2_25hz", _tokenizer_config(size)).eval()
+    project = model.quantizer._codebook.project_down
+    with torch.no_grad():  # random weights leave tanh() near 0 -> few codes; widen its range
+        project.weight.mul_(30.0)
+
+    class Export(torch.nn.Module):
+        """Encoder + FSQ (8 ternary digits -> index < 3**8), written without inference-mode."""
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = model.encoder
+            self.project_down = project
+            self.register_buffer("powers", 3.0 ** torch.arange(8, dtype=torch.float32))
+
+        def forward(self, feats, feats_length):
+            hidden, _ = self.encoder(feats, feats_length)
+            digits = (self.project_down(hidden).float().tanh() * 0.999).round() + 1
+            return (digits * self.powers).sum(-1).to(torch.int32)
+
+    return Export().eval()
+
+
+def _build_campplus(size: str):
+    from speakerlab.models.campplus.DTDNN import CAMPPlus
+
+    del size  # CAM++ is small (6.9 M parameters); one size
+    return CAMPPlus(feat_dim=80, embedding_size=192).eval()
+
+
+def _export(name: str, model, path: str) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "campplus":
+            example = (torch.randn(1, 200, 80),)
+            torch.onnx.export(model, example, path, dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["embedding"],
+                              dynamic_axes={"input": {1: "T"}})
+        else:
+            feats = torch.randn(1, 128, 400)
+            length = torch.tensor([400], dtype=torch.int32)
+            t_dim = torch.export.Dim("T", min=8, max=3000)
+            torch.onnx.export(model, (feats, length), path, dynamo=True, external_data=False,
+                              opset_version=18, input_names=["feats", "feats_length"],
+                              output_names=["indices"],
+                              dynamic_shapes={"feats": {2: t_dim}, "feats_length": None})
+
+
+_BUILDERS = {"campplus": _build_campplus, "speech_tokenizer_v1": _build_v1, "speech_tokenizer_v2": _build_v2}
+
+
+def make_reference_models(out: str, *, seed: int = 0, size: str = "full",
+                          models: list[str] | tuple[str, ...] = MODEL_NAMES, force: bool = False) -> dict:
+    """Write ``<name>.onnx`` files to ``out``; skip a model whose recorded spec and bytes match.
+
+    Deterministic: the same seed and size give the same weights (and the same outputs).
+    """
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown reference model(s) {unknown}; choose from {list(MODEL_NAMES)}")
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    spec_url = storage.join(out, SPEC_FILE)
+    recorded = json.loads(storage.read_text(spec_url)) if storage.exists(spec_url) else {}
+    report: dict[str, dict] = {}
+    for name in models:
+        url = storage.join(out, f"{name}.onnx")
+        wanted = {"seed": seed, "size": size, "format": FORMAT_VERSION}
+        previous = recorded.get(name, {})
+        if not force and {k: previous.get(k) for k in wanted} == wanted and storage.exists(url):
+            data = storage.read_bytes(url)
+            if hashlib.sha256(data).hexdigest() == previous.get("sha256"):
+                report[name] = {**previous, "status": "up to date"}
+                continue
+        import torch
+
+        torch.manual_seed(seed)
+        model = _BUILDERS[name](size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}.onnx")
+            _export(name, model, path)
+            with open(path, "rb") as f:
+                data = f.read()
+        storage.write_bytes(url, data)
+        recorded[name] = {**wanted, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        report[name] = {**recorded[name], "status": "built"}
+        storage.write_text(spec_url, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+    return report

@@ -1,0 +1,1 @@
+"""Dagster wiring: partitions, resources, jobs and the Definitions object."""

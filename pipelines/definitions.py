@@ -1,0 +1,15 @@
+"""The code location: ``dagster dev -w workspace.yaml`` / ``dagster ... -m pipelines.definitions``."""
+
+import dagster as dg
+
+from assets.manifest import manifest
+from pipelines.partitions import SUBSETS
+from pipelines.resources import deployment, resources_for
+
+manifest_job = dg.define_asset_job("manifest_job", selection=[manifest], partitions_def=SUBSETS)
+
+defs = dg.Definitions(
+    assets=[manifest],
+    jobs=[manifest_job],
+    resources=resources_for(deployment()),
+)
