@@ -16,7 +16,7 @@ import os
 import posixpath
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import fsspec
 
@@ -42,7 +42,7 @@ def storage_options(protocol: str) -> dict:
     return {}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _filesystem(protocol: str, endpoint_key: str) -> fsspec.AbstractFileSystem:
     del endpoint_key  # part of the cache key only: a changed endpoint gets a new client
     return fsspec.filesystem(protocol, **storage_options(protocol))

@@ -3,10 +3,9 @@
 import dagster as dg
 
 from assets.manifest import manifest
-from pipelines.partitions import SUBSETS
 from pipelines.resources import deployment, resources_for
 
-manifest_job = dg.define_asset_job("manifest_job", selection=[manifest], partitions_def=SUBSETS)
+manifest_job = dg.define_asset_job("manifest_job", selection=[manifest])
 
 defs = dg.Definitions(
     assets=[manifest],

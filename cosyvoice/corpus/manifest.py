@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import DataDir, spk2utt_of
-from cosyvoice.corpus.scan import AudioPolicy, Quarantined, ScanResult, scan_subset
+from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, Quarantined, ScanResult, scan_subset
 from cosyvoice.corpus.shard_plan import dumps_plan, plan_shards
 
 LIBRITTS_SUBSETS = (
@@ -119,7 +119,7 @@ def prepare_libritts(
     utts_per_shard: int = 1000,
     num_workers: int = 8,
     subset: str | None = None,
-    policy: AudioPolicy = AudioPolicy(),
+    policy: AudioPolicy = DEFAULT_POLICY,
     executor: Executor | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> ManifestReport:

@@ -47,6 +47,9 @@ class AudioPolicy:
     long_audio_seconds: float = 30.0
 
 
+DEFAULT_POLICY = AudioPolicy()
+
+
 @dataclass(frozen=True)
 class Utterance:
     utt: str
@@ -122,7 +125,7 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
 def scan_subset(
     src: str,
     *,
-    policy: AudioPolicy = AudioPolicy(),
+    policy: AudioPolicy = DEFAULT_POLICY,
     executor: Executor | None = None,
     num_workers: int = 8,
     progress: Callable[[Iterable], Iterable] | None = None,
@@ -165,7 +168,7 @@ def scan_subset(
     own_pool = executor is None
     pool = executor or ThreadPoolExecutor(max_workers=max(1, num_workers))
     try:
-        results: Iterable = pool.map(_check_one, *zip(*candidates), [policy] * len(candidates)) if candidates else []
+        results: Iterable = pool.map(_check_one, *zip(*candidates, strict=False), [policy] * len(candidates)) if candidates else []
         if progress is not None:
             results = progress(results)
         checked = list(results)

@@ -10,7 +10,6 @@ changes). ``with_broken`` adds one file per failure mode a real corpus has, unde
 
 from __future__ import annotations
 
-
 import math
 import os
 import random
@@ -119,7 +118,7 @@ def _formant_synth(text: str, pitch: int, speed: int) -> np.ndarray:
     syllable = 60.0 / max(speed, 80) / 1.4
     pieces = []
     for word in text.split():
-        for i in range(max(1, sum(c in "aeiouy" for c in word.lower()))):
+        for _i in range(max(1, sum(c in "aeiouy" for c in word.lower()))):
             n = int(SAMPLE_RATE * syllable * rng.uniform(0.7, 1.3))
             t = np.arange(n) / SAMPLE_RATE
             contour = f0 * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(1, 3) * t))

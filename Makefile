@@ -1,0 +1,70 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv, install what they
+# need (system packages too, when run as root) and are idempotent: the second run is fast.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA := $(CURDIR)/data
+export DAGSTER_HOME ?= $(DATA)/dagster_home
+SYSTEM_PACKAGES := espeak-ng sox
+DEMO_CORPUS_ARGS := --subsets dev-clean,train-clean-100 --speakers 4 --utts-per-speaker 8 --seed 0 --with-broken
+
+.PHONY: demo test ui venv sysdeps lint bench clean
+
+venv: $(STAMP)
+
+# python3 -m venv needs Debian's python3-venv; install it when missing and we may.
+$(STAMP): pyproject.toml
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3-venv; \
+	  else echo "python3-venv is missing: run  sudo apt-get install -y python3-venv" && exit 1; fi; fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# espeak-ng gives the synthetic corpus real (synthetic) speech; sox is handy for inspecting it.
+# Without root we print the command and carry on: the corpus generator has a built-in fallback.
+sysdeps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing$$missing" && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing system packages:$$missing -- run:  sudo apt-get install -y$$missing  (continuing with the fallback synthesiser)"; fi; fi
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $@
+
+demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
+	@if [ "$$(cat $(DATA)/LibriTTS/.demo-args 2>/dev/null)" != "$(DEMO_CORPUS_ARGS)" ]; then \
+	  rm -rf $(DATA)/LibriTTS && $(BIN)/cosyvoice-pipeline make-synthetic-corpus --out $(DATA)/LibriTTS $(DEMO_CORPUS_ARGS) \
+	  && echo "$(DEMO_CORPUS_ARGS)" > $(DATA)/LibriTTS/.demo-args; \
+	else echo "synthetic corpus: up to date ($(DATA)/LibriTTS)"; fi
+	$(BIN)/cosyvoice-pipeline make-reference-models --out $(DATA)/models 2>&1 | grep -v -E '^\[torch.onnx\]|torchvision'
+	for subset in dev-clean train-clean-100; do \
+	  $(BIN)/dagster asset materialize -m pipelines.definitions --select manifest --partition $$subset >$(DATA)/materialize-$$subset.log 2>&1 \
+	    || { tail -40 $(DATA)/materialize-$$subset.log; exit 1; }; \
+	  echo "materialized manifest/$$subset (log: $(DATA)/materialize-$$subset.log)"; done
+	@echo
+	@echo "Outputs:"
+	@echo "  corpus            $(DATA)/LibriTTS/{dev-clean,train-clean-100}"
+	@echo "  reference models  $(DATA)/models/{campplus,speech_tokenizer_v1,speech_tokenizer_v2}.onnx"
+	@echo "  manifests         $(DATA)/manifest/<subset>/{wav.scp,text,utt2spk,spk2utt,shards.json,quarantine.tsv}"
+	@echo "  Dagster instance  $(DAGSTER_HOME)"
+	@echo "Open the Dagster UI with:  make ui   (then http://127.0.0.1:3000)"
+
+test: venv sysdeps
+	$(BIN)/python -m pytest -q
+
+ui: venv $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+lint: venv
+	$(BIN)/ruff check cosyvoice assets pipelines tests bench
+
+bench: venv sysdeps
+	$(BIN)/python bench/manifest.py
+
+clean:
+	rm -rf $(DATA) .pytest_cache

@@ -1,0 +1,82 @@
+import os
+import subprocess
+import sys
+
+import dagster as dg
+
+from assets.manifest import manifest
+from pipelines.definitions import defs
+from pipelines.partitions import SHARDS, SUBSETS
+from pipelines.resources import CorpusResource, DataStore, resources_for
+
+
+def test_definitions_load_and_the_manifest_is_partitioned_by_the_seven_subsets():
+    dg.Definitions.validate_loadable(defs)
+    assert SUBSETS.get_partition_keys() == [
+        "dev-clean", "test-clean", "dev-other", "test-other", "train-clean-100", "train-clean-360", "train-other-500"]
+    assert defs.resolve_job_def("manifest_job") is not None
+
+
+def test_distributed_deployment_reads_roots_from_the_environment(monkeypatch):
+    monkeypatch.setenv("COSYVOICE_CORPUS_ROOT", "s3://corpus/LibriTTS")
+    monkeypatch.setenv("COSYVOICE_DATA_ROOT", "s3://data/prefix")
+    with dg.build_resources(resources_for("distributed")) as res:
+        assert res.corpus.subset_url("dev-clean") == "s3://corpus/LibriTTS/dev-clean"
+        assert res.store.url("manifest", "dev-clean") == "s3://data/prefix/manifest/dev-clean"
+
+
+def test_materializing_a_subset_writes_the_manifest_registers_shards_and_passes_checks(broken_corpus, tmp_path):
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [manifest], partition_key="train-clean-100", instance=instance,
+            resources={"corpus": CorpusResource(root=broken_corpus), "store": DataStore(root=str(tmp_path))},
+            run_config={"ops": {"manifest": {"config": {"utts_per_shard": 5}}}},
+        )
+        assert result.success
+        (mat,) = result.asset_materializations_for_node("manifest")
+        meta = {k: v.value for k, v in mat.metadata.items()}
+        assert meta["utterances"] == 13 and meta["speakers"] == 4 and meta["quarantined"] == 10
+        assert meta["quarantined_by_reason"]["truncated_audio"] == 1
+        assert meta["audio_hours"] > 0 and meta["path"] == str(tmp_path / "manifest" / "train-clean-100")
+        assert "data:image/png;base64," in meta["duration_histogram"]
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks == {"unique_utt_ids": True, "wavs_exist": True, "text_non_empty": True}
+        assert instance.get_dynamic_partitions(SHARDS.name) == [
+            "train-clean-100-000000", "train-clean-100-000001", "train-clean-100-000002"]
+        assert os.path.exists(tmp_path / "manifest" / "train-clean-100" / "shards.json")
+
+
+def test_a_failing_data_dir_check_surfaces_as_a_failed_asset_check(clean_corpus, tmp_path, monkeypatch):
+    import assets.manifest as module
+    from cosyvoice.corpus.checks import CheckOutcome, check_data_dir
+
+    def damaged(url):
+        outcomes = check_data_dir(url)
+        outcomes["wavs_exist"] = CheckOutcome(False, "1 of 15 wav.scp paths missing", ["/gone.wav"])
+        return outcomes
+
+    monkeypatch.setattr(module, "check_data_dir", damaged)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [manifest], partition_key="dev-clean", instance=instance,
+            resources={"corpus": CorpusResource(root=clean_corpus), "store": DataStore(root=str(tmp_path))})
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations["wavs_exist"].passed and evaluations["unique_utt_ids"].passed
+    assert evaluations["wavs_exist"].metadata["examples"].value == ["/gone.wav"]
+
+
+def test_dagster_cli_materializes_a_partition_like_the_readme_says(broken_corpus, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "COSYVOICE_DATA_ROOT": str(tmp_path / "data"),
+           "COSYVOICE_CORPUS_ROOT": broken_corpus}
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([dagster, "asset", "materialize", "-m", "pipelines.definitions", "--select", "manifest",
+                          "--partition", "dev-clean"], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RUN_SUCCESS" in out.stderr + out.stdout
+    assert (tmp_path / "data" / "manifest" / "dev-clean" / "wav.scp").read_text().count("\n") == 13
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions("shards") == ["dev-clean-000000"]
