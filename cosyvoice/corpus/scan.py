@@ -8,15 +8,21 @@ ends up either *kept* or *quarantined with a reason*: ``kept + quarantined == fo
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, ThreadPoolExecutor
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cosyvoice import storage
 from cosyvoice.corpus.audio import AudioInfo, AudioProblem, probe_audio
 
 TEXT_SUFFIX = ".normalized.txt"
+_WHITESPACE = re.compile(r"\s")
+#: below this many files a local scan runs in-process (a pool costs more than it saves)
+_POOL_THRESHOLD = 2000
 
 #: every quarantine reason this stage can give, with what it means for the user
 QUARANTINE_REASONS = {
@@ -122,6 +128,35 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
     return Utterance(utt=utt, spk=utt.split("_")[0], path=path, text=text, audio=info)
 
 
+def _check_chunk(chunk: list[tuple[str, int, str]], policy: AudioPolicy) -> list[Utterance | Quarantined]:
+    return [_check_one(path, size, text_path, policy) for path, size, text_path in chunk]
+
+
+def default_executor(src: str, num_files: int, num_workers: int) -> Executor | None:
+    """Local files: processes (the checks are CPU-bound once the page cache is warm, and threads
+    only fight over the GIL); object stores: threads (each check waits on a ranged GET).
+    None means "run in this process"."""
+    if storage.is_local(src):
+        workers = min(num_workers, os.cpu_count() or 1)
+        if workers < 2 or num_files < _POOL_THRESHOLD:
+            return None
+        # fork is fastest, but forking a process that runs other threads can deadlock
+        method = "fork" if threading.active_count() == 1 else "forkserver"
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    return ThreadPoolExecutor(max_workers=max(1, num_workers))
+
+
+def _run_checks(candidates, policy, executor: Executor | None, workers: int) -> Iterator[Utterance | Quarantined]:
+    if executor is None:
+        for path, size, text_path in candidates:
+            yield _check_one(path, size, text_path, policy)
+        return
+    size = max(16, min(512, len(candidates) // (max(workers, 1) * 8) or 16))
+    chunks = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+    for results in executor.map(_check_chunk, chunks, [policy] * len(chunks)):
+        yield from results
+
+
 def scan_subset(
     src: str,
     *,
@@ -132,8 +167,8 @@ def scan_subset(
 ) -> ScanResult:
     """Find every audio candidate below ``src`` and validate it (headers checked in parallel).
 
-    ``executor`` may be any ``concurrent.futures.Executor`` (a thread pool by default: the work
-    is small reads, which release the GIL). ``progress`` wraps the result iterator (e.g. tqdm).
+    ``executor`` may be any ``concurrent.futures.Executor``; by default see ``default_executor``.
+    ``progress`` wraps the per-file result iterator (e.g. tqdm).
     """
     src = src.rstrip("/") if len(src) > 1 else src
     listing = storage.list_files(src)
@@ -155,7 +190,7 @@ def scan_subset(
                                            "expected <speaker>/<chapter>/<utt>.wav below the subset folder"))
         elif not name.endswith(".wav"):
             quarantined.append(Quarantined(utt, url, "bad_suffix", "name ends in 'wav' but not '.wav'"))
-        elif any(c.isspace() for c in url):
+        elif _WHITESPACE.search(url):
             quarantined.append(Quarantined(utt, url, "whitespace_in_path",
                                            "path contains whitespace; kaldi files are whitespace separated"))
         else:
@@ -166,14 +201,14 @@ def scan_subset(
                 candidates.append((url, size, text_path))
 
     own_pool = executor is None
-    pool = executor or ThreadPoolExecutor(max_workers=max(1, num_workers))
+    pool = default_executor(src, len(candidates), num_workers) if own_pool else executor
     try:
-        results: Iterable = pool.map(_check_one, *zip(*candidates, strict=False), [policy] * len(candidates)) if candidates else []
+        results: Iterable = _run_checks(candidates, policy, pool, num_workers)
         if progress is not None:
             results = progress(results)
         checked = list(results)
     finally:
-        if own_pool:
+        if own_pool and pool is not None:
             pool.shutdown()
 
     kept: list[Utterance] = []

@@ -166,3 +166,17 @@ def test_checks_pass_on_a_fresh_manifest_and_fail_on_damage(dev_manifest, tmp_pa
     assert not result["unique_utt_ids"].passed and result["unique_utt_ids"].examples == [wav[0].split()[0]]
     assert not result["wavs_exist"].passed and result["wavs_exist"].examples == ["/nonexistent/ghost.wav"]
     assert not result["text_non_empty"].passed and result["text_non_empty"].examples == ["ghost"]
+
+
+def test_a_process_pool_gives_the_same_result_as_the_in_process_scan(broken_corpus):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cosyvoice.corpus.scan import scan_subset
+
+    src = os.path.join(broken_corpus, "dev-clean")
+    serial = scan_subset(src)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pooled = scan_subset(src, executor=pool)
+    assert pooled.kept == serial.kept and pooled.quarantined == serial.quarantined
+    assert pooled.files_found == serial.files_found == 23
