@@ -6,6 +6,7 @@ from assets._metadata import histogram
 from cosyvoice.corpus.checks import check_data_dir
 from cosyvoice.corpus.manifest import prepare_libritts
 from cosyvoice.corpus.scan import AudioPolicy
+from cosyvoice.corpus.shard_plan import shard_subset
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource, DataStore
 
@@ -44,6 +45,11 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: 
         context.log.warning(str(item))
     known = set(context.instance.get_dynamic_partitions(SHARDS.name))
     context.instance.add_dynamic_partitions(SHARDS.name, [k for k in report.shard_keys if k not in known])
+    stale = sorted(k for k in known if shard_subset(k) == subset and k not in set(report.shard_keys))
+    for key in stale:  # the plan shrank (fewer files or a larger utts_per_shard)
+        context.instance.delete_dynamic_partition(SHARDS.name, key)
+    if stale:
+        context.log.info(f"removed {len(stale)} shard partition(s) no longer in the plan: {stale[:5]}...")
 
     meta = report.as_metadata()
     meta["path"] = dg.MetadataValue.path(dest)

@@ -14,6 +14,14 @@ def shard_key(subset: str, index: int) -> str:
     return f"{subset}-{index:06d}"
 
 
+def shard_subset(key: str) -> str:
+    """The subset a shard key belongs to (``train-clean-100-000012`` -> ``train-clean-100``)."""
+    subset, _, index = key.rpartition("-")
+    if not subset or not index.isdigit():
+        raise ValueError(f"{key!r} is not a shard key (<subset>-<index>)")
+    return subset
+
+
 def plan_shards(subset: str, utts: Iterable[str], utts_per_shard: int = 1000) -> dict[str, list[str]]:
     if utts_per_shard < 1:
         raise ValueError(f"utts_per_shard must be >= 1, got {utts_per_shard}")

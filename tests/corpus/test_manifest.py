@@ -128,12 +128,13 @@ def test_duplicate_ids_hidden_and_misplaced_files_are_quarantined(clean_corpus, 
         shutil.copy(src / spk / chapter / (utt + suffix), other / (utt + suffix))
     shutil.copy(src / spk / chapter / (utt + ".wav"), src / spk / chapter / ("._" + utt + ".wav"))
     shutil.copy(src / spk / chapter / (utt + ".wav"), src / spk / "stray.wav")
+    shutil.copy(src / spk / chapter / (utt + ".wav"), src / spk / chapter / (utt + "_copy.WAV"))
     (src / ".ipynb_checkpoints" / "a" ).mkdir(parents=True)
     shutil.copy(src / spk / chapter / (utt + ".wav"), src / ".ipynb_checkpoints" / "a" / "x.wav")
     report = prepare_libritts(str(src), str(tmp_path / "m"))
     reasons = sorted(q.reason for q in report.quarantined)
-    assert reasons == ["duplicate_utt_id", "hidden_file", "misplaced_file"]
-    assert report.utterances == 15 and report.files_found == 18
+    assert reasons == ["bad_suffix", "duplicate_utt_id", "hidden_file", "misplaced_file"]
+    assert report.utterances == 15 and report.files_found == 19
 
 
 def test_text_is_the_first_line_without_line_endings(tmp_path):

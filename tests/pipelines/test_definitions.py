@@ -44,6 +44,14 @@ def test_materializing_a_subset_writes_the_manifest_registers_shards_and_passes_
         assert instance.get_dynamic_partitions(SHARDS.name) == [
             "train-clean-100-000000", "train-clean-100-000001", "train-clean-100-000002"]
         assert os.path.exists(tmp_path / "manifest" / "train-clean-100" / "shards.json")
+        instance.add_dynamic_partitions(SHARDS.name, ["dev-clean-000000"])
+        dg.materialize(
+            [manifest], partition_key="train-clean-100", instance=instance,
+            resources={"corpus": CorpusResource(root=broken_corpus), "store": DataStore(root=str(tmp_path))},
+            run_config={"ops": {"manifest": {"config": {"utts_per_shard": 10}}}},
+        )
+        assert instance.get_dynamic_partitions(SHARDS.name) == [
+            "train-clean-100-000000", "train-clean-100-000001", "dev-clean-000000"]
 
 
 def test_a_failing_data_dir_check_surfaces_as_a_failed_asset_check(clean_corpus, tmp_path, monkeypatch):
