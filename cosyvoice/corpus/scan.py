@@ -170,6 +170,8 @@ def scan_subset(
     ``executor`` may be any ``concurrent.futures.Executor``; by default see ``default_executor``.
     ``progress`` wraps the per-file result iterator (e.g. tqdm).
     """
+    if storage.is_local(src):
+        src = storage.strip_protocol(src)  # file:// URLs list as plain paths
     src = src.rstrip("/") if len(src) > 1 else src
     listing = storage.list_files(src)
     files = {url: size for url, size in listing}

@@ -181,3 +181,12 @@ def test_a_process_pool_gives_the_same_result_as_the_in_process_scan(broken_corp
         pooled = scan_subset(src, executor=pool)
     assert pooled.kept == serial.kept and pooled.quarantined == serial.quarantined
     assert pooled.files_found == serial.files_found == 23
+
+
+def test_file_urls_and_trailing_slashes_give_plain_paths_like_upstream_glob(clean_corpus, tmp_path):
+    src = os.path.join(clean_corpus, "dev-clean")
+    a = prepare_libritts("file://" + src, str(tmp_path / "a"))
+    b = prepare_libritts(src + "/", str(tmp_path / "b"))
+    assert a.utterances == b.utterances == 15
+    assert lines(tmp_path / "a" / "wav.scp") == lines(tmp_path / "b" / "wav.scp")
+    assert all(line.split()[1].startswith(src + "/") for line in lines(tmp_path / "a" / "wav.scp"))
