@@ -61,6 +61,34 @@ def cmd_make_reference_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_extraction(report) -> None:
+    meta = report.as_metadata()
+    print(f"{report.kind}: {meta['utterances']} of {report.requested} utterances, {meta['audio_hours']:.3f} h of audio "
+          f"in {meta['wall_seconds']:.1f} s ({meta['throughput_audio_s_per_s']:.1f} s of audio per second)")
+    if report.kind == "speech_token" and (report.long_skipped or report.long_chunked):
+        print(f"long audio (> 30 s): {len(report.long_skipped)} written as [] , {len(report.long_chunked)} chunked")
+    for failure in report.failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+
+
+def cmd_extract_embedding(args: argparse.Namespace) -> int:
+    from cosyvoice.features.stages import extract_embedding
+
+    report = extract_embedding(args.dir, args.onnx_path, num_thread=args.num_thread, shard=args.shard,
+                               progress=_progress("embeddings"))
+    _print_extraction(report)
+    return 0
+
+
+def cmd_extract_speech_token(args: argparse.Namespace) -> int:
+    from cosyvoice.features.stages import extract_speech_token
+
+    report = extract_speech_token(args.dir, args.onnx_path, num_thread=args.num_thread, device=args.device,
+                                  long_audio=args.long_audio, shard=args.shard, progress=_progress("tokens"))
+    _print_extraction(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyvoice-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_channels", type=int, default=1)
     p.add_argument("--show_quarantined", type=int, default=20, help="how many quarantine entries to print")
     p.set_defaults(func=cmd_prepare_libritts)
+
+    p = sub.add_parser("extract-embedding", help="CAM++ speaker embeddings (drop-in for tools/extract_embedding.py)")
+    p.add_argument("--dir", required=True, help="data dir with wav.scp and utt2spk")
+    p.add_argument("--onnx_path", required=True, help="campplus.onnx")
+    p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
+    p.set_defaults(func=cmd_extract_embedding)
+
+    p = sub.add_parser("extract-speech-token", help="S3 speech tokens (drop-in for tools/extract_speech_token.py)")
+    p.add_argument("--dir", required=True, help="data dir with wav.scp")
+    p.add_argument("--onnx_path", required=True, help="speech_tokenizer_v1/v2/v3.onnx")
+    p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--long_audio", choices=("skip", "chunk"), default="skip",
+                   help="audio > 30 s: skip (write [], as upstream) or tokenize consecutive <= 30 s windows")
+    p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
+    p.set_defaults(func=cmd_extract_speech_token)
 
     p = sub.add_parser("make-synthetic-corpus", help="a deterministic LibriTTS-shaped corpus")
     p.add_argument("--out", required=True)

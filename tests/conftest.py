@@ -67,3 +67,52 @@ def s3_bucket(s3_server, request) -> str:
     name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
     fs.mkdir(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> str:
+    """Reference models with the upstream signatures but 1-layer tokenizers (fast)."""
+    from cosyvoice.features.reference_models import make_reference_models
+
+    out = str(tmp_path_factory.mktemp("tiny_models"))
+    make_reference_models(out, seed=0, size="tiny")
+    return out
+
+
+@pytest.fixture(scope="session")
+def feature_dir(clean_corpus, tmp_path_factory) -> str:
+    """A data dir mixing corpus speech with 8 / 22.05 / 48 kHz, stereo, odd lengths, > 30 s and a
+    corrupt file: every input shape the feature stages must handle."""
+    import numpy as np
+    import soundfile as sf
+
+    from cosyvoice.corpus.manifest import prepare_libritts
+
+    root = tmp_path_factory.mktemp("features")
+    prepare_libritts(os.path.join(clean_corpus, "dev-clean"), str(root / "data"), utts_per_shard=4)
+    wav_scp = (root / "data" / "wav.scp").read_text().splitlines()[:4]
+    utt2spk = [f"{line.split()[0]} {line.split()[0].split('_')[0]}" for line in wav_scp]
+    rng = np.random.default_rng(0)
+    speech, rate = sf.read(wav_scp[0].split()[1], dtype="float32")
+    odd = {
+        "9001_1_000000_000001": (speech[::3][:12345], 8000, 1),
+        "9001_1_000000_000002": (speech[: 22050 * 2 + 7], 22050, 1),
+        "9002_1_000000_000001": (np.stack([speech, rng.normal(0, 0.05, len(speech)).astype(np.float32)], 1), 48000, 2),
+        "9002_1_000000_000002": (speech[: 16000 + 33], 16000, 1),
+        "9003_1_000000_000001": (np.tile(speech, 12)[: 16000 * 31], 16000, 1),
+    }
+    for utt, (audio, sr, _) in odd.items():
+        path = root / "wavs" / f"{utt}.wav"
+        path.parent.mkdir(exist_ok=True)
+        sf.write(path, audio, sr, subtype="PCM_16")
+        wav_scp.append(f"{utt} {path}")
+        utt2spk.append(f"{utt} {utt.split('_')[0]}")
+    bad = root / "wavs" / "9004_1_000000_000001.wav"
+    bad.write_bytes(b"RIFF....WAVEjunk" * 8)
+    wav_scp.append(f"9004_1_000000_000001 {bad}")
+    utt2spk.append("9004_1_000000_000001 9004")
+    data = root / "mixed"
+    data.mkdir()
+    (data / "wav.scp").write_text("\n".join(sorted(wav_scp)) + "\n")
+    (data / "utt2spk").write_text("\n".join(sorted(utt2spk)) + "\n")
+    return str(data)

@@ -32,3 +32,53 @@ def upstream_prepare_data(src_dir: str, des_dir: str, instruct: str = "") -> Non
         with open(os.path.join(des_dir, name), "w") as f:
             for key, value in table.items():
                 f.write(f"{key} {value}\n")
+
+
+def _upstream_load(path: str):
+    """``torchaudio.load`` stand-in: same float32 samples for PCM, (channels, samples)."""
+    import soundfile as sf
+    import torch
+
+    samples, rate = sf.read(path, dtype="float32", always_2d=True)
+    return torch.from_numpy(samples.T.copy()), rate
+
+
+def upstream_embedding(path: str, session) -> list[float]:
+    """tools/extract_embedding.py, per utterance."""
+    import torchaudio
+    import torchaudio.compliance.kaldi as kaldi
+
+    audio, rate = _upstream_load(path)
+    if rate != 16000:
+        audio = torchaudio.transforms.Resample(orig_freq=rate, new_freq=16000)(audio)
+    feat = kaldi.fbank(audio, num_mel_bins=80, dither=0, sample_frequency=16000)
+    feat = feat - feat.mean(dim=0, keepdim=True)
+    return session.run(None, {session.get_inputs()[0].name: feat.unsqueeze(dim=0).cpu().numpy()})[0].flatten().tolist()
+
+
+def upstream_speech_token(path: str, session) -> list[int]:
+    """tools/extract_speech_token.py, per utterance."""
+    import numpy as np
+    import torchaudio
+    import whisper
+
+    audio, rate = _upstream_load(path)
+    if rate != 16000:
+        audio = torchaudio.transforms.Resample(orig_freq=rate, new_freq=16000)(audio)
+    if audio.shape[0] > 1:
+        audio = audio.mean(dim=0, keepdim=True)
+    if audio.shape[1] / 16000 > 30:
+        return []
+    feat = whisper.log_mel_spectrogram(audio, n_mels=128)
+    inputs = session.get_inputs()
+    return session.run(None, {inputs[0].name: feat.detach().cpu().numpy(),
+                              inputs[1].name: np.array([feat.shape[2]], dtype=np.int32)})[0].flatten().tolist()
+
+
+def upstream_session(path: str):
+    import onnxruntime
+
+    option = onnxruntime.SessionOptions()
+    option.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    option.intra_op_num_threads = 1
+    return onnxruntime.InferenceSession(path, sess_options=option, providers=["CPUExecutionProvider"])

@@ -1,0 +1,181 @@
+"""Parallel CAM++ embedding and S3 speech-token extraction over (utt, path) items.
+
+Each worker process owns one ONNX session (1 intra-op thread, like upstream) and computes its own
+features, so decoding, resampling and fbank/log-mel run in parallel with inference instead of
+queueing on the GIL as in upstream's thread pool. Results are returned sorted by utterance id; an
+utterance that fails is reported with a reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+EMBEDDING_DIM = 192
+_STATE: dict = {}  # per-process: kind, session, options
+
+
+@dataclass(frozen=True)
+class Failure:
+    utt: str
+    path: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.detail} (utterance {self.utt}, reason: {self.reason})"
+
+
+@dataclass
+class ExtractionReport:
+    kind: str
+    requested: int
+    results: dict = field(repr=False)  # utt -> list[float] | list[int]
+    durations: dict[str, float] = field(repr=False)
+    failures: list[Failure]
+    wall_seconds: float
+    model_seconds: float
+    long_skipped: list[str] = field(default_factory=list)
+    long_chunked: list[str] = field(default_factory=list)
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(self.durations.values())
+
+    @property
+    def throughput(self) -> float:
+        """Seconds of audio per wall-clock second."""
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds else 0.0
+
+    def as_metadata(self) -> dict:
+        return {
+            "utterances": len(self.results),
+            "failed": len(self.failures),
+            "failed_by_reason": {r: sum(f.reason == r for f in self.failures) for r in sorted({f.reason for f in self.failures})},
+            "audio_hours": round(self.audio_seconds / 3600, 5),
+            "wall_seconds": round(self.wall_seconds, 3),
+            "model_seconds": round(self.model_seconds, 3),
+            "throughput_audio_s_per_s": round(self.throughput, 2),
+            "real_time_factor": round(self.wall_seconds / self.audio_seconds, 5) if self.audio_seconds else None,
+            **({"empty_long_audio": len(self.long_skipped), "chunked_long_audio": len(self.long_chunked)}
+               if self.kind == "speech_token" else {}),
+        }
+
+
+def _init_worker(kind: str, model_path: str, device: str, long_audio: str) -> None:
+    import torch
+
+    from cosyvoice.features.onnx import make_session
+
+    torch.set_num_threads(1)
+    _STATE.update(kind=kind, session=make_session(model_path, device=device, threads=1), long_audio=long_audio)
+
+
+def _process(item: tuple[str, str]) -> tuple:
+    """-> (utt, value | Failure, audio_seconds, model_seconds, long_status)."""
+    import numpy as np
+
+    from cosyvoice.features import frontend
+
+    utt, path = item
+    session = _STATE["session"]
+    try:
+        audio, rate = frontend.load_audio(path)
+    except frontend.AudioDecodeError as exc:
+        return utt, Failure(utt, path, exc.reason, str(exc)), 0.0, 0.0, None
+    seconds = audio.shape[1] / rate
+    try:
+        if _STATE["kind"] == "embedding":
+            feat = frontend.campplus_input(audio, rate)
+            start = time.perf_counter()
+            vector = session.run(None, {session.get_inputs()[0].name: feat})[0].flatten()
+            model = time.perf_counter() - start
+            if vector.shape != (EMBEDDING_DIM,):
+                return utt, Failure(utt, path, "bad_model_output", f"embedding shape {vector.shape}"), seconds, model, None
+            return utt, vector.tolist(), seconds, model, None
+        windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
+        names = [i.name for i in session.get_inputs()]
+        tokens: list[int] = []
+        model = 0.0
+        for window in windows:
+            mel = frontend.whisper_input(window)
+            start = time.perf_counter()
+            out = session.run(None, {names[0]: mel, names[1]: np.array([mel.shape[2]], dtype=np.int32)})[0]
+            model += time.perf_counter() - start
+            tokens.extend(out.flatten().tolist())
+        status = None if len(windows) == 1 else ("skipped" if not windows else "chunked")
+        return utt, tokens, seconds, model, status
+    except Exception as exc:  # a bad utterance (e.g. too short for the model) must not stop the shard
+        return utt, Failure(utt, path, "model_error", f"{type(exc).__name__}: {exc}"), seconds, 0.0, None
+
+
+def _process_chunk(items: list[tuple[str, str]]) -> list[tuple]:
+    return [_process(item) for item in items]
+
+
+def run_extraction(
+    kind: str,
+    items: Sequence[tuple[str, str]],
+    model_path: str,
+    *,
+    num_workers: int = 2,
+    device: str = "cpu",
+    long_audio: str = "skip",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> ExtractionReport:
+    """Extract ``kind`` (``"embedding"`` or ``"speech_token"``) for every ``(utt, path)``."""
+    if kind not in ("embedding", "speech_token"):
+        raise ValueError(f"kind must be 'embedding' or 'speech_token', got {kind!r}")
+    if long_audio not in ("skip", "chunk"):
+        raise ValueError(f"long_audio must be 'skip' or 'chunk', got {long_audio!r}")
+    started = time.perf_counter()
+    items = sorted(items)
+    workers = max(1, min(num_workers, len(items)))
+    init_args = (kind, model_path, device, long_audio)
+    if workers == 1:
+        _init_worker(*init_args)
+        outputs: Iterable = (_process(item) for item in items)
+        if progress is not None:
+            outputs = progress(outputs)
+        collected = list(outputs)
+    else:
+        size = max(1, min(16, len(items) // (workers * 4)))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cosyvoice.features.frontend", "cosyvoice.features.onnx"])
+        with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+            flat = (out for chunk in pool.imap_unordered(_process_chunk, chunks) for out in chunk)
+            collected = list(progress(flat) if progress is not None else flat)
+
+    results, durations, failures, model_total = {}, {}, [], 0.0
+    skipped, chunked = [], []
+    for utt, value, seconds, model, status in sorted(collected, key=lambda r: r[0]):
+        model_total += model
+        if isinstance(value, Failure):
+            failures.append(value)
+            continue
+        results[utt], durations[utt] = value, seconds
+        if status == "skipped":
+            skipped.append(utt)
+        elif status == "chunked":
+            chunked.append(utt)
+    return ExtractionReport(kind=kind, requested=len(items), results=results, durations=durations,
+                            failures=failures, wall_seconds=time.perf_counter() - started,
+                            model_seconds=model_total, long_skipped=skipped, long_chunked=chunked)
+
+
+def speaker_means(utt2embedding: dict[str, list[float]], utt2spk: dict[str, str]) -> dict[str, list[float]]:
+    """Plain float32 mean of each speaker's utterance vectors (not normalised), as upstream."""
+    import torch
+
+    grouped: dict[str, list[list[float]]] = {}
+    for utt in sorted(utt2embedding):
+        grouped.setdefault(utt2spk[utt], []).append(utt2embedding[utt])
+    return {spk: torch.tensor(vectors).mean(dim=0).tolist() for spk, vectors in sorted(grouped.items())}
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
