@@ -131,7 +131,14 @@ def write_bytes(url: str, data: bytes) -> WriteResult:
             pass
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+        prefix = f".{os.path.basename(path)}.tmp-"  # hidden, and never ends in the target's suffix
+        for stale in os.listdir(folder):  # left behind by a killed writer of the same file
+            if stale.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(folder, stale))
+                except FileNotFoundError:
+                    pass
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

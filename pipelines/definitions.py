@@ -2,13 +2,15 @@
 
 import dagster as dg
 
+from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
 from pipelines.resources import deployment, resources_for
 
 manifest_job = dg.define_asset_job("manifest_job", selection=[manifest])
+features_job = dg.define_asset_job("features_job", selection=[speaker_embeddings, speech_tokens])
 
 defs = dg.Definitions(
-    assets=[manifest],
-    jobs=[manifest_job],
+    assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files],
+    jobs=[manifest_job, features_job],
     resources=resources_for(deployment()),
 )

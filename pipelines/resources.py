@@ -36,6 +36,18 @@ class DataStore(dg.ConfigurableResource):
         return storage.join(self.root, *parts)
 
 
+class ModelStore(dg.ConfigurableResource):
+    """Where the ONNX models live (the released files, or the reference models of ``make demo``)."""
+
+    root: str
+    campplus: str = "campplus.onnx"
+    speech_tokenizer: str = "speech_tokenizer_v2.onnx"
+    tokenizer_version: str = "v2"  # v1: 50 Hz, < 4096; v2/v3: 25 Hz, < 6561 (used by the checks)
+
+    def url(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+
 def deployment() -> str:
     name = os.environ.get("COSYVOICE_DEPLOYMENT", "embedded")
     if name not in ("embedded", "distributed"):
@@ -48,9 +60,11 @@ def resources_for(name: str) -> dict:
         return {
             "corpus": CorpusResource(root=dg.EnvVar("COSYVOICE_CORPUS_ROOT")),
             "store": DataStore(root=dg.EnvVar("COSYVOICE_DATA_ROOT")),
+            "models": ModelStore(root=dg.EnvVar("COSYVOICE_MODEL_ROOT")),
         }
     data_root = os.environ.get("COSYVOICE_DATA_ROOT", str(PROJECT_ROOT / "data"))
     return {
         "corpus": CorpusResource(root=os.environ.get("COSYVOICE_CORPUS_ROOT", storage.join(data_root, "LibriTTS"))),
         "store": DataStore(root=data_root),
+        "models": ModelStore(root=os.environ.get("COSYVOICE_MODEL_ROOT", storage.join(data_root, "models"))),
     }

@@ -39,3 +39,11 @@ def test_s3_roundtrip_listing_and_noop_rewrite(s3_bucket):
     assert not storage.exists(f"{base}/b.txt")
     with pytest.raises(FileNotFoundError):
         storage.list_files(f"s3://{s3_bucket}/nothing-here")
+
+
+def test_temp_files_of_a_killed_writer_are_hidden_and_swept_on_the_next_write(tmp_path):
+    leftover = tmp_path / ".shard.parquet.tmp-abc123"
+    leftover.write_bytes(b"partial")
+    assert not leftover.name.endswith(".parquet")
+    storage.write_bytes(str(tmp_path / "shard.parquet"), b"complete")
+    assert os.listdir(tmp_path) == ["shard.parquet"]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import parse_lines
@@ -61,3 +62,109 @@ def extract_speech_token(data_dir: str, onnx_path: str, *, num_thread: int | Non
                             progress=progress)
     save_pt(storage.join(_output_dir(data_dir, shard), "utt2speech_token.pt"), report.results)
     return report
+
+
+# --- per-shard form used by the pipeline -------------------------------------------------------
+
+TOKENIZER_RATES = {"v1": (50, 4096), "v2": (25, 6561), "v3": (25, 6561)}  # tokens/s, vocabulary
+
+
+def extract_shard(kind: str, manifest_dir: str, shard: str, model_path: str, out_url: str, *,
+                  num_workers: int | None = None, device: str = "cpu", long_audio: str = "skip") -> ExtractionReport:
+    """Extract one shard of a manifest and store it as one parquet file (atomically)."""
+    from cosyvoice.features.store import embedding_table, token_table, write_parquet
+
+    report = run_extraction(kind, shard_items(manifest_dir, shard), model_path,
+                            num_workers=num_workers or default_workers(), device=device, long_audio=long_audio)
+    table = (embedding_table(report.results, report.durations) if kind == "embedding"
+             else token_table(report.results, report.durations, report.long_skipped, report.long_chunked))
+    write_parquet(out_url, table)
+    return report
+
+
+@dataclass
+class CheckResult:
+    passed: bool
+    detail: str
+    examples: list[str] = field(default_factory=list)
+
+
+def check_embedding_shard(url: str, expected_utts: list[str]) -> dict[str, CheckResult]:
+    import numpy as np
+
+    from cosyvoice.features.store import read_parquet
+
+    table = read_parquet(url)
+    utts = table.column("utt").to_pylist()
+    vectors = table.column("embedding").to_pylist()
+    bad = [u for u, v in zip(utts, vectors) if len(v) != 192 or not np.isfinite(np.asarray(v, dtype=np.float32)).all()]
+    missing = sorted(set(expected_utts) - set(utts))
+    return {
+        "dim_192_finite": CheckResult(not bad, f"{len(bad)} vector(s) not 192 finite floats", bad[:10]),
+        "all_utterances_present": CheckResult(not missing, f"{len(missing)} manifest utterance(s) missing", missing[:10]),
+    }
+
+
+def check_token_shard(url: str, expected_utts: list[str], version: str) -> dict[str, CheckResult]:
+    from cosyvoice.features.store import read_parquet
+
+    rate, vocab = TOKENIZER_RATES[version]
+    rows = read_parquet(url).to_pylist()
+    out_of_vocab = [r["utt"] for r in rows if any(not 0 <= c < vocab for c in r["speech_token"])]
+    windows = {r["utt"]: max(1, -(-round(r["duration"] * 16000) // (30 * 16000))) for r in rows}
+    off_rate = [r["utt"] for r in rows if r["long_audio"] != "skipped"
+                and abs(len(r["speech_token"]) - rate * r["duration"]) > 2 * windows[r["utt"]]]
+    missing = sorted(set(expected_utts) - {r["utt"] for r in rows})
+    return {
+        "codes_in_vocabulary": CheckResult(not out_of_vocab, f"{len(out_of_vocab)} utterance(s) with codes >= {vocab}",
+                                           out_of_vocab[:10]),
+        "token_rate": CheckResult(not off_rate, f"{len(off_rate)} utterance(s) not within 2 tokens of {rate}/s x duration",
+                                  off_rate[:10]),
+        "all_utterances_present": CheckResult(not missing, f"{len(missing)} manifest utterance(s) missing", missing[:10]),
+    }
+
+
+def reduce_speaker_means(manifest_dir: str, shard_urls: list[str], out_url: str) -> dict[str, int]:
+    """Per-subset speaker vectors from its embedding shards -> parquet; returns utterances per speaker."""
+    from cosyvoice.features.store import read_parquet, speaker_table, write_parquet
+
+    utt2spk = read_kaldi_file(manifest_dir, "utt2spk")
+    utt2embedding: dict[str, list[float]] = {}
+    for url in shard_urls:
+        table = read_parquet(url)
+        utt2embedding.update(zip(table.column("utt").to_pylist(), table.column("embedding").to_pylist()))
+    means = speaker_means(utt2embedding, utt2spk)
+    counts = {spk: sum(1 for u in utt2embedding if utt2spk[u] == spk) for spk in means}
+    write_parquet(out_url, speaker_table(means, counts))
+    return counts
+
+
+def export_upstream_features(dest_dir: str, embedding_shards: list[str], token_shards: list[str],
+                             speaker_means_url: str | None) -> dict[str, int]:
+    """Write ``utt2embedding.pt`` / ``spk2embedding.pt`` / ``utt2speech_token.pt`` from shard parquet files,
+    so the upstream trainer and ``make_parquet_list.py`` can consume the pipeline's features."""
+    from cosyvoice.features.store import read_parquet
+
+    written: dict[str, int] = {}
+
+    def gather(urls: list[str], column: str) -> dict:
+        out: dict = {}
+        for url in urls:
+            table = read_parquet(url)
+            out.update(zip(table.column("utt").to_pylist(), table.column(column).to_pylist()))
+        return dict(sorted(out.items()))
+
+    if embedding_shards:
+        utt2embedding = gather(embedding_shards, "embedding")
+        save_pt(storage.join(dest_dir, "utt2embedding.pt"), utt2embedding)
+        written["utt2embedding.pt"] = len(utt2embedding)
+    if speaker_means_url:
+        table = read_parquet(speaker_means_url)
+        spk2embedding = dict(zip(table.column("spk").to_pylist(), table.column("embedding").to_pylist()))
+        save_pt(storage.join(dest_dir, "spk2embedding.pt"), spk2embedding)
+        written["spk2embedding.pt"] = len(spk2embedding)
+    if token_shards:
+        utt2token = gather(token_shards, "speech_token")
+        save_pt(storage.join(dest_dir, "utt2speech_token.pt"), utt2token)
+        written["utt2speech_token.pt"] = len(utt2token)
+    return written

@@ -104,7 +104,7 @@ def test_rerun_is_byte_identical_touches_nothing_and_leaves_no_temp_files(clean_
              for n in os.listdir(dest)}
     assert before == after
     assert all(first.files_written.values()) and not any(second.files_written.values())
-    assert not [n for n in os.listdir(dest) if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(dest) if ".tmp-" in n]
 
 
 def test_instruct_is_written_per_utterance_and_removed_when_dropped(clean_corpus, tmp_path):

@@ -1,0 +1,145 @@
+"""Feature assets, partitioned by shard: ``speaker_embeddings``, ``speech_tokens``; per subset:
+``speaker_means`` and ``upstream_feature_files`` (the ``.pt`` files the upstream tools read)."""
+
+import dagster as dg
+
+from assets.manifest import manifest
+from cosyvoice import storage
+from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
+from cosyvoice.features.stages import (
+    check_embedding_shard,
+    check_token_shard,
+    export_upstream_features,
+    extract_shard,
+    read_kaldi_file,
+    reduce_speaker_means,
+)
+from pipelines.partitions import SHARDS, SUBSETS
+from pipelines.resources import DataStore, ModelStore
+
+#: a backfill loads each model once per run of this many shards
+SHARDS_PER_RUN = 8
+RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+GPU_K8S = {"dagster-k8s/config": {
+    "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "8", "memory": "32Gi"}}},
+    "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+}}
+EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present")
+TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present")
+
+
+class ExtractionConfig(dg.Config):
+    num_workers: int = 0  # 0: one worker process per core
+    device: str = "cpu"  # speech tokens only: cpu | cuda
+    long_audio: str = "skip"  # speech tokens only: skip (upstream: []) | chunk
+
+
+def shard_url(store: DataStore, stage: str, shard: str) -> str:
+    return store.url(stage, shard_subset(shard), f"{shard}.parquet")
+
+
+def _shard_plan(store: DataStore, subset: str) -> dict[str, list[str]]:
+    return loads_plan(storage.read_text(store.url("manifest", subset, "shards.json")))
+
+
+def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks: tuple[str, ...],
+                config: ExtractionConfig, store: DataStore, models: ModelStore) -> dg.MaterializeResult:
+    model = models.url(models.campplus if kind == "embedding" else models.speech_tokenizer)
+    per_shard, failed, outcomes = {}, 0, {name: [] for name in checks}
+    totals = {"utterances": 0, "audio_hours": 0.0, "wall_seconds": 0.0}
+    for shard in context.partition_keys:
+        subset = shard_subset(shard)
+        out = shard_url(store, stage, shard)
+        report = extract_shard(kind, store.url("manifest", subset), shard, model, out,
+                               num_workers=config.num_workers or None, device=config.device,
+                               long_audio=config.long_audio)
+        for failure in report.failures:
+            context.log.warning(str(failure))
+        meta = report.as_metadata()
+        per_shard[shard] = meta
+        failed += len(report.failures)
+        for key in totals:
+            totals[key] += meta[key]
+        expected = _shard_plan(store, subset)[shard]
+        results = (check_embedding_shard(out, expected) if kind == "embedding"
+                   else check_token_shard(out, expected, models.tokenizer_version))
+        for name, result in results.items():
+            outcomes[name].append((shard, result))
+    check_results = [
+        dg.AssetCheckResult(
+            check_name=name, passed=all(r.passed for _, r in rows),
+            metadata={"failing_shards": dg.MetadataValue.json({s: r.detail for s, r in rows if not r.passed}),
+                      "examples": dg.MetadataValue.json([e for _, r in rows for e in r.examples][:20])})
+        for name, rows in outcomes.items()
+    ]
+    return dg.MaterializeResult(
+        metadata={**totals, "shards": len(per_shard), "failed_utterances": failed,
+                  "throughput_audio_s_per_s": round(totals["audio_hours"] * 3600 / max(totals["wall_seconds"], 1e-9), 2),
+                  "per_shard": dg.MetadataValue.json(per_shard), "model": dg.MetadataValue.path(model)},
+        check_results=check_results)
+
+
+@dg.asset(
+    partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
+    group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
+    retry_policy=RETRY,
+    check_specs=[dg.AssetCheckSpec(n, asset="speaker_embeddings") for n in EMBEDDING_CHECKS],
+)
+def speaker_embeddings(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
+                       models: ModelStore) -> dg.MaterializeResult:
+    """CAM++ embeddings of one shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
+    return _run_shards(context, "embedding", "speaker_embeddings", EMBEDDING_CHECKS, config, store, models)
+
+
+@dg.asset(
+    partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
+    group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
+    retry_policy=RETRY, pool="gpu", op_tags=GPU_K8S,
+    check_specs=[dg.AssetCheckSpec(n, asset="speech_tokens") for n in TOKEN_CHECKS],
+)
+def speech_tokens(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
+                  models: ModelStore) -> dg.MaterializeResult:
+    """S3 speech tokens of one shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""
+    return _run_shards(context, "speech_token", "speech_tokens", TOKEN_CHECKS, config, store, models)
+
+
+@dg.asset(
+    partitions_def=SUBSETS, deps=[dg.AssetDep(speaker_embeddings, partition_mapping=dg.AllPartitionMapping())],
+    group_name="features",
+    check_specs=[dg.AssetCheckSpec("every_speaker_has_a_vector", asset="speaker_means")],
+)
+def speaker_means(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
+    """Per-subset speaker vectors (plain mean of the utterance vectors) -> ``speaker_means/<subset>.parquet``."""
+    subset = context.partition_key
+    manifest_dir = store.url("manifest", subset)
+    shards = [shard_url(store, "speaker_embeddings", s) for s in _shard_plan(store, subset)]
+    missing = [s for s in shards if not storage.exists(s)]
+    if missing:
+        raise dg.Failure(f"{len(missing)} embedding shard(s) of {subset} are not materialized yet, e.g. {missing[0]}")
+    counts = reduce_speaker_means(manifest_dir, shards, store.url("speaker_means", f"{subset}.parquet"))
+    speakers = set(read_kaldi_file(manifest_dir, "utt2spk").values())
+    without = sorted(speakers - set(counts))
+    return dg.MaterializeResult(
+        metadata={"speakers": len(counts), "utterances": sum(counts.values())},
+        check_results=[dg.AssetCheckResult(check_name="every_speaker_has_a_vector", passed=not without,
+                                           metadata={"missing": dg.MetadataValue.json(without[:20])})])
+
+
+@dg.asset(
+    partitions_def=SUBSETS,
+    deps=[dg.AssetDep(speech_tokens, partition_mapping=dg.AllPartitionMapping()), speaker_means],
+    group_name="features",
+)
+def upstream_feature_files(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
+    """``utt2embedding.pt`` / ``spk2embedding.pt`` / ``utt2speech_token.pt`` in the subset's manifest dir, for
+    users of the upstream tools (``make_parquet_list.py``, ``train.py``)."""
+    subset = context.partition_key
+    plan = _shard_plan(store, subset)
+    written = export_upstream_features(
+        store.url("manifest", subset),
+        [shard_url(store, "speaker_embeddings", s) for s in plan],
+        [shard_url(store, "speech_tokens", s) for s in plan],
+        store.url("speaker_means", f"{subset}.parquet"),
+    )
+    return dg.MaterializeResult(metadata={**written, "path": dg.MetadataValue.path(store.url("manifest", subset))})

@@ -1,0 +1,127 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import dagster as dg
+import pytest
+
+from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
+from assets.manifest import manifest
+from cosyvoice.features.store import load_pt, read_parquet
+from pipelines.resources import CorpusResource, DataStore, ModelStore
+
+SHARDS = ["dev-clean-000000", "dev-clean-000001", "dev-clean-000002"]
+
+
+def resources(corpus, root, models):
+    return {"corpus": CorpusResource(root=corpus), "store": DataStore(root=str(root)), "models": ModelStore(root=models)}
+
+
+def range_tags(first, last):
+    return {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(clean_corpus, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    res = resources(clean_corpus, root, tiny_models)
+    with dg.instance_for_test() as instance:
+        dg.materialize([manifest], partition_key="dev-clean", instance=instance, resources=res,
+                       run_config={"ops": {"manifest": {"config": {"utts_per_shard": 5}}}})
+        features = dg.materialize([speaker_embeddings, speech_tokens], instance=instance, resources=res,
+                                  tags=range_tags(SHARDS[0], SHARDS[-1]),
+                                  run_config={"ops": {n: {"config": {"num_workers": 2}}
+                                                      for n in ("speaker_embeddings", "speech_tokens")}})
+        per_subset = dg.materialize([speaker_means, upstream_feature_files], partition_key="dev-clean",
+                                    instance=instance, resources=res)
+        yield root, features, per_subset
+
+
+def test_one_run_materializes_several_shards_with_passing_checks(pipeline_run):
+    root, features, _ = pipeline_run
+    assert features.success
+    for asset in ("speaker_embeddings", "speech_tokens"):
+        mats = features.asset_materializations_for_node(asset)
+        assert sorted(m.partition for m in mats) == SHARDS
+        meta = mats[0].metadata
+        assert meta["utterances"].value == 15 and meta["shards"].value == 3 and meta["failed_utterances"].value == 0
+        assert meta["throughput_audio_s_per_s"].value > 0
+    checks = {(e.asset_key.path[-1], e.check_name): e.passed for e in features.get_asset_check_evaluations()}
+    assert checks and all(checks.values())
+    assert ("speech_tokens", "token_rate") in checks and ("speaker_embeddings", "dim_192_finite") in checks
+    tokens = read_parquet(str(root / "speech_tokens" / "dev-clean" / "dev-clean-000001.parquet"))
+    assert tokens.num_rows == 5 and tokens.schema.names == ["utt", "speech_token", "duration", "long_audio"]
+
+
+def test_upstream_pt_files_equal_the_cli_drop_in(pipeline_run, tiny_models, tmp_path):
+    import shutil
+
+    from cosyvoice.features.stages import extract_embedding, extract_speech_token
+
+    root, _, per_subset = pipeline_run
+    assert per_subset.success
+    manifest_dir = root / "manifest" / "dev-clean"
+    direct = tmp_path / "direct"
+    shutil.copytree(manifest_dir, direct)
+    for name in ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt"):
+        (direct / name).unlink()
+    extract_embedding(str(direct), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
+    extract_speech_token(str(direct), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    assert load_pt(str(manifest_dir / "utt2speech_token.pt")) == load_pt(str(direct / "utt2speech_token.pt"))
+    ours, theirs = load_pt(str(manifest_dir / "utt2embedding.pt")), load_pt(str(direct / "utt2embedding.pt"))
+    assert ours == theirs
+    spk_ours, spk_theirs = load_pt(str(manifest_dir / "spk2embedding.pt")), load_pt(str(direct / "spk2embedding.pt"))
+    assert sorted(spk_ours) == sorted(spk_theirs)
+    assert all(max(abs(a - b) for a, b in zip(spk_ours[s], spk_theirs[s])) < 1e-6 for s in spk_ours)
+
+
+KILLABLE = textwrap.dedent('''
+    import sys, dagster as dg
+    from assets.features import speaker_embeddings
+    from pipelines.resources import CorpusResource, DataStore, ModelStore
+    corpus, root, models, home = sys.argv[1:5]
+    with dg.DagsterInstance.from_config(home) as instance:
+        dg.materialize([speaker_embeddings], instance=instance,
+                       resources={"corpus": CorpusResource(root=corpus), "store": DataStore(root=root),
+                                  "models": ModelStore(root=models)},
+                       tags={"dagster/asset_partition_range_start": sys.argv[5],
+                             "dagster/asset_partition_range_end": sys.argv[6]},
+                       run_config={"ops": {"speaker_embeddings": {"config": {"num_workers": 1}}}})
+''')
+
+
+def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_matches_an_uninterrupted_run(
+        pipeline_run, clean_corpus, tiny_models, tmp_path):
+    reference_root, _, _ = pipeline_run
+    root = tmp_path / "data"
+    (root / "manifest").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(reference_root / "manifest" / "dev-clean", root / "manifest" / "dev-clean")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions("shards", SHARDS)
+    out = root / "speaker_embeddings" / "dev-clean"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = [sys.executable, "-c", KILLABLE, clean_corpus, str(root), tiny_models, str(home), SHARDS[0], SHARDS[-1]]
+    proc = subprocess.Popen(args, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and any(n.endswith(".parquet") for n in os.listdir(out))):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    visible = sorted(n for n in os.listdir(out) if not n.startswith("."))
+    assert 1 <= len(visible) < 3, visible
+    for name in visible:  # whatever is visible is complete and final
+        assert (out / name).read_bytes() == (reference_root / "speaker_embeddings" / "dev-clean" / name).read_bytes()
+    rerun = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(os.listdir(out)) == [f"{s}.parquet" for s in SHARDS]
+    for shard in SHARDS:
+        name = f"{shard}.parquet"
+        assert (out / name).read_bytes() == (reference_root / "speaker_embeddings" / "dev-clean" / name).read_bytes()
