@@ -20,9 +20,11 @@ def test_definitions_load_and_the_manifest_is_partitioned_by_the_seven_subsets()
 def test_distributed_deployment_reads_roots_from_the_environment(monkeypatch):
     monkeypatch.setenv("COSYVOICE_CORPUS_ROOT", "s3://corpus/LibriTTS")
     monkeypatch.setenv("COSYVOICE_DATA_ROOT", "s3://data/prefix")
+    monkeypatch.setenv("COSYVOICE_MODEL_ROOT", "s3://models/cosyvoice2")
     with dg.build_resources(resources_for("distributed")) as res:
         assert res.corpus.subset_url("dev-clean") == "s3://corpus/LibriTTS/dev-clean"
         assert res.store.url("manifest", "dev-clean") == "s3://data/prefix/manifest/dev-clean"
+        assert res.models.url(res.models.campplus) == "s3://models/cosyvoice2/campplus.onnx"
 
 
 def test_materializing_a_subset_writes_the_manifest_registers_shards_and_passes_checks(broken_corpus, tmp_path):
