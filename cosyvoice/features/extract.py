@@ -142,7 +142,7 @@ def run_extraction(
             outputs = progress(outputs)
         collected = list(outputs)
     else:
-        size = max(1, min(16, len(items) // (workers * 4)))
+        size = max(1, min(4, len(items) // (workers * 8)))  # small chunks: no straggler at the end
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cosyvoice.features.frontend", "cosyvoice.features.onnx"])

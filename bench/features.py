@@ -1,0 +1,109 @@
+"""Feature extraction: ours vs the upstream recipe tools' algorithm, same model, corpus, cores, runtime.
+
+Upstream (``tools/extract_embedding.py`` / ``extract_speech_token.py``): one ONNX session with one
+intra-op thread, a ``ThreadPoolExecutor(8)`` submitting one utterance at a time, a resampler built
+per utterance. Ours: ``cosyvoice.features.extract.run_extraction`` (worker processes, one session
+each). The floor is the pure model time: the same sessions run on precomputed inputs, one thread
+per core. Outputs are compared (embeddings to 1e-4, tokens exactly).
+
+    python bench/features.py [--models data/models] [--utterances 400] [--kinds embedding,speech_token]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cosyvoice.features.extract import run_extraction  # noqa: E402
+from tests.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
+
+MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onnx"}
+
+
+def upstream_run(kind: str, items: list[tuple[str, str]], model: str) -> dict:
+    session = upstream_session(model)
+    one = upstream_embedding if kind == "embedding" else upstream_speech_token
+    out = {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = {pool.submit(one, path, session): utt for utt, path in items}
+        for future in as_completed(futures):
+            out[futures[future]] = future.result()
+    return out
+
+
+def model_floor(kind: str, items: list[tuple[str, str]], model: str, cores: int) -> float:
+    import numpy as np
+
+    from cosyvoice.features import frontend
+    from cosyvoice.features.onnx import make_session
+
+    inputs = []
+    for _, path in items:
+        audio, rate = frontend.load_audio(path)
+        if kind == "embedding":
+            inputs.append([frontend.campplus_input(audio, rate)])
+        else:
+            windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), "skip")
+            inputs.append([frontend.whisper_input(w) for w in windows])
+    session = make_session(model, threads=1)
+    names = [i.name for i in session.get_inputs()]
+
+    def run(feats):
+        for feat in feats:
+            feed = {names[0]: feat}
+            if kind == "speech_token":
+                feed[names[1]] = np.array([feat.shape[2]], dtype=np.int32)
+            session.run(None, feed)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=cores) as pool:
+        list(pool.map(run, inputs))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="data/models")
+    parser.add_argument("--utterances", type=int, default=400)
+    parser.add_argument("--kinds", default="embedding,speech_token")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    import numpy as np
+
+    from cosyvoice.corpus.synthetic import make_synthetic_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        speakers = max(1, args.utterances // 20)
+        report = make_synthetic_corpus(tmp, subsets=["dev-clean"], speakers=speakers, utts_per_speaker=20, seed=0)
+        items = sorted((os.path.basename(s), os.path.join(tmp, s + ".wav")) for s in report.files)[: args.utterances]
+        audio = report.audio_seconds * len(items) / report.utterances
+        print(f"corpus: {len(items)} utterances, {audio / 3600:.3f} h, cores: {os.cpu_count()}, workers: {args.workers}")
+        for kind in args.kinds.split(","):
+            model = os.path.join(args.models, MODELS[kind])
+            run_extraction(kind, items[:4], model, num_workers=args.workers)  # warm caches/forkserver
+            start = time.perf_counter()
+            ours = run_extraction(kind, items, model, num_workers=args.workers)
+            t_ours = time.perf_counter() - start
+            start = time.perf_counter()
+            theirs = upstream_run(kind, items, model)
+            t_up = time.perf_counter() - start
+            t_floor = model_floor(kind, items, model, args.workers)
+            if kind == "embedding":
+                worst = max(float(np.max(np.abs(np.array(ours.results[u]) - np.array(v)))) for u, v in theirs.items())
+                agree = f"max |diff| {worst:.2e}"
+            else:
+                same = sum(ours.results[u] == v for u, v in theirs.items())
+                agree = f"identical token lists {same}/{len(theirs)}"
+            print(f"{kind}: upstream {t_up:.2f} s ({audio / t_up:.1f} s/s) | ours {t_ours:.2f} s ({audio / t_ours:.1f} s/s)"
+                  f" | pure model {t_floor:.2f} s ({audio / t_floor:.1f} s/s) | speed-up {t_up / t_ours:.2f}x"
+                  f" (ceiling {t_up / t_floor:.2f}x) | {agree}")
+
+
+if __name__ == "__main__":
+    main()
