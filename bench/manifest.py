@@ -18,34 +18,12 @@ import sys
 import tempfile
 import time
 
-# The upstream algorithm written plainly (behaviour of examples/libritts/cosyvoice/local/prepare_data.py).
-UPSTREAM = r'''
-import glob, logging, os, sys
-from tqdm import tqdm
-src_dir, des_dir = sys.argv[1], sys.argv[2]
-logger = logging.getLogger()
-wavs = list(glob.glob('{}/*/*/*wav'.format(src_dir)))
-utt2wav, utt2text, utt2spk, spk2utt = {}, {}, {}, {}
-for wav in tqdm(wavs, file=open(os.devnull, "w")):
-    txt = wav.replace('.wav', '.normalized.txt')
-    if not os.path.exists(txt):
-        logger.warning('{} do not exsist'.format(txt))
-        continue
-    with open(txt) as f:
-        content = ''.join(l.replace('\n', '') for l in f.readline())
-    utt = os.path.basename(wav).replace('.wav', '')
-    spk = utt.split('_')[0]
-    utt2wav[utt] = wav; utt2text[utt] = content; utt2spk[utt] = spk
-    spk2utt.setdefault(spk, []).append(utt)
-os.makedirs(des_dir, exist_ok=True)
-for name, table in (('wav.scp', utt2wav), ('text', utt2text), ('utt2spk', utt2spk)):
-    with open('{}/{}'.format(des_dir, name), 'w') as f:
-        for k, v in table.items():
-            f.write('{} {}\n'.format(k, v))
-with open('{}/spk2utt'.format(des_dir), 'w') as f:
-    for k, v in spk2utt.items():
-        f.write('{} {}\n'.format(k, ' '.join(v)))
-'''
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The upstream algorithm written plainly (tests/upstream.py, shared with the tests), in a fresh process.
+UPSTREAM = (
+    "import sys; sys.path.insert(0, sys.argv[3]); from tests.upstream import upstream_prepare_data;"
+    "upstream_prepare_data(sys.argv[1], sys.argv[2])"
+)
 
 
 def build_corpus(root: str, utterances: int) -> str:
@@ -86,7 +64,7 @@ def main() -> None:
         src = build_corpus(tmp, args.utterances)
         ours_cmd = [cli, "prepare-libritts", "--src_dir", src,
                     "--num_workers", str(args.workers)]
-        up_cmd = [sys.executable, "-c", UPSTREAM, src, os.path.join(tmp, "upstream")]
+        up_cmd = [sys.executable, "-c", UPSTREAM, src, os.path.join(tmp, "upstream"), REPO]
         timed(up_cmd)  # warm the page cache for both
         ours, upstream = [], []
         for _ in range(args.repeats):
