@@ -89,6 +89,17 @@ def cmd_extract_speech_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_parquet(args: argparse.Namespace) -> int:
+    from cosyvoice.shards.make_parquet import make_parquet
+
+    report = make_parquet(args.src_dir, args.des_dir, num_utts_per_parquet=args.num_utts_per_parquet,
+                          num_processes=args.num_processes, dpo=args.dpo)
+    print(report.summary())
+    for utt, path, reason in report.skipped:
+        print(f"  skipped {utt} ({path}): {reason}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyvoice-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio > 30 s: skip (write [], as upstream) or tokenize consecutive <= 30 s windows")
     p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
     p.set_defaults(func=cmd_extract_speech_token)
+
+    p = sub.add_parser("make-parquet", help="parquet training shards (drop-in for tools/make_parquet_list.py)")
+    p.add_argument("--src_dir", required=True, help="data dir (wav.scp, text, utt2spk [, instruct, *.pt])")
+    p.add_argument("--des_dir", required=True)
+    p.add_argument("--num_utts_per_parquet", type=int, default=1000)
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--dpo", action="store_true", help="add reject_speech_token from <src_dir>_reject/utt2speech_token.pt")
+    p.set_defaults(func=cmd_make_parquet)
 
     p = sub.add_parser("make-synthetic-corpus", help="a deterministic LibriTTS-shaped corpus")
     p.add_argument("--out", required=True)

@@ -129,27 +129,16 @@ def write_bytes(url: str, data: bytes) -> WriteResult:
                         return WriteResult(url, len(data), changed=False)
         except OSError:
             pass
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        prefix = f".{os.path.basename(path)}.tmp-"  # hidden, and never ends in the target's suffix
-        for stale in os.listdir(folder):  # left behind by a killed writer of the same file
-            if stale.startswith(prefix):
-                try:
-                    os.unlink(os.path.join(folder, stale))
-                except FileNotFoundError:
-                    pass
-        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
+        tmp = staging_path(url)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.unlink(tmp)
             raise
+        publish(tmp, url)
         return WriteResult(url, len(data), changed=True)
     fs = filesystem(url)
     try:
@@ -159,6 +148,42 @@ def write_bytes(url: str, data: bytes) -> WriteResult:
         pass
     fs.pipe_file(path, data)  # a single PUT/multipart upload: visible only when complete
     return WriteResult(url, len(data), changed=True)
+
+
+def staging_path(url: str) -> str:
+    """A local temporary file to build ``url`` in (then ``publish`` it). For local targets it sits
+    hidden next to the target (same file system: the final rename is atomic); stale ones of a
+    killed writer are removed."""
+    if is_local(url):
+        path = strip_protocol(url)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        prefix = f".{os.path.basename(path)}.tmp-"
+        for stale in os.listdir(folder):
+            if stale.startswith(prefix):
+                try:
+                    os.unlink(os.path.join(folder, stale))
+                except FileNotFoundError:
+                    pass
+    else:
+        folder, prefix = None, ".staging-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def publish(staged: str, url: str) -> None:
+    """Move a finished staging file to ``url``: a rename locally, a streamed upload to object stores
+    (visible only once complete). The staging file is gone afterwards."""
+    try:
+        if is_local(url):
+            os.chmod(staged, 0o644)
+            os.replace(staged, strip_protocol(url))
+        else:
+            filesystem(url).put_file(staged, strip_protocol(url))
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
 
 
 def write_text(url: str, text: str) -> WriteResult:

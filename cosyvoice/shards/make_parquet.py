@@ -1,0 +1,173 @@
+"""Drop-in for upstream ``tools/make_parquet_list.py``: a data dir (+ optional ``.pt`` features) ->
+parquet shards, ``utt2parquet_*.json``, ``spk2parquet_*.json``, ``data.list``, ``utt2data.list`` and
+``spk2data.list``.
+
+Fixed upstream defects: ``spk2parquet_*.json`` is really written (D1); a failing shard raises
+instead of being swallowed by ``apply_async``; DPO reject tokens missing from the reject set are
+``[]``, not null (D7); an utterance whose features are missing is reported, not a ``KeyError``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+from cosyvoice import storage
+from cosyvoice.corpus.kaldi import parse_lines
+from cosyvoice.shards.parquet import Columns, ShardReport, ShardRow, write_shard
+
+
+def parquet_name(index: int) -> str:
+    return f"parquet_{index:09d}.tar"
+
+
+def _read_joined(url: str) -> dict[str, str]:
+    """``key value...`` with the value's whitespace collapsed to single spaces, as upstream reads it."""
+    return {k: " ".join(v.split()) for k, v in parse_lines(storage.read_text(url), source=url).items()}
+
+
+@dataclass
+class Features:
+    """The optional per-utterance inputs of a shard set."""
+
+    utt2embedding: dict[str, list[float]] | None = None
+    spk2embedding: dict[str, list[float]] | None = None
+    utt2speech_token: dict[str, list[int]] | None = None
+    utt2instruct: dict[str, str] | None = None
+    utt2reject: dict[str, list[int]] | None = None
+
+    def columns(self) -> Columns:
+        if (self.utt2embedding is None) != (self.spk2embedding is None):
+            raise ValueError("utt2embedding.pt and spk2embedding.pt must be supplied together "
+                             "(the training data pipeline needs both columns or neither)")
+        return Columns(embeddings=self.utt2embedding is not None, speech_token=self.utt2speech_token is not None,
+                       instruct=self.utt2instruct is not None, reject_speech_token=self.utt2reject is not None)
+
+
+def build_rows(utts: list[str], wav: dict[str, str], text: dict[str, str], utt2spk: dict[str, str],
+               features: Features) -> tuple[list[ShardRow], list[tuple[str, str, str]]]:
+    """Rows for ``utts``; utterances lacking a required input are returned as ``(utt, path, reason)``."""
+    rows, skipped = [], []
+    for utt in utts:
+        path, spk = wav.get(utt, ""), utt2spk.get(utt)
+        reason = None
+        if utt not in text:
+            reason = "missing_text"
+        elif spk is None:
+            reason = "missing_speaker"
+        elif features.utt2embedding is not None and utt not in features.utt2embedding:
+            reason = "missing_utt_embedding"
+        elif features.spk2embedding is not None and spk not in features.spk2embedding:
+            reason = "missing_spk_embedding"
+        elif features.utt2speech_token is not None and utt not in features.utt2speech_token:
+            reason = "missing_speech_token"
+        elif features.utt2instruct is not None and utt not in features.utt2instruct:
+            reason = "missing_instruct"
+        if reason:
+            skipped.append((utt, path, reason))
+            continue
+        rows.append(ShardRow(
+            utt=utt, wav=path, text=text[utt], spk=spk,
+            utt_embedding=features.utt2embedding[utt] if features.utt2embedding is not None else None,
+            spk_embedding=features.spk2embedding[spk] if features.spk2embedding is not None else None,
+            speech_token=list(features.utt2speech_token[utt]) if features.utt2speech_token is not None else None,
+            instruct=features.utt2instruct[utt] if features.utt2instruct is not None else None,
+            reject_speech_token=list(features.utt2reject.get(utt, [])) if features.utt2reject is not None else None,
+        ))
+    return rows, skipped
+
+
+def write_shard_set(des_dir: str, index: int, rows: list[ShardRow], columns: Columns) -> ShardReport:
+    """One shard: the parquet file plus its ``utt2parquet`` / ``spk2parquet`` JSON files."""
+    parquet = storage.join(des_dir, parquet_name(index))
+    report = write_shard(parquet, rows, columns)
+    unreadable = {utt for utt, _, _ in report.skipped}
+    written = [r for r in rows if r.utt not in unreadable]
+    storage.write_text(storage.join(des_dir, f"utt2parquet_{index:09d}.json"),
+                       json.dumps({r.utt: parquet for r in written}, ensure_ascii=False, indent=2))
+    storage.write_text(storage.join(des_dir, f"spk2parquet_{index:09d}.json"),
+                       json.dumps({s: parquet for s in sorted({r.spk for r in written})}, ensure_ascii=False, indent=2))
+    return report
+
+
+def _job(args: tuple) -> ShardReport:
+    return write_shard_set(*args)
+
+
+@dataclass
+class MakeParquetReport:
+    des_dir: str
+    shards: list[ShardReport]
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def summary(self) -> str:
+        return (f"{len(self.shards)} shard(s), {self.rows} rows, {self.bytes / 1e6:.1f} MB -> {self.des_dir}"
+                f" ({len(self.skipped)} skipped) in {self.seconds:.1f} s")
+
+
+def load_features(src_dir: str, dpo: bool) -> Features:
+    from cosyvoice.features.store import load_pt
+
+    def optional_pt(name: str, folder: str = src_dir):
+        url = storage.join(folder, name)
+        return load_pt(url) if storage.exists(url) else None
+
+    instruct_url = storage.join(src_dir, "instruct")
+    reject = None
+    if dpo:
+        reject = optional_pt("utt2speech_token.pt", src_dir.rstrip("/") + "_reject") or {}
+    return Features(
+        utt2embedding=optional_pt("utt2embedding.pt"), spk2embedding=optional_pt("spk2embedding.pt"),
+        utt2speech_token=optional_pt("utt2speech_token.pt"),
+        utt2instruct=_read_joined(instruct_url) if storage.exists(instruct_url) else None,
+        utt2reject=reject,
+    )
+
+
+def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000, num_processes: int = 1,
+                 dpo: bool = False) -> MakeParquetReport:
+    """Write the shard set of one data dir. Shards are written in parallel; any failure raises."""
+    if num_utts_per_parquet < 1:
+        raise ValueError(f"num_utts_per_parquet must be >= 1, got {num_utts_per_parquet}")
+    started = time.perf_counter()
+    wav = {k: v.split()[0] if v.split() else "" for k, v in
+           parse_lines(storage.read_text(storage.join(src_dir, "wav.scp")), source="wav.scp").items()}
+    text = _read_joined(storage.join(src_dir, "text"))
+    utt2spk = {k: v.split()[0] for k, v in _read_joined(storage.join(src_dir, "utt2spk")).items() if v}
+    features = load_features(src_dir, dpo)
+    columns = features.columns()
+    utts = list(wav)
+    jobs, skipped = [], []
+    for index, start in enumerate(range(0, len(utts), num_utts_per_parquet)):
+        rows, missing = build_rows(utts[start:start + num_utts_per_parquet], wav, text, utt2spk, features)
+        skipped += missing
+        jobs.append((des_dir, index, rows, columns))
+    del features  # the rows hold what each shard needs; workers never see the whole dicts
+    storage.makedirs(des_dir)
+    if num_processes > 1 and len(jobs) > 1:
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=context) as pool:
+            reports = list(pool.map(_job, jobs))  # re-raises the first worker error
+    else:
+        reports = [_job(job) for job in jobs]
+    for report in reports:
+        skipped += report.skipped
+    parquet_files = [storage.join(des_dir, parquet_name(i)) for i in range(len(jobs))]
+    storage.write_text(storage.join(des_dir, "data.list"), "".join(f"{p}\n" for p in parquet_files))
+    storage.write_text(storage.join(des_dir, "utt2data.list"),
+                       "".join(f"{storage.join(des_dir, f'utt2parquet_{i:09d}.json')}\n" for i in range(len(jobs))))
+    storage.write_text(storage.join(des_dir, "spk2data.list"),
+                       "".join(f"{storage.join(des_dir, f'spk2parquet_{i:09d}.json')}\n" for i in range(len(jobs))))
+    return MakeParquetReport(des_dir=des_dir, shards=reports, skipped=skipped, seconds=time.perf_counter() - started)
