@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import io
+import pickle
+import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,10 +31,30 @@ def save_pt(url: str, table: dict) -> storage.WriteResult:
     return storage.write_bytes(url, buffer.getvalue())
 
 
-def load_pt(url: str) -> dict:
-    import torch
+class _PlainUnpickler(pickle.Unpickler):
+    """Accepts only pickle opcodes for builtin containers and scalars: any class or function
+    reference (the way pickles execute code) is refused."""
 
-    return torch.load(io.BytesIO(storage.read_bytes(url)), weights_only=True)
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain dicts/lists/numbers are expected")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("tensor storage found: not a plain container")
+
+
+def load_pt(url: str) -> dict:
+    """Read a ``torch.save``d dict of plain lists. Such files hold an ordinary pickle inside a zip
+    archive, which is read here without importing torch (torch alone costs ~0.5 GB of RSS); anything
+    else goes through ``torch.load(weights_only=True)``."""
+    data = storage.read_bytes(url)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return _PlainUnpickler(io.BytesIO(archive.read(name))).load()
+    except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError):
+        import torch
+
+        return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -73,9 +73,9 @@ def build_rows(utts: list[str], wav: dict[str, str], text: dict[str, str], utt2s
             utt=utt, wav=path, text=text[utt], spk=spk,
             utt_embedding=features.utt2embedding[utt] if features.utt2embedding is not None else None,
             spk_embedding=features.spk2embedding[spk] if features.spk2embedding is not None else None,
-            speech_token=list(features.utt2speech_token[utt]) if features.utt2speech_token is not None else None,
+            speech_token=features.utt2speech_token[utt] if features.utt2speech_token is not None else None,
             instruct=features.utt2instruct[utt] if features.utt2instruct is not None else None,
-            reject_speech_token=list(features.utt2reject.get(utt, [])) if features.utt2reject is not None else None,
+            reject_speech_token=features.utt2reject.get(utt, []) if features.utt2reject is not None else None,
         ))
     return rows, skipped
 
@@ -95,6 +95,24 @@ def write_shard_set(des_dir: str, index: int, rows: list[ShardRow], columns: Col
 
 def _job(args: tuple) -> ShardReport:
     return write_shard_set(*args)
+
+
+def _bounded_pool_map(jobs, workers: int) -> list[ShardReport]:
+    """``pool.map`` in order, with at most ``2 * workers`` shards submitted at a time; re-raises the
+    first worker error (upstream's ``apply_async`` silently dropped them)."""
+    from collections import deque
+
+    context = multiprocessing.get_context("forkserver")
+    results: list[ShardReport] = []
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(_job, job))
+            if len(pending) >= 2 * workers:
+                results.append(pending.popleft().result())
+        while pending:
+            results.append(pending.popleft().result())
+    return results
 
 
 @dataclass
@@ -117,20 +135,30 @@ class MakeParquetReport:
                 f" ({len(self.skipped)} skipped) in {self.seconds:.1f} s")
 
 
+def _compact(table: dict | None, dtype: str) -> dict | None:
+    """Python lists of floats cost ~32 bytes a value; numpy arrays 8. Upstream's ``.pt`` dicts are
+    whole-corpus, so this is what keeps memory low on large subsets."""
+    if table is None:
+        return None
+    import numpy as np
+
+    return {key: np.asarray(value, dtype=dtype) for key, value in table.items()}
+
+
 def load_features(src_dir: str, dpo: bool) -> Features:
     from cosyvoice.features.store import load_pt
 
-    def optional_pt(name: str, folder: str = src_dir):
+    def optional_pt(name: str, folder: str = src_dir, dtype: str = "float64"):
         url = storage.join(folder, name)
-        return load_pt(url) if storage.exists(url) else None
+        return _compact(load_pt(url), dtype) if storage.exists(url) else None
 
     instruct_url = storage.join(src_dir, "instruct")
     reject = None
     if dpo:
-        reject = optional_pt("utt2speech_token.pt", src_dir.rstrip("/") + "_reject") or {}
+        reject = optional_pt("utt2speech_token.pt", src_dir.rstrip("/") + "_reject", "int64") or {}
     return Features(
         utt2embedding=optional_pt("utt2embedding.pt"), spk2embedding=optional_pt("spk2embedding.pt"),
-        utt2speech_token=optional_pt("utt2speech_token.pt"),
+        utt2speech_token=optional_pt("utt2speech_token.pt", dtype="int64"),
         utt2instruct=_read_joined(instruct_url) if storage.exists(instruct_url) else None,
         utt2reject=reject,
     )
@@ -149,25 +177,28 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
     features = load_features(src_dir, dpo)
     columns = features.columns()
     utts = list(wav)
-    jobs, skipped = [], []
-    for index, start in enumerate(range(0, len(utts), num_utts_per_parquet)):
-        rows, missing = build_rows(utts[start:start + num_utts_per_parquet], wav, text, utt2spk, features)
-        skipped += missing
-        jobs.append((des_dir, index, rows, columns))
-    del features  # the rows hold what each shard needs; workers never see the whole dicts
+    starts = range(0, len(utts), num_utts_per_parquet)
+    skipped: list[tuple[str, str, str]] = []
+
+    def jobs():  # rows are built per shard as the pool asks for them: memory ~ shards in flight
+        for index, start in enumerate(starts):
+            rows, missing = build_rows(utts[start:start + num_utts_per_parquet], wav, text, utt2spk, features)
+            skipped.extend(missing)
+            yield des_dir, index, rows, columns
+
     storage.makedirs(des_dir)
-    if num_processes > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(min(num_processes, len(jobs)), mp_context=context) as pool:
-            reports = list(pool.map(_job, jobs))  # re-raises the first worker error
+    workers = max(1, min(num_processes, len(starts)))
+    if workers > 1:
+        reports = _bounded_pool_map(jobs(), workers)
     else:
-        reports = [_job(job) for job in jobs]
+        reports = [_job(job) for job in jobs()]
     for report in reports:
         skipped += report.skipped
-    parquet_files = [storage.join(des_dir, parquet_name(i)) for i in range(len(jobs))]
+    jobs_count = len(starts)
+    parquet_files = [storage.join(des_dir, parquet_name(i)) for i in range(jobs_count)]
     storage.write_text(storage.join(des_dir, "data.list"), "".join(f"{p}\n" for p in parquet_files))
     storage.write_text(storage.join(des_dir, "utt2data.list"),
-                       "".join(f"{storage.join(des_dir, f'utt2parquet_{i:09d}.json')}\n" for i in range(len(jobs))))
+                       "".join(f"{storage.join(des_dir, f'utt2parquet_{i:09d}.json')}\n" for i in range(jobs_count)))
     storage.write_text(storage.join(des_dir, "spk2data.list"),
-                       "".join(f"{storage.join(des_dir, f'spk2parquet_{i:09d}.json')}\n" for i in range(len(jobs))))
+                       "".join(f"{storage.join(des_dir, f'spk2parquet_{i:09d}.json')}\n" for i in range(jobs_count)))
     return MakeParquetReport(des_dir=des_dir, shards=reports, skipped=skipped, seconds=time.perf_counter() - started)

@@ -82,7 +82,7 @@ def _batch(rows: list[ShardRow], audio: list[bytes], columns: Columns) -> pa.Rec
     if columns.instruct:
         data["instruct"] = [r.instruct for r in rows]
     if columns.reject_speech_token:
-        data["reject_speech_token"] = [r.reject_speech_token or [] for r in rows]
+        data["reject_speech_token"] = [[] if r.reject_speech_token is None else r.reject_speech_token for r in rows]
     return pa.RecordBatch.from_pydict(data, schema=columns.schema())
 
 
