@@ -4,13 +4,15 @@ import dagster as dg
 
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
+from assets.shards import parquet_shards, training_data_lists
 from pipelines.resources import deployment, resources_for
 
 manifest_job = dg.define_asset_job("manifest_job", selection=[manifest])
-features_job = dg.define_asset_job("features_job", selection=[speaker_embeddings, speech_tokens])
+features_job = dg.define_asset_job("features_job", selection=[speaker_embeddings, speech_tokens, parquet_shards])
 
 defs = dg.Definitions(
-    assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files],
+    assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files, parquet_shards,
+            training_data_lists],
     jobs=[manifest_job, features_job],
     resources=resources_for(deployment()),
 )

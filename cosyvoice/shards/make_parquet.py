@@ -170,10 +170,8 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
     if num_utts_per_parquet < 1:
         raise ValueError(f"num_utts_per_parquet must be >= 1, got {num_utts_per_parquet}")
     started = time.perf_counter()
-    wav = {k: v.split()[0] if v.split() else "" for k, v in
-           parse_lines(storage.read_text(storage.join(src_dir, "wav.scp")), source="wav.scp").items()}
-    text = _read_joined(storage.join(src_dir, "text"))
-    utt2spk = {k: v.split()[0] for k, v in _read_joined(storage.join(src_dir, "utt2spk")).items() if v}
+    kaldi = read_kaldi_tables(src_dir)
+    wav, text, utt2spk = kaldi["wav"], kaldi["text"], kaldi["utt2spk"]
     features = load_features(src_dir, dpo)
     columns = features.columns()
     utts = list(wav)
@@ -202,3 +200,72 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
     storage.write_text(storage.join(des_dir, "spk2data.list"),
                        "".join(f"{storage.join(des_dir, f'spk2parquet_{i:09d}.json')}\n" for i in range(jobs_count)))
     return MakeParquetReport(des_dir=des_dir, shards=reports, skipped=skipped, seconds=time.perf_counter() - started)
+
+
+# --- per-shard form used by the pipeline -------------------------------------------------------
+
+def shard_features(embedding_url: str | None, speaker_means_url: str | None, token_url: str | None,
+                   utt2instruct: dict[str, str] | None) -> Features:
+    """Features of one shard from the pipeline's per-shard parquet files (memory ~ one shard)."""
+    import numpy as np
+
+    from cosyvoice.features.store import read_parquet
+
+    def column_map(url: str | None, key: str, column: str, dtype: str) -> dict | None:
+        if url is None:
+            return None
+        table = read_parquet(url)
+        return {k: np.asarray(v, dtype=dtype) for k, v in zip(table.column(key).to_pylist(), table.column(column).to_pylist())}
+
+    return Features(
+        utt2embedding=column_map(embedding_url, "utt", "embedding", "float64"),
+        spk2embedding=column_map(speaker_means_url, "spk", "embedding", "float64"),
+        utt2speech_token=column_map(token_url, "utt", "speech_token", "int64"),
+        utt2instruct=utt2instruct,
+    )
+
+
+@dataclass
+class ShardSetReport:
+    shard: ShardReport
+    planned: int
+    missing_features: list[tuple[str, str, str]]
+
+    @property
+    def skipped(self) -> list[tuple[str, str, str]]:
+        return self.missing_features + self.shard.skipped
+
+
+def write_pipeline_shard(des_dir: str, index: int, utts: list[str], data_dir: str, features: Features,
+                         kaldi: dict[str, dict[str, str]] | None = None) -> ShardSetReport:
+    """One planned shard of a manifest -> ``parquet_{index:09d}.tar`` + its JSON files in ``des_dir``.
+    ``kaldi`` may carry the already-read wav/text/utt2spk tables of the data dir."""
+    kaldi = kaldi or read_kaldi_tables(data_dir)
+    rows, missing = build_rows(utts, kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)
+    report = write_shard_set(des_dir, index, rows, features.columns())
+    return ShardSetReport(shard=report, planned=len(utts), missing_features=missing)
+
+
+def read_kaldi_tables(data_dir: str) -> dict[str, dict[str, str]]:
+    wav = {k: v.split()[0] for k, v in parse_lines(storage.read_text(storage.join(data_dir, "wav.scp"))).items() if v}
+    tables = {"wav": wav, "text": _read_joined(storage.join(data_dir, "text")),
+              "utt2spk": {k: v.split()[0] for k, v in _read_joined(storage.join(data_dir, "utt2spk")).items() if v}}
+    instruct = storage.join(data_dir, "instruct")
+    if storage.exists(instruct):
+        tables["instruct"] = _read_joined(instruct)
+    return tables
+
+
+def check_shard_schema(url: str, columns: Columns) -> tuple[bool, str]:
+    """The written file's columns and Arrow types against the contract for this column set."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(io.BytesIO(storage.read_bytes(url))) as f:
+        actual = f.schema_arrow
+    expected = columns.schema()
+    same = actual.names == expected.names and all(
+        str(a.type).replace("element", "item") == str(e.type).replace("element", "item")
+        for a, e in zip(actual, expected))
+    return same, f"columns {actual.names} types {[str(t) for t in actual.types]}"

@@ -10,6 +10,7 @@ import pytest
 
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
+from assets.shards import parquet_shards, training_data_lists
 from cosyvoice.features.store import load_pt, read_parquet
 from pipelines.resources import CorpusResource, DataStore, ModelStore
 
@@ -37,11 +38,14 @@ def pipeline_run(clean_corpus, tiny_models, tmp_path_factory):
                                                       for n in ("speaker_embeddings", "speech_tokens")}})
         per_subset = dg.materialize([speaker_means, upstream_feature_files], partition_key="dev-clean",
                                     instance=instance, resources=res)
-        yield root, features, per_subset
+        shards = dg.materialize([parquet_shards], instance=instance, resources=res,
+                                tags=range_tags(SHARDS[0], SHARDS[-1]))
+        lists = dg.materialize([training_data_lists], instance=instance, resources=res)
+        yield root, features, per_subset, shards, lists
 
 
 def test_one_run_materializes_several_shards_with_passing_checks(pipeline_run):
-    root, features, _ = pipeline_run
+    root, features, *_ = pipeline_run
     assert features.success
     for asset in ("speaker_embeddings", "speech_tokens"):
         mats = features.asset_materializations_for_node(asset)
@@ -61,7 +65,7 @@ def test_upstream_pt_files_equal_the_cli_drop_in(pipeline_run, tiny_models, tmp_
 
     from cosyvoice.features.stages import extract_embedding, extract_speech_token
 
-    root, _, per_subset = pipeline_run
+    root, _, per_subset, *_ = pipeline_run
     assert per_subset.success
     manifest_dir = root / "manifest" / "dev-clean"
     direct = tmp_path / "direct"
@@ -95,7 +99,7 @@ KILLABLE = textwrap.dedent('''
 
 def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_matches_an_uninterrupted_run(
         pipeline_run, clean_corpus, tiny_models, tmp_path):
-    reference_root, _, _ = pipeline_run
+    reference_root, *_ = pipeline_run
     root = tmp_path / "data"
     (root / "manifest").mkdir(parents=True)
     import shutil
@@ -125,3 +129,24 @@ def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_matches_an_uninterrupt
     for shard in SHARDS:
         name = f"{shard}.parquet"
         assert (out / name).read_bytes() == (reference_root / "speaker_embeddings" / "dev-clean" / name).read_bytes()
+
+
+def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cosyvoice.shards.make_parquet import make_parquet
+
+    root, _, _, shards, lists = pipeline_run
+    assert shards.success and lists.success
+    checks = {e.check_name: e.passed for e in shards.get_asset_check_evaluations()}
+    assert checks == {"row_count": True, "schema_matches_contract": True}
+    meta = shards.asset_materializations_for_node("parquet_shards")[0].metadata
+    assert meta["rows"].value == 15 and meta["skipped"].value == 0
+    make_parquet(str(root / "manifest" / "dev-clean"), str(tmp_path / "cli"), num_utts_per_parquet=5)
+    for i in range(3):
+        name = f"parquet_{i:09d}.tar"
+        assert pq.read_table(str(root / "parquet" / "dev-clean" / name)).equals(pq.read_table(str(tmp_path / "cli" / name)))
+    cv = (root / "cv.data.list").read_text().splitlines()
+    assert cv == [str(root / "parquet" / "dev-clean" / f"parquet_{i:09d}.tar") for i in range(3)]
+    assert (root / "train.data.list").read_text() == ""
+    assert lists.asset_materializations_for_node("training_data_lists")[0].metadata["cv_shards"].value == 3

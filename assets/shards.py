@@ -1,0 +1,84 @@
+"""``parquet_shards`` (one training shard per shard partition) and ``training_data_lists``."""
+
+import dagster as dg
+
+from assets.features import RETRY, SHARDS_PER_RUN, shard_url, speaker_embeddings, speaker_means, speech_tokens
+from cosyvoice import storage
+from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS
+from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
+from cosyvoice.shards.lists import subset_lists, write_training_lists
+from cosyvoice.shards.make_parquet import (
+    check_shard_schema,
+    read_kaldi_tables,
+    shard_features,
+    write_pipeline_shard,
+)
+from pipelines.partitions import SHARDS
+from pipelines.resources import DataStore
+
+SHARD_CHECKS = ("row_count", "schema_matches_contract")
+
+
+def _plan(store: DataStore, subset: str) -> dict[str, list[str]]:
+    return loads_plan(storage.read_text(store.url("manifest", subset, "shards.json")))
+
+
+@dg.asset(
+    partitions_def=SHARDS,
+    deps=[speaker_embeddings, speech_tokens, dg.AssetDep(speaker_means, partition_mapping=dg.AllPartitionMapping())],
+    group_name="shards", kinds={"parquet"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
+    retry_policy=RETRY,
+    check_specs=[dg.AssetCheckSpec(n, asset="parquet_shards") for n in SHARD_CHECKS],
+)
+def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
+    """``parquet/<subset>/parquet_{i:09d}.tar`` (+ utt2parquet/spk2parquet json) in the upstream training format,
+    built from this shard's embeddings and tokens only."""
+    kaldi_cache: dict[str, dict] = {}
+    per_shard, outcomes = {}, {name: [] for name in SHARD_CHECKS}
+    for shard in context.partition_keys:
+        subset = shard_subset(shard)
+        manifest_dir = store.url("manifest", subset)
+        kaldi = kaldi_cache.setdefault(subset, read_kaldi_tables(manifest_dir))
+        features = shard_features(shard_url(store, "speaker_embeddings", shard),
+                                  store.url("speaker_means", f"{subset}.parquet"),
+                                  shard_url(store, "speech_tokens", shard), kaldi.get("instruct"))
+        report = write_pipeline_shard(store.url("parquet", subset), int(shard.rsplit("-", 1)[1]),
+                                      _plan(store, subset)[shard], manifest_dir, features, kaldi)
+        for utt, path, reason in report.skipped:
+            context.log.warning(f"{shard}: {utt} ({path}) left out: {reason}")
+        per_shard[shard] = {"rows": report.shard.rows, "bytes": report.shard.bytes,
+                            "audio_bytes": report.shard.audio_bytes, "skipped": len(report.skipped)}
+        # rows = planned utterances minus those the feature stages reported (they have no features)
+        outcomes["row_count"].append(report.shard.rows == report.planned - len(report.missing_features)
+                                     and not report.shard.skipped)
+        outcomes["schema_matches_contract"].append(check_shard_schema(report.shard.url, features.columns())[0])
+    return dg.MaterializeResult(
+        metadata={"shards": len(per_shard), "rows": sum(v["rows"] for v in per_shard.values()),
+                  "bytes": sum(v["bytes"] for v in per_shard.values()),
+                  "skipped": sum(v["skipped"] for v in per_shard.values()),
+                  "per_shard": dg.MetadataValue.json(per_shard)},
+        check_results=[dg.AssetCheckResult(check_name=name, passed=all(values))
+                       for name, values in outcomes.items()])
+
+
+class DataListsConfig(dg.Config):
+    train_subsets: list[str] = [s for s in LIBRITTS_SUBSETS if s.startswith("train-")]
+    cv_subsets: list[str] = [s for s in LIBRITTS_SUBSETS if s.startswith("dev-")]
+
+
+@dg.asset(deps=[dg.AssetDep(parquet_shards, partition_mapping=dg.AllPartitionMapping())], group_name="shards")
+def training_data_lists(context: dg.AssetExecutionContext, config: DataListsConfig,
+                        store: DataStore) -> dg.MaterializeResult:
+    """``train.data.list`` / ``cv.data.list`` (and per-subset ``data.list``) over every prepared subset."""
+    per_subset = {}
+    for subset in sorted(set(config.train_subsets) | set(config.cv_subsets)):
+        if not storage.exists(store.url("manifest", subset, "shards.json")):
+            context.log.info(f"{subset}: no manifest, not listed")
+            continue
+        indices = [int(k.rsplit("-", 1)[1]) for k in _plan(store, subset)]
+        per_subset[subset] = subset_lists(store.url("parquet", subset), indices)
+    report = write_training_lists(store.root, per_subset, config.train_subsets, config.cv_subsets)
+    return dg.MaterializeResult(metadata={
+        "train_shards": len(report.train), "cv_shards": len(report.cv),
+        "subsets": dg.MetadataValue.json(report.subsets), "train_list": dg.MetadataValue.path(store.url("train.data.list")),
+    })
