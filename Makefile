@@ -1,6 +1,7 @@
 # Two commands for a newcomer: `make demo` and `make test`. Both create .venv, install what they
 # need (system packages too, when run as root) and are idempotent: the second run is fast.
 SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -42,15 +43,14 @@ demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	  && echo "$(DEMO_CORPUS_ARGS)" > $(DATA)/LibriTTS/.demo-args; \
 	else echo "synthetic corpus: up to date ($(DATA)/LibriTTS)"; fi
 	$(BIN)/cosyvoice-pipeline make-reference-models --out $(DATA)/models 2>&1 | grep -v -E '^\[torch.onnx\]|torchvision'
-	for subset in dev-clean train-clean-100; do \
-	  $(BIN)/dagster asset materialize -m pipelines.definitions --select manifest --partition $$subset >$(DATA)/materialize-$$subset.log 2>&1 \
-	    || { tail -40 $(DATA)/materialize-$$subset.log; exit 1; }; \
-	  echo "materialized manifest/$$subset (log: $(DATA)/materialize-$$subset.log)"; done
+	$(BIN)/python -m pipelines.demo dev-clean train-clean-100 2>&1 | grep -E '^materialized|failed|Error' 
 	@echo
 	@echo "Outputs:"
 	@echo "  corpus            $(DATA)/LibriTTS/{dev-clean,train-clean-100}"
 	@echo "  reference models  $(DATA)/models/{campplus,speech_tokenizer_v1,speech_tokenizer_v2}.onnx"
-	@echo "  manifests         $(DATA)/manifest/<subset>/{wav.scp,text,utt2spk,spk2utt,shards.json,quarantine.tsv}"
+	@echo "  manifests         $(DATA)/manifest/<subset>/{wav.scp,text,utt2spk,spk2utt,shards.json,quarantine.tsv,*.pt}"
+	@echo "  features          $(DATA)/{speaker_embeddings,speech_tokens}/<subset>/<shard>.parquet, $(DATA)/speaker_means/"
+	@echo "  training shards   $(DATA)/parquet/<subset>/parquet_*.tar, $(DATA)/{train,cv}.data.list"
 	@echo "  Dagster instance  $(DAGSTER_HOME)"
 	@echo "Open the Dagster UI with:  make ui   (then http://127.0.0.1:3000)"
 
