@@ -80,24 +80,21 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
         check_results=check_results)
 
 
-@dg.asset(
-    partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
-    group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
-    retry_policy=RETRY,
-    check_specs=[dg.AssetCheckSpec(n, asset="speaker_embeddings") for n in EMBEDDING_CHECKS],
-)
+def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
+    """Shared decorator arguments of the per-shard feature assets."""
+    return dict(partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
+                group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
+                retry_policy=RETRY, check_specs=[dg.AssetCheckSpec(n, asset=name) for n in checks], **extra)
+
+
+@dg.asset(**_shard_asset("speaker_embeddings", EMBEDDING_CHECKS))
 def speaker_embeddings(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
                        models: ModelStore) -> dg.MaterializeResult:
     """CAM++ embeddings of one shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
     return _run_shards(context, "embedding", "speaker_embeddings", EMBEDDING_CHECKS, config, store, models)
 
 
-@dg.asset(
-    partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
-    group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
-    retry_policy=RETRY, pool="gpu", op_tags=GPU_K8S,
-    check_specs=[dg.AssetCheckSpec(n, asset="speech_tokens") for n in TOKEN_CHECKS],
-)
+@dg.asset(**_shard_asset("speech_tokens", TOKEN_CHECKS, pool="gpu", op_tags=GPU_K8S))
 def speech_tokens(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
                   models: ModelStore) -> dg.MaterializeResult:
     """S3 speech tokens of one shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""

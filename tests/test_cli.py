@@ -17,7 +17,7 @@ def test_prepare_libritts_cli_writes_the_data_dir_and_prints_a_summary(broken_co
     assert out.returncode == 0, out.stderr
     assert "train-clean-100: 13 utterances, 4 speakers" in out.stdout
     assert "found 23 audio files: kept 13, quarantined 10" in out.stdout
-    assert "quarantined (reason: truncated_audio)" in out.stderr
+    assert "left out (reason: truncated_audio)" in out.stderr
     names = sorted(os.listdir(tmp_path / "m"))
     assert names == ["instruct", "long_audio.tsv", "quarantine.tsv", "shards.json", "spk2utt", "text",
                      "utt2dur", "utt2spk", "wav.scp"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from cosyvoice import storage
 from cosyvoice.corpus.audio import AudioInfo, AudioProblem, probe_audio
+from cosyvoice.problems import UtteranceProblem
 
 TEXT_SUFFIX = ".normalized.txt"
 _WHITESPACE = re.compile(r"\s")
@@ -65,15 +66,8 @@ class Utterance:
     audio: AudioInfo
 
 
-@dataclass(frozen=True)
-class Quarantined:
-    utt: str
-    path: str
-    reason: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.detail} — quarantined (reason: {self.reason})"
+#: a file that was found but not kept
+Quarantined = UtteranceProblem
 
 
 @dataclass

@@ -14,19 +14,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from cosyvoice.problems import UtteranceProblem
+
 EMBEDDING_DIM = 192
 _STATE: dict = {}  # per-process: kind, session, options
 
 
-@dataclass(frozen=True)
-class Failure:
-    utt: str
-    path: str
-    reason: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.detail} (utterance {self.utt}, reason: {self.reason})"
+#: an utterance whose features could not be computed
+Failure = UtteranceProblem
 
 
 @dataclass
