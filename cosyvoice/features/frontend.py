@@ -51,13 +51,14 @@ def load_audio(url: str) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.ascontiguousarray(samples.T)), int(rate)
 
 
-@lru_cache(maxsize=16)
-def _resampler(rate: int) -> torchaudio.transforms.Resample:
-    return torchaudio.transforms.Resample(orig_freq=rate, new_freq=SAMPLE_RATE)
+@lru_cache(maxsize=32)
+def resampler(rate: int, target: int = SAMPLE_RATE) -> torchaudio.transforms.Resample:
+    """torchaudio's default resampler (what upstream builds per utterance), built once per rate pair."""
+    return torchaudio.transforms.Resample(orig_freq=rate, new_freq=target)
 
 
 def to_16k(audio: torch.Tensor, rate: int) -> torch.Tensor:
-    return audio if rate == SAMPLE_RATE else _resampler(rate)(audio)
+    return audio if rate == SAMPLE_RATE else resampler(rate)(audio)
 
 
 def campplus_input(audio: torch.Tensor, rate: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Streaming training data: shard sampling across ranks/workers and the CosyVoice processing stages."""

@@ -1,0 +1,192 @@
+"""The CosyVoice training data stages as generator functions (contract section 4.3).
+
+Each takes an iterator of sample dicts and yields sample dicts (or batches), so they chain like
+upstream's ``Processor``s. Differences from upstream, on purpose: a row that fails to decode is
+dropped and counted in ``stats`` instead of ending the whole shard; ``dynamic_batch`` never emits
+an empty batch (defect D10); list columns stay numpy arrays.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from cosyvoice import storage
+
+log = logging.getLogger(__name__)
+
+
+def parquet_opener(sources: Iterable[dict], *, batch_rows: int = 64, stats: Counter | None = None) -> Iterator[dict]:
+    """Stream the rows of each ``{"src": parquet_url, ...}`` in batches of ``batch_rows``: memory holds
+    one row batch of encoded audio, never a whole shard. A shard that cannot be opened is logged
+    and counted, like upstream's warning, and the next one is read."""
+    import pyarrow.parquet as pq
+
+    for source in sources:
+        url = source["src"]
+        try:
+            handle = storage.filesystem(url).open(storage.strip_protocol(url), "rb")
+            with handle, pq.ParquetFile(handle) as parquet:
+                for batch in parquet.iter_batches(batch_size=batch_rows):
+                    for row in batch.to_pylist():
+                        yield {**source, **row}
+        except (OSError, ValueError) as exc:
+            log.warning("failed to read shard %s: %s", url, exc)
+            if stats is not None:
+                stats["unreadable_shard"] += 1
+
+
+def decode_audio(data: Iterable[dict], *, stats: Counter | None = None) -> Iterator[dict]:
+    """``audio_data`` -> ``speech`` (1, N) float32, channels averaged, and ``sample_rate``."""
+    import soundfile as sf
+    import torch
+
+    for sample in data:
+        try:
+            audio, rate = sf.read(io.BytesIO(sample.pop("audio_data")), dtype="float32", always_2d=True)
+            if audio.shape[0] == 0:
+                raise ValueError("0 audio frames")
+        except (RuntimeError, ValueError, sf.LibsndfileError) as exc:
+            log.warning("dropping %s: audio does not decode (%s)", sample.get("utt"), exc)
+            if stats is not None:
+                stats["undecodable_audio"] += 1
+            continue
+        sample["speech"] = torch.from_numpy(audio.mean(axis=1, dtype=np.float32)[None, :].copy())
+        sample["sample_rate"] = int(rate)
+        yield sample
+
+
+def filter_samples(data: Iterable[dict], *, max_length: float = 10240, min_length: float = 10,
+                   token_max_length: int = 200, token_min_length: int = 1, min_output_input_ratio: float = 0.0005,
+                   max_output_input_ratio: float = 1, online_feature: bool = False,
+                   stats: Counter | None = None) -> Iterator[dict]:
+    """Upstream ``filter``: lengths in 10 ms frames at the original rate, text-token bounds, the
+    text/audio ratio, and (offline features) non-empty ``speech_token``/``reject_speech_token``."""
+    def drop(reason: str) -> None:
+        if stats is not None:
+            stats[reason] += 1
+
+    for sample in data:
+        frames = sample["speech"].shape[1] / sample["sample_rate"] * 100
+        tokens = len(sample["text_token"])
+        if frames < min_length:
+            drop("too_short")
+        elif frames > max_length:
+            drop("too_long")
+        elif tokens < token_min_length or tokens > token_max_length:
+            drop("text_token_length")
+        elif not online_feature and "speech_token" in sample and len(sample["speech_token"]) == 0:
+            drop("empty_speech_token")
+        elif not online_feature and "reject_speech_token" in sample and len(sample["reject_speech_token"] or []) == 0:
+            drop("empty_reject_speech_token")
+        elif frames != 0 and not min_output_input_ratio <= tokens / frames <= max_output_input_ratio:
+            drop("text_audio_ratio")
+        else:
+            yield sample
+
+
+def resample(data: Iterable[dict], *, resample_rate: int = 24000, min_sample_rate: int = 16000,
+             stats: Counter | None = None) -> Iterator[dict]:
+    """To ``resample_rate`` (torchaudio's default resampler); below ``min_sample_rate`` is dropped;
+    peak-normalised when the resampled signal exceeds 1."""
+    from cosyvoice.features.frontend import resampler
+
+    for sample in data:
+        rate = sample["sample_rate"]
+        if rate != resample_rate:
+            if rate < min_sample_rate:
+                if stats is not None:
+                    stats["low_sample_rate"] += 1
+                continue
+            sample["speech"] = resampler(rate, resample_rate)(sample["speech"])
+            sample["sample_rate"] = resample_rate
+        peak = sample["speech"].abs().max()
+        if peak > 1:
+            sample["speech"] = sample["speech"] / peak
+        yield sample
+
+
+def shuffle(data: Iterable[dict], *, shuffle_size: int = 1000, rng: random.Random | None = None) -> Iterator[dict]:
+    """Upstream's buffer shuffle: at ``shuffle_size`` samples, shuffle, emit the first half."""
+    rng = rng or random.Random()
+    buffer: list[dict] = []
+    for sample in data:
+        buffer.append(sample)
+        if len(buffer) >= shuffle_size:
+            rng.shuffle(buffer)
+            half = len(buffer) // 2
+            yield from buffer[:half]
+            buffer = buffer[half:]
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def sort(data: Iterable[dict], *, sort_size: int = 500, key: str = "speech_feat") -> Iterator[dict]:
+    """Stable ascending sort by ``len(sample[key])`` within buffers of ``sort_size``."""
+    buffer: list[dict] = []
+    for sample in data:
+        buffer.append(sample)
+        if len(buffer) >= sort_size:
+            buffer.sort(key=lambda s: s[key].shape[0])
+            yield from buffer
+            buffer = []
+    buffer.sort(key=lambda s: s[key].shape[0])
+    yield from buffer
+
+
+def dynamic_batch(data: Iterable[dict], *, max_frames_in_batch: int = 2000, key: str = "speech_feat") -> Iterator[list[dict]]:
+    """Upstream's dynamic batching (the padded batch ``longest x count`` stays within the budget);
+    a sample longer than the whole budget becomes a batch of its own, never an empty batch (D10)."""
+    buffer: list[dict] = []
+    longest = 0
+    for sample in data:
+        length = sample[key].shape[0]
+        new_longest = max(longest, length)
+        if buffer and new_longest * (len(buffer) + 1) > max_frames_in_batch:
+            yield buffer
+            buffer, new_longest = [], length
+        buffer.append(sample)
+        longest = new_longest
+    if buffer:
+        yield buffer
+
+
+def _pad(items: list, dtype, value=0):
+    import torch
+
+    tensors = [torch.as_tensor(np.asarray(x), dtype=dtype) for x in items]
+    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int32)
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value), lengths
+
+
+def padding(batches: Iterable[list[dict]], *, use_spk_embedding: bool = False, dpo: bool = False) -> Iterator[dict]:
+    """A list of samples -> the training batch dict (contract section 4.3, item 13), samples ordered
+    by raw speech length, longest first. Optional keys appear only when every sample has them."""
+    import torch
+
+    for batch in batches:
+        order = sorted(range(len(batch)), key=lambda i: batch[i]["speech"].shape[1], reverse=True)
+        samples = [batch[i] for i in order]
+        out: dict = {"utts": [s["utt"] for s in samples], "text": [s["text"] for s in samples]}
+        out["text_token"], out["text_token_len"] = _pad([s["text_token"] for s in samples], torch.int64)
+        if all("speech_feat" in s for s in samples):
+            out["speech_feat"], out["speech_feat_len"] = _pad([s["speech_feat"] for s in samples], torch.float32)
+        for name in ("utt_embedding", "spk_embedding"):
+            if all(name in s for s in samples):
+                out[name] = torch.stack([torch.as_tensor(np.asarray(s[name]), dtype=torch.float32) for s in samples])
+        for name, dtype in (("instruct_token", torch.int64), ("whisper_feat", torch.float32),
+                            ("speech_token", torch.int64)):
+            if all(name in s for s in samples):
+                out[name], out[f"{name}_len"] = _pad([s[name] for s in samples], dtype)
+        if dpo:
+            out["reject_speech_token"], out["reject_speech_token_len"] = _pad(
+                [s.get("reject_speech_token") if s.get("reject_speech_token") is not None else [] for s in samples],
+                torch.int64)
+        if "utt_embedding" in out:
+            out["embedding"] = out["spk_embedding"] if use_spk_embedding else out["utt_embedding"]
+        yield out
