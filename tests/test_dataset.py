@@ -137,3 +137,80 @@ def test_padding_builds_the_contract_batch():
     assert out["utt_embedding"].shape == (3, 192) and out["embedding"] is out["utt_embedding"]
     (sft,) = list(padding([batch], use_spk_embedding=True))
     assert torch.equal(sft["embedding"], sft["spk_embedding"])
+
+
+@pytest.fixture(scope="module")
+def training_list(clean_corpus, tiny_models, tmp_path_factory):
+    """Shards with embeddings and tokens (tiny reference models) and their data.list."""
+    from cosyvoice.corpus.manifest import prepare_libritts
+    from cosyvoice.features.stages import extract_embedding, extract_speech_token
+    from cosyvoice.shards.make_parquet import make_parquet
+
+    root = tmp_path_factory.mktemp("train")
+    data = str(root / "data")
+    prepare_libritts(os.path.join(clean_corpus, "dev-clean"), data)
+    extract_embedding(data, os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
+    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    make_parquet(data, str(root / "parquet"), num_utts_per_parquet=4)
+    return str(root / "parquet" / "data.list")
+
+
+def reference_features(row):
+    """The recipe's sample features computed plainly (librosa mel basis, HF tokenizer, whisper)."""
+    import io
+
+    import librosa
+    import soundfile as sf
+    import whisper
+    from transformers import AutoTokenizer
+
+    from cosyvoice.dataset.text import COSYVOICE2_SPECIAL_TOKENS, bundled_qwen_tokenizer_dir
+
+    audio, rate = sf.read(io.BytesIO(row["audio_data"]), dtype="float32")
+    speech = torch.from_numpy(audio)[None]
+    speech = torch.nn.functional.pad(speech, (0, (-speech.shape[1]) % 960))
+    basis = torch.from_numpy(librosa.filters.mel(sr=24000, n_fft=1920, n_mels=80, fmin=0, fmax=8000))
+    padded = torch.nn.functional.pad(speech.unsqueeze(1), (720, 720), mode="reflect").squeeze(1)
+    spec = torch.view_as_real(torch.stft(padded, 1920, hop_length=480, win_length=1920, window=torch.hann_window(1920),
+                                         center=False, pad_mode="reflect", normalized=False, onesided=True,
+                                         return_complex=True))
+    mel = torch.log(torch.clamp(basis @ torch.sqrt(spec.pow(2).sum(-1) + 1e-9), min=1e-5)).squeeze(0).T
+    tok = AutoTokenizer.from_pretrained(bundled_qwen_tokenizer_dir())
+    tok.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS)
+    import torchaudio
+
+    whisper_feat = whisper.log_mel_spectrogram(torchaudio.transforms.Resample(24000, 16000)(speech), n_mels=128)[0].T
+    emb = torch.tensor(row["utt_embedding"], dtype=torch.float32)
+    return {"speech_feat": mel, "text_token": tok([row["text"]])["input_ids"][0], "whisper_feat": whisper_feat,
+            "utt_embedding": emb / emb.norm()}
+
+
+def test_dataloader_batches_have_the_contract_keys_and_the_recipe_values(training_list):
+    from cosyvoice.dataset.pipeline import PipelineConfig, TrainingDataset
+    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+
+    dataset = TrainingDataset(training_list, PipelineConfig(qwen_pretrain_path=bundled_qwen_tokenizer_dir(),
+                                                            max_frames_in_batch=1000))
+    dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, prefetch_factor=2)
+    batches = list(loader)
+    utts = [u for b in batches for u in b["utts"]]
+    assert sorted(utts) == sorted(set(utts)) and len(utts) == 15  # every utterance once per epoch
+    for b in batches:
+        n = len(b["utts"])
+        assert b["speech_feat"].shape[0] * b["speech_feat"].shape[1] <= 1000 or n == 1
+        assert b["speech_feat"].dtype == torch.float32 and b["speech_feat"].shape[2] == 80
+        assert b["speech_feat_len"].dtype == torch.int32 and b["text_token"].dtype == torch.int64
+        assert b["speech_token"].dtype == torch.int64 and b["speech_token_len"].dtype == torch.int32
+        assert b["whisper_feat"].shape[2] == 128 and b["utt_embedding"].shape == (n, 192)
+        assert torch.equal(b["whisper_feat_len"], 2 * b["speech_feat_len"])
+    rows = {r["utt"]: r for s in open(training_list).read().split() for r in pq.read_table(s).to_pylist()}
+    batch = batches[0]
+    for i, utt in enumerate(batch["utts"]):
+        ref = reference_features(rows[utt])
+        t = batch["speech_feat_len"][i]
+        assert torch.allclose(batch["speech_feat"][i, :t], ref["speech_feat"], atol=1e-5)
+        assert batch["text_token"][i, :batch["text_token_len"][i]].tolist() == ref["text_token"]
+        assert torch.allclose(batch["whisper_feat"][i, :batch["whisper_feat_len"][i]], ref["whisper_feat"], atol=1e-5)
+        assert torch.allclose(batch["utt_embedding"][i], ref["utt_embedding"], atol=1e-6)
+        assert batch["speech_token"][i, :batch["speech_token_len"][i]].tolist() == list(rows[utt]["speech_token"])

