@@ -47,7 +47,7 @@ def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.Ma
         for utt, path, reason in report.skipped:
             context.log.warning(f"{shard}: {utt} ({path}) left out: {reason}")
         per_shard[shard] = {"rows": report.shard.rows, "bytes": report.shard.bytes,
-                            "audio_bytes": report.shard.audio_bytes, "skipped": len(report.skipped)}
+                            "audio_hours": round(report.shard.audio_seconds / 3600, 5), "skipped": len(report.skipped)}
         # rows = planned utterances minus those the feature stages reported (they have no features)
         outcomes["row_count"].append(report.shard.rows == report.planned - len(report.missing_features)
                                      and not report.shard.skipped)
@@ -55,6 +55,7 @@ def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.Ma
     return dg.MaterializeResult(
         metadata={"shards": len(per_shard), "rows": sum(v["rows"] for v in per_shard.values()),
                   "bytes": sum(v["bytes"] for v in per_shard.values()),
+                  "audio_hours": round(sum(v["audio_hours"] for v in per_shard.values()), 5),
                   "skipped": sum(v["skipped"] for v in per_shard.values()),
                   "per_shard": dg.MetadataValue.json(per_shard)},
         check_results=[dg.AssetCheckResult(check_name=name, passed=all(values))

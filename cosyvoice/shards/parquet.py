@@ -68,6 +68,7 @@ class ShardReport:
     rows: int
     bytes: int
     audio_bytes: int
+    audio_seconds: float = 0.0
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (utt, path, reason)
 
 
@@ -106,6 +107,7 @@ def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_pe
     staged = storage.staging_path(url)
     skipped: list[tuple[str, str, str]] = []
     count = audio_bytes = 0
+    seconds = 0.0
     try:
         with pq.ParquetWriter(staged, columns.schema(), compression="snappy",
                               use_dictionary=[c for c in columns.schema().names if c not in _UNIQUE_COLUMNS]) as writer:
@@ -121,9 +123,20 @@ def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_pe
                     writer.write_batch(_batch(kept, audio, columns))
                     count += len(kept)
                     audio_bytes += sum(map(len, audio))
+                    seconds += sum(_duration(blob) for blob in audio)
         size = os.path.getsize(staged)
         storage.publish(staged, url)
     finally:
         if os.path.exists(staged):
             os.unlink(staged)
-    return ShardReport(url=url, rows=count, bytes=size, audio_bytes=audio_bytes, skipped=skipped)
+    return ShardReport(url=url, rows=count, bytes=size, audio_bytes=audio_bytes, audio_seconds=seconds, skipped=skipped)
+
+
+def _duration(blob: bytes) -> float:
+    """Seconds of audio in an encoded file, from its header (0 if it cannot be parsed)."""
+    from cosyvoice.corpus.audio import AudioProblem, probe_audio
+
+    try:
+        return probe_audio(lambda n: blob if n is None else blob[:n], len(blob)).duration
+    except AudioProblem:
+        return 0.0

@@ -136,12 +136,14 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
 
     from cosyvoice.shards.make_parquet import make_parquet
 
-    root, _, _, shards, lists = pipeline_run
+    root, features, _, shards, lists = pipeline_run
     assert shards.success and lists.success
     checks = {e.check_name: e.passed for e in shards.get_asset_check_evaluations()}
     assert checks == {"row_count": True, "schema_matches_contract": True}
     meta = shards.asset_materializations_for_node("parquet_shards")[0].metadata
     assert meta["rows"].value == 15 and meta["skipped"].value == 0
+    embedding_hours = features.asset_materializations_for_node("speech_tokens")[0].metadata["audio_hours"].value
+    assert meta["audio_hours"].value == pytest.approx(embedding_hours, rel=1e-3)
     make_parquet(str(root / "manifest" / "dev-clean"), str(tmp_path / "cli"), num_utts_per_parquet=5)
     for i in range(3):
         name = f"parquet_{i:09d}.tar"
