@@ -23,6 +23,19 @@ import fsspec
 _ENDPOINT_VARS = ("COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
+def environment() -> dict[str, str]:
+    """The variables that configure storage access. Worker processes started from a forkserver
+    inherit the server's environment, not the caller's current one, so pools pass this along."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(("AWS_", "COSYVOICE_S3_")) or k in ("FSSPEC_CONFIG_DIR",)}
+
+
+def use_environment(env: dict[str, str]) -> None:
+    """Adopt a caller's storage variables (see ``environment``) in a worker process."""
+    os.environ.update(env)
+    _filesystem.cache_clear()
+
+
 def protocol_of(url: str) -> str:
     """``"file"`` for plain paths and ``file://`` URLs, else the URL scheme (``"s3"``, ...)."""
     if "://" not in url:

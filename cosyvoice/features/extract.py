@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from cosyvoice.problems import UtteranceProblem
@@ -60,10 +61,14 @@ class ExtractionReport:
         }
 
 
-def _init_worker(kind: str, model_path: str, device: str, long_audio: str) -> None:
+def _init_worker(kind: str, model_path: str, device: str, long_audio: str, env: dict | None = None) -> None:
     import torch
 
+    from cosyvoice import storage
     from cosyvoice.features.onnx import make_session
+
+    if env:
+        storage.use_environment(env)
 
     torch.set_num_threads(1)
     _STATE.update(kind=kind, session=make_session(model_path, device=device, threads=1), long_audio=long_audio)
@@ -129,7 +134,9 @@ def run_extraction(
     started = time.perf_counter()
     items = sorted(items)
     workers = max(1, min(num_workers, len(items)))
-    init_args = (kind, model_path, device, long_audio)
+    from cosyvoice import storage
+
+    init_args = (kind, model_path, device, long_audio, storage.environment())
     if workers == 1:
         _init_worker(*init_args)
         outputs: Iterable = (_process(item) for item in items)
@@ -141,8 +148,11 @@ def run_extraction(
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cosyvoice.features.frontend", "cosyvoice.features.onnx"])
-        with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-            flat = (out for chunk in pool.imap_unordered(_process_chunk, chunks) for out in chunk)
+        # an executor, not multiprocessing.Pool: a failing initializer (e.g. an unreadable model)
+        # must raise BrokenProcessPool here instead of being retried forever
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
+            futures = [pool.submit(_process_chunk, chunk) for chunk in chunks]
+            flat = (out for future in as_completed(futures) for out in future.result())
             collected = list(progress(flat) if progress is not None else flat)
 
     results, durations, failures, model_total = {}, {}, [], 0.0

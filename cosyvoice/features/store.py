@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import io
-import pickle
-import zipfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cosyvoice import storage
+from cosyvoice.features.pt import load_pt  # noqa: F401  (re-exported: the .pt reader lives with no heavy imports)
 
 EMBEDDING_SCHEMA = pa.schema([("utt", pa.string()), ("embedding", pa.list_(pa.float32())), ("duration", pa.float64())])
 TOKEN_SCHEMA = pa.schema([("utt", pa.string()), ("speech_token", pa.list_(pa.int32())), ("duration", pa.float64()),
@@ -29,32 +28,6 @@ def save_pt(url: str, table: dict) -> storage.WriteResult:
     buffer = io.BytesIO()
     torch.save(dict(table), buffer)
     return storage.write_bytes(url, buffer.getvalue())
-
-
-class _PlainUnpickler(pickle.Unpickler):
-    """Accepts only pickle opcodes for builtin containers and scalars: any class or function
-    reference (the way pickles execute code) is refused."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain dicts/lists/numbers are expected")
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("tensor storage found: not a plain container")
-
-
-def load_pt(url: str) -> dict:
-    """Read a ``torch.save``d dict of plain lists. Such files hold an ordinary pickle inside a zip
-    archive, which is read here without importing torch (torch alone costs ~0.5 GB of RSS); anything
-    else goes through ``torch.load(weights_only=True)``."""
-    data = storage.read_bytes(url)
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-            return _PlainUnpickler(io.BytesIO(archive.read(name))).load()
-    except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError):
-        import torch
-
-        return torch.load(io.BytesIO(data), weights_only=True)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -93,7 +93,9 @@ def write_shard_set(des_dir: str, index: int, rows: list[ShardRow], columns: Col
     return report
 
 
-def _job(args: tuple) -> ShardReport:
+def _job(args: tuple, env: dict | None = None) -> ShardReport:
+    if env:
+        storage.use_environment(env)
     return write_shard_set(*args)
 
 
@@ -107,7 +109,7 @@ def _bounded_pool_map(jobs, workers: int) -> list[ShardReport]:
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         pending: deque = deque()
         for job in jobs:
-            pending.append(pool.submit(_job, job))
+            pending.append(pool.submit(_job, job, storage.environment()))
             if len(pending) >= 2 * workers:
                 results.append(pending.popleft().result())
         while pending:
@@ -135,22 +137,12 @@ class MakeParquetReport:
                 f" ({len(self.skipped)} skipped) in {self.seconds:.1f} s")
 
 
-def _compact(table: dict | None, dtype: str) -> dict | None:
-    """Python lists of floats cost ~32 bytes a value; numpy arrays 8. Upstream's ``.pt`` dicts are
-    whole-corpus, so this is what keeps memory low on large subsets."""
-    if table is None:
-        return None
-    import numpy as np
-
-    return {key: np.asarray(value, dtype=dtype) for key, value in table.items()}
-
-
 def load_features(src_dir: str, dpo: bool) -> Features:
-    from cosyvoice.features.store import load_pt
+    from cosyvoice.features.pt import load_pt_compact
 
     def optional_pt(name: str, folder: str = src_dir, dtype: str = "float64"):
         url = storage.join(folder, name)
-        return _compact(load_pt(url), dtype) if storage.exists(url) else None
+        return load_pt_compact(url, dtype) if storage.exists(url) else None
 
     instruct_url = storage.join(src_dir, "instruct")
     reject = None

@@ -93,3 +93,17 @@ def test_one_shard_is_extracted_into_its_own_folder(feature_dir, tiny_models, cl
     assert sorted(saved) == json.loads((dest / "shards.json").read_text())["dev-clean-000001"]
     with pytest.raises(ValueError, match="not in"):
         extract_embedding(str(dest), os.path.join(tiny_models, "campplus.onnx"), shard="dev-clean-000099")
+
+
+@pytest.mark.timeout(120)
+def test_an_unreadable_model_fails_fast_instead_of_hanging(feature_dir, tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+
+    broken = tmp_path / "campplus.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(BrokenProcessPool):
+        extract_embedding(feature_dir, str(broken), num_thread=2)
+    with pytest.raises(InvalidProtobuf):
+        extract_embedding(feature_dir, str(broken), num_thread=1)
