@@ -260,3 +260,15 @@ def test_dataset_reads_a_data_list_on_s3(training_list, s3_bucket, s3_server):
     assert sorted(u for b in batches for u in b["utts"]) == sorted(
         r["utt"] for p in local for r in pq.read_table(p, columns=["utt"]).to_pylist())
     assert "whisper_feat" not in batches[0]
+
+
+def test_cosyvoice1_tokenizer_option_and_config_errors(training_list):
+    from cosyvoice.dataset.pipeline import PipelineConfig, TrainingDataset
+    from cosyvoice.dataset.text import WhisperTextTokenizer
+
+    config = PipelineConfig(text_tokenizer="whisper", whisper_feat=False)
+    (first, *_) = list(TrainingDataset(training_list, config, train=False))
+    expected = WhisperTextTokenizer().encode(first["text"][0])
+    assert first["text_token"][0, :first["text_token_len"][0]].tolist() == expected
+    with pytest.raises(ValueError, match="qwen_pretrain_path"):
+        TrainingDataset(training_list, PipelineConfig())

@@ -20,7 +20,8 @@ from cosyvoice.dataset.sampler import Placement, shard_indices
 
 @dataclass
 class PipelineConfig:
-    qwen_pretrain_path: str
+    qwen_pretrain_path: str = ""  # HF tokenizer dir (CosyVoice-BlankEN); required for text_tokenizer="qwen"
+    text_tokenizer: str = "qwen"  # qwen (CosyVoice2/3) | whisper (CosyVoice1)
     resample_rate: int = 24000
     max_length: float = 6000  # 10 ms frames (60 s)
     min_length: float = 100  # 1 s
@@ -43,6 +44,10 @@ class TrainingDataset(torch.utils.data.IterableDataset):
     """Batches for one rank; DataLoader workers split this rank's shards (``batch_size=None``)."""
 
     def __init__(self, data_list: str | list[str], config: PipelineConfig, *, train: bool = True, seed: int = 0):
+        if config.text_tokenizer not in ("qwen", "whisper"):
+            raise ValueError(f"text_tokenizer must be 'qwen' or 'whisper', got {config.text_tokenizer!r}")
+        if config.text_tokenizer == "qwen" and not config.qwen_pretrain_path:
+            raise ValueError("qwen_pretrain_path is required for the Qwen tokenizer (the CosyVoice-BlankEN dir)")
         self.shards = read_data_list(data_list) if isinstance(data_list, str) else list(data_list)
         self.config = config
         self.train = train
@@ -54,7 +59,7 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def __iter__(self):
-        from cosyvoice.dataset.text import qwen_tokenizer
+        from cosyvoice.dataset.text import WhisperTextTokenizer, qwen_tokenizer
 
         placement = Placement.current()
         chosen = shard_indices(len(self.shards), placement, epoch=self.epoch, shuffle=self.train, partition=self.train)
@@ -62,7 +67,8 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         c, stats = self.config, self.stats
         data = P.parquet_opener(({"src": self.shards[i]} for i in chosen), stats=stats)
         data = P.decode_audio(data, stats=stats)
-        data = P.tokenize(data, tokenizer=qwen_tokenizer(c.qwen_pretrain_path))
+        tokenizer = WhisperTextTokenizer() if c.text_tokenizer == "whisper" else qwen_tokenizer(c.qwen_pretrain_path)
+        data = P.tokenize(data, tokenizer=tokenizer)
         data = P.filter_samples(data, max_length=c.max_length, min_length=c.min_length,
                                 token_max_length=c.token_max_length, token_min_length=c.token_min_length,
                                 stats=stats, **c.filter_extra)
