@@ -37,9 +37,9 @@ def read(name):
     return out
 
 utt2wav, utt2text, utt2spk = read("wav.scp"), read("text"), read("utt2spk")
-utt2embedding = torch.load(os.path.join(src, "utt2embedding.pt"))
-spk2embedding = torch.load(os.path.join(src, "spk2embedding.pt"))
-utt2speech_token = torch.load(os.path.join(src, "utt2speech_token.pt"))
+utt2embedding = torch.load(os.path.join(src, "utt2embedding.pt"), weights_only=True)
+spk2embedding = torch.load(os.path.join(src, "spk2embedding.pt"), weights_only=True)
+utt2speech_token = torch.load(os.path.join(src, "utt2speech_token.pt"), weights_only=True)
 
 def job(utts, parquet_file, utt2parquet_file, spk2parquet_file):
     data = [open(utt2wav[u], "rb").read() for u in utts]
