@@ -201,15 +201,14 @@ def tokenize(data: Iterable[dict], *, tokenizer) -> Iterator[dict]:
         yield sample
 
 
-def compute_fbank(data: Iterable[dict], *, mel_config=None, token_mel_ratio: int = 2, samples_per_token: int = 960) -> Iterator[dict]:
+def compute_fbank(data: Iterable[dict], *, mel_config=None, samples_per_token: int = 960) -> Iterator[dict]:
     """Zero-pad ``speech`` to a multiple of ``samples_per_token`` (960 = one 25 Hz token at 24 kHz;
     0 disables) and compute ``speech_feat`` (T_mel, n_mels) with the recipe's mel."""
     import torch
 
     from cosyvoice.dataset.mel import MelConfig, mel_spectrogram
 
-    config = mel_config or MelConfig()
-    del token_mel_ratio  # 2 mel frames per token follows from hop 480 and the padding above
+    config = mel_config or MelConfig()  # hop 480 + the padding below = 2 mel frames per token
     for sample in data:
         speech = sample["speech"]
         if samples_per_token:
