@@ -7,6 +7,7 @@ from assets.manifest import manifest
 from cosyvoice import storage
 from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
 from cosyvoice.features.stages import (
+    ShardSource,
     check_embedding_shard,
     check_token_shard,
     export_upstream_features,
@@ -48,10 +49,12 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
     model = models.url(models.campplus if kind == "embedding" else models.speech_tokenizer)
     per_shard, failed, outcomes = {}, 0, {name: [] for name in checks}
     totals = {"utterances": 0, "audio_hours": 0.0, "wall_seconds": 0.0}
+    sources: dict[str, ShardSource] = {}  # one read of wav.scp / shards.json per subset and run
     for shard in context.partition_keys:
         subset = shard_subset(shard)
         out = shard_url(store, stage, shard)
-        report = extract_shard(kind, store.url("manifest", subset), shard, model, out,
+        source = sources.setdefault(subset, ShardSource(store.url("manifest", subset)))
+        report = extract_shard(kind, source, shard, model, out,
                                num_workers=config.num_workers or None, device=config.device,
                                long_audio=config.long_audio)
         for failure in report.failures:
@@ -61,7 +64,7 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
         failed += len(report.failures)
         for key in totals:
             totals[key] += meta[key]
-        expected = _shard_plan(store, subset)[shard]
+        expected = source.plan[shard]
         results = (check_embedding_shard(out, expected) if kind == "embedding"
                    else check_token_shard(out, expected, models.tokenizer_version))
         for name, result in results.items():

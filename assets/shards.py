@@ -33,7 +33,8 @@ def _plan(store: DataStore, subset: str) -> dict[str, list[str]]:
 def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
     """``parquet/<subset>/parquet_{i:09d}.tar`` (+ utt2parquet/spk2parquet json) in the upstream training format,
     built from this shard's embeddings and tokens only."""
-    kaldi_cache: dict[str, dict] = {}
+    kaldi_cache: dict[str, dict] = {}  # one read of the subset's kaldi files and plan per run
+    plans: dict[str, dict[str, list[str]]] = {}
     per_shard, outcomes = {}, {name: [] for name in SHARD_CHECKS}
     for shard in context.partition_keys:
         subset = shard_subset(shard)
@@ -43,7 +44,8 @@ def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.Ma
                                   store.url("speaker_means", f"{subset}.parquet"),
                                   shard_url(store, "speech_tokens", shard), kaldi.get("instruct"))
         report = write_pipeline_shard(store.url("parquet", subset), int(shard.rsplit("-", 1)[1]),
-                                      _plan(store, subset)[shard], manifest_dir, features, kaldi)
+                                      plans.setdefault(subset, _plan(store, subset))[shard], manifest_dir,
+                                      features, kaldi)
         for utt, path, reason in report.skipped:
             context.log.warning(f"{shard}: {utt} ({path}) left out: {reason}")
         per_shard[shard] = {"rows": report.shard.rows, "bytes": report.shard.bytes,

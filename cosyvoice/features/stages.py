@@ -20,21 +20,38 @@ def read_kaldi_file(data_dir: str, name: str) -> dict[str, str]:
     return parse_lines(storage.read_text(url), source=url)
 
 
+class ShardSource:
+    """A manifest's ``wav.scp`` and shard plan, read once and then sliced per shard."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.wavs = read_kaldi_file(data_dir, "wav.scp")
+        self.plan_url = storage.join(data_dir, "shards.json")
+        self._plan: dict[str, list[str]] | None = None
+
+    @property
+    def plan(self) -> dict[str, list[str]]:
+        if self._plan is None:
+            if not storage.exists(self.plan_url):
+                raise FileNotFoundError(f"{self.plan_url} does not exist: shards need a manifest written by prepare-libritts")
+            self._plan = loads_plan(storage.read_text(self.plan_url))
+        return self._plan
+
+    def items(self, shard: str | None) -> list[tuple[str, str]]:
+        """``(utt, path)`` for the whole data dir, or for one shard of its ``shards.json``."""
+        if shard is None:
+            return sorted(self.wavs.items())
+        if shard not in self.plan:
+            raise ValueError(f"shard {shard!r} is not in {self.plan_url} "
+                             f"(it has {len(self.plan)} shards, e.g. {next(iter(self.plan), '-')})")
+        missing = [u for u in self.plan[shard] if u not in self.wavs]
+        if missing:
+            raise ValueError(f"{len(missing)} utterance(s) of shard {shard} are not in wav.scp, e.g. {missing[0]}")
+        return [(u, self.wavs[u]) for u in self.plan[shard]]
+
+
 def shard_items(data_dir: str, shard: str | None) -> list[tuple[str, str]]:
-    """``(utt, path)`` for the whole data dir, or for one shard of its ``shards.json``."""
-    wavs = read_kaldi_file(data_dir, "wav.scp")
-    if shard is None:
-        return sorted(wavs.items())
-    plan_url = storage.join(data_dir, "shards.json")
-    if not storage.exists(plan_url):
-        raise FileNotFoundError(f"{plan_url} does not exist: --shard needs a manifest written by prepare-libritts")
-    plan = loads_plan(storage.read_text(plan_url))
-    if shard not in plan:
-        raise ValueError(f"shard {shard!r} is not in {plan_url} (it has {len(plan)} shards, e.g. {next(iter(plan), '-')})")
-    missing = [u for u in plan[shard] if u not in wavs]
-    if missing:
-        raise ValueError(f"{len(missing)} utterance(s) of shard {shard} are not in wav.scp, e.g. {missing[0]}")
-    return [(u, wavs[u]) for u in plan[shard]]
+    return ShardSource(data_dir).items(shard)
 
 
 def _output_dir(data_dir: str, shard: str | None) -> str:
@@ -69,12 +86,12 @@ def extract_speech_token(data_dir: str, onnx_path: str, *, num_thread: int | Non
 TOKENIZER_RATES = {"v1": (50, 4096), "v2": (25, 6561), "v3": (25, 6561)}  # tokens/s, vocabulary
 
 
-def extract_shard(kind: str, manifest_dir: str, shard: str, model_path: str, out_url: str, *,
+def extract_shard(kind: str, source: ShardSource, shard: str, model_path: str, out_url: str, *,
                   num_workers: int | None = None, device: str = "cpu", long_audio: str = "skip") -> ExtractionReport:
     """Extract one shard of a manifest and store it as one parquet file (atomically)."""
     from cosyvoice.features.store import embedding_table, token_table, write_parquet
 
-    report = run_extraction(kind, shard_items(manifest_dir, shard), model_path,
+    report = run_extraction(kind, source.items(shard), model_path,
                             num_workers=num_workers or default_workers(), device=device, long_audio=long_audio)
     table = (embedding_table(report.results, report.durations) if kind == "embedding"
              else token_table(report.results, report.durations, report.long_skipped, report.long_chunked))
