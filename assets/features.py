@@ -5,6 +5,7 @@ import dagster as dg
 
 from assets.manifest import manifest
 from cosyvoice import storage
+from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
 from cosyvoice.features.stages import (
     ShardSource,
@@ -12,7 +13,6 @@ from cosyvoice.features.stages import (
     check_token_shard,
     export_upstream_features,
     extract_shard,
-    read_kaldi_file,
     reduce_speaker_means,
 )
 from pipelines.partitions import SHARDS, SUBSETS
@@ -118,7 +118,7 @@ def speaker_means(context: dg.AssetExecutionContext, store: DataStore) -> dg.Mat
     if missing:
         raise dg.Failure(f"{len(missing)} embedding shard(s) of {subset} are not materialized yet, e.g. {missing[0]}")
     counts = reduce_speaker_means(manifest_dir, shards, store.url("speaker_means", f"{subset}.parquet"))
-    speakers = set(read_kaldi_file(manifest_dir, "utt2spk").values())
+    speakers = set(read_table(manifest_dir, "utt2spk").values())
     without = sorted(speakers - set(counts))
     return dg.MaterializeResult(
         metadata={"speakers": len(counts), "utterances": sum(counts.values())},

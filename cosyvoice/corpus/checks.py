@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
+from cosyvoice.corpus.kaldi import parse_pairs
 
 
 @dataclass(frozen=True)
@@ -20,32 +21,20 @@ class CheckOutcome:
     examples: list[str] = field(default_factory=list)
 
 
-def _keys_and_values(url: str) -> list[tuple[str, str]]:
-    rows = []
-    for line in storage.read_text(url).splitlines():
-        if line.strip():
-            key, *rest = line.split(None, 1)
-            rows.append((key, rest[0] if rest else ""))
-    return rows
-
-
 def _existing(paths: list[str]) -> set[str]:
-    if not paths:
-        return set()
+    """The paths that exist: one stat each locally, one listing per subset root on object stores."""
     if all(storage.is_local(p) for p in paths):
         return {p for p in paths if os.path.isfile(p)}
-    parents = sorted({p.rsplit("/", 3)[0] for p in paths})  # <subset>/<spk>/<chapter>/<file>
     listed: set[str] = set()
-    for parent in parents:
-        if not any(parent.startswith(done + "/") for done in parents if done != parent):
-            listed.update(url for url, _ in storage.list_files(parent))
+    for root in sorted({p.rsplit("/", 3)[0] for p in paths}):  # <subset>/<spk>/<chapter>/<file>
+        listed.update(url for url, _ in storage.list_files(root))
     return {p for p in paths if p in listed}
 
 
 def check_data_dir(url: str) -> dict[str, CheckOutcome]:
     """``unique_utt_ids``, ``wavs_exist`` and ``text_non_empty`` for the data dir at ``url``."""
-    wav = _keys_and_values(storage.join(url, "wav.scp"))
-    text = _keys_and_values(storage.join(url, "text"))
+    wav = parse_pairs(storage.read_text(storage.join(url, "wav.scp")))
+    text = parse_pairs(storage.read_text(storage.join(url, "text")))
     dupes = sorted(k for k, n in Counter(k for k, _ in wav).items() if n > 1)
     paths = [v for _, v in wav]
     present = _existing(paths)

@@ -19,19 +19,36 @@ def format_lines(pairs: Iterable[tuple[str, str]]) -> str:
     return "".join(f"{key} {value}\n" for key, value in pairs)
 
 
+def parse_pairs(content: str) -> list[tuple[str, str]]:
+    """``key value...`` lines as (key, value) pairs, duplicates kept; the value keeps its spacing."""
+    pairs = []
+    for line in content.splitlines():
+        if line.strip():
+            key, *rest = line.split(None, 1)
+            pairs.append((key, rest[0] if rest else ""))
+    return pairs
+
+
 def parse_lines(content: str, *, source: str = "<text>") -> dict[str, str]:
-    """``key value...`` lines into a dict; the value keeps its inner spacing (upstream re-joins with
-    single spaces when it reads, we keep what was written). Duplicate keys are an error."""
+    """``key value...`` lines into a dict (duplicate keys are an error)."""
     out: dict[str, str] = {}
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        key, *rest = line.split(None, 1)
-        value = rest[0] if rest else ""
+    for lineno, (key, value) in enumerate(parse_pairs(content), 1):
         if key in out:
-            raise ValueError(f"{source}:{lineno}: duplicate key {key!r}")
+            raise ValueError(f"{source}: duplicate key {key!r} (entry {lineno})")
         out[key] = value
     return out
+
+
+def read_table(data_dir: str, name: str, *, joined: bool = False, required: bool = True) -> dict[str, str] | None:
+    """One file of a data dir as a dict. ``joined``: whitespace runs collapsed to one space, as
+    upstream's readers see values (``" ".join(line.split()[1:])``). A missing optional file is None."""
+    url = storage.join(data_dir, name)
+    if not storage.exists(url):
+        if required:
+            raise FileNotFoundError(f"{url} does not exist (is {data_dir} a data directory?)")
+        return None
+    table = parse_lines(storage.read_text(url), source=url)
+    return {k: " ".join(v.split()) for k, v in table.items()} if joined else table
 
 
 @dataclass
@@ -70,13 +87,7 @@ def spk2utt_of(utt2spk: Mapping[str, str]) -> dict[str, list[str]]:
 
 def read_data_dir(url: str) -> DataDir:
     """Read a data directory written by us or by upstream ``prepare_data.py``."""
-    def read(name: str) -> dict[str, str] | None:
-        path = storage.join(url, name)
-        if not storage.exists(path):
-            return None
-        return parse_lines(storage.read_text(path), source=path)
-
-    parts = {name: read(name) for name in (*REQUIRED_FILES, "instruct", "utt2dur")}
+    parts = {name: read_table(url, name, required=False) for name in (*REQUIRED_FILES, "instruct", "utt2dur")}
     missing = [name for name in REQUIRED_FILES if parts[name] is None]
     if missing:
         raise FileNotFoundError(f"{url}: not a data directory, missing {', '.join(missing)}")

@@ -8,7 +8,6 @@ an empty batch (defect D10); list columns stay numpy arrays.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections import Counter
@@ -43,21 +42,19 @@ def parquet_opener(sources: Iterable[dict], *, batch_rows: int = 64, stats: Coun
 
 def decode_audio(data: Iterable[dict], *, stats: Counter | None = None) -> Iterator[dict]:
     """``audio_data`` -> ``speech`` (1, N) float32, channels averaged, and ``sample_rate``."""
-    import soundfile as sf
-    import torch
+    from cosyvoice.features.frontend import AudioDecodeError
+    from cosyvoice.features.frontend import decode_audio as decode
 
     for sample in data:
         try:
-            audio, rate = sf.read(io.BytesIO(sample.pop("audio_data")), dtype="float32", always_2d=True)
-            if audio.shape[0] == 0:
-                raise ValueError("0 audio frames")
-        except (RuntimeError, ValueError, sf.LibsndfileError) as exc:
+            audio, rate = decode(sample.pop("audio_data"), sample.get("utt", "<row>"))
+        except AudioDecodeError as exc:
             log.warning("dropping %s: audio does not decode (%s)", sample.get("utt"), exc)
             if stats is not None:
                 stats["undecodable_audio"] += 1
             continue
-        sample["speech"] = torch.from_numpy(audio.mean(axis=1, dtype=np.float32)[None, :].copy())
-        sample["sample_rate"] = int(rate)
+        sample["speech"] = audio.mean(dim=0, keepdim=True)
+        sample["sample_rate"] = rate
         yield sample
 
 

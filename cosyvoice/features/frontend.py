@@ -36,19 +36,24 @@ class AudioDecodeError(Exception):
         self.reason = reason
 
 
+def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[torch.Tensor, int]:
+    """``(channels, samples)`` float32 in [-1, 1] and the sample rate of an encoded file."""
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise AudioDecodeError("undecodable_audio", f"{name}: {exc}") from exc
+    if samples.shape[0] == 0:
+        raise AudioDecodeError("no_audio_frames", f"{name}: 0 audio frames")
+    return torch.from_numpy(np.ascontiguousarray(samples.T)), int(rate)
+
+
 def load_audio(url: str) -> tuple[torch.Tensor, int]:
-    """``(channels, samples)`` float32 in [-1, 1] and the sample rate, from a path or URL."""
+    """``decode_audio`` of a path or URL."""
     try:
         data = storage.read_bytes(url)
     except OSError as exc:
         raise AudioDecodeError("unreadable_file", f"{url}: {exc}") from exc
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError) as exc:
-        raise AudioDecodeError("undecodable_audio", f"{url}: {exc}") from exc
-    if samples.shape[0] == 0:
-        raise AudioDecodeError("no_audio_frames", f"{url}: 0 audio frames")
-    return torch.from_numpy(np.ascontiguousarray(samples.T)), int(rate)
+    return decode_audio(data, url)
 
 
 @lru_cache(maxsize=32)

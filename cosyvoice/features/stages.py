@@ -7,17 +7,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.corpus.kaldi import parse_lines
+from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import loads_plan
 from cosyvoice.features.extract import ExtractionReport, default_workers, run_extraction, speaker_means
 from cosyvoice.features.store import save_pt
-
-
-def read_kaldi_file(data_dir: str, name: str) -> dict[str, str]:
-    url = storage.join(data_dir, name)
-    if not storage.exists(url):
-        raise FileNotFoundError(f"{url} does not exist (is {data_dir} a data directory?)")
-    return parse_lines(storage.read_text(url), source=url)
 
 
 class ShardSource:
@@ -25,7 +18,7 @@ class ShardSource:
 
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
-        self.wavs = read_kaldi_file(data_dir, "wav.scp")
+        self.wavs = read_table(data_dir, "wav.scp")
         self.plan_url = storage.join(data_dir, "shards.json")
         self._plan: dict[str, list[str]] | None = None
 
@@ -61,7 +54,7 @@ def _output_dir(data_dir: str, shard: str | None) -> str:
 def extract_embedding(data_dir: str, onnx_path: str, *, num_thread: int | None = None, shard: str | None = None,
                       progress: Callable[[Iterable], Iterable] | None = None) -> ExtractionReport:
     """CAM++ embeddings for ``wav.scp`` -> ``utt2embedding.pt`` and ``spk2embedding.pt``."""
-    utt2spk = read_kaldi_file(data_dir, "utt2spk")
+    utt2spk = read_table(data_dir, "utt2spk")
     report = run_extraction("embedding", shard_items(data_dir, shard), onnx_path,
                             num_workers=num_thread or default_workers(), progress=progress)
     out = _output_dir(data_dir, shard)
@@ -145,7 +138,7 @@ def reduce_speaker_means(manifest_dir: str, shard_urls: list[str], out_url: str)
     """Per-subset speaker vectors from its embedding shards -> parquet; returns utterances per speaker."""
     from cosyvoice.features.store import read_parquet, speaker_table, write_parquet
 
-    utt2spk = read_kaldi_file(manifest_dir, "utt2spk")
+    utt2spk = read_table(manifest_dir, "utt2spk")
     utt2embedding: dict[str, list[float]] = {}
     for url in shard_urls:
         table = read_parquet(url)

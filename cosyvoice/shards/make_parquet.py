@@ -16,17 +16,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.corpus.kaldi import parse_lines
+from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.shards.parquet import Columns, ShardReport, ShardRow, write_shard
 
 
 def parquet_name(index: int) -> str:
     return f"parquet_{index:09d}.tar"
-
-
-def _read_joined(url: str) -> dict[str, str]:
-    """``key value...`` with the value's whitespace collapsed to single spaces, as upstream reads it."""
-    return {k: " ".join(v.split()) for k, v in parse_lines(storage.read_text(url), source=url).items()}
 
 
 @dataclass
@@ -144,14 +139,13 @@ def load_features(src_dir: str, dpo: bool) -> Features:
         url = storage.join(folder, name)
         return load_pt_compact(url, dtype) if storage.exists(url) else None
 
-    instruct_url = storage.join(src_dir, "instruct")
     reject = None
     if dpo:
         reject = optional_pt("utt2speech_token.pt", src_dir.rstrip("/") + "_reject", "int64") or {}
     return Features(
         utt2embedding=optional_pt("utt2embedding.pt"), spk2embedding=optional_pt("spk2embedding.pt"),
         utt2speech_token=optional_pt("utt2speech_token.pt", dtype="int64"),
-        utt2instruct=_read_joined(instruct_url) if storage.exists(instruct_url) else None,
+        utt2instruct=read_table(src_dir, "instruct", joined=True, required=False),
         utt2reject=reject,
     )
 
@@ -239,12 +233,15 @@ def write_pipeline_shard(des_dir: str, index: int, utts: list[str], data_dir: st
 
 
 def read_kaldi_tables(data_dir: str) -> dict[str, dict[str, str]]:
-    wav = {k: v.split()[0] for k, v in parse_lines(storage.read_text(storage.join(data_dir, "wav.scp"))).items() if v}
-    tables = {"wav": wav, "text": _read_joined(storage.join(data_dir, "text")),
-              "utt2spk": {k: v.split()[0] for k, v in _read_joined(storage.join(data_dir, "utt2spk")).items() if v}}
-    instruct = storage.join(data_dir, "instruct")
-    if storage.exists(instruct):
-        tables["instruct"] = _read_joined(instruct)
+    """wav / text / utt2spk (+ instruct) of a data dir, values as upstream's readers see them."""
+    tables = {
+        "wav": {k: v.split()[0] for k, v in read_table(data_dir, "wav.scp").items() if v},
+        "text": read_table(data_dir, "text", joined=True),
+        "utt2spk": {k: v.split()[0] for k, v in read_table(data_dir, "utt2spk").items() if v},
+    }
+    instruct = read_table(data_dir, "instruct", joined=True, required=False)
+    if instruct is not None:
+        tables["instruct"] = instruct
     return tables
 
 
