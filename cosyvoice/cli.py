@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="campplus,speech_tokenizer_v1,speech_tokenizer_v2")
     p.add_argument("--force", action="store_true", help="rebuild even if identical models are present")
     p.set_defaults(func=cmd_make_reference_models)
+
+    from cosyvoice.train.cli import add_subcommands as add_training
+
+    add_training(sub)
     return parser
 
 

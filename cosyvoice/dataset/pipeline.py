@@ -15,6 +15,7 @@ import torch
 
 from cosyvoice import storage
 from cosyvoice.dataset import processors as P
+from cosyvoice.dataset.mel import MelConfig
 from cosyvoice.dataset.sampler import Placement, shard_indices
 
 
@@ -34,6 +35,49 @@ class PipelineConfig:
     whisper_feat: bool = True
     dpo: bool = False
     filter_extra: dict = field(default_factory=dict)
+    tokenizer_version: str = "cosyvoice2"  # cosyvoice3 adds <|endofsystem|> and the phoneme tokens
+    batch_type: str = "dynamic"  # dynamic (frame budget, upstream) | token (real LLM tokens, for packing) | static
+    batch_size: int = 16
+    max_tokens_in_batch: int = 16384
+    mel: MelConfig = field(default_factory=MelConfig)
+    samples_per_token: int = 960
+    campplus_onnx: str | None = None  # online CAM++ for rows without embeddings (--onnx_path)
+
+    @classmethod
+    def from_recipe(cls, configs: dict, qwen_pretrain_path: str = "", **changes) -> PipelineConfig:
+        """Read the processor settings of a loaded recipe (ours or upstream's ``data_pipeline``
+        partials) into a config; ``changes`` win (e.g. the trainer's ``batch_type``)."""
+        def kw(name: str) -> dict:
+            stage = configs.get(name)
+            return dict(getattr(stage, "keywords", {}) or {})
+
+        f, batching, fbank = kw("filter"), kw("batch"), kw("compute_fbank")
+        mel_kw = dict(getattr(fbank.get("feat_extractor"), "keywords", {}) or kw("feat_extractor"))
+        tok = kw("get_tokenizer")
+        names = {getattr(getattr(stage, "func", None), "__name__", "") for stage in configs.get("data_pipeline") or []}
+        values = dict(
+            qwen_pretrain_path=qwen_pretrain_path or tok.get("token_path", ""),
+            text_tokenizer="whisper" if "get_whisper_tokenizer" in str(configs.get("get_tokenizer")) else "qwen",
+            tokenizer_version=tok.get("version", "cosyvoice2"),
+            resample_rate=kw("resample").get("resample_rate", configs.get("sample_rate", 24000)),
+            max_length=f.get("max_length", 10240), min_length=f.get("min_length", 10),
+            token_max_length=f.get("token_max_length", 200), token_min_length=f.get("token_min_length", 1),
+            filter_extra={k: v for k, v in f.items() if k in ("min_output_input_ratio", "max_output_input_ratio")},
+            shuffle_size=kw("shuffle").get("shuffle_size", 1000), sort_size=kw("sort").get("sort_size", 500),
+            batch_type=batching.get("batch_type", "dynamic"), batch_size=batching.get("batch_size", 16),
+            max_frames_in_batch=batching.get("max_frames_in_batch", 2000),
+            max_tokens_in_batch=batching.get("max_tokens_in_batch", 16384),
+            use_spk_embedding=kw("padding").get("use_spk_embedding", False),
+            whisper_feat=not names or "compute_whisper_fbank" in names,
+            samples_per_token=fbank.get("num_frames", 960),
+        )
+        if mel_kw:
+            values["mel"] = MelConfig(sample_rate=mel_kw.get("sampling_rate", 24000), n_fft=mel_kw.get("n_fft", 1920),
+                                      hop=mel_kw.get("hop_size", 480), win=mel_kw.get("win_size", 1920),
+                                      n_mels=mel_kw.get("num_mels", 80), fmin=mel_kw.get("fmin", 0),
+                                      fmax=mel_kw.get("fmax", 8000))
+        values.update(changes)
+        return cls(**values)
 
 
 def read_data_list(url: str) -> list[str]:
@@ -67,17 +111,19 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         c, stats = self.config, self.stats
         data = P.parquet_opener(({"src": self.shards[i]} for i in chosen), stats=stats)
         data = P.decode_audio(data, stats=stats)
-        tokenizer = WhisperTextTokenizer() if c.text_tokenizer == "whisper" else qwen_tokenizer(c.qwen_pretrain_path)
+        tokenizer = (WhisperTextTokenizer() if c.text_tokenizer == "whisper"
+                     else qwen_tokenizer(c.qwen_pretrain_path, c.tokenizer_version))
         data = P.tokenize(data, tokenizer=tokenizer)
         data = P.filter_samples(data, max_length=c.max_length, min_length=c.min_length,
                                 token_max_length=c.token_max_length, token_min_length=c.token_min_length,
                                 stats=stats, **c.filter_extra)
         data = P.resample(data, resample_rate=c.resample_rate, stats=stats)
-        data = P.compute_fbank(data)
-        data = P.parse_embedding(data, stats=stats)
+        data = P.compute_fbank(data, mel_config=c.mel, samples_per_token=c.samples_per_token)
+        data = P.parse_embedding(data, stats=stats, campplus_onnx=c.campplus_onnx)
         if c.whisper_feat:
-            data = P.compute_whisper_fbank(data)
+            data = P.compute_whisper_fbank(data, samples_per_token=c.samples_per_token)
         data = P.shuffle(data, shuffle_size=c.shuffle_size, rng=rng)
         data = P.sort(data, sort_size=c.sort_size)
-        data = P.dynamic_batch(data, max_frames_in_batch=c.max_frames_in_batch)
+        data = P.batch(data, batch_type=c.batch_type, max_frames_in_batch=c.max_frames_in_batch,
+                       batch_size=c.batch_size, max_tokens_in_batch=c.max_tokens_in_batch)
         return P.padding(data, use_spk_embedding=c.use_spk_embedding, dpo=c.dpo)

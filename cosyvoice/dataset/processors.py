@@ -153,6 +153,55 @@ def dynamic_batch(data: Iterable[dict], *, max_frames_in_batch: int = 2000, key:
         yield buffer
 
 
+def lm_sequence_length(sample: dict) -> int:
+    """Positions the sample occupies in the LLM sequence: sos + instruct + text + task_id + speech + eos
+    (bistream interleaving adds a fill per 15 speech tokens; the budget keeps a margin for it)."""
+    speech = sample.get("speech_token")
+    n_speech = len(speech) if speech is not None and len(speech) else sample["speech_feat"].shape[0] // 2
+    return (3 + len(sample["text_token"]) + len(sample.get("instruct_token") or ()) + n_speech
+            + n_speech // 15)
+
+
+def token_batch(data: Iterable[dict], *, max_tokens_in_batch: int = 16384) -> Iterator[list[dict]]:
+    """Batches by *real* LLM tokens (no padding counted): with packed sequences the step cost is
+    proportional to this sum, so every step does about the same work."""
+    buffer: list[dict] = []
+    total = 0
+    for sample in data:
+        n = lm_sequence_length(sample)
+        if buffer and total + n > max_tokens_in_batch:
+            yield buffer
+            buffer, total = [], 0
+        buffer.append(sample)
+        total += n
+    if buffer:
+        yield buffer
+
+
+def static_batch(data: Iterable[dict], *, batch_size: int = 16) -> Iterator[list[dict]]:
+    buffer: list[dict] = []
+    for sample in data:
+        buffer.append(sample)
+        if len(buffer) >= batch_size:
+            yield buffer
+            buffer = []
+    if buffer:
+        yield buffer
+
+
+def batch(data: Iterable[dict], *, batch_type: str = "dynamic", max_frames_in_batch: int = 2000,
+          batch_size: int = 16, max_tokens_in_batch: int = 16384) -> Iterator[list[dict]]:
+    """Upstream's ``batch`` stage (``static`` | ``dynamic`` frame budget) plus ``token``: a budget of
+    real LLM tokens for packed training."""
+    if batch_type == "dynamic":
+        return dynamic_batch(data, max_frames_in_batch=max_frames_in_batch)
+    if batch_type == "static":
+        return static_batch(data, batch_size=batch_size)
+    if batch_type == "token":
+        return token_batch(data, max_tokens_in_batch=max_tokens_in_batch)
+    raise ValueError(f"batch_type must be static, dynamic or token, got {batch_type!r}")
+
+
 def _pad(items: list, dtype, value=0):
     import torch
 
@@ -217,17 +266,32 @@ def compute_fbank(data: Iterable[dict], *, mel_config=None, samples_per_token: i
         yield sample
 
 
-def parse_embedding(data: Iterable[dict], *, normalize: bool = True, stats: Counter | None = None) -> Iterator[dict]:
+def parse_embedding(data: Iterable[dict], *, normalize: bool = True, stats: Counter | None = None,
+                    campplus_onnx: str | None = None) -> Iterator[dict]:
     """``utt_embedding`` / ``spk_embedding`` as float32 tensors, L2-normalised (all recipes set
-    ``normalize: True``). Rows without embedding columns are dropped and counted: online CAM++
-    extraction is not part of this pipeline (extract them offline with ``speaker_embeddings``)."""
+    ``normalize: True``). A row without embeddings gets both from CAM++ on its speech when
+    ``campplus_onnx`` is given (online features; the whole utterance, not a random 10 s crop, so
+    epochs agree); otherwise it is dropped and counted."""
     import torch
 
+    session = None
     for sample in data:
         if sample.get("utt_embedding") is None or sample.get("spk_embedding") is None:
+            if campplus_onnx is None:
+                if stats is not None:
+                    stats["no_embedding"] += 1
+                continue
+            if session is None:
+                from cosyvoice.features.onnx import make_session
+
+                session = make_session(campplus_onnx)
+            from cosyvoice.features.frontend import campplus_input
+
+            feats = campplus_input(sample["speech"], sample["sample_rate"])
+            vector = session.run(None, {session.get_inputs()[0].name: feats})[0].reshape(-1)
+            sample["utt_embedding"] = sample["spk_embedding"] = vector
             if stats is not None:
-                stats["no_embedding"] += 1
-            continue
+                stats["online_embedding"] += 1
         for name in ("utt_embedding", "spk_embedding"):
             vector = torch.as_tensor(np.asarray(sample[name]), dtype=torch.float32)
             sample[name] = torch.nn.functional.normalize(vector, dim=0) if normalize else vector

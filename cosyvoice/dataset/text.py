@@ -16,14 +16,29 @@ COSYVOICE2_SPECIAL_TOKENS = {
 }
 
 
-class QwenTextTokenizer:
-    """``encode(text)`` -> list of ids, as ``tokenizer([text])['input_ids'][0]`` with the special tokens."""
+def cosyvoice3_special_tokens() -> dict:
+    """CosyVoice3 = the CosyVoice2 list + ``<|endofsystem|>`` + 260 phoneme tokens (ARPAbet and
+    pinyin finals, upstream order; the order fixes the ids)."""
+    import os
 
-    def __init__(self, path: str):
+    with open(os.path.join(os.path.dirname(__file__), "cosyvoice3_phonemes.txt"), encoding="utf-8") as f:
+        phonemes = f.read().split()
+    extra = COSYVOICE2_SPECIAL_TOKENS["additional_special_tokens"] + ["<|endofsystem|>"] + phonemes
+    return {**COSYVOICE2_SPECIAL_TOKENS, "additional_special_tokens": extra}
+
+
+class QwenTextTokenizer:
+    """``encode(text)`` -> list of ids, as ``tokenizer([text])['input_ids'][0]`` with the special tokens
+    of ``version`` (cosyvoice2 | cosyvoice3)."""
+
+    def __init__(self, path: str, version: str = "cosyvoice2"):
         from transformers import AutoTokenizer
 
+        if version not in ("cosyvoice2", "cosyvoice3"):
+            raise ValueError(f"tokenizer version must be cosyvoice2 or cosyvoice3, got {version!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.tokenizer.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS)
+        self.tokenizer.add_special_tokens(COSYVOICE2_SPECIAL_TOKENS if version == "cosyvoice2"
+                                          else cosyvoice3_special_tokens())
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer([text])["input_ids"][0])
@@ -33,8 +48,17 @@ class QwenTextTokenizer:
 
 
 @lru_cache(maxsize=4)
-def qwen_tokenizer(path: str) -> QwenTextTokenizer:
-    return QwenTextTokenizer(path)
+def qwen_tokenizer(path: str, version: str = "cosyvoice2") -> QwenTextTokenizer:
+    return QwenTextTokenizer(path, version)
+
+
+def get_qwen_tokenizer(token_path: str, skip_special_tokens: bool = True, version: str = "cosyvoice2") -> QwenTextTokenizer:
+    """The recipe-yaml face (``get_tokenizer: !name:...get_qwen_tokenizer``)."""
+    return qwen_tokenizer(token_path, version)
+
+
+def get_whisper_tokenizer(**_ignored) -> WhisperTextTokenizer:
+    return WhisperTextTokenizer()
 
 
 def bundled_qwen_tokenizer_dir() -> str:

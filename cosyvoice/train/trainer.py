@@ -1,0 +1,449 @@
+"""One readable training loop for the CosyVoice2/3 LLM (``cosyvoice-pipeline train``).
+
+Build from the recipe -> restore state -> per epoch: batches (accumulation, clipping, logging of
+loss / acc / lr / grad norm / tokens per second / MFU) -> CV -> checkpoint. Launched by
+``torchrun`` (ranks from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or as a single process.
+
+Upstream behaviour kept: flags, checkpoint files, CV per rank on the whole CV list, the epoch ends
+when the first rank runs out of data. Fixed: ``--onnx_path`` optional (D2), DeepSpeed uses the
+recipe's optimizer/lr/scheduler (D6), DPO averages over target positions (D7), DataLoader with 0
+workers (D12), strict checkpoint loading (D13), an exact resume (optimizer, scheduler, RNG, data
+position) instead of restarting the epoch and the learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from cosyvoice.config import load_recipe, training_overrides
+from cosyvoice.dataset.pipeline import PipelineConfig, TrainingDataset
+from cosyvoice.train.checkpoint import (
+    TrainState,
+    load_model_weights,
+    load_train_state,
+    save_model_files,
+    save_train_state,
+)
+from cosyvoice.train.dpo import dpo_loss
+from cosyvoice.train.engines import (
+    DDPEngine,
+    DeepSpeedEngine,
+    all_ranks_have,
+    deepspeed_dtype,
+    load_deepspeed_config,
+)
+from cosyvoice.train.reporting import Reporter, peak_flops
+from cosyvoice.train.schedulers import build_scheduler
+
+log = logging.getLogger("cosyvoice.train")
+
+
+@dataclass
+class TrainOptions:
+    """The upstream ``train.py`` flags (same names) plus ours (after ``deepspeed_config``)."""
+
+    config: str
+    train_data: str
+    cv_data: str
+    model_dir: str
+    model: str = "llm"
+    train_engine: str = "torch_ddp"
+    checkpoint: str | None = None
+    qwen_pretrain_path: str | None = None
+    onnx_path: str | None = None
+    tensorboard_dir: str | None = "tensorboard"
+    dist_backend: str = "nccl"
+    num_workers: int = 0
+    prefetch: int = 100
+    pin_memory: bool = False
+    use_amp: bool = False
+    dpo: bool = False
+    ref_model: str | None = None
+    timeout: int = 60
+    deepspeed_config: str | None = None
+    save_states: str = "model+optimizer"
+    # ours
+    batch_type: str | None = None  # override the recipe: dynamic | token | static
+    max_tokens_in_batch: int | None = None
+    max_frames_in_batch: int | None = None
+    pack: bool | None = None  # packed sequences (default: on for token batches)
+    max_epoch: int | None = None
+    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
+    save_per_step: int | None = None
+    log_interval: int | None = None
+    accum_grad: int | None = None
+    dpo_beta: float = 0.01
+    seed: int = 1986
+    peak_flops: float | None = None
+    compile: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainReport:
+    model_dir: str
+    epochs: int
+    steps: int
+    final_checkpoint: str
+    cv_loss: float | None
+    train_losses: list[float]
+    tokens_per_second: float
+    mfu: float | None
+    dpo_skipped: int = 0
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def _distributed(opts: TrainOptions) -> tuple[int, int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        backend = opts.dist_backend if device.type == "cuda" else "gloo"
+        if backend != opts.dist_backend:
+            log.info("no CUDA device: using the gloo backend instead of %s", opts.dist_backend)
+        if opts.train_engine == "deepspeed":
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend)
+    return world, rank, local_rank, device
+
+
+def _optimizer(model: torch.nn.Module, conf: dict, device: torch.device) -> torch.optim.Optimizer:
+    name = conf.get("optim", "adam")
+    kwargs = dict(conf.get("optim_conf") or {})
+    kwargs["lr"] = float(kwargs.get("lr", 1e-3))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda":
+        kwargs.setdefault("fused", True)
+    if name == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ValueError(f"train_conf.optim must be adam or adamw, got {name!r}")
+
+
+def _freeze_unused_lm_head(model: torch.nn.Module) -> None:
+    """The HF lm_head is not used by the speech LLM; when it is not tied to the text embeddings it
+    gets no gradient, which DDP would otherwise have to search for every step."""
+    qwen = model.llm.model
+    if qwen.lm_head.weight is not qwen.model.embed_tokens.weight:
+        qwen.lm_head.weight.requires_grad_(False)
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    skip = {id(model.llm.model.model.embed_tokens.weight), id(model.llm.model.lm_head.weight),
+            id(model.speech_embedding.weight)}
+    if hasattr(model, "llm_embedding"):
+        skip.add(id(model.llm_embedding.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+@contextlib.contextmanager
+def _fixed_python_rng(seed: int):
+    """CV draws bistream/unistream layouts from ``random``; fix them so CV losses of different
+    checkpoints compare like with like, and leave the training stream untouched."""
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions):
+        self.opts = opts
+        self.world, self.rank, self.local_rank, self.device = _distributed(opts)
+        if opts.model != "llm":
+            raise ValueError(f"--model {opts.model}: only the llm is trained by cosyvoice-pipeline "
+                             "(flow/hifigan come with the acoustic-model stage)")
+        overrides = training_overrides("llm", opts.qwen_pretrain_path)
+        self.configs = load_recipe(opts.config, overrides)
+        conf = dict(self.configs.get("train_conf") or {})
+        for key in ("max_epoch", "save_per_step", "log_interval", "accum_grad"):
+            if getattr(opts, key) is not None:
+                conf[key] = getattr(opts, key)
+        self.ds_config = None
+        if opts.train_engine == "deepspeed":
+            if not opts.deepspeed_config:
+                raise ValueError("--train_engine deepspeed needs --deepspeed_config (e.g. configs/ds_stage2.json)")
+            self.ds_config = load_deepspeed_config(opts.deepspeed_config)
+            conf["accum_grad"] = int(self.ds_config.get("gradient_accumulation_steps", 1))
+            conf["grad_clip"] = float(self.ds_config.get("gradient_clipping", conf.get("grad_clip", 5)))
+            conf.setdefault("log_interval", self.ds_config.get("steps_per_print", 100))
+            self.amp_dtype = deepspeed_dtype(self.ds_config)
+        else:
+            self.amp_dtype = torch.bfloat16 if opts.use_amp else torch.float32
+        conf["dtype"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+        self.conf = conf
+        self.model = self.configs["llm"]
+        _freeze_unused_lm_head(self.model)
+        self.ref_model = None
+        self.start = TrainState(epoch=0, step=0, batch_in_epoch=0, optimizer=None, scheduler=None, rng={})
+        self._load_checkpoint()
+        if opts.dpo:
+            if not hasattr(self.model, "forward_dpo"):
+                raise ValueError("--dpo needs a Qwen2LM/CosyVoice3LM llm")
+            self.ref_model = copy.deepcopy(self.model)
+            if opts.ref_model:
+                sd, _, _ = load_model_weights(opts.ref_model)
+                self.ref_model.load_state_dict(sd, strict=True)
+            self.ref_model.requires_grad_(False).eval().to(self.device)
+        self.model.to(self.device)
+        self.pipeline = self._pipeline_config()
+        self.model.packed = self.pipeline.batch_type == "token" if opts.pack is None else opts.pack
+        if opts.onnx_path:
+            from cosyvoice.train.online import OnlineSpeechTokenizer
+
+            self.model.speech_token_extractor = OnlineSpeechTokenizer.for_model(opts.onnx_path, self.model)
+        optimizer = _optimizer(self.model, conf, self.device)
+        scheduler = build_scheduler(conf.get("scheduler", "constantlr"), optimizer, conf.get("scheduler_conf"))
+        if self.ds_config is not None:
+            self.engine = DeepSpeedEngine(self.model, optimizer, scheduler, config=self.ds_config)
+        else:
+            self.engine = DDPEngine(self.model, optimizer, scheduler, device=self.device,
+                                    accum_grad=int(conf.get("accum_grad", 1)),
+                                    grad_clip=float(conf.get("grad_clip", 5)), world_size=self.world)
+        if self.start.step and self.start.optimizer is None and self.ds_config is None:
+            scheduler.set_step(self.start.step)  # upstream-style checkpoint: keep the schedule position
+        self.engine.load_state(self.start.optimizer, self.start.scheduler)
+        if self.ds_config is not None and self._resume_name:
+            self.engine.load_native(os.path.dirname(opts.checkpoint), self._resume_name)
+        if self.start.rng:
+            self.start.restore_rng()
+        self.reporter = Reporter(opts.model_dir, opts.tensorboard_dir, enabled=self.rank == 0)
+        self.peak = opts.peak_flops or (peak_flops(torch.cuda.get_device_name(self.device))
+                                        if self.device.type == "cuda" else None)
+        self.flops_per_token = 6 * non_embedding_params(self.model)
+        if opts.compile:
+            self.model.llm.model.model = torch.compile(self.model.llm.model.model, dynamic=True)
+
+    _resume_name: str | None = None
+
+    def _load_checkpoint(self) -> None:
+        path = self.opts.checkpoint
+        if not path:
+            return
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--checkpoint {path}: no such file")
+        sd, epoch, step = load_model_weights(path)
+        self.model.load_state_dict(sd, strict=True)
+        state = load_train_state(path, self.rank)
+        self._resume_name = os.path.basename(path)[:-3]
+        if state is not None:
+            self.start = state
+            log.info("resuming exactly from %s: epoch %d, step %d, %d batches into the epoch",
+                     path, state.epoch, state.step, state.batch_in_epoch)
+        else:
+            name = os.path.basename(path)
+            whole = name.endswith("_whole.pt")
+            self.start = TrainState(epoch=(epoch + 1 if whole else max(epoch or 0, 0)) if epoch is not None else 0,
+                                    step=step or 0, batch_in_epoch=0, optimizer=None, scheduler=None, rng={})
+            log.info("loaded weights from %s (no training state next to it): epoch %d, step %d, fresh optimizer",
+                     path, self.start.epoch, self.start.step)
+
+    def _pipeline_config(self) -> PipelineConfig:
+        o = self.opts
+        changes = {"dpo": o.dpo, "whisper_feat": bool(o.onnx_path),
+                   "campplus_onnx": os.path.join(o.onnx_path, "campplus.onnx") if o.onnx_path else None}
+        for key in ("batch_type", "max_tokens_in_batch", "max_frames_in_batch"):
+            if getattr(o, key) is not None:
+                changes[key] = getattr(o, key)
+        return PipelineConfig.from_recipe(self.configs, o.qwen_pretrain_path or "", **changes)
+
+    def _loader(self, data_list: str, train: bool, epoch: int):
+        dataset = TrainingDataset(data_list, self.pipeline, train=train, seed=self.opts.seed)
+        dataset.set_epoch(epoch)
+        kwargs = dict(batch_size=None, num_workers=self.opts.num_workers, pin_memory=self.opts.pin_memory,
+                      generator=torch.Generator().manual_seed(self.opts.seed + epoch))
+        if self.opts.num_workers > 0:  # torch refuses a prefetch factor without workers (D12)
+            kwargs["prefetch_factor"] = self.opts.prefetch
+        return torch.utils.data.DataLoader(dataset, **kwargs)
+
+    # -- steps --------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
+
+    def _batch_losses(self, batch: dict) -> dict:
+        if not self.opts.dpo:
+            return self.engine.forward("forward", batch, self.device)
+        out = self.engine.forward("forward_dpo", batch, self.device)
+        with torch.no_grad():
+            ref = self.ref_model.forward_dpo(batch, self.device)
+        loss_dpo, chosen_reward, rejected_reward = dpo_loss(out["chosen_logps"], out["rejected_logps"],
+                                                            ref["chosen_logps"], ref["rejected_logps"],
+                                                            beta=self.opts.dpo_beta)
+        return {"loss": loss_dpo + out["loss"], "sft_loss": out["loss"].detach(), "dpo_loss": loss_dpo.detach(),
+                "acc": out["acc"], "dpo_acc": (chosen_reward > rejected_reward).float().mean()
+                if chosen_reward.numel() else torch.tensor(float("nan")),
+                "chosen_reward": chosen_reward.mean() if chosen_reward.numel() else torch.tensor(float("nan")),
+                "reject_reward": rejected_reward.mean() if rejected_reward.numel() else torch.tensor(float("nan")),
+                "dpo_skipped": out["dpo_skipped"]}
+
+    @torch.inference_mode()
+    def cross_validate(self, epoch: int) -> dict[str, float]:
+        """Utterance-weighted mean of every loss key over the whole CV list (on every rank)."""
+        self.model.eval()
+        totals: dict[str, float] = {}
+        utts = 0
+        with _fixed_python_rng(self.opts.seed):
+            for batch in self._loader(self.opts.cv_data, train=False, epoch=epoch):
+                n = len(batch["utts"])
+                with self._autocast():
+                    out = self._cv_losses(batch)
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * n
+                utts += n
+        self.model.train()
+        if not utts:
+            raise RuntimeError(f"{self.opts.cv_data}: the CV list produced no batch (all rows filtered?)")
+        return {k: v / utts for k, v in totals.items()}
+
+    def _cv_losses(self, batch: dict) -> dict:
+        if self.opts.dpo:
+            return {k: v for k, v in self._batch_losses(batch).items() if k != "dpo_skipped"}
+        out = self.model(batch, self.device)
+        return {"loss": out["loss"], "acc": out["acc"]}
+
+    def _save(self, name: str, epoch: int, step: int, batch_in_epoch: int, tag: str, loss_dict: dict) -> str:
+        """Upstream files (epoch = the epoch the checkpoint belongs to) + the resumable state, which
+        points at the next batch to run (the next epoch's first for a whole-epoch checkpoint)."""
+        info = {**self.conf, **{k: v for k, v in asdict(self.opts).items() if k != "extra"},
+                "epoch": epoch, "step": step, "batch_idx": batch_in_epoch, "tag": tag, "loss_dict": loss_dict,
+                "lr": self.engine.lr()}
+        path = os.path.join(self.opts.model_dir, f"{name}.pt")
+        self.engine.save_native(self.opts.model_dir, name, info)
+        optimizer, scheduler = self.engine.state()
+        resume_epoch, resume_batch = (epoch + 1, 0) if name.endswith("_whole") else (max(epoch, 0), batch_in_epoch)
+        state = TrainState(resume_epoch, step, resume_batch, optimizer, scheduler, TrainState.capture_rng())
+        if self.rank == 0:
+            path = save_model_files(self.model.state_dict(), self.opts.model_dir, name, info)
+        save_train_state(state, path, self.rank)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> TrainReport:
+        o, conf = self.opts, self.conf
+        max_epoch = int(conf.get("max_epoch", 1))
+        log_interval = max(int(conf.get("log_interval", 100)), 1)
+        save_per_step = int(conf.get("save_per_step", -1))
+        accum = self.engine.accum_grad
+        step, start_epoch, skip = self.start.step, self.start.epoch, self.start.batch_in_epoch
+        if self.opts.checkpoint is None:
+            self._save("init", -1, 0, 0, "TRAIN", {})
+        losses: list[float] = []
+        last = os.path.join(o.model_dir, "init.pt")
+        cv: dict[str, float] = {}
+        window = {"tokens": 0, "time": time.perf_counter()}
+        total_tokens, total_time = 0, 0.0
+        dpo_skipped = 0
+        stop = False
+        self.model.train()
+        for epoch in range(start_epoch, max_epoch):
+            batches = iter(self._loader(o.train_data, train=True, epoch=epoch))
+            for _ in range(skip):  # exact resume: replay the data position of the saved state
+                next(batches, None)
+            batch_idx = skip - 1
+            skip = 0
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            while True:
+                batch = next(batches, None)
+                if not all_ranks_have(batch is not None, self.device):
+                    break
+                batch_idx += 1
+                boundary = (batch_idx + 1) % accum == 0
+                t0 = time.perf_counter()
+                with self.engine.sync_context(boundary):
+                    with self._autocast():
+                        out = self._batch_losses(batch)
+                    self.engine.backward(out["loss"])
+                result = self.engine.after_backward(boundary)
+                stats = self.model.last_stats
+                window["tokens"] += stats.get("tokens", 0)
+                dpo_skipped += int(out.get("dpo_skipped", 0))
+                if result is None:
+                    continue
+                norm, _ = result
+                step += 1
+                loss = out["loss"].detach().item()
+                losses.append(loss)
+                if step % log_interval == 0 or step == 1:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - window["time"]
+                    tps = window["tokens"] * self.world / elapsed if elapsed > 0 else 0.0
+                    total_tokens += window["tokens"] * self.world
+                    total_time += elapsed
+                    mfu = self.flops_per_token * tps / (self.peak * self.world) if self.peak else None
+                    values = {k: float(v.detach()) for k, v in out.items() if k != "dpo_skipped"}
+                    values.update(epoch=epoch, lr=self.engine.lr(), grad_norm=norm, tokens_per_s=tps, mfu=mfu,
+                                  step_time=time.perf_counter() - t0, padded_fraction=1 - stats.get("tokens", 0)
+                                  / max(stats.get("padded_tokens", 1), 1))
+                    self.reporter.log("TRAIN", step, values)
+                    window = {"tokens": 0, "time": time.perf_counter()}
+                if save_per_step > 0 and step % save_per_step == 0:
+                    cv = self.cross_validate(epoch)
+                    self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
+                    last = self._save(f"epoch_{epoch}_step_{step}", epoch, step, batch_idx + 1, "CV", cv)
+                if o.max_steps is not None and step >= o.max_steps:
+                    stop = True
+                    break
+            if stop:
+                if not last.endswith(f"_step_{step}.pt"):
+                    cv = self.cross_validate(epoch)
+                    last = self._save(f"epoch_{epoch}_step_{step}", epoch, step, batch_idx + 1, "CV", cv)
+                break
+            if self.world > 1:
+                dist.monitored_barrier(timeout=_timedelta(o.timeout)) if dist.get_backend() == "gloo" else dist.barrier()
+            if not last.endswith(f"epoch_{epoch}_step_{step}.pt"):  # else the same weights were just evaluated
+                cv = self.cross_validate(epoch)
+                self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
+            last = self._save(f"epoch_{epoch}_whole", epoch, step, batch_idx + 1, "CV", cv)
+        tps = total_tokens / total_time if total_time else 0.0
+        report = TrainReport(o.model_dir, max_epoch, step, last, cv.get("loss"), losses, tps,
+                             self.flops_per_token * tps / (self.peak * self.world) if self.peak else None, dpo_skipped)
+        self.reporter.report_result({"steps": step, "cv_loss": report.cv_loss, "checkpoint": last,
+                                     "tokens_per_s": tps, "dpo_skipped": dpo_skipped})
+        self.reporter.close()
+        return report
+
+
+def _timedelta(seconds: int):
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+def train(opts: TrainOptions) -> TrainReport:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    trainer = Trainer(opts)
+    try:
+        return trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
