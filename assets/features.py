@@ -17,10 +17,11 @@ from cosyvoice.features.stages import (
 )
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import DataStore, ModelStore
+from pipelines.retries import retry_transient_only, transient_retry_policy
 
 #: a backfill loads each model once per run of this many shards
 SHARDS_PER_RUN = 8
-RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+RETRY = transient_retry_policy()  # bodies are wrapped in retry_transient_only: bad data is not retried
 GPU_K8S = {"dagster-k8s/config": {
     "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "8", "memory": "32Gi"}}},
     "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
@@ -91,6 +92,7 @@ def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
 
 
 @dg.asset(**_shard_asset("speaker_embeddings", EMBEDDING_CHECKS))
+@retry_transient_only
 def speaker_embeddings(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
                        models: ModelStore) -> dg.MaterializeResult:
     """CAM++ embeddings of one shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
@@ -98,6 +100,7 @@ def speaker_embeddings(context: dg.AssetExecutionContext, config: ExtractionConf
 
 
 @dg.asset(**_shard_asset("speech_tokens", TOKEN_CHECKS, pool="gpu", op_tags=GPU_K8S))
+@retry_transient_only
 def speech_tokens(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
                   models: ModelStore) -> dg.MaterializeResult:
     """S3 speech tokens of one shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""

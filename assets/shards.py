@@ -15,6 +15,7 @@ from cosyvoice.shards.make_parquet import (
 )
 from pipelines.partitions import SHARDS
 from pipelines.resources import DataStore
+from pipelines.retries import retry_transient_only
 
 SHARD_CHECKS = ("row_count", "schema_matches_contract")
 
@@ -30,6 +31,7 @@ def _plan(store: DataStore, subset: str) -> dict[str, list[str]]:
     retry_policy=RETRY,
     check_specs=[dg.AssetCheckSpec(n, asset="parquet_shards") for n in SHARD_CHECKS],
 )
+@retry_transient_only
 def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
     """``parquet/<subset>/parquet_{i:09d}.tar`` (+ utt2parquet/spk2parquet json) in the upstream training format,
     built from this shard's embeddings and tokens only."""

@@ -1,0 +1,153 @@
+"""Sensors: new corpus data -> manifest runs -> shard backfills; failed runs -> log and webhook.
+
+* ``corpus_sensor`` lists the corpus root (one paginated listing per subset on S3, a directory walk
+  locally; no per-file requests) and fingerprints each LibriTTS subset by the path, size and
+  version (S3 ETag / local mtime) of its audio and transcripts. A subset that appears or whose
+  fingerprint changed gets a ``prepare_subset`` run; the cursor keeps the fingerprints.
+* ``prepare_subset_shards`` reacts to a successful ``prepare_subset`` run: the manifest registered
+  the subset's shard partitions, so it requests one asset backfill over exactly those shards (and
+  the subset's per-subset assets). The backfill honours each asset's BackfillPolicy and pools.
+* ``report_run_failures`` logs every failed run of this code location and, when
+  ``COSYVOICE_ALERT_WEBHOOK_URL`` is set, POSTs a JSON message (Slack/Mattermost/Teams-compatible
+  ``text`` plus structured fields) to it.
+"""
+
+import hashlib
+import json
+import os
+import urllib.request
+
+import dagster as dg
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+from dagster._core.definitions.events import AssetKeyPartitionKey
+
+from cosyvoice import storage
+from cosyvoice.corpus.shard_plan import shard_subset
+from pipelines.jobs import SHARD_ASSETS, SUBSET_ASSETS, prepare_subset
+from pipelines.partitions import SHARDS, SUBSETS
+from pipelines.resources import CorpusResource
+
+#: files whose appearance or change means the subset's manifest is out of date
+CORPUS_SUFFIXES = (".wav", ".normalized.txt")
+CORPUS_SENSOR_INTERVAL_S = int(os.environ.get("COSYVOICE_CORPUS_SENSOR_INTERVAL_S", "600"))
+WEBHOOK_ENV = "COSYVOICE_ALERT_WEBHOOK_URL"
+
+
+def subset_fingerprint(subset_url: str) -> tuple[str, int]:
+    """(sha256 over the sorted ``relative path, size, version`` lines of the subset's corpus files, file
+    count). The version is the object's ETag on S3 and the mtime in nanoseconds locally, so a file
+    rewritten in place with the same size still changes the fingerprint."""
+    fs = storage.filesystem(subset_url)
+    root = storage.strip_protocol(subset_url).rstrip("/")
+    digest = hashlib.sha256()
+    count = 0
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        if info.get("type", "file") != "file" or not path.endswith(CORPUS_SUFFIXES):
+            continue
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        digest.update(f"{path[len(root):]}\t{info.get('size')}\t{version}\n".encode())
+        count += 1
+    return digest.hexdigest(), count
+
+
+def present_subsets(corpus_root: str) -> list[str]:
+    """The LibriTTS subsets that have a folder under the corpus root (other folders are ignored)."""
+    fs = storage.filesystem(corpus_root)
+    root = storage.strip_protocol(corpus_root).rstrip("/")
+    if not fs.exists(root):
+        return []
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    return [s for s in SUBSETS.get_partition_keys() if s in names]
+
+
+@dg.sensor(
+    job=prepare_subset,
+    minimum_interval_seconds=CORPUS_SENSOR_INTERVAL_S,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Requests prepare_subset (the manifest) for corpus subsets that are new or whose audio changed.",
+)
+def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusResource) -> dg.SensorResult:
+    known: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    current = dict(known)
+    requests = []
+    for subset in present_subsets(corpus.root):
+        fingerprint, files = subset_fingerprint(corpus.subset_url(subset))
+        if files == 0 or known.get(subset) == fingerprint:
+            continue
+        change = "new subset" if subset not in known else "audio or transcripts changed"
+        context.log.info(f"{subset}: {change} ({files} files, fingerprint {fingerprint[:12]})")
+        current[subset] = fingerprint
+        requests.append(dg.RunRequest(partition_key=subset, run_key=f"{subset}@{fingerprint[:20]}",
+                                      tags={"cosyvoice/corpus_fingerprint": fingerprint,
+                                            "cosyvoice/corpus_files": str(files)}))
+    if not requests:
+        return dg.SensorResult(skip_reason=dg.SkipReason("no new or changed corpus subsets"), cursor=json.dumps(current))
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))
+
+
+def shard_backfill_subset(asset_graph, subset: str, shards: list[str]) -> AssetGraphSubset:
+    """What a prepared subset still needs: the shard assets for its shards plus its per-subset assets."""
+    wanted = {AssetKeyPartitionKey(a.key, shard) for a in SHARD_ASSETS for shard in shards}
+    wanted |= {AssetKeyPartitionKey(a.key, subset) for a in SUBSET_ASSETS}
+    return AssetGraphSubset.from_asset_partition_set(wanted, asset_graph)
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[prepare_subset],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="After a successful prepare_subset run, backfills features, speaker means and parquet shards "
+                "for exactly that subset's shards.",
+)
+def prepare_subset_shards(context: dg.RunStatusSensorContext):
+    subset = context.dagster_run.tags.get("dagster/partition")
+    if subset is None:
+        return dg.SkipReason(f"run {context.dagster_run.run_id} has no subset partition")
+    shards = [k for k in context.instance.get_dynamic_partitions(SHARDS.name) if shard_subset(k) == subset]
+    if not shards:
+        return dg.SkipReason(f"{subset}: the manifest registered no shards (every utterance quarantined?)")
+    context.log.info(f"{subset}: backfilling {len(shards)} shard(s) after run {context.dagster_run.run_id}")
+    # A RunRequest carrying an asset graph subset is submitted by the sensor daemon as an asset
+    # backfill (the mechanism declarative automation uses): BackfillPolicy and pools apply.
+    return dg.RunRequest.for_asset_graph_subset(
+        shard_backfill_subset(context.repository_def.asset_graph, subset, shards),
+        tags={"cosyvoice/subset": subset, "cosyvoice/after_run": context.dagster_run.run_id},
+    )
+
+
+def failure_message(context: dg.RunFailureSensorContext) -> dict:
+    run = context.dagster_run
+    steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
+    partition = run.tags.get("dagster/partition") or (
+        f"{run.tags['dagster/asset_partition_range_start']}...{run.tags['dagster/asset_partition_range_end']}"
+        if "dagster/asset_partition_range_start" in run.tags else None)
+    ui = os.environ.get("COSYVOICE_UI_URL", "").rstrip("/")
+    link = f"{ui}/runs/{run.run_id}" if ui else run.run_id
+    text = (f"Dagster run failed: job {run.job_name}" + (f", partition {partition}" if partition else "")
+            + (f", steps {', '.join(steps)}" if steps else "") + f" -- {context.failure_event.message} ({link})")
+    return {"text": text, "run_id": run.run_id, "job": run.job_name, "partition": partition, "steps": steps,
+            "error": context.failure_event.message, "backfill": run.tags.get("dagster/backfill")}
+
+
+def post_webhook(url: str, payload: dict, timeout_s: float = 10.0) -> int:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (URL from operator config)
+        return response.status
+
+
+@dg.run_failure_sensor(
+    name="report_run_failures",
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=f"Logs failed runs; POSTs them to ${WEBHOOK_ENV} when set.",
+)
+def report_run_failures(context: dg.RunFailureSensorContext) -> None:
+    payload = failure_message(context)
+    context.log.error(payload["text"])
+    url = os.environ.get(WEBHOOK_ENV)
+    if url:
+        try:
+            status = post_webhook(url, payload)
+        except OSError as exc:  # the sensor tick shows this; the run's failure is still logged above
+            raise RuntimeError(f"{WEBHOOK_ENV}: POST of the failure of run {payload['run_id']} failed: {exc}") from exc
+        context.log.info(f"failure of run {payload['run_id']} posted to the webhook (HTTP {status})")
