@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     from cosyvoice.train.cli import add_subcommands as add_training
 
     add_training(sub)
+    __import__("cosyvoice.export.cli", fromlist=["add_subcommands"]).add_subcommands(sub)
     return parser
 
 
