@@ -1,0 +1,212 @@
+"""Render the CosyVoice2 Triton model repository from our templates, strictly.
+
+The five models keep the upstream names, tensor names/types/dims, decoupled settings and template
+variables (``runtime/triton_trtllm/model_repo``). Unlike upstream ``fill_template.py``, which leaves
+an unknown ``${...}`` in the file, rendering fails and lists every unknown key and every variable
+left unfilled. The one exception is a ``parameters:`` line whose only placeholder is an
+*optional* variable (most TensorRT-LLM backend knobs, ``dynamic_chunk_strategy``,
+``token2wav_runtime``): when the variable is not given the whole line is dropped, so the backend
+uses its own default instead of parsing a literal ``${x}``.
+
+``fill_template`` keeps upstream's semantics exactly, for users of upstream templates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import string
+from dataclasses import dataclass, field
+from importlib import resources
+
+MODELS = ("cosyvoice2", "tensorrt_llm", "token2wav", "audio_tokenizer", "speaker_embedding")
+#: the models ``run.sh`` leaves out when the speaker-info cache replaces reference audio
+REFERENCE_AUDIO_MODELS = ("audio_tokenizer", "speaker_embedding")
+#: ``runtime/triton_trtllm/run.sh`` defaults besides paths (contract 8.4)
+UPSTREAM_DEFAULTS = {
+    "triton_max_batch_size": "16",
+    "max_queue_delay_microseconds": "0",
+    "max_queue_size": "0",
+    "decoupled_mode": "True",
+    "bls_instance_num": "4",
+    "triton_backend": "tensorrtllm",
+    "max_beam_width": "1",
+    "max_tokens_in_paged_kv_cache": "2560",
+    "max_attention_window_size": "2560",
+    "kv_cache_free_gpu_mem_fraction": "0.5",
+    "exclude_input_in_output": "True",
+    "enable_kv_cache_reuse": "False",
+    "batching_strategy": "inflight_fused_batching",
+    "encoder_input_features_data_type": "TYPE_FP16",
+    "logits_datatype": "TYPE_FP32",
+}
+#: the python model that stands in for the TensorRT-LLM backend (``llm_backend="python"``)
+HF_LLM_MODEL = "hf_llm_model.py"
+
+_PLACEHOLDER = re.compile(r"\$(?:\{([_a-zA-Z][_a-zA-Z0-9]*)\}|([_a-zA-Z][_a-zA-Z0-9]*))")
+_OPTIONAL_LINE = re.compile(r'^\s*parameters:\s*\{\s*key:\s*"[^"]+"\s*value:\s*\{\s*string_value:\s*"\$\{(\w+)\}"\s*\}\s*\}\s*$')
+
+
+class RenderError(ValueError):
+    """Unknown keys or unfilled variables; the message lists all of them."""
+
+
+def templates_dir() -> str:
+    return str(resources.files("cosyvoice.triton") / "templates")
+
+
+def _template_text(model: str) -> str:
+    with open(os.path.join(templates_dir(), model, "config.pbtxt"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _code_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+
+def template_variables(model: str) -> tuple[set[str], set[str]]:
+    """``(required, optional)`` variable names of one model's template (comments ignored)."""
+    required: set[str] = set()
+    optional: set[str] = set()
+    for line in _code_lines(_template_text(model)):
+        names = {a or b for a, b in _PLACEHOLDER.findall(line)}
+        match = _OPTIONAL_LINE.match(line)
+        if match and names == {match.group(1)}:
+            optional |= names
+        else:
+            required |= names
+    return required, optional - required
+
+
+def all_variables(models=MODELS) -> tuple[set[str], set[str]]:
+    required: set[str] = set()
+    optional: set[str] = set()
+    for model in models:
+        r, o = template_variables(model)
+        required |= r
+        optional |= o
+    return required, optional - required
+
+
+def render_text(text: str, values: dict[str, str], *, where: str = "<template>") -> str:
+    """Substitute ``values``; drop optional ``parameters:`` lines left unset; raise on anything left."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            out.append(line)
+            continue
+        match = _OPTIONAL_LINE.match(line)
+        if match and match.group(1) not in values:
+            continue
+        out.append(string.Template(line).safe_substitute(values))
+    rendered = "\n".join(out) + "\n"
+    left = sorted({a or b for line in _code_lines(rendered) for a, b in _PLACEHOLDER.findall(line)})
+    if left:
+        raise RenderError(f"{where}: unfilled template variables: {', '.join(left)}")
+    return rendered
+
+
+@dataclass
+class RenderReport:
+    out: str
+    models: list[str]
+    values: dict[str, str]
+    dropped_optional: dict[str, list[str]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return f"rendered {len(self.models)} models ({', '.join(self.models)}) into {self.out}"
+
+
+def repo_values(*, engine_dir: str, hf_dir: str, model_dir: str, decoupled: bool = True, max_batch_size: int = 16,
+                bls_instances: int = 4, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The variable values ``run.sh`` fills, from the paths and knobs of ``triton-repo``."""
+    values = dict(UPSTREAM_DEFAULTS)
+    values.update(engine_dir=engine_dir, llm_tokenizer_dir=hf_dir, model_dir=model_dir,
+                  decoupled_mode=str(bool(decoupled)), triton_max_batch_size=str(max_batch_size),
+                  bls_instance_num=str(bls_instances))
+    values.update(overrides or {})
+    return values
+
+
+def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend: str = "tensorrtllm") -> RenderReport:
+    """Write ``out/<model>/{config.pbtxt, 1/...}`` for ``models``.
+
+    ``llm_backend="python"`` renders ``tensorrt_llm`` with the python backend and our HF runner as
+    ``1/model.py`` (same interface; for CPU serving and tests). Raises ``RenderError`` listing every
+    unknown key (not a variable of any selected template) and every unfilled variable.
+    """
+    unknown_models = sorted(set(models) - set(MODELS))
+    if unknown_models:
+        raise RenderError(f"unknown model(s) {unknown_models}; choose from {list(MODELS)}")
+    if llm_backend not in ("tensorrtllm", "python"):
+        raise RenderError(f"llm_backend must be 'tensorrtllm' or 'python', got {llm_backend!r}")
+    values = {k: str(v) for k, v in values.items()}
+    if "tensorrt_llm" in models and llm_backend == "python":
+        values["triton_backend"] = "python"
+    required, _ = all_variables(models)
+    known = set().union(*all_variables(MODELS))
+    problems = []
+    unknown = sorted(set(values) - known)
+    if unknown:
+        problems.append(f"unknown keys: {', '.join(unknown)} (template variables: {', '.join(sorted(known))})")
+    missing = sorted(required - set(values))
+    if missing:
+        problems.append(f"unfilled template variables: {', '.join(missing)}")
+    if problems:
+        raise RenderError("; ".join(problems))
+    report = RenderReport(out=out, models=list(models), values=values)
+    for model in models:
+        src = os.path.join(templates_dir(), model)
+        dest = os.path.join(out, model)
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
+        text = render_text(_template_text(model), values, where=f"{model}/config.pbtxt")
+        with open(os.path.join(dest, "config.pbtxt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        _, opt = template_variables(model)
+        report.dropped_optional[model] = sorted(opt - set(values))
+        if model == "tensorrt_llm" and llm_backend == "python":
+            shutil.copyfile(os.path.join(os.path.dirname(__file__), HF_LLM_MODEL),
+                            os.path.join(dest, "1", "model.py"))
+            gitkeep = os.path.join(dest, "1", ".gitkeep")
+            if os.path.exists(gitkeep):
+                os.unlink(gitkeep)
+    return report
+
+
+# --- upstream scripts/fill_template.py semantics ---------------------------------------------------
+
+def split_escaped(text: str, delimiter: str) -> list[str]:
+    """Split on ``delimiter``; a backslash makes the next character literal."""
+    parts, current, escape = [], "", False
+    for char in text:
+        if escape:
+            current += char
+            escape = False
+        elif char == delimiter:
+            parts.append(current)
+            current = ""
+        elif char == "\\":
+            escape = True
+        else:
+            current += char
+    parts.append(current)
+    return parts
+
+
+def fill_template(text: str, substitutions: str, *, where: str = "<template>") -> str:
+    """Upstream ``fill_template.py``: ``key:value,...`` (``\\`` escapes), defaults
+    ``max_queue_size=0`` and ``max_queue_delay_microseconds=0``, every given key must occur in the
+    text, unknown ``${...}`` are left as they are."""
+    values: dict[str, object] = {"max_queue_size": 0, "max_queue_delay_microseconds": 0}
+    for item in split_escaped(substitutions, ","):
+        pair = split_escaped(item, ":")
+        if len(pair) != 2:
+            raise ValueError(f"{where}: substitution {item!r} is not key:value (escape ':' and ',' with '\\')")
+        key, value = pair
+        if key not in text:
+            raise ValueError(f"key '{key}' does not exist in the file {where}.")
+        values[key] = value
+    return string.Template(text).safe_substitute(values)

@@ -1,0 +1,203 @@
+"""What the python-backend models compute, importable (and unit-testable) without Triton.
+
+The model.py files under ``templates/`` are thin Triton adapters over these functions, so the
+numerics are the offline stages' own: ``speaker_embedding`` = ``frontend.campplus_input`` + CAM++,
+``audio_tokenizer`` = ``frontend.whisper_input`` + S3 tokenizer (+ 151663), exactly what
+``extract_embedding`` / ``extract_speech_token`` compute for the same 16 kHz samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: ``len(tokenizer)`` of CosyVoice-BlankEN + CosyVoice2 special tokens: id of ``<|s_0|>``
+ORIGINAL_VOCAB_SIZE = 151663
+SAMPLE_RATE = 16000
+PROMPT_MEL_RATE = 24000
+TOKEN_FRAME_RATE = 25
+TOKEN_HOP_LEN = 15
+PRE_LOOKAHEAD_LEN = 3
+MAX_NEW_TOKENS = 750
+#: sampling settings the upstream BLS sends to tensorrt_llm
+SAMPLING = {"top_p": 0.95, "top_k": 50, "temperature": 0.8, "repetition_penalty": 1.1, "seed": 42}
+PROMPT_TEMPLATE = "<|sos|>{}<|task_id|>"
+
+
+def parameters(model_config: dict) -> dict[str, str]:
+    """``{key: string_value}`` of a model config as Triton passes it to ``initialize``."""
+    return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def onnx_session(path: str):
+    from cosyvoice.features.onnx import make_session
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: model file not found (model_dir must be a CosyVoice2 model dir)")
+    return make_session(path, device="cuda" if torch.cuda.is_available() else "cpu", threads=1)
+
+
+def speaker_embedding(session, wav_16k: np.ndarray) -> np.ndarray:
+    """192 float32 values: CAM++ on the kaldi fbank (+ CMN) of 16 kHz float samples."""
+    from cosyvoice.features.frontend import campplus_input
+
+    feat = campplus_input(torch.from_numpy(np.ascontiguousarray(wav_16k, dtype=np.float32))[None], SAMPLE_RATE)
+    return session.run(None, {session.get_inputs()[0].name: feat})[0].reshape(-1).astype(np.float32)
+
+
+def speech_tokens(session, wav_16k: np.ndarray) -> np.ndarray:
+    """int32 S3 tokens of 16 kHz float samples (at most 30 s, as the tokenizer allows)."""
+    from cosyvoice.features.frontend import MAX_TOKENIZER_SAMPLES, whisper_input
+
+    if len(wav_16k) > MAX_TOKENIZER_SAMPLES:
+        raise ValueError(f"reference audio is {len(wav_16k) / SAMPLE_RATE:.1f} s; the speech tokenizer takes at most 30 s")
+    mel = whisper_input(torch.from_numpy(np.ascontiguousarray(wav_16k, dtype=np.float32))[None])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, {names[0]: mel, names[1]: np.array([mel.shape[2]], dtype=np.int32)})[0]
+    return out.reshape(-1).astype(np.int32)
+
+
+def prompt_speech_feat(wav_16k: np.ndarray) -> np.ndarray:
+    """``(frames, 80)`` float32 flow-prompt mel: 16 kHz -> 24 kHz, CosyVoice2 recipe mel (50 fps)."""
+    from cosyvoice.dataset.mel import mel_spectrogram
+    from cosyvoice.features.frontend import resampler
+
+    wav = torch.from_numpy(np.ascontiguousarray(wav_16k, dtype=np.float32))[None]
+    wav_24k = resampler(SAMPLE_RATE, PROMPT_MEL_RATE)(wav)
+    return mel_spectrogram(wav_24k)[0].transpose(0, 1).contiguous().numpy()
+
+
+def align_prompt(tokens: np.ndarray, feat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trim prompt tokens and mel to exactly 1 token : 2 frames (what token2wav expects)."""
+    n = min(feat.shape[0] // 2, len(tokens))
+    return tokens[:n], feat[: 2 * n]
+
+
+def load_spk2info(path: str) -> dict:
+    """A ``spk2info.pt`` speaker-prompt cache, loaded with ``weights_only=True``."""
+    info = torch.load(path, map_location="cpu", weights_only=True)
+    if "001" not in info:
+        raise ValueError(f"{path}: no speaker '001' (the default speaker the BLS uses without reference audio)")
+    for key, entry in info.items():
+        missing = {"prompt_text", "speech_token", "speech_feat", "embedding"} - set(entry)
+        if missing:
+            raise ValueError(f"{path}: speaker {key!r} lacks {sorted(missing)}")
+    return info
+
+
+def prompt_ids(tokenizer, reference_text: str, target_text: str, prompt_tokens: np.ndarray) -> np.ndarray:
+    """int32 ``[1, L]``: ``<|sos|>`` + reference + target text + ``<|task_id|>``, then the prompt
+    speech tokens as LLM ids (already offset by ``ORIGINAL_VOCAB_SIZE``)."""
+    text_ids = tokenizer.encode(PROMPT_TEMPLATE.format(reference_text + target_text))
+    return np.concatenate([np.asarray(text_ids, dtype=np.int32), np.asarray(prompt_tokens, dtype=np.int32)])[None]
+
+
+@dataclass
+class ChunkSchedule:
+    """When the streaming BLS hands tokens to token2wav (upstream strategy).
+
+    The first chunk goes out once ``hop + lookahead`` = 15 + 3 tokens are pending. Then
+    ``exponential`` hops are 25, 50, 100, ... tokens (25 * 2^k); ``time_based`` hops stay at 15
+    unless synthesis runs ahead of real time, in which case they grow to what is already pending
+    (rounded to multiples of 15).
+    """
+
+    strategy: str = "exponential"
+    hop: int = TOKEN_HOP_LEN
+    lookahead: int = PRE_LOOKAHEAD_LEN
+    chunk_index: int = 0
+    offset: int = 0
+    started: float = 0.0
+
+    def __post_init__(self):
+        if self.strategy not in ("exponential", "time_based"):
+            raise ValueError(f"dynamic_chunk_strategy must be exponential or time_based, got {self.strategy!r}")
+        self.started = time.monotonic()
+
+    def ready(self, available: int) -> bool:
+        return available - self.offset >= self.hop + self.lookahead
+
+    def advance(self, available: int) -> None:
+        """Record that a chunk of ``hop`` tokens went out; pick the next hop."""
+        self.offset += self.hop
+        if self.strategy == "exponential":
+            self.hop = TOKEN_FRAME_RATE * 2 ** self.chunk_index
+        else:
+            elapsed = time.monotonic() - self.started
+            if self.chunk_index > 0 and elapsed > 0:
+                per_chunk = elapsed / (self.chunk_index + 1)
+                ahead = (self.offset / TOKEN_FRAME_RATE - elapsed) / per_chunk
+                pending = available - self.offset
+                if ahead > 4:
+                    hop = (pending // TOKEN_HOP_LEN + 1) * TOKEN_HOP_LEN
+                elif ahead > 2:
+                    hop = (pending // TOKEN_HOP_LEN) * TOKEN_HOP_LEN
+                else:
+                    hop = TOKEN_HOP_LEN
+                self.hop = max(TOKEN_HOP_LEN, hop)
+        self.chunk_index += 1
+
+
+def sample_stream(model, input_ids: torch.Tensor, *, max_new_tokens: int, end_id: int, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  seed: int | None = None) -> Iterator[int]:
+    """Sampled continuation of ``input_ids`` ``[1, L]`` with a HF causal LM, one token at a time
+    (KV cache), stopping before ``end_id``: the CPU stand-in for the TensorRT-LLM engine.
+
+    Sampling order as in TensorRT-LLM/HF: repetition penalty (over prompt and output), temperature,
+    top-k, then top-p on the survivors (at least one kept), one multinomial draw from a generator
+    seeded with ``seed``. Top-p works on the k survivors only, not a sort of the whole vocabulary.
+    """
+    from transformers import DynamicCache
+
+    generator = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    seen = input_ids.reshape(-1).long()
+    cache = DynamicCache()
+    step_input = seen[None]
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            scores = out.logits[0, -1].float()
+            if repetition_penalty and repetition_penalty != 1.0:
+                picked = scores[seen]
+                scores[seen] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+            if temperature and temperature > 0 and temperature != 1.0:
+                scores = scores / temperature
+            if top_k and 0 < top_k < scores.numel():
+                values, indices = torch.topk(scores, top_k)
+            else:
+                values, indices = torch.sort(scores, descending=True)
+            probs = torch.softmax(values, dim=-1)
+            if top_p and top_p < 1.0:
+                before = torch.cumsum(probs, dim=-1) - probs  # mass of the better candidates
+                probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
+            token = int(indices[torch.multinomial(probs, 1, generator=generator)[0]])
+            if token == end_id:
+                return
+            yield token
+            step_input = torch.tensor([[token]], dtype=torch.long)
+            seen = torch.cat([seen, step_input[0]])
+
+
+def load_object(spec: str):
+    """``"package.module:attr"`` or ``"/path/to/file.py:attr"`` -> the attribute."""
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{spec!r}: expected 'module:attribute' or '/path/file.py:attribute'")
+    if module_name.endswith(".py"):
+        name = "_token2wav_runtime_" + os.path.splitext(os.path.basename(module_name))[0]
+        loader_spec = importlib.util.spec_from_file_location(name, module_name)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ImportError(f"{module_name}: cannot load")
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    return getattr(module, attr)

@@ -1,0 +1,163 @@
+"""cosyvoice2: the BLS that turns (reference audio + text, target text) into speech.
+
+Per request: prompt speech tokens / speaker embedding from ``audio_tokenizer`` /
+``speaker_embedding`` and the flow-prompt mel from the 16 kHz reference audio, or, without
+reference audio, speaker "001" of ``<model_dir>/spk2info.pt``; then ``tensorrt_llm`` generates
+speech ids from ``<|sos|>`` + reference text + target text + ``<|task_id|>`` + prompt tokens, and
+``token2wav`` turns them into audio. Decoupled: chunks stream out as the LLM produces tokens
+(``runtime.ChunkSchedule``: first after 15 + 3 tokens, then 25, 50, 100, ... or time based), the
+last one with ``finalize``. Not decoupled: one waveform per request.
+"""
+
+import json
+import os
+import time
+from uuid import uuid4
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+from cosyvoice.triton import runtime
+
+
+def _check(response):
+    if response.has_error():
+        raise pb_utils.TritonModelException(response.error().message())
+    return response
+
+
+def _output(response, name):
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        params = runtime.parameters(self.config)
+        self.strategy = params.get("dynamic_chunk_strategy", "exponential")
+        runtime.ChunkSchedule(self.strategy)  # fail at load time on a bad strategy
+        self.tokenizer = AutoTokenizer.from_pretrained(params["llm_tokenizer_dir"])
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|eos1|>")
+        if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
+            raise RuntimeError(f"{params['llm_tokenizer_dir']}: no <|eos1|> token (not a CosyVoice2 HF export)")
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+        cache = os.path.join(params["model_dir"], "spk2info.pt")
+        self.default_speaker = runtime.load_spk2info(cache)["001"] if os.path.exists(cache) else None
+
+    # --- sub-models --------------------------------------------------------------------------
+    def _infer(self, model, inputs, outputs, request_id=""):
+        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs,
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                            request_id=request_id)
+        return _check(request.exec())
+
+    def _llm_stream(self, input_ids):
+        """Speech ids from tensorrt_llm, yielded per response as they arrive."""
+        sampling = runtime.SAMPLING
+        inputs = {
+            "input_ids": input_ids.astype(np.int32),
+            "input_lengths": np.array([[input_ids.shape[1]]], dtype=np.int32),
+            "request_output_len": np.array([[runtime.MAX_NEW_TOKENS]], dtype=np.int32),
+            "end_id": np.array([[self.eos_id]], dtype=np.int32),
+            "pad_id": np.array([[self.eos_id]], dtype=np.int32),
+            "streaming": np.array([[self.decoupled]], dtype=np.bool_),
+            "runtime_top_p": np.array([[sampling["top_p"]]], dtype=np.float32),
+            "runtime_top_k": np.array([[sampling["top_k"]]], dtype=np.int32),
+            "temperature": np.array([[sampling["temperature"]]], dtype=np.float32),
+            "repetition_penalty": np.array([[sampling["repetition_penalty"]]], dtype=np.float32),
+            "random_seed": np.array([[sampling["seed"]]], dtype=np.uint64),
+        }
+        request = pb_utils.InferenceRequest(model_name="tensorrt_llm",
+                                            requested_output_names=["output_ids", "sequence_length"],
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+        responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
+        for response in responses:
+            _check(response)
+            ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
+            if ids is None:  # the empty final response of a decoupled stream
+                continue
+            yield ids[0][0][: int(lengths[0][0])].tolist()
+
+    def _prompt(self, request):
+        wav = pb_utils.get_input_tensor_by_name(request, "reference_wav")
+        if wav is None:
+            if self.default_speaker is None:
+                raise ValueError("no reference_wav and no spk2info.pt in model_dir: give reference audio and text")
+            spk = self.default_speaker
+            tokens = np.asarray(spk["speech_token"]).reshape(-1).astype(np.int32) + runtime.ORIGINAL_VOCAB_SIZE
+            feat = np.asarray(spk["speech_feat"], dtype=np.float32).reshape(-1, 80)
+            embedding = np.asarray(spk["embedding"], dtype=np.float32).reshape(-1)
+            return spk["prompt_text"], tokens, feat, embedding
+        length_tensor = pb_utils.get_input_tensor_by_name(request, "reference_wav_len")
+        text_tensor = pb_utils.get_input_tensor_by_name(request, "reference_text")
+        if length_tensor is None or text_tensor is None:
+            raise ValueError("reference_wav needs reference_wav_len and reference_text")
+        samples = wav.as_numpy().astype(np.float32)
+        length = np.asarray(length_tensor.as_numpy()).reshape(-1)[:1].astype(np.int32)
+        wav_16k = samples[0, : int(length[0])]
+        tokens = _output(self._infer("audio_tokenizer", {"reference_wav": wav_16k[None], "reference_wav_len": length[None]},
+                                     ["prompt_speech_tokens"]), "prompt_speech_tokens").reshape(-1)
+        embedding = _output(self._infer("speaker_embedding", {"reference_wav": wav_16k[None]},
+                                        ["prompt_spk_embedding"]), "prompt_spk_embedding").reshape(-1)
+        tokens, feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav_16k))
+        return text_tensor.as_numpy().reshape(-1)[0].decode("utf-8"), tokens, feat, embedding.astype(np.float32)
+
+    def _token2wav(self, ids, prompt, request_id, offset=None, finalize=None):
+        _, tokens, feat, embedding = prompt
+        inputs = {"target_speech_tokens": np.asarray(ids, dtype=np.int32)[None],
+                  "prompt_speech_tokens": tokens.astype(np.int32)[None],
+                  "prompt_speech_feat": feat.astype(np.float16)[None],
+                  "prompt_spk_embedding": embedding.astype(np.float16)[None]}
+        if offset is not None:
+            inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
+            inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
+        return _output(self._infer("token2wav", inputs, ["waveform"], request_id), "waveform").astype(np.float32)
+
+    # --- requests ----------------------------------------------------------------------------
+    def _synthesize(self, request, send):
+        prompt = self._prompt(request)
+        target = pb_utils.get_input_tensor_by_name(request, "target_text").as_numpy().reshape(-1)[0].decode("utf-8")
+        input_ids = runtime.prompt_ids(self.tokenizer, prompt[0], target, prompt[1])
+        request_id = request.request_id() or str(uuid4())
+        if not self.decoupled:
+            ids = [i for chunk in self._llm_stream(input_ids) for i in chunk]
+            if not ids:
+                raise ValueError("the LLM generated no speech tokens")
+            send(self._token2wav(ids, prompt, request_id))
+            return
+        schedule = runtime.ChunkSchedule(self.strategy)
+        ids = []
+        for chunk in self._llm_stream(input_ids):
+            ids.extend(chunk)
+            while schedule.ready(len(ids)):
+                upto = schedule.offset + schedule.hop + schedule.lookahead
+                send(self._token2wav(ids[:upto], prompt, request_id, schedule.offset, False))
+                schedule.advance(len(ids))
+        send(self._token2wav(ids, prompt, request_id, schedule.offset, True))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            started = time.monotonic()
+            if self.decoupled:
+                sender = request.get_response_sender()
+
+                def send(wav, sender=sender):
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", wav)]))
+                try:
+                    self._synthesize(request, send)
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception as exc:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice2: {exc}")),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                out = []
+                try:
+                    self._synthesize(request, out.append)
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", out[0])]))
+                except Exception as exc:
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice2: {exc}")))
+            pb_utils.Logger.log_verbose(f"cosyvoice2: request done in {time.monotonic() - started:.2f} s")
+        return None if self.decoupled else responses

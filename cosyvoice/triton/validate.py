@@ -1,0 +1,231 @@
+"""Validate a rendered model repository: Triton's own schema first, then our semantic checks.
+
+Schema: every ``config.pbtxt`` must parse into ``inference.ModelConfig`` (the protobuf Triton
+loads, shipped as ``tritonclient.grpc.model_config_pb2``). That catches misspelt fields, bad enum
+values and placeholders left in numeric/bool positions. It does not catch what the server only
+finds at load time or at the first request, so we also check: directory name = model name,
+``1/`` (and ``1/model.py`` for python models) present, paths in parameters exist, a valid
+``gpt_model_type``, ``decoupled`` the same on ``cosyvoice2`` and ``tensorrt_llm``, sane instance
+groups and batching, the tensors the BLS exchanges with each model (name and type), and the
+special tokens the BLS looks up in the LLM tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from cosyvoice.triton.render import MODELS, REFERENCE_AUDIO_MODELS
+
+GPT_MODEL_TYPES = ("V1", "v1", "inflight_batching", "inflight_fused_batching")
+#: tensors the cosyvoice2 BLS sends/reads, per model: (inputs, outputs) name -> data type
+BLS_INTERFACE = {
+    "cosyvoice2": ({"reference_wav": "TYPE_FP32", "reference_wav_len": "TYPE_INT32", "reference_text": "TYPE_STRING",
+                    "target_text": "TYPE_STRING"}, {"waveform": "TYPE_FP32"}),
+    "tensorrt_llm": ({"input_ids": "TYPE_INT32", "input_lengths": "TYPE_INT32", "request_output_len": "TYPE_INT32",
+                      "end_id": "TYPE_INT32", "pad_id": "TYPE_INT32", "streaming": "TYPE_BOOL",
+                      "runtime_top_p": "TYPE_FP32", "runtime_top_k": "TYPE_INT32", "temperature": "TYPE_FP32",
+                      "repetition_penalty": "TYPE_FP32", "random_seed": "TYPE_UINT64"},
+                     {"output_ids": "TYPE_INT32", "sequence_length": "TYPE_INT32"}),
+    "token2wav": ({"target_speech_tokens": "TYPE_INT32", "prompt_speech_tokens": "TYPE_INT32",
+                   "prompt_speech_feat": "TYPE_FP16", "prompt_spk_embedding": "TYPE_FP16",
+                   "token_offset": "TYPE_INT32", "finalize": "TYPE_BOOL"}, {"waveform": "TYPE_FP32"}),
+    "audio_tokenizer": ({"reference_wav": "TYPE_FP32", "reference_wav_len": "TYPE_INT32"},
+                        {"prompt_speech_tokens": "TYPE_INT32"}),
+    "speaker_embedding": ({"reference_wav": "TYPE_FP32"}, {"prompt_spk_embedding": "TYPE_FP16"}),
+}
+TOKENIZER_TOKENS = ("<|sos|>", "<|task_id|>", "<|eos1|>")
+PATH_PARAMETERS = ("model_dir", "llm_tokenizer_dir", "gpt_model_path")
+
+
+@dataclass
+class ModelCheck:
+    name: str
+    schema_ok: bool = False
+    errors: list[str] = field(default_factory=list)
+    backend: str = ""
+    decoupled: bool = False
+    max_batch_size: int = 0
+    inputs: int = 0
+    outputs: int = 0
+
+
+@dataclass
+class ValidationReport:
+    repo: str
+    models: dict[str, ModelCheck]
+    errors: list[str]  # repository-level
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(m.schema_ok and not m.errors for m in self.models.values())
+
+    @property
+    def schema_ok(self) -> bool:
+        return all(m.schema_ok for m in self.models.values())
+
+    def problems(self) -> list[str]:
+        return self.errors + [f"{m.name}: {e}" for m in self.models.values() for e in m.errors]
+
+    def as_metadata(self) -> dict:
+        return {
+            "valid": self.ok,
+            "schema_valid": self.schema_ok,
+            "problems": self.problems(),
+            "models": {n: {"backend": m.backend, "decoupled": m.decoupled, "max_batch_size": m.max_batch_size,
+                           "inputs": m.inputs, "outputs": m.outputs, "schema_ok": m.schema_ok, "errors": m.errors}
+                       for n, m in self.models.items()},
+        }
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.repo}: {len(self.models)} models valid ({', '.join(self.models)})"
+        return f"{self.repo}: INVALID\n" + "\n".join(f"  {p}" for p in self.problems())
+
+
+def parse_config(text: str):
+    """``ModelConfig`` of a config.pbtxt text; raises ``google.protobuf.text_format.ParseError``."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def _type_name(data_type: int) -> str:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2.DataType.Name(data_type)
+
+
+def _resolve(path: str, base_dir: str, path_map: dict[str, str]) -> str:
+    for prefix, local in sorted(path_map.items(), key=lambda kv: -len(kv[0])):
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return os.path.join(local, os.path.relpath(path, prefix))
+    return path if os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def _check_model(repo: str, name: str, base_dir: str, path_map: dict[str, str]) -> tuple[ModelCheck, object | None]:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    check = ModelCheck(name)
+    folder = os.path.join(repo, name)
+    try:
+        with open(os.path.join(folder, "config.pbtxt"), encoding="utf-8") as f:
+            config = parse_config(f.read())
+    except text_format.ParseError as exc:
+        check.errors.append(f"config.pbtxt does not parse as inference.ModelConfig: {exc}")
+        return check, None
+    check.schema_ok = True
+    check.backend = config.backend or config.platform
+    check.decoupled = config.model_transaction_policy.decoupled
+    check.max_batch_size = config.max_batch_size
+    check.inputs, check.outputs = len(config.input), len(config.output)
+    errors = check.errors
+    if config.name != name:
+        errors.append(f"model name {config.name!r} differs from its directory name {name!r} (Triton refuses to load it)")
+    if not os.path.isdir(os.path.join(folder, "1")):
+        errors.append("version directory 1/ is missing")
+    if config.backend == "python" and not os.path.isfile(os.path.join(folder, "1", "model.py")):
+        errors.append("python backend but 1/model.py is missing")
+    if config.backend not in ("python", "tensorrtllm"):
+        errors.append(f"backend {config.backend!r}: expected 'python' or 'tensorrtllm'")
+    if config.max_batch_size < 0:
+        errors.append(f"max_batch_size {config.max_batch_size} < 0")
+    for size in config.dynamic_batching.preferred_batch_size:
+        if size < 1 or size > max(config.max_batch_size, 1):
+            errors.append(f"preferred_batch_size {size} outside 1..max_batch_size ({config.max_batch_size})")
+    for tensor in list(config.input) + list(config.output):
+        if len(tensor.dims) == 0 and config.max_batch_size == 0:
+            errors.append(f"tensor {tensor.name!r} has no dims")
+    if not config.instance_group:
+        errors.append("no instance_group")
+    for group in config.instance_group:
+        if group.count < 1:
+            errors.append(f"instance_group count {group.count} < 1")
+        if config.backend == "tensorrtllm" and group.kind != model_config_pb2.ModelInstanceGroup.KIND_CPU:
+            errors.append("the tensorrtllm backend manages its GPUs itself: instance_group kind must be KIND_CPU")
+    expected = BLS_INTERFACE.get(name)
+    if expected:
+        for kind, tensors, declared in (("input", expected[0], config.input), ("output", expected[1], config.output)):
+            types = {t.name: _type_name(t.data_type) for t in declared}
+            for tensor, dtype in tensors.items():
+                if tensor not in types:
+                    errors.append(f"{kind} {tensor!r} missing (the cosyvoice2 BLS exchanges it)")
+                elif types[tensor] != dtype:
+                    errors.append(f"{kind} {tensor!r} is {types[tensor]}, expected {dtype}")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    for key in PATH_PARAMETERS:
+        if key in params:
+            local = _resolve(params[key], base_dir, path_map)
+            if not os.path.exists(local):
+                errors.append(f"parameter {key}={params[key]!r}: {local} does not exist")
+    if name == "tensorrt_llm":
+        model_type = params.get("gpt_model_type")
+        if config.backend == "tensorrtllm" and model_type not in GPT_MODEL_TYPES:
+            errors.append(f"gpt_model_type {model_type!r} is not one of {', '.join(GPT_MODEL_TYPES)}")
+        if "gpt_model_path" not in params:
+            errors.append("parameter gpt_model_path (the engine directory) is missing")
+        elif config.backend == "tensorrtllm":
+            engine = _resolve(params["gpt_model_path"], base_dir, path_map)
+            if os.path.isdir(engine) and not (os.path.isfile(os.path.join(engine, "config.json"))
+                                              and any(f.startswith("rank") and f.endswith(".engine") for f in os.listdir(engine))):
+                errors.append(f"gpt_model_path {params['gpt_model_path']!r} holds no TensorRT-LLM engine "
+                              "(config.json + rank<N>.engine from trtllm-build)")
+    if "llm_tokenizer_dir" in params:
+        _check_tokenizer(_resolve(params["llm_tokenizer_dir"], base_dir, path_map), errors)
+    return check, config
+
+
+def _check_tokenizer(folder: str, errors: list[str]) -> None:
+    if not os.path.isdir(folder):
+        return
+    text = ""
+    for fname in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json"):
+        path = os.path.join(folder, fname)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                text += f.read()
+    missing = [t for t in TOKENIZER_TOKENS if json.dumps(t) not in text]
+    if missing:
+        errors.append(f"LLM tokenizer {folder} lacks {', '.join(missing)} (not a CosyVoice2 HF export)")
+
+
+def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str, str] | None = None,
+                  require_reference_models: bool = True) -> ValidationReport:
+    """Check every model folder of ``repo``. Relative parameter paths resolve against ``base_dir``
+    (default: the current directory, where tritonserver runs); ``path_map`` maps a serving path
+    prefix (e.g. ``/models/cosyvoice2``) to the local folder it will be synced from."""
+    base_dir = base_dir or os.getcwd()
+    path_map = path_map or {}
+    present = sorted(d for d in os.listdir(repo) if os.path.isfile(os.path.join(repo, d, "config.pbtxt")))
+    checks: dict[str, ModelCheck] = {}
+    configs = {}
+    for name in present:
+        checks[name], configs[name] = _check_model(repo, name, base_dir, path_map)
+    errors: list[str] = []
+    extra = sorted(set(present) - set(MODELS))
+    if extra:
+        errors.append(f"unexpected model folder(s) {extra}; the CosyVoice2 repo holds {list(MODELS)}")
+    for name in ("cosyvoice2", "tensorrt_llm", "token2wav"):
+        if name not in present:
+            errors.append(f"model {name} is missing")
+    bls = configs.get("cosyvoice2")
+    if bls is not None:
+        params = {k: v.string_value for k, v in bls.parameters.items()}
+        model_dir = _resolve(params.get("model_dir", ""), base_dir, path_map)
+        has_cache = os.path.isfile(os.path.join(model_dir, "spk2info.pt"))
+        absent = [m for m in REFERENCE_AUDIO_MODELS if m not in present]
+        if absent and require_reference_models:
+            errors.append(f"model(s) {absent} missing: requests with reference audio would fail")
+        if absent and not has_cache:
+            errors.append(f"model(s) {absent} missing and no spk2info.pt in model_dir: no request can be served")
+        strategy = params.get("dynamic_chunk_strategy", "exponential")
+        if strategy not in ("exponential", "time_based"):
+            errors.append(f"cosyvoice2 dynamic_chunk_strategy {strategy!r}: expected exponential or time_based")
+        llm = configs.get("tensorrt_llm")
+        if llm is not None and llm.model_transaction_policy.decoupled != bls.model_transaction_policy.decoupled:
+            errors.append(f"decoupled differs: cosyvoice2={bls.model_transaction_policy.decoupled}, "
+                          f"tensorrt_llm={llm.model_transaction_policy.decoupled} (the BLS streams only when both are)")
+    return ValidationReport(repo=repo, models=checks, errors=errors)
