@@ -1,0 +1,135 @@
+"""A real Dagster deployment for tests: ``dagster-webserver`` + ``dagster-daemon`` on 127.0.0.1 (free
+ports chosen at run time) against a temporary DAGSTER_HOME, stopped by process group id."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+LAUNCH_BACKFILL = """
+mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message stack }
+    ... on PartitionKeysNotFoundError { message }
+    ... on InvalidSubsetError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
+
+BACKFILL_STATUS = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status numPartitions runs(limit: 200) { runId status tags { key value } } }
+    ... on PythonError { message }
+  }
+}"""
+
+FINAL_BACKFILL_STATES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED", "FAILING"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DagsterStack:
+    def __init__(self, home: Path, env: dict[str, str]):
+        self.home = Path(home)
+        self.env = {**os.environ, **env, "DAGSTER_HOME": str(self.home)}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = self.home / f"{name}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            self.procs.append(subprocess.Popen(args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+
+    def start(self) -> "DagsterStack":
+        workspace = str(REPO / "workspace.yaml")
+        self._spawn("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
+                                  "-w", workspace])
+        self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace])
+        return self
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for proc, log in zip(self.procs, self.logs):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{log.name} exited with {proc.returncode}:\n{self.tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError(f"webserver not answering on {self.url} after {timeout} s:\n{self.tail(self.logs[0])}")
+        while time.time() < deadline:  # the code location is loaded when the repository query answers
+            data = self.graphql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }")
+            if data["repositoriesOrError"].get("nodes"):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"code location not loaded after {timeout} s:\n{self.tail(self.logs[0])}")
+
+    def graphql(self, query: str, variables: dict | None = None) -> dict:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        if answer.get("errors"):
+            raise RuntimeError(f"GraphQL errors: {answer['errors']}")
+        return answer["data"]
+
+    def launch_backfill(self, params: dict) -> str:
+        result = self.graphql(LAUNCH_BACKFILL, {"params": params})["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(f"launchPartitionBackfill: {result}")
+        return result["backfillId"]
+
+    def wait_backfill(self, backfill_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+            if state.get("status") in FINAL_BACKFILL_STATES and all(
+                    r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in state["runs"]):
+                return state
+            time.sleep(2)
+        raise TimeoutError(f"backfill {backfill_id} not finished after {timeout} s: {state}\n"
+                           f"{self.tail(self.logs[1])}")
+
+    def dagster(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    @staticmethod
+    def tail(log: Path, n: int = 4000) -> str:
+        return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
