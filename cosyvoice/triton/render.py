@@ -41,6 +41,9 @@ UPSTREAM_DEFAULTS = {
     "encoder_input_features_data_type": "TYPE_FP16",
     "logits_datatype": "TYPE_FP32",
 }
+#: parameter variables that must be given (paths the models open, the batching mode the backend
+#: requires); every other variable alone on a ``parameters:`` line is optional
+REQUIRED_PARAMETER_VARIABLES = frozenset({"model_dir", "llm_tokenizer_dir", "engine_dir", "batching_strategy"})
 #: the python model that stands in for the TensorRT-LLM backend (``llm_backend="python"``)
 HF_LLM_MODEL = "hf_llm_model.py"
 
@@ -72,7 +75,7 @@ def template_variables(model: str) -> tuple[set[str], set[str]]:
     for line in _code_lines(_template_text(model)):
         names = {a or b for a, b in _PLACEHOLDER.findall(line)}
         match = _OPTIONAL_LINE.match(line)
-        if match and names == {match.group(1)}:
+        if match and names == {match.group(1)} and match.group(1) not in REQUIRED_PARAMETER_VARIABLES:
             optional |= names
         else:
             required |= names
@@ -97,7 +100,7 @@ def render_text(text: str, values: dict[str, str], *, where: str = "<template>")
             out.append(line)
             continue
         match = _OPTIONAL_LINE.match(line)
-        if match and match.group(1) not in values:
+        if match and match.group(1) not in values and match.group(1) not in REQUIRED_PARAMETER_VARIABLES:
             continue
         out.append(string.Template(line).safe_substitute(values))
     rendered = "\n".join(out) + "\n"

@@ -136,7 +136,8 @@ class TritonServer:
         cmd = [self.env.tritonserver, "--model-repository", self.repo, "--backend-directory", self.env.backends,
                "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
-               "--allow-metrics", "false", "--disable-auto-complete-config", "--log-verbose", "0"]
+               "--allow-metrics", "false", "--disable-auto-complete-config", "--log-verbose", "0",
+               "--exit-timeout-secs", "5"]
         if self.explicit:
             cmd += ["--model-control-mode", "explicit"]
         self._log = open(self.log_path, "ab")

@@ -1,0 +1,46 @@
+"""Fixtures for the Triton tests: the CPU tritonserver environment, a tiny HF LLM, a serving model dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.triton.helpers import make_hf_dir
+
+
+@pytest.fixture(scope="session")
+def triton_env():
+    """The tritonserver environment (built once per venv; ``make triton-server`` builds it ahead)."""
+    from cosyvoice.triton.server import ensure_server_env
+
+    return ensure_server_env()
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory) -> str:
+    return make_hf_dir(str(tmp_path_factory.mktemp("hf") / "cosyvoice2_llm"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(clean_corpus, tmp_path_factory) -> str:
+    """The manifest (kaldi data dir) of the clean synthetic corpus."""
+    from cosyvoice.corpus.manifest import prepare_libritts
+
+    out = str(tmp_path_factory.mktemp("manifest") / "dev-clean")
+    prepare_libritts(os.path.join(clean_corpus, "dev-clean"), out, utts_per_shard=100, num_workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_models, data_dir, tmp_path_factory) -> str:
+    """The reference ONNX models + a spk2info.pt built from the corpus' first speaker."""
+    from cosyvoice.corpus.kaldi import read_table
+    from cosyvoice.triton.spk2info import build_spk2info
+
+    out = str(tmp_path_factory.mktemp("serving") / "cosyvoice2_model")
+    shutil.copytree(tiny_models, out)
+    first = sorted(set(read_table(data_dir, "utt2spk").values()))[0]
+    build_spk2info(data_dir, out, os.path.join(out, "spk2info.pt"), speakers=[first])
+    return out

@@ -1,0 +1,190 @@
+"""Rendering, upstream fill-template semantics and validation of the model repository (no server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from cosyvoice.cli import main
+from cosyvoice.triton import render, runtime, validate
+from cosyvoice.triton.render import MODELS, RenderError, fill_template, render_repo, repo_values
+
+CONTRACT_VARIABLES = {  # contract 12.12
+    "triton_max_batch_size", "max_queue_delay_microseconds", "decoupled_mode", "bls_instance_num", "model_dir",
+    "llm_tokenizer_dir", "engine_dir", "triton_backend", "max_beam_width", "batching_strategy",
+    "max_tokens_in_paged_kv_cache", "max_attention_window_size", "kv_cache_free_gpu_mem_fraction",
+    "exclude_input_in_output", "enable_kv_cache_reuse", "encoder_input_features_data_type", "logits_datatype",
+    "max_queue_size",
+}
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    """A model dir, a tokenizer dir with the CosyVoice2 tokens and an engine dir (config + rank0)."""
+    model_dir, hf, engine = tmp_path / "model", tmp_path / "hf", tmp_path / "engine"
+    for d in (model_dir, hf, engine):
+        d.mkdir()
+    (hf / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"158224": {"content": "<|eos1|>"}, '
+                                              '"158227": {"content": "<|sos|>"}, "158228": {"content": "<|task_id|>"}}}')
+    (engine / "config.json").write_text("{}")
+    (engine / "rank0.engine").write_bytes(b"\0" * 16)
+    return {"model_dir": str(model_dir), "hf_dir": str(hf), "engine_dir": str(engine)}
+
+
+def _config(repo, model):
+    with open(os.path.join(repo, model, "config.pbtxt")) as f:
+        return validate.parse_config(f.read())
+
+
+def test_rendered_repo_has_the_upstream_models_tensors_and_decoupling(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    report = render_repo(repo, repo_values(**dirs))
+    assert report.models == list(MODELS)
+    configs = {m: _config(repo, m) for m in MODELS}
+    bls = configs["cosyvoice2"]
+    assert [(t.name, t.data_type, list(t.dims), t.optional) for t in bls.input] == [
+        ("reference_wav", 11, [-1], True), ("reference_wav_len", 8, [1], True),
+        ("reference_text", 13, [1], True), ("target_text", 13, [1], False)]
+    assert [(t.name, t.data_type) for t in bls.output] == [("waveform", 11)]
+    assert bls.model_transaction_policy.decoupled and configs["tensorrt_llm"].model_transaction_policy.decoupled
+    assert bls.instance_group[0].count == 4 and bls.max_batch_size == 16
+    llm = configs["tensorrt_llm"]
+    assert (len(llm.input), len(llm.output)) == (60, 19)
+    assert llm.backend == "tensorrtllm" and list(llm.dynamic_batching.preferred_batch_size) == [16]
+    assert {k: v.string_value for k, v in llm.parameters.items()} == {
+        "max_beam_width": "1", "FORCE_CPU_ONLY_INPUT_TENSORS": "no", "gpt_model_type": "inflight_fused_batching",
+        "gpt_model_path": dirs["engine_dir"], "max_tokens_in_paged_kv_cache": "2560",
+        "max_attention_window_size": "2560", "kv_cache_free_gpu_mem_fraction": "0.5",
+        "exclude_input_in_output": "True", "enable_kv_cache_reuse": "False",
+        "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"}
+    assert {t.name for t in llm.input if not t.optional} == {"input_lengths", "request_output_len"}
+    assert [(t.name, t.data_type) for t in configs["speaker_embedding"].output] == [("prompt_spk_embedding", 10)]
+    assert [(t.name, list(t.dims)) for t in configs["token2wav"].input][2] == ("prompt_speech_feat", [-1, 80])
+    for model in MODELS:
+        assert not configs[model].model_transaction_policy.decoupled or model in ("cosyvoice2", "tensorrt_llm")
+        expected = {"model.py"} if model != "tensorrt_llm" else {".gitkeep"}
+        assert set(os.listdir(os.path.join(repo, model, "1"))) == expected
+    required, optional = render.all_variables()
+    assert CONTRACT_VARIABLES <= required | optional
+    assert validate.validate_repo(repo).ok
+
+
+def test_unknown_keys_and_unfilled_variables_are_errors_listing_all_of_them(tmp_path, dirs):
+    values = repo_values(**dirs, overrides={"max_batch_sise": "4", "engine_dirr": "x"})
+    with pytest.raises(RenderError, match=r"unknown keys: engine_dirr, max_batch_sise"):
+        render_repo(str(tmp_path / "a"), values)
+    values = repo_values(**dirs)
+    del values["decoupled_mode"], values["model_dir"]
+    with pytest.raises(RenderError, match=r"unfilled template variables: decoupled_mode, model_dir"):
+        render_repo(str(tmp_path / "b"), values)
+    with pytest.raises(RenderError, match=r"unfilled template variables: y"):
+        render.render_text("max_batch_size: ${y}\n# ${comment_is_fine}\n", {})
+
+
+def test_optional_parameters_are_dropped_unless_given(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    render_repo(repo, repo_values(**dirs, overrides={"dynamic_chunk_strategy": "time_based", "sink_token_length": "4"}))
+    assert {k: v.string_value for k, v in _config(repo, "cosyvoice2").parameters.items()} == {
+        "llm_tokenizer_dir": dirs["hf_dir"], "model_dir": dirs["model_dir"], "dynamic_chunk_strategy": "time_based"}
+    llm = _config(repo, "tensorrt_llm").parameters
+    assert llm["sink_token_length"].string_value == "4" and "lora_prefetch_dir" not in llm
+    assert "token2wav_runtime" not in _config(repo, "token2wav").parameters
+
+
+def test_python_llm_backend_keeps_the_interface_and_ships_the_hf_runner(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    render_repo(repo, repo_values(**{**dirs, "engine_dir": dirs["hf_dir"]}), llm_backend="python")
+    llm = _config(repo, "tensorrt_llm")
+    assert llm.backend == "python" and (len(llm.input), len(llm.output)) == (60, 19)
+    assert os.listdir(os.path.join(repo, "tensorrt_llm", "1")) == ["model.py"]
+    assert validate.validate_repo(repo).ok
+
+
+def test_fill_template_keeps_upstream_semantics(tmp_path):
+    text = 'max_batch_size: ${triton_max_batch_size}\nq: ${max_queue_delay_microseconds}\np: "${engine_dir}"\nz: "${left}"\n'
+    # upstream splits twice (',' then ':'), so a literal ':' in a value needs a double escape
+    out = fill_template(text, r"triton_max_batch_size:16,engine_dir:/a\\:b\,c")
+    assert out == 'max_batch_size: 16\nq: 0\np: "/a:b,c"\nz: "${left}"\n'
+    with pytest.raises(ValueError, match="is not key:value"):
+        fill_template(text, r"engine_dir:/a\:b")
+    with pytest.raises(ValueError, match="key 'nope' does not exist"):
+        fill_template(text, "nope:1")
+    path = tmp_path / "config.pbtxt"
+    path.write_text(text)
+    assert main(["fill-template", str(path), "triton_max_batch_size:8", "-i"]) == 0
+    assert path.read_text().startswith("max_batch_size: 8\nq: 0\n")
+
+
+def _break(repo, model, old, new):
+    path = os.path.join(repo, model, "config.pbtxt")
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new, 1))
+
+
+@pytest.mark.parametrize("model, old, new, problem", [
+    ("cosyvoice2", "max_batch_size:", "max_batch_sise:", 'has no field named "max_batch_sise"'),
+    ("token2wav", "TYPE_FP32", "TYPE_FP33", "TYPE_FP33"),
+    ("cosyvoice2", "decoupled: True", "decoupled: ${decoupled_mode}", 'Expected "true" or "false"'),
+    ("cosyvoice2", "decoupled: True", "decoupled: False", "decoupled differs"),
+    ("audio_tokenizer", 'name: "audio_tokenizer"', 'name: "tokenizer"', "differs from its directory name"),
+    ("tensorrt_llm", "inflight_fused_batching", "inflight_fused", "gpt_model_type 'inflight_fused'"),
+    ("speaker_embedding", "/model\"", "/missing\"", "does not exist"),
+    ("tensorrt_llm", 'name: "output_ids" data_type: TYPE_INT32', 'name: "output_ids" data_type: TYPE_INT64',
+     "output 'output_ids' is TYPE_INT64, expected TYPE_INT32"),
+    ("cosyvoice2", "count: 4", "count: 0", "instance_group count 0"),
+])
+def test_validation_catches_schema_and_semantic_errors(tmp_path, dirs, model, old, new, problem):
+    repo = str(tmp_path / "repo")
+    render_repo(repo, repo_values(**dirs))
+    _break(repo, model, old, new)
+    report = validate.validate_repo(repo)
+    assert not report.ok
+    assert any(problem in p for p in report.problems()), report.problems()
+
+
+def test_validation_needs_an_engine_a_cosyvoice_tokenizer_and_the_model_files(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    render_repo(repo, repo_values(**dirs))
+    os.unlink(os.path.join(dirs["engine_dir"], "rank0.engine"))
+    with open(os.path.join(dirs["hf_dir"], "tokenizer_config.json"), "w") as f:
+        f.write('{"added_tokens_decoder": {"158227": {"content": "<|sos|>"}}}')
+    os.unlink(os.path.join(repo, "token2wav", "1", "model.py"))
+    shutil.rmtree(os.path.join(repo, "speaker_embedding"))
+    problems = validate.validate_repo(repo).problems()
+    assert any("holds no TensorRT-LLM engine" in p for p in problems)
+    assert any("lacks <|task_id|>, <|eos1|>" in p for p in problems)
+    assert any(p == "token2wav: python backend but 1/model.py is missing" for p in problems)
+    assert any("['speaker_embedding'] missing" in p for p in problems)
+    assert len(problems) == 5  # the two above about speaker_embedding + engine + tokenizer + model.py
+
+
+def test_triton_repo_cli_renders_validates_and_reports(tmp_path, dirs, capsys):
+    out = str(tmp_path / "repo")
+    args = ["triton-repo", "--engine_dir", dirs["engine_dir"], "--hf_dir", dirs["hf_dir"], "--model_dir",
+            dirs["model_dir"], "--out", out, "--no-decoupled", "--max_batch_size", "8", "--bls_instances", "2",
+            "--set", "kv_cache_free_gpu_mem_fraction:0.3"]
+    assert main(args) == 0
+    assert "5 models valid" in capsys.readouterr().out
+    assert not _config(out, "cosyvoice2").model_transaction_policy.decoupled
+    assert _config(out, "tensorrt_llm").parameters["kv_cache_free_gpu_mem_fraction"].string_value == "0.3"
+    assert main(args[:-1] + ["kv_cache_free_gpu_mem_fractio:0.3"]) == 2
+    assert "unknown keys: kv_cache_free_gpu_mem_fractio" in capsys.readouterr().err
+    assert main(["triton-repo", "--engine_dir", str(tmp_path / "none"), "--hf_dir", dirs["hf_dir"], "--model_dir",
+                 dirs["model_dir"], "--out", out]) == 1
+
+
+def test_chunk_schedule_follows_the_upstream_exponential_hops():
+    schedule = runtime.ChunkSchedule("exponential")
+    sizes, available = [], 750
+    while schedule.ready(available):
+        sizes.append(schedule.hop)
+        schedule.advance(available)
+    assert sizes == [15, 25, 50, 100, 200] and schedule.offset == 390
+    assert not runtime.ChunkSchedule().ready(17) and runtime.ChunkSchedule().ready(18)
+    with pytest.raises(ValueError, match="exponential or time_based"):
+        runtime.ChunkSchedule("linear")
