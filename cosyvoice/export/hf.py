@@ -280,6 +280,20 @@ def read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_hf_model(folder: str, round_to: torch.dtype | None = None):
+    """The float32 ``Qwen2ForCausalLM`` of a local export for numerics, its weights first rounded to
+    ``round_to`` when given (rotary buffers stay float32), without parsing the large
+    ``generation_config.json`` (only ``generate`` needs that)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM(Qwen2Config.from_pretrained(folder))
+    weights = read_hf_weights(folder)
+    if round_to is not None:
+        weights = {k: v.to(round_to) for k, v in weights.items()}
+    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    return model.eval()
+
+
 def speech_vocab_of(folder: str) -> SpeechVocab:
     """The speech layout of a local HF export: from our ``cosyvoice_export.json``, else from the
     tokenizer of an upstream export."""

@@ -76,10 +76,10 @@ def activation_ranges(model, sequences: list[list[int]]) -> dict[str, dict[str, 
 
 def calibrate(model_dir: str, data_list: str, *, size: int = 64, max_len: int = 512) -> tuple[dict, dict]:
     """Activation ranges of the (local) HF model folder on ``size`` sequences of ``data_list``."""
-    from transformers import Qwen2ForCausalLM
+    from cosyvoice.export.hf import load_hf_model
 
     sequences = calibration_sequences(model_dir, data_list, size=size, max_len=max_len)
-    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_hf_model(model_dir)
     ranges = activation_ranges(model, sequences)
     return ranges, {"sequences": len(sequences), "tokens": sum(map(len, sequences)), "data_list": data_list}
 

@@ -248,8 +248,12 @@ def rank_tensors(full: dict[str, torch.Tensor], cfg: dict, rank: int) -> dict[st
     return out
 
 
-def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | None = None, **kwargs) -> ConvertReport:
-    """Write the TRT-LLM checkpoint of the HF folder ``model_dir`` to ``output_dir``."""
+def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | None = None, *,
+                       calibration: tuple[dict, dict] | None = None, **kwargs) -> ConvertReport:
+    """Write the TRT-LLM checkpoint of the HF folder ``model_dir`` to ``output_dir``.
+
+    ``calibration``: the ``(ranges, info)`` of an earlier ``quantize.calibrate`` of the same model, so
+    several quantized variants share one calibration pass."""
     from safetensors.torch import save_file
 
     from cosyvoice.export.hf import BIAS_FILE, read_hf_weights
@@ -265,13 +269,14 @@ def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | N
         check_parallelism(cfg)
         dtype = _TORCH[cfg["dtype"]]
         weights = read_hf_weights(folder)
-        calibration = {}
         if opts.needs_calibration:
             from cosyvoice.export.quantize import calibrate, quantize_smoothquant
 
-            if not opts.calib_data:
-                raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
-            ranges, calibration = calibrate(folder, opts.calib_data, size=opts.calib_size, max_len=opts.calib_max_len)
+            if calibration is None:
+                if not opts.calib_data:
+                    raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
+                calibration = calibrate(folder, opts.calib_data, size=opts.calib_size, max_len=opts.calib_max_len)
+            ranges, calibration = calibration
             full = full_tensors(weights, cfg, dtype)
             if opts.smoothquant is not None:
                 full.update(quantize_smoothquant(weights, ranges, cfg, alpha=opts.smoothquant, per_channel=opts.per_channel,
@@ -281,6 +286,7 @@ def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | N
                     y = torch.cat([ranges[f"model.layers.{i}.self_attn.{p}_proj"]["y"] for p in "qkv"])
                     full[f"transformer.layers.{i}.attention.kv_cache_scaling_factor"] = (y.max() / 127.0).float().reshape(1)
         else:
+            calibration = None
             full = full_tensors(weights, cfg, dtype)
         bias_src = os.path.join(folder, BIAS_FILE)
         with tempfile.TemporaryDirectory(prefix="trtllm-ckpt-") as tmp:
@@ -298,7 +304,7 @@ def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | N
     return ConvertReport(output_dir=output_dir, dtype=cfg["dtype"], quant_algo=q["quant_algo"],
                          kv_cache_quant_algo=q["kv_cache_quant_algo"], tp_size=opts.tp_size, pp_size=opts.pp_size,
                          tensors_per_rank=counts, bytes=sum(sizes.values()), seconds=time.perf_counter() - t0,
-                         calibration=calibration)
+                         calibration=calibration or {})
 
 
 def load_checkpoint(ckpt_dir: str) -> tuple[dict, list[dict[str, torch.Tensor]]]:

@@ -19,7 +19,7 @@ from cosyvoice.export._io import local_dir
 
 #: documented bounds on max |logit error| / std(baseline logits), measured on the tiny random model
 #: of the tests and the synthetic data (bench/quantization.md); argmax agreement lower bounds.
-ERROR_BOUNDS = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-3, "W8A16": 0.2, "W4A16": 1.5, "SQ": 0.5,
+ERROR_BOUNDS = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-3, "W8A16": 0.2, "W4A16": 3.0, "SQ": 1.0,
                 "INT8_KV": 0.2}
 AGREEMENT_BOUNDS = {"W4A16": 0.6}
 DEFAULT_AGREEMENT = 0.9
@@ -57,11 +57,10 @@ class VerifyReport:
 
 def baseline_model(hf_dir: str, dtype: str):
     """The HF model with weights rounded to ``dtype``, computing in float32."""
-    from transformers import Qwen2ForCausalLM
+    from cosyvoice.export.hf import load_hf_model
 
     with local_dir(hf_dir) as folder:
-        model = Qwen2ForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).float().eval()
-    return model
+        return load_hf_model(folder, round_to=getattr(torch, dtype))
 
 
 def output_rows(hf_dir: str) -> range:
@@ -83,13 +82,14 @@ def compare_logits(baseline, reference, sequences: list[list[int]], rows: range)
 
 
 def verify_checkpoint(hf_dir: str, ckpt_dir: str, sequences: list[list[int]], *, error_bound: float | None = None,
-                      agreement_bound: float | None = None) -> VerifyReport:
-    """Reference forward of the checkpoint vs the HF model on ``sequences`` (HF ids)."""
+                      agreement_bound: float | None = None, baseline=None) -> VerifyReport:
+    """Reference forward of the checkpoint vs the HF model on ``sequences`` (HF ids); ``baseline``:
+    an already loaded ``baseline_model(hf_dir, <checkpoint dtype>)`` to reuse."""
     from cosyvoice.export.reference_forward import ReferenceModel
 
     reference = ReferenceModel(ckpt_dir)
     mode = mode_key(reference.cfg)
-    baseline = baseline_model(hf_dir, reference.cfg["dtype"])
+    baseline = baseline if baseline is not None else baseline_model(hf_dir, reference.cfg["dtype"])
     base, ref = compare_logits(baseline, reference, sequences, output_rows(hf_dir))
     err = (ref - base).abs()
     rel = float(err.max() / base.std())
