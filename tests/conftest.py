@@ -116,3 +116,19 @@ def feature_dir(clean_corpus, tmp_path_factory) -> str:
     (data / "wav.scp").write_text("\n".join(sorted(wav_scp)) + "\n")
     (data / "utt2spk").write_text("\n".join(sorted(utt2spk)) + "\n")
     return str(data)
+
+
+@pytest.fixture(scope="session")
+def training_list(clean_corpus, tiny_models, tmp_path_factory):
+    """Shards with embeddings and tokens (tiny reference models) and their data.list."""
+    from cosyvoice.corpus.manifest import prepare_libritts
+    from cosyvoice.features.stages import extract_embedding, extract_speech_token
+    from cosyvoice.shards.make_parquet import make_parquet
+
+    root = tmp_path_factory.mktemp("train")
+    data = str(root / "data")
+    prepare_libritts(os.path.join(clean_corpus, "dev-clean"), data)
+    extract_embedding(data, os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
+    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    make_parquet(data, str(root / "parquet"), num_utts_per_parquet=4)
+    return str(root / "parquet" / "data.list")

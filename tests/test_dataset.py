@@ -139,22 +139,6 @@ def test_padding_builds_the_contract_batch():
     assert torch.equal(sft["embedding"], sft["spk_embedding"])
 
 
-@pytest.fixture(scope="module")
-def training_list(clean_corpus, tiny_models, tmp_path_factory):
-    """Shards with embeddings and tokens (tiny reference models) and their data.list."""
-    from cosyvoice.corpus.manifest import prepare_libritts
-    from cosyvoice.features.stages import extract_embedding, extract_speech_token
-    from cosyvoice.shards.make_parquet import make_parquet
-
-    root = tmp_path_factory.mktemp("train")
-    data = str(root / "data")
-    prepare_libritts(os.path.join(clean_corpus, "dev-clean"), data)
-    extract_embedding(data, os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
-    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
-    make_parquet(data, str(root / "parquet"), num_utts_per_parquet=4)
-    return str(root / "parquet" / "data.list")
-
-
 def reference_features(row):
     """The recipe's sample features computed plainly (librosa mel basis, HF tokenizer, whisper)."""
     import io

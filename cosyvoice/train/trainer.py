@@ -286,9 +286,15 @@ class Trainer:
     def _batch_losses(self, batch: dict) -> dict:
         if not self.opts.dpo:
             return self.engine.forward("forward", batch, self.device)
+        # the reference scores the very sequences the policy saw: replay the bistream/unistream draws
+        # (upstream draws them again, so policy and reference compare different layouts)
+        draws = random.getstate()
         out = self.engine.forward("forward_dpo", batch, self.device)
+        after = random.getstate()
+        random.setstate(draws)
         with torch.no_grad():
             ref = self.ref_model.forward_dpo(batch, self.device)
+        random.setstate(after)
         loss_dpo, chosen_reward, rejected_reward = dpo_loss(out["chosen_logps"], out["rejected_logps"],
                                                             ref["chosen_logps"], ref["rejected_logps"],
                                                             beta=self.opts.dpo_beta)
