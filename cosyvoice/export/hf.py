@@ -12,11 +12,13 @@ What we do better than the upstream script:
 
 * **Non-speech ids are impossible.** HF and TensorRT-LLM Qwen2 have no ``lm_head`` bias, so the
   upstream export drops ``llm_decoder.bias`` and its -inf mask: every text/pad row has logit 0 and can
-  be sampled, and speech logits lose their bias. We emit that bias as a logits bias the serving
-  stacks apply: ``generation_config.json`` carries ``suppress_tokens`` (every non-speech id) and
-  ``sequence_bias`` (the decoder bias per speech id), so ``generate`` reproduces our model's
-  distribution exactly; ``embedding_bias.safetensors`` holds the same full-vocabulary float32 vector
-  (-inf off the speech rows) for the TensorRT-LLM ``embedding_bias`` request input.
+  be sampled, and speech logits lose their bias. No bias-free linear head can carry a constant
+  offset (the final RMSNorm output has no constant component), so we emit the bias for the stages
+  that apply it: ``embedding_bias.safetensors`` is the full-vocabulary float32 vector (decoder bias on
+  the speech rows, -inf elsewhere) for TensorRT-LLM's per-request ``embedding_bias`` input (the
+  Triton BLS sends it), and ``speech_logits_processor(folder)`` applies it in HF ``generate``.
+  (``suppress_tokens``/``bad_words_ids`` in ``generation_config.json`` would do the masking too, but
+  with ~152k ids they cost ~0.5 s per generated token in transformers' processors.)
 * **The round trip is exact.** The export keeps the source dtype by default and stores what the HF
   layout overwrites or cannot hold (the decoder bias, the Qwen embedding rows ``[V0, 151936)`` that
   speech rows replace, an untied Qwen ``lm_head``) in ``cosyvoice_extras.safetensors``. Without that
@@ -235,12 +237,8 @@ def export_hf(llm_pt: str, out: str, *, tokenizer_dir: str, config=None, variant
         cfg_dict["rope_theta"] = float((cfg_dict.get("rope_parameters") or {}).get("rope_theta", body_cfg.get("rope_theta", 10000.0)))
 
     bias = vocab.logits_bias(decoder_bias)
-    speech_bias = bias[list(vocab.output_ids)]
-    generation = GenerationConfig(
-        eos_token_id=vocab.stop_ids, pad_token_id=vocab.stop_ids[0], do_sample=True, temperature=1.0, top_p=0.8, top_k=25,
-        suppress_tokens=[i for i in range(padded) if i not in vocab.output_ids],
-        sequence_bias=[[[i], float(b)] for i, b in zip(vocab.output_ids, speech_bias.tolist()) if b != 0.0] or None,
-    )
+    generation = GenerationConfig(eos_token_id=vocab.stop_ids, pad_token_id=vocab.stop_ids[0], do_sample=True,
+                                  temperature=1.0, top_p=0.8, top_k=25)
     info = {**asdict(vocab), "vocab_size": vocab.vocab_size, "padded_vocab_size": padded, "qwen_vocab_size": qwen_vocab,
             "sos_id": vocab.sos_id, "task_id": vocab.task_id, "stop_ids": vocab.stop_ids, "source_dtype":
             str(src_dtype).removeprefix("torch."), "qwen_lm_head_tied": tied, "decoder_has_bias": decoder_bias is not None,
@@ -260,6 +258,27 @@ def export_hf(llm_pt: str, out: str, *, tokenizer_dir: str, config=None, variant
     return HfExportReport(out=out, variant=variant, dtype=dtype_name, text_vocab_size=v0, vocab_size=vocab.vocab_size,
                           padded_vocab_size=padded, parameters=sum(t.numel() for t in tensors.values()),
                           bytes=sum(sizes.values()), seconds=time.perf_counter() - t0)
+
+
+class SpeechLogitsBias:
+    """HF logits processor adding the exported ``embedding_bias`` (decoder bias on speech rows,
+    -inf elsewhere): with it ``generate`` samples exactly our model's speech-token distribution."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.bias = bias.float()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.bias[: scores.shape[-1]].to(scores.device, scores.dtype)
+
+
+def speech_logits_processor(hf_dir: str):
+    """``LogitsProcessorList`` for ``model.generate(..., logits_processor=...)`` on an export."""
+    from safetensors.torch import load_file
+    from transformers import LogitsProcessorList
+
+    with local_dir(hf_dir) as folder:
+        bias = load_file(os.path.join(folder, BIAS_FILE))["embedding_bias"]
+    return LogitsProcessorList([SpeechLogitsBias(bias)])
 
 
 def read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
