@@ -22,6 +22,30 @@ def histogram(values: Sequence[float], *, title: str, xlabel: str, bins: int = 3
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     fig.tight_layout()
+    return _png_markdown(fig, title)
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str) -> dg.MetadataValue:
+    """Named (x, y) series as one PNG line chart in markdown metadata (loss curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=90)
+    for name, (xs, ys) in series.items():
+        if len(xs):
+            ax.plot(list(xs), list(ys), marker="o" if len(xs) < 30 else None, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.legend()
+    fig.tight_layout()
+    return _png_markdown(fig, title)
+
+
+def _png_markdown(fig, title: str) -> dg.MetadataValue:
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)

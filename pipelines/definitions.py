@@ -5,6 +5,7 @@ import dagster as dg
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
 from assets.shards import parquet_shards, training_data_lists
+from assets.training import llm_averaged, llm_checkpoint
 from pipelines.executors import executor_for
 from pipelines.jobs import prepare_subset, retrain
 from pipelines.resources import deployment, resources_for
@@ -16,7 +17,7 @@ features_job = dg.define_asset_job("features_job", selection=[speaker_embeddings
 
 defs = dg.Definitions(
     assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files, parquet_shards,
-            training_data_lists],
+            training_data_lists, llm_checkpoint, llm_averaged],
     jobs=[manifest_job, features_job, prepare_subset, retrain],
     schedules=[retrain_schedule],
     sensors=[corpus_sensor, prepare_subset_shards, report_run_failures],

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -48,6 +49,46 @@ class ModelStore(dg.ConfigurableResource):
         return storage.join(self.root, name)
 
 
+class TrainingResource(dg.ConfigurableResource):
+    """How and where the LLM trainer runs: ``subprocess`` (this machine, embedded) or ``k8s`` (a GPU
+    pod through ``PipesK8sClient``, distributed). ``model_dir`` is a local or mounted path (the
+    trainer writes checkpoints with plain file I/O; on Kubernetes a PVC mounted at ``/models``)."""
+
+    model_dir: str
+    recipe: str = "configs/cosyvoice2.yaml"
+    qwen_pretrain_path: str = ""
+    deepspeed_config: str = "configs/ds_stage2.json"
+    launcher: str = "subprocess"  # subprocess | k8s
+    python: str = "python"
+    image: str = ""
+    namespace: str = ""
+    volume_claim: str = ""
+    run_name: str = "cosyvoice-llm"
+    env_passthrough: list[str] = ["COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE"]
+
+    def _in_project(self, path: str) -> str:
+        if self.launcher == "subprocess" and not os.path.isabs(path) and "://" not in path:
+            return str(PROJECT_ROOT / path)
+        return path
+
+    def recipe_path(self) -> str:
+        return self._in_project(self.recipe)
+
+    def deepspeed_config_path(self) -> str:
+        return self._in_project(self.deepspeed_config)
+
+    def forwarded_env(self) -> dict[str, str]:
+        return {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
+
+
+def _default_qwen_dir() -> str:
+    """The bundled Qwen2 BPE files: a working default for random-init runs (tests, demos)."""
+    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+
+    return bundled_qwen_tokenizer_dir()
+
+
 def deployment() -> str:
     name = os.environ.get("COSYVOICE_DEPLOYMENT", "embedded")
     if name not in ("embedded", "distributed"):
@@ -61,10 +102,22 @@ def resources_for(name: str) -> dict:
             "corpus": CorpusResource(root=dg.EnvVar("COSYVOICE_CORPUS_ROOT")),
             "store": DataStore(root=dg.EnvVar("COSYVOICE_DATA_ROOT")),
             "models": ModelStore(root=dg.EnvVar("COSYVOICE_MODEL_ROOT")),
+            "training": TrainingResource(
+                model_dir=os.environ.get("COSYVOICE_TRAIN_MODEL_DIR", "/models/llm"), launcher="k8s",
+                recipe=os.environ.get("COSYVOICE_TRAIN_RECIPE", "/app/configs/cosyvoice2.yaml"),
+                deepspeed_config="/app/configs/ds_stage2.json",
+                qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH", ""),
+                image=os.environ.get("COSYVOICE_GPU_IMAGE", "cosyvoice-pipeline-gpu:latest"),
+                namespace=os.environ.get("COSYVOICE_K8S_NAMESPACE", ""),
+                volume_claim=os.environ.get("COSYVOICE_MODELS_PVC", "cosyvoice-models")),
         }
     data_root = os.environ.get("COSYVOICE_DATA_ROOT", str(PROJECT_ROOT / "data"))
     return {
         "corpus": CorpusResource(root=os.environ.get("COSYVOICE_CORPUS_ROOT", storage.join(data_root, "LibriTTS"))),
         "store": DataStore(root=data_root),
         "models": ModelStore(root=os.environ.get("COSYVOICE_MODEL_ROOT", storage.join(data_root, "models"))),
+        "training": TrainingResource(
+            model_dir=os.environ.get("COSYVOICE_TRAIN_MODEL_DIR", storage.join(data_root, "train", "llm")),
+            recipe=os.environ.get("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"), python=sys.executable,
+            qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH") or _default_qwen_dir()),
     }

@@ -429,8 +429,9 @@ class Trainer:
         tps = total_tokens / total_time if total_time else 0.0
         report = TrainReport(o.model_dir, max_epoch, step, last, cv.get("loss"), losses, tps,
                              self.flops_per_token * tps / (self.peak * self.world) if self.peak else None, dpo_skipped)
-        self.reporter.report_result({"steps": step, "cv_loss": report.cv_loss, "checkpoint": last,
-                                     "tokens_per_s": tps, "dpo_skipped": dpo_skipped})
+        result = {"steps": step, "epochs": max_epoch, "checkpoint": last, "tokens_per_s": tps, "dpo_skipped": dpo_skipped}
+        result.update({k: v for k, v in (("cv_loss", report.cv_loss), ("mfu", report.mfu)) if v is not None})
+        self.reporter.report_result(result)
         self.reporter.close()
         return report
 
