@@ -79,6 +79,8 @@ def build_bundle(out: str, *, engine_dir: str, hf_dir: str, model_dir: str, moun
     os.makedirs(out, exist_ok=True)
     sources = {"model_dir": model_dir, "hf_dir": hf_dir, "engine_dir": engine_dir}
     for key, folder in BUNDLE_DIRS.items():
+        if key == "engine_dir" and llm_backend == "python":
+            continue  # the HF export in cosyvoice2_llm/ is what the python LLM model serves
         _fetch_tree(sources[key], os.path.join(out, folder))
     if spk2info:
         with open(os.path.join(out, BUNDLE_DIRS["model_dir"], "spk2info.pt"), "wb") as f:
@@ -87,6 +89,8 @@ def build_bundle(out: str, *, engine_dir: str, hf_dir: str, model_dir: str, moun
     values = repo_values(engine_dir=served["engine_dir"] if llm_backend == "tensorrtllm" else served["hf_dir"],
                          hf_dir=served["hf_dir"], model_dir=served["model_dir"], decoupled=decoupled,
                          max_batch_size=max_batch_size, bls_instances=bls_instances, overrides=overrides)
+    if llm_backend == "python":
+        values["triton_backend"] = "python"
     render_repo(os.path.join(out, "model_repo"), values, models=models, llm_backend=llm_backend)
     validation = validate_repo(os.path.join(out, "model_repo"), path_map={mount: out},
                                require_reference_models=set(models) >= {"audio_tokenizer", "speaker_embedding"})

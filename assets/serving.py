@@ -1,0 +1,83 @@
+"""``triton_model_repo``: the served CosyVoice2 Triton repository, published as a new verified version."""
+
+import dagster as dg
+
+from cosyvoice import storage
+from cosyvoice.corpus.kaldi import read_table
+from cosyvoice.triton.publish import DEFAULT_MOUNT, publish_triton_repo
+from cosyvoice.triton.spk2info import build_spk2info
+from pipelines.resources import DataStore, ModelStore
+
+SERVING_CHECKS = ("schema_valid", "semantics_valid", "server_load_test")
+
+
+class TritonRepoConfig(dg.Config):
+    """Where the inputs are and how to serve. Empty paths mean the pipeline's own outputs:
+    ``<data root>/hf_checkpoint``, ``<data root>/trtllm_engine`` and the models resource root."""
+
+    name: str = "cosyvoice2"
+    hf_dir: str = ""
+    engine_dir: str = ""
+    model_dir: str = ""
+    spk2info_subset: str = "dev-clean"
+    spk2info_speakers: list[str] = []  # empty: the subset's first speaker becomes "001"
+    llm_backend: str = "auto"  # tensorrtllm | python (HF on CPU) | auto: tensorrtllm when an engine exists
+    load_test: str = "auto"  # auto | require | skip
+    mount: str = DEFAULT_MOUNT
+    decoupled: bool = True
+    max_batch_size: int = 16
+    bls_instances: int = 4
+
+
+def _has_engine(url: str) -> bool:
+    try:
+        names = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(url)]
+    except FileNotFoundError:
+        return False
+    return "config.json" in names and any(n.startswith("rank") and n.endswith(".engine") for n in names)
+
+
+@dg.asset(
+    deps=[dg.AssetKey("hf_checkpoint"), dg.AssetKey("trtllm_engine")],
+    group_name="serving", kinds={"triton"},
+    check_specs=[dg.AssetCheckSpec(n, asset="triton_model_repo", blocking=True) for n in SERVING_CHECKS],
+)
+def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfig, store: DataStore,
+                      models: ModelStore) -> dg.MaterializeResult:
+    """Render + validate + load-test the five-model repository and publish it to
+    ``<data root>/triton/<name>/<version>/``; ``LATEST`` switches only after the upload verifies.
+    Nothing is published when the repository is invalid or the load test fails."""
+    hf_dir = config.hf_dir or store.url("hf_checkpoint")
+    engine_dir = config.engine_dir or store.url("trtllm_engine")
+    model_dir = config.model_dir or models.root
+    backend = config.llm_backend
+    if backend == "auto":
+        backend = "tensorrtllm" if _has_engine(engine_dir) else "python"
+        if backend == "python":
+            context.log.warning(f"no TensorRT-LLM engine in {engine_dir}: serving the HF export with the python "
+                                "backend behind the tensorrt_llm interface (CPU; build the engine for GPU serving)")
+    manifest_dir = store.url("manifest", config.spk2info_subset)
+    speakers = config.spk2info_speakers or sorted(set(read_table(manifest_dir, "utt2spk").values()))[:1]
+    spk2info_url = store.url("triton", f"{config.name}-spk2info.pt")
+    spk = build_spk2info(manifest_dir, model_dir, spk2info_url, speakers=speakers)
+    report = publish_triton_repo(store.url("triton", config.name), engine_dir=engine_dir, hf_dir=hf_dir,
+                                 model_dir=model_dir, spk2info=spk2info_url, mount=config.mount,
+                                 load_test=config.load_test, decoupled=config.decoupled,
+                                 max_batch_size=config.max_batch_size, bls_instances=config.bls_instances,
+                                 llm_backend=backend)
+    validation = report.manifest["validation"]
+    load = report.manifest["server_load_test"]
+    return dg.MaterializeResult(
+        metadata={**report.as_metadata(), "llm_backend": backend, "spk2info_speakers": spk.speakers,
+                  "model_bytes": report.manifest["model_bytes"],
+                  "pointer": storage.join(store.url("triton", config.name), "LATEST"),
+                  "pull": f"cosyvoice-pipeline triton-pull --root {store.url('triton', config.name)} --dest "
+                          f"{config.mount}"},
+        check_results=[
+            dg.AssetCheckResult(check_name="schema_valid", passed=bool(validation["schema_valid"])),
+            dg.AssetCheckResult(check_name="semantics_valid", passed=bool(validation["valid"]),
+                                metadata={"problems": "; ".join(validation["problems"]) or "none"}),
+            dg.AssetCheckResult(check_name="server_load_test", passed=load.get("passed") is not False,
+                                metadata={k: str(v) for k, v in load.items()}),
+        ],
+    )
