@@ -67,6 +67,8 @@ def add_subcommands(sub) -> None:
     g.add_argument("--seed", type=int, default=1986)
     g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (GPUs are detected)")
     g.add_argument("--compile", action="store_true", help="torch.compile the Qwen2 body")
+    g.add_argument("--attn_implementation", choices=["sdpa", "flash_attention_2", "flex_attention", "eager"],
+                   help="attention kernel (default: flash_attention_2 for packed batches on GPU when installed, else sdpa)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("average-checkpoints", help="average checkpoints (upstream cosyvoice/bin/average_model.py)")

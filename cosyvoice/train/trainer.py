@@ -86,6 +86,7 @@ class TrainOptions:
     seed: int = 1986
     peak_flops: float | None = None
     compile: bool = False
+    attn_implementation: str | None = None  # sdpa | flash_attention_2 | flex_attention | eager (default: auto)
     extra: dict = field(default_factory=dict)
 
 
@@ -155,6 +156,16 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
+def _auto_attention(packed: bool, device: torch.device) -> str | None:
+    """Packed rows want variable-length attention (no work across utterance boundaries): FlashAttention-2
+    when installed on a GPU; otherwise the model's default (SDPA with the packed-sequence mask)."""
+    import importlib.util
+
+    if packed and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
 @contextlib.contextmanager
 def _fixed_python_rng(seed: int):
     """CV draws bistream/unistream layouts from ``random``; fix them so CV losses of different
@@ -209,6 +220,9 @@ class Trainer:
         self.model.to(self.device)
         self.pipeline = self._pipeline_config()
         self.model.packed = self.pipeline.batch_type == "token" if opts.pack is None else opts.pack
+        attn = opts.attn_implementation or _auto_attention(self.model.packed, self.device)
+        if attn:
+            self.model.llm.model.set_attn_implementation(attn)
         if opts.onnx_path:
             from cosyvoice.train.online import OnlineSpeechTokenizer
 
