@@ -60,6 +60,11 @@ test: venv sysdeps
 ui: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+# The CPU tritonserver the Triton tests run (nvidia-pytriton's binary + python backend in its own
+# numpy-1.26 venv below .venv, chained to .venv's packages); the tests build it themselves if missing.
+triton-server: venv
+	$(BIN)/cosyvoice-pipeline triton-server-env
+
 lint: venv
 	$(BIN)/ruff check cosyvoice assets pipelines tests bench
 
