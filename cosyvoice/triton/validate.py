@@ -37,6 +37,9 @@ BLS_INTERFACE = {
 }
 TOKENIZER_TOKENS = ("<|sos|>", "<|task_id|>", "<|eos1|>")
 PATH_PARAMETERS = ("model_dir", "llm_tokenizer_dir", "gpt_model_path")
+#: files a model opens below its model_dir (contract 13)
+MODEL_DIR_FILES = {"speaker_embedding": ("campplus.onnx",), "audio_tokenizer": ("speech_tokenizer_v2.onnx",)}
+ACOUSTIC_FILES = ("cosyvoice2.yaml", "flow.pt", "hift.pt", "flow.decoder.estimator.fp32.onnx", "CosyVoice-BlankEN")
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ValidationReport:
     repo: str
     models: dict[str, ModelCheck]
     errors: list[str]  # repository-level
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -73,15 +77,17 @@ class ValidationReport:
             "valid": self.ok,
             "schema_valid": self.schema_ok,
             "problems": self.problems(),
+            "warnings": self.warnings,
             "models": {n: {"backend": m.backend, "decoupled": m.decoupled, "max_batch_size": m.max_batch_size,
                            "inputs": m.inputs, "outputs": m.outputs, "schema_ok": m.schema_ok, "errors": m.errors}
                        for n, m in self.models.items()},
         }
 
     def summary(self) -> str:
+        notes = "".join(f"\n  warning: {w}" for w in self.warnings)
         if self.ok:
-            return f"{self.repo}: {len(self.models)} models valid ({', '.join(self.models)})"
-        return f"{self.repo}: INVALID\n" + "\n".join(f"  {p}" for p in self.problems())
+            return f"{self.repo}: {len(self.models)} models valid ({', '.join(self.models)}){notes}"
+        return f"{self.repo}: INVALID\n" + "\n".join(f"  {p}" for p in self.problems()) + notes
 
 
 def parse_config(text: str):
@@ -228,4 +234,27 @@ def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str,
         if llm is not None and llm.model_transaction_policy.decoupled != bls.model_transaction_policy.decoupled:
             errors.append(f"decoupled differs: cosyvoice2={bls.model_transaction_policy.decoupled}, "
                           f"tensorrt_llm={llm.model_transaction_policy.decoupled} (the BLS streams only when both are)")
-    return ValidationReport(repo=repo, models=checks, errors=errors)
+    warnings: list[str] = []
+    for name, config in configs.items():
+        if config is None:
+            continue
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        folder = _resolve(params.get("model_dir", ""), base_dir, path_map)
+        if "model_dir" not in params or not os.path.isdir(folder):
+            continue
+        for fname in MODEL_DIR_FILES.get(name, ()):
+            if not os.path.exists(os.path.join(folder, fname)):
+                checks[name].errors.append(f"model_dir {params['model_dir']!r} lacks {fname}")
+        if name == "cosyvoice2" and os.path.isfile(os.path.join(folder, "spk2info.pt")):
+            from cosyvoice.triton.runtime import load_spk2info
+
+            try:
+                load_spk2info(os.path.join(folder, "spk2info.pt"))
+            except Exception as exc:  # not loadable with weights_only, or no speaker "001"
+                checks[name].errors.append(f"spk2info.pt unusable: {exc}")
+        if name == "token2wav":
+            absent = [f for f in ACOUSTIC_FILES if not os.path.exists(os.path.join(folder, f))]
+            if absent:
+                warnings.append(f"token2wav: model_dir lacks the acoustic model files {absent}; it will not load "
+                                "until they (and the acoustic runtime) are there")
+    return ValidationReport(repo=repo, models=checks, errors=errors, warnings=warnings)

@@ -30,6 +30,8 @@ def dirs(tmp_path):
                                               '"158227": {"content": "<|sos|>"}, "158228": {"content": "<|task_id|>"}}}')
     (engine / "config.json").write_text("{}")
     (engine / "rank0.engine").write_bytes(b"\0" * 16)
+    for name in ("campplus.onnx", "speech_tokenizer_v2.onnx"):
+        (model_dir / name).write_bytes(b"onnx")
     return {"model_dir": str(model_dir), "hf_dir": str(hf), "engine_dir": str(engine)}
 
 
@@ -154,13 +156,19 @@ def test_validation_needs_an_engine_a_cosyvoice_tokenizer_and_the_model_files(tm
     with open(os.path.join(dirs["hf_dir"], "tokenizer_config.json"), "w") as f:
         f.write('{"added_tokens_decoder": {"158227": {"content": "<|sos|>"}}}')
     os.unlink(os.path.join(repo, "token2wav", "1", "model.py"))
+    os.unlink(os.path.join(dirs["model_dir"], "speech_tokenizer_v2.onnx"))
+    with open(os.path.join(dirs["model_dir"], "spk2info.pt"), "wb") as f:
+        f.write(b"not a torch file")
     shutil.rmtree(os.path.join(repo, "speaker_embedding"))
     problems = validate.validate_repo(repo).problems()
     assert any("holds no TensorRT-LLM engine" in p for p in problems)
     assert any("lacks <|task_id|>, <|eos1|>" in p for p in problems)
     assert any(p == "token2wav: python backend but 1/model.py is missing" for p in problems)
     assert any("['speaker_embedding'] missing" in p for p in problems)
-    assert len(problems) == 5  # the two above about speaker_embedding + engine + tokenizer + model.py
+    assert any("lacks speech_tokenizer_v2.onnx" in p for p in problems)
+    assert any(p.startswith("cosyvoice2: spk2info.pt unusable") for p in problems)
+    assert len(problems) == 6  # speaker_embedding + engine + tokenizer + model.py + onnx + spk2info
+    assert "acoustic model files ['cosyvoice2.yaml', 'flow.pt'" in validate.validate_repo(repo).warnings[0]
 
 
 def test_triton_repo_cli_renders_validates_and_reports(tmp_path, dirs, capsys):
