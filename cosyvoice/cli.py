@@ -84,7 +84,8 @@ def cmd_extract_speech_token(args: argparse.Namespace) -> int:
     from cosyvoice.features.stages import extract_speech_token
 
     report = extract_speech_token(args.dir, args.onnx_path, num_thread=args.num_thread, device=args.device,
-                                  long_audio=args.long_audio, shard=args.shard, progress=_progress("tokens"))
+                                  long_audio=args.long_audio, shard=args.shard, progress=_progress("tokens"),
+                                  batch_size=args.batch_size)
     _print_extraction(report)
     return 0
 
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx_path", required=True, help="speech_tokenizer_v1/v2/v3.onnx")
     p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="length-sorted padded batches (needs a batch-capable model, e.g. speech_tokenizer_v2.batch.onnx)")
     p.add_argument("--long_audio", choices=("skip", "chunk"), default="skip",
                    help="audio > 30 s: skip (write [], as upstream) or tokenize consecutive <= 30 s windows")
     p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")

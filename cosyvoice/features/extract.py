@@ -61,7 +61,8 @@ class ExtractionReport:
         }
 
 
-def _init_worker(kind: str, model_path: str, device: str, long_audio: str, env: dict | None = None) -> None:
+def _init_worker(kind: str, model_path: str, device: str, long_audio: str, env: dict | None = None,
+                 batch_size: int = 1) -> None:
     import torch
 
     from cosyvoice import storage
@@ -71,7 +72,17 @@ def _init_worker(kind: str, model_path: str, device: str, long_audio: str, env: 
         storage.use_environment(env)
 
     torch.set_num_threads(1)
-    _STATE.update(kind=kind, session=make_session(model_path, device=device, threads=1), long_audio=long_audio)
+    session = make_session(model_path, device=device, threads=1)
+    if batch_size > 1 and not batch_capable(session):
+        raise ValueError(f"{model_path}: --batch_size {batch_size} needs a tokenizer with a batch dimension "
+                         "(e.g. speech_tokenizer_v2.batch.onnx); this one takes one utterance")
+    _STATE.update(kind=kind, session=session, long_audio=long_audio, batch_size=batch_size)
+
+
+def batch_capable(session) -> bool:
+    """Inputs ``feats (B, 128, T)`` / ``feats_length (B,)`` with a symbolic B."""
+    inputs = session.get_inputs()
+    return len(inputs) == 2 and not isinstance(inputs[1].shape[0], int)
 
 
 def _process(item: tuple[str, str]) -> tuple:
@@ -113,7 +124,51 @@ def _process(item: tuple[str, str]) -> tuple:
 
 
 def _process_chunk(items: list[tuple[str, str]]) -> list[tuple]:
+    if _STATE.get("batch_size", 1) > 1 and _STATE["kind"] == "speech_token":
+        return _tokens_batched(items)
     return [_process(item) for item in items]
+
+
+def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
+    """Length-sorted batches with zero-padded mels and the true lengths (the model masks the
+    padding, so every row's tokens equal the single-utterance result). Audio that needs
+    skipping/chunking, undecodable files and any batch the model rejects go the per-utterance way."""
+    import numpy as np
+
+    from cosyvoice.features import frontend
+
+    session, size = _STATE["session"], _STATE["batch_size"]
+    names = [i.name for i in session.get_inputs()]
+    out, ready = [], []
+    for utt, path in items:
+        try:
+            audio, rate = frontend.load_audio(path)
+        except frontend.AudioDecodeError as exc:
+            out.append((utt, Failure(utt, path, exc.reason, str(exc)), 0.0, 0.0, None))
+            continue
+        windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
+        if len(windows) != 1:
+            out.append(_process((utt, path)))
+            continue
+        ready.append((utt, path, audio.shape[1] / rate, frontend.whisper_input(windows[0])[0]))
+    ready.sort(key=lambda r: r[3].shape[1])
+    for start in range(0, len(ready), size):
+        group = ready[start:start + size]
+        lengths = np.array([r[3].shape[1] for r in group], dtype=np.int32)
+        feats = np.zeros((len(group), group[0][3].shape[0], int(lengths.max())), dtype=np.float32)
+        for i, r in enumerate(group):
+            feats[i, :, :lengths[i]] = r[3]
+        began = time.perf_counter()
+        try:
+            indices, token_lengths = session.run(None, {names[0]: feats, names[1]: lengths})[:2]
+        except Exception:  # isolate the utterance the model cannot take
+            out.extend(_process((utt, path)) for utt, path, _, _ in group)
+            continue
+        model = time.perf_counter() - began
+        share = lengths / lengths.sum()
+        for i, (utt, _, seconds, _) in enumerate(group):
+            out.append((utt, indices[i, :int(token_lengths[i])].tolist(), seconds, float(model * share[i]), None))
+    return out
 
 
 def run_extraction(
@@ -125,6 +180,7 @@ def run_extraction(
     device: str = "cpu",
     long_audio: str = "skip",
     progress: Callable[[Iterable], Iterable] | None = None,
+    batch_size: int = 1,
 ) -> ExtractionReport:
     """Extract ``kind`` (``"embedding"`` or ``"speech_token"``) for every ``(utt, path)``."""
     if kind not in ("embedding", "speech_token"):
@@ -136,15 +192,20 @@ def run_extraction(
     workers = max(1, min(num_workers, len(items)))
     from cosyvoice import storage
 
-    init_args = (kind, model_path, device, long_audio, storage.environment())
+    init_args = (kind, model_path, device, long_audio, storage.environment(), batch_size)
+    batched = kind == "speech_token" and batch_size > 1
     if workers == 1:
         _init_worker(*init_args)
-        outputs: Iterable = (_process(item) for item in items)
+        step = batch_size * 8
+        outputs: Iterable = ((out for i in range(0, len(items), step) for out in _tokens_batched(items[i:i + step]))
+                             if batched else (_process(item) for item in items))
         if progress is not None:
             outputs = progress(outputs)
         collected = list(outputs)
     else:
         size = max(1, min(4, len(items) // (workers * 8)))  # small chunks: no straggler at the end
+        if batched:
+            size = max(batch_size, min(batch_size * 8, len(items) // workers))
         chunks = [items[i:i + size] for i in range(0, len(items), size)]
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["cosyvoice.features.frontend", "cosyvoice.features.onnx"])

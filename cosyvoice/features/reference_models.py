@@ -14,7 +14,13 @@ speech_tokenizer_v1.onnx    feats float32 (1, 128, T), feats_length   indices in
                             int32 (1,)                                (50 tokens per second)
 speech_tokenizer_v2.onnx    same                                      indices int32 (1, T/4), < 6561
                                                                       (25 tokens per second)
+speech_tokenizer_v2.        feats float32 (B, 128, T) zero-padded,    indices int32 (B, T/4),
+batch.onnx                  feats_length int32 (B,)                   indices_length int32 (B,)
 ==========================  ========================================  ================================
+
+The ``.batch`` model has the v2 model's weights (same seed) and masks the padding, so each row's
+valid tokens equal the single-utterance model's; upstream uses such a file for online training
+features (``speech_tokenizer_v2.batch.onnx``) and it enables batched GPU extraction.
 
 Needs the ``dev`` extra (torch, onnx, onnxscript, s3tokenizer, speakerlab-slim).
 """
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 
 from cosyvoice import storage
 
-MODEL_NAMES = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2")
+MODEL_NAMES = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2", "speech_tokenizer_v2.batch")
 SPEC_FILE = "reference_models.json"
 FORMAT_VERSION = 1  # bump when the export recipe changes, so stale models are rebuilt
 
@@ -44,6 +50,7 @@ class TokenizerSpec:
 TOKENIZERS = {
     "speech_tokenizer_v1": TokenizerSpec(codebook_size=4096, tokens_per_second=50),
     "speech_tokenizer_v2": TokenizerSpec(codebook_size=6561, tokens_per_second=25),
+    "speech_tokenizer_v2.batch": TokenizerSpec(codebook_size=6561, tokens_per_second=25),
 }
 
 
@@ -82,7 +89,7 @@ def _build_v1(size: str):
     return Export().eval()
 
 
-def _build_v2(size: str):
+def _build_v2(size: str, batched: bool = False):
     import torch
     from s3tokenizer.model_v2 import S3TokenizerV2
 
@@ -101,11 +108,16 @@ def _build_v2(size: str):
             self.register_buffer("powers", 3.0 ** torch.arange(8, dtype=torch.float32))
 
         def forward(self, feats, feats_length):
-            hidden, _ = self.encoder(feats, feats_length)
+            hidden, lengths = self.encoder(feats, feats_length)
             digits = (self.project_down(hidden).float().tanh() * 0.999).round() + 1
-            return (digits * self.powers).sum(-1).to(torch.int32)
+            indices = (digits * self.powers).sum(-1).to(torch.int32)
+            return (indices, lengths.to(torch.int32)) if batched else indices
 
     return Export().eval()
+
+
+def _build_v2_batch(size: str):
+    return _build_v2(size, batched=True)
 
 
 def _build_campplus(size: str):
@@ -125,6 +137,14 @@ def _export(name: str, model, path: str) -> None:
             torch.onnx.export(model, example, path, dynamo=False, opset_version=17,
                               input_names=["input"], output_names=["embedding"],
                               dynamic_axes={"input": {1: "T"}})
+        elif name.endswith(".batch"):
+            feats = torch.randn(3, 128, 400)
+            length = torch.tensor([400, 321, 157], dtype=torch.int32)
+            b_dim, t_dim = torch.export.Dim("B", min=1, max=1024), torch.export.Dim("T", min=8, max=3000)
+            torch.onnx.export(model, (feats, length), path, dynamo=True, external_data=False,
+                              opset_version=18, input_names=["feats", "feats_length"],
+                              output_names=["indices", "indices_length"],
+                              dynamic_shapes={"feats": {0: b_dim, 2: t_dim}, "feats_length": {0: b_dim}})
         else:
             feats = torch.randn(1, 128, 400)
             length = torch.tensor([400], dtype=torch.int32)
@@ -135,7 +155,8 @@ def _export(name: str, model, path: str) -> None:
                               dynamic_shapes={"feats": {2: t_dim}, "feats_length": None})
 
 
-_BUILDERS = {"campplus": _build_campplus, "speech_tokenizer_v1": _build_v1, "speech_tokenizer_v2": _build_v2}
+_BUILDERS = {"campplus": _build_campplus, "speech_tokenizer_v1": _build_v1, "speech_tokenizer_v2": _build_v2,
+             "speech_tokenizer_v2.batch": _build_v2_batch}
 
 
 def make_reference_models(out: str, *, seed: int = 0, size: str = "full",

@@ -67,6 +67,29 @@ def test_tokens_equal_the_upstream_recipe_exactly(feature_dir, tiny_models, tmp_
     assert [(f.utt, f.reason) for f in report.failures] == [(BAD, "undecodable_audio")]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_tokens_equal_the_upstream_recipe_exactly(feature_dir, tiny_models, tmp_path, workers):
+    """Length-sorted padded batches through the batch-capable model give the per-utterance tokens
+    of the single model; long and undecodable audio are handled as in the unbatched path."""
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(feature_dir, data)
+    report = extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.batch.onnx"),
+                                  num_thread=workers, batch_size=3)
+    tokens = load_pt(str(data / "utt2speech_token.pt"))
+    session = upstream_session(os.path.join(tiny_models, "speech_tokenizer_v2.onnx"))
+    expected = {u: upstream_speech_token(p, session) for u, p in wavs(feature_dir).items() if u != BAD}
+    assert tokens == expected
+    assert report.long_skipped == [LONG] and [(f.utt, f.reason) for f in report.failures] == [(BAD, "undecodable_audio")]
+
+
+def test_batch_size_needs_a_batch_capable_model(feature_dir, tiny_models):
+    with pytest.raises(ValueError, match="batch dimension"):
+        extract_speech_token(feature_dir, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1,
+                             batch_size=4)
+
+
 def test_long_audio_chunk_mode_tokenizes_30_second_windows(feature_dir, tiny_models, tmp_path):
     import shutil
 
