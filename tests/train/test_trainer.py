@@ -192,3 +192,12 @@ def test_bad_invocations_fail_with_a_clear_message(training_list, qwen_dir, tmp_
     torch.save({"encoder.weight": torch.zeros(1), "epoch": 0, "step": 0}, bad)
     with pytest.raises(RuntimeError, match="Missing key"):  # strict, unlike upstream (D13)
         train(options(training_list, qwen_dir, tmp_path, checkpoint=str(bad)))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_packed_training_runs_and_reports_mfu(training_list, qwen_dir, tmp_path):
+    report = train(options(training_list, qwen_dir, tmp_path, max_epoch=1, use_amp=True, batch_type="token",
+                           max_tokens_in_batch=2048, dist_backend="nccl"))
+    records = read_log(tmp_path)
+    assert report.steps >= 1 and all(r["padded_fraction"] == 0.0 for r in records)
+    assert report.mfu is not None and report.mfu > 0 and report.cv_loss is not None
