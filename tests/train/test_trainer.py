@@ -132,7 +132,7 @@ def ddp_run(training_list, qwen_dir, tmp_path_factory):
 
 def test_two_process_ddp_learns_on_repeated_data(ddp_run):
     cv = [r["loss"] for r in read_log(ddp_run, "CV")]
-    assert len(cv) == 3 and cv[-1] < cv[0] - 0.05
+    assert len(cv) == 3 and cv[0] > cv[1] > cv[2]
     assert [r["step"] for r in read_log(ddp_run)] == [1, 2, 3]  # 1 step per epoch and rank (2 shards each)
 
 
