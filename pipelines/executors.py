@@ -1,7 +1,9 @@
 """Executors per deployment (``COSYVOICE_DEPLOYMENT``).
 
 * ``embedded``: the multiprocess executor (one process per step on this machine; at most
-  ``COSYVOICE_MAX_CONCURRENT_STEPS`` at once, default: one per core).
+  ``COSYVOICE_MAX_CONCURRENT_STEPS`` at once, default: one per core), or with
+  ``COSYVOICE_EXECUTOR=in_process`` every run's steps in the run's own process (small machines:
+  no per-step interpreter start-up).
 * ``distributed``: ``k8s_job_executor`` -- every step is its own Kubernetes Job built from the run
   pod's image, namespace, env secrets and config maps (set by the Helm chart's K8sRunLauncher).
   GPU steps add their ``dagster-k8s/config`` op tags (GPU limit, node selector, tolerations);
@@ -27,6 +29,11 @@ def executor_for(name: str) -> dg.ExecutorDefinition:
             "max_concurrent": int(os.environ.get("COSYVOICE_K8S_MAX_CONCURRENT_STEPS", "16")),
             "step_k8s_config": STEP_K8S_CONFIG,
         }, name="cosyvoice_k8s_job_executor")
+    kind = os.environ.get("COSYVOICE_EXECUTOR", "multiprocess")
+    if kind not in ("multiprocess", "in_process"):
+        raise ValueError(f"COSYVOICE_EXECUTOR must be 'multiprocess' or 'in_process', got {kind!r}")
+    if kind == "in_process":
+        return dg.in_process_executor
     steps = os.environ.get("COSYVOICE_MAX_CONCURRENT_STEPS")
     if steps:
         return dg.multiprocess_executor.configured({"max_concurrent": int(steps)}, name="cosyvoice_multiprocess")

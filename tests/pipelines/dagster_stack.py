@@ -1,5 +1,7 @@
-"""A real Dagster deployment for tests: ``dagster-webserver`` + ``dagster-daemon`` on 127.0.0.1 (free
-ports chosen at run time) against a temporary DAGSTER_HOME, stopped by process group id."""
+"""A real Dagster deployment for tests: a gRPC code server (``dagster api grpc``, like a user-code
+deployment on Kubernetes), ``dagster-webserver`` and ``dagster-daemon`` on 127.0.0.1 (free ports
+chosen at run time) against a temporary DAGSTER_HOME, stopped by process group id. Webserver and
+daemon share the one code server, so the definitions are loaded once per stack."""
 
 import json
 import os
@@ -49,6 +51,7 @@ class DagsterStack:
         self.home = Path(home)
         self.env = {**os.environ, **env, "DAGSTER_HOME": str(self.home)}
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
@@ -61,7 +64,11 @@ class DagsterStack:
                                                start_new_session=True))
 
     def start(self) -> "DagsterStack":
-        workspace = str(REPO / "workspace.yaml")
+        workspace = str(self.home / "workspace.yaml")
+        Path(workspace).write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {self.grpc_port}\n"
+                                   f"      location_name: cosyvoice\n")
+        self._spawn("code-server", [str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(self.grpc_port),
+                                    "-m", "pipelines.definitions", "-d", str(REPO), "--location-name", "cosyvoice"])
         self._spawn("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
                                   "-w", workspace])
         self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace])
@@ -80,7 +87,7 @@ class DagsterStack:
             except OSError:
                 time.sleep(0.5)
         else:
-            raise TimeoutError(f"webserver not answering on {self.url} after {timeout} s:\n{self.tail(self.logs[0])}")
+            raise TimeoutError(f"webserver not answering on {self.url} after {timeout} s:\n{self.tail(self.logs[1])}")
         while time.time() < deadline:  # the code location is loaded when the repository query answers
             data = self.graphql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name } } } }")
             if data["repositoriesOrError"].get("nodes"):
@@ -112,11 +119,20 @@ class DagsterStack:
                 return state
             time.sleep(2)
         raise TimeoutError(f"backfill {backfill_id} not finished after {timeout} s: {state}\n"
-                           f"{self.tail(self.logs[1])}")
+                           f"{self.tail(self.logs[-1])}")
 
     def dagster(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
+
+    def dagster_async(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "dagster"), *args], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     @staticmethod
     def tail(log: Path, n: int = 4000) -> str:

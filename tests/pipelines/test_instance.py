@@ -7,9 +7,13 @@ Both stacks start at once and their backfills overlap: most of the wall time is 
 daemon's ~30 s tick, not work.
 """
 
+import json
 import math
 import os
+import shutil
+import time
 import uuid
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -63,7 +67,7 @@ def stacks(clean_corpus, tiny_models, tmp_path_factory, postgres_env):
         root = tmp_path_factory.mktemp(f"instance-{storage}")
         env = {"COSYVOICE_DATA_ROOT": str(root / "data"), "COSYVOICE_CORPUS_ROOT": clean_corpus,
                "COSYVOICE_MODEL_ROOT": tiny_models, "COSYVOICE_GPU_POOL_LIMIT": str(GPU_POOL_LIMIT),
-               "COSYVOICE_DEPLOYMENT": "embedded", **(postgres_env if storage == "postgres" else {})}
+               "COSYVOICE_DEPLOYMENT": "embedded", "COSYVOICE_EXECUTOR": "in_process", **(postgres_env if storage == "postgres" else {})}
         stack = DagsterStack(root / "home", env)
         if storage == "postgres":
             os.environ.update(postgres_env)  # write_instance_yaml reads the connection from the environment
@@ -71,12 +75,16 @@ def stacks(clean_corpus, tiny_models, tmp_path_factory, postgres_env):
         (stack.home / "manifest.yaml").write_text("ops:\n  manifest:\n    config:\n      utts_per_shard: 1\n")
         stacks[storage] = stack.start()
     try:
-        results = {}
-        for storage, stack in stacks.items():
+        for stack in stacks.values():
             with _instance(stack) as instance:
                 apply_pool_limits(instance)
-            cli = stack.dagster("asset", "materialize", "-m", "pipelines.definitions", "--select", "manifest",
-                                "--partition", "dev-clean", "-c", str(stack.home / "manifest.yaml"))
+        clis = {storage: stack.dagster_async(
+                    "asset", "materialize", "-m", "pipelines.definitions", "--select", "manifest",
+                    "--partition", "dev-clean", "-c", str(stack.home / "manifest.yaml"))
+                for storage, stack in stacks.items()}
+        results = {}
+        for storage, stack in stacks.items():
+            cli = stack.finish(clis[storage])
             stack.wait_ready()
             backfill = None
             if cli.returncode == 0:
@@ -101,6 +109,7 @@ def _get(stacks, storage):
     return results[storage]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "postgres"])
 def test_cli_materializes_a_subset_partition_and_registers_its_shards(stacks, storage):
     stack, cli, _ = _get(stacks, storage)
@@ -113,6 +122,51 @@ def test_cli_materializes_a_subset_partition_and_registers_its_shards(stacks, st
     assert storage_class == {"sqlite": "SqliteRunStorage", "postgres": "PostgresRunStorage"}[storage]
 
 
+@pytest.mark.slow
+def test_browser_shows_every_asset_of_the_graph(stacks, tmp_path):
+    """Headless Chromium opens the global asset lineage, expands the groups and finds each asset node.
+    ``COSYVOICE_UPDATE_SCREENSHOTS=1`` also writes the screenshot to docs/img/ for the README."""
+    from tests.pipelines.browser import Browser, chromium_binary
+
+    if chromium_binary() is None:
+        pytest.skip("chromium is not installed (Debian package `chromium`: `make sysdeps` as root)")
+    stack, _, _ = _get(stacks, "sqlite")
+    stack.wait_ready()
+    from pipelines.definitions import defs
+
+    names = sorted(k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys())
+    nodes = "Array.from(document.querySelectorAll('foreignObject')).map(f => f.outerHTML).join(' ')"
+    missing_js = f"(() => {{ const t = {nodes}; return {json.dumps(names)}.filter(n => !t.includes(n)) }})()"
+    skip_dialog = ("(() => { const b = Array.from(document.querySelectorAll('button'))"
+                   ".find(x => x.innerText.trim() === 'Skip'); if (b) b.click(); return !!b })()")
+    browser = Browser(width=3200, height=2000)  # large enough for full (unabridged) asset nodes
+    try:
+        browser.open(f"{stack.url}/asset-groups")
+        browser.wait_for(skip_dialog, timeout=20)  # the community dialog of a fresh profile
+        assert browser.wait_for("document.querySelectorAll('foreignObject').length > 0", timeout=60)
+        for _ in range(10):  # groups start collapsed: open each (the UI remembers it in localStorage)
+            if not browser.evaluate("(() => { const g = document.querySelectorAll('[class*=collapsedGroupNodeBox]');"
+                                    " g.forEach(x => x.click()); return g.length })()"):
+                break
+            time.sleep(0.5)
+        browser.call("Page.reload")  # re-fit the expanded graph to the window
+        time.sleep(1)
+        browser.wait_for(skip_dialog, timeout=5)
+        browser.wait_for(f"{missing_js}.length === 0", timeout=60)
+        missing = browser.evaluate(missing_js)
+        shot = tmp_path / "asset-graph.png"
+        browser.screenshot(str(shot))
+    finally:
+        browser.close()
+    assert missing == [], f"asset nodes not on the page: {missing}"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    if os.environ.get("COSYVOICE_UPDATE_SCREENSHOTS") == "1":
+        target = Path(__file__).resolve().parents[2] / "docs" / "img" / "asset-graph.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "postgres"])
 def test_graphql_backfill_of_a_shard_range_succeeds_in_multi_run_batches(stacks, storage):
     stack, cli, backfill = _get(stacks, storage)
