@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 
-from tests.triton.helpers import make_hf_dir
-
 
 @pytest.fixture(scope="session")
 def triton_env():
@@ -20,7 +18,17 @@ def triton_env():
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory) -> str:
-    return make_hf_dir(str(tmp_path_factory.mktemp("hf") / "cosyvoice2_llm"))
+    """The HF export (issue 7's ``export_hf``) of a tiny random CosyVoice2 LLM: ``Qwen2ForCausalLM``,
+    <|s_k|> = 151663 + k, <|eos1|> 158224, <|sos|> 158227, <|task_id|> 158228, vocab 158336."""
+    from cosyvoice.export.hf import export_hf
+    from cosyvoice.export.tokenizer import blank_en_tokenizer_dir
+    from tests.export.conftest import TINY_QWEN2, save_pt, tiny_state_dict
+
+    root = tmp_path_factory.mktemp("hf")
+    llm_pt = save_pt(tiny_state_dict("cosyvoice2", seed=1), str(root / "llm.pt"))
+    out = str(root / "cosyvoice2_llm")
+    export_hf(llm_pt, out, tokenizer_dir=blank_en_tokenizer_dir(str(root / "blank_en")), config=dict(TINY_QWEN2))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -135,10 +135,21 @@ def test_decoupled_bls_streams_the_llm_tokens_in_upstream_chunks(client, data_di
               _input("target_text", np.array([[target]], dtype=object), "BYTES")]
     chunks, error = _stream(client, inputs, "with-reference")
     assert error is None
-    assert [len(c) for c in chunks] == [15, 25, 50, 100, 200, 360]  # 15 + 3 first, then 25 * 2^k, rest final
+    expected = _expected_tokens(hf_dir, texts[utt], target, _prompt_tokens(model_dir, wav))
+    assert len(expected) >= 18 + 25  # long enough for two streamed chunks before the final one
     streamed = [int(t) for c in chunks for t in c]
-    assert all(0 <= t < SPEECH_TOKENS for t in streamed)
-    assert streamed == _expected_tokens(hf_dir, texts[utt], target, _prompt_tokens(model_dir, wav))
+    assert streamed == expected and all(0 <= t < SPEECH_TOKENS for t in streamed)
+    assert [len(c) for c in chunks] == _chunk_sizes(len(expected))
+    assert _chunk_sizes(750) == [15, 25, 50, 100, 200, 360]  # 15 + 3 first, then 25 * 2^k, the rest last
+
+
+def _chunk_sizes(total: int) -> list[int]:
+    """Upstream exponential chunking of ``total`` tokens: 15 once 18 are pending, then 25, 50, ..."""
+    sizes, offset, hop, k = [], 0, 15, 0
+    while total - offset >= hop + 3:
+        sizes.append(hop)
+        offset, hop, k = offset + hop, 25 * 2 ** k, k + 1
+    return sizes + [total - offset]
 
 
 def test_bls_without_reference_audio_prompts_with_the_spk2info_cache(client, hf_dir, model_dir):
