@@ -61,6 +61,25 @@ def _env_from(root: str) -> ServerEnv:
                      backends=os.path.join(root, "backends"), lib_dirs=(libdir,) if libdir else ())
 
 
+def _ensure_libpython(env: ServerEnv, log) -> None:
+    """The stub links ``libpython3.X.so.1.0``: it must exist in the interpreter's LIBDIR or the system
+    library path (Debian: package ``libpython3.X``, installed here when we run as root)."""
+    soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{_pyver()}.so.1.0"
+    if any(os.path.exists(os.path.join(d, soname)) for d in env.lib_dirs):
+        return
+    listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    if soname in listing:
+        return
+    package = f"libpython{_pyver()}"
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"installing {package} (the python backend stub links {soname})")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True,
+                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        return
+    raise RuntimeError(f"the python backend stub needs {soname}: run  sudo apt-get install -y {package}")
+
+
 def ensure_server_env(root: str | None = None, *, log=print) -> ServerEnv:
     """Build (once) and return the server environment under ``root``; idempotent and cached."""
     root = os.path.abspath(root or default_env_dir())
@@ -72,6 +91,7 @@ def ensure_server_env(root: str | None = None, *, log=print) -> ServerEnv:
         with open(stamp) as f:
             if json.load(f) == wanted:
                 return env
+    _ensure_libpython(env, log)
     base = getattr(sys, "_base_executable", sys.executable)
     log(f"building the tritonserver environment in {root} ({PYTRITON}, {SERVER_NUMPY})")
     if not os.path.exists(os.path.join(env.python_bin, "python")):

@@ -196,3 +196,17 @@ def test_chunk_schedule_follows_the_upstream_exponential_hops():
     assert not runtime.ChunkSchedule().ready(17) and runtime.ChunkSchedule().ready(18)
     with pytest.raises(ValueError, match="exponential or time_based"):
         runtime.ChunkSchedule("linear")
+
+
+def test_time_based_chunks_grow_only_while_synthesis_runs_ahead_of_real_time(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    fast, slow = runtime.ChunkSchedule("time_based"), runtime.ChunkSchedule("time_based")
+    for schedule, elapsed in ((fast, 0.1), (slow, 2.0)):
+        clock[0] = 100.0 + elapsed / 2
+        schedule.advance(40)  # first chunk: the hop stays 15
+        assert (schedule.offset, schedule.hop) == (15, 15)
+        clock[0] = 100.0 + elapsed
+        schedule.advance(100)  # 30 tokens = 1.2 s of audio out after `elapsed` seconds
+    assert fast.hop == (70 // 15 + 1) * 15  # far ahead of real time: take all that is pending
+    assert slow.hop == 15  # behind real time: smallest chunks
