@@ -13,11 +13,13 @@ SERVING_CHECKS = ("schema_valid", "semantics_valid", "server_load_test")
 
 class TritonRepoConfig(dg.Config):
     """Where the inputs are and how to serve. Empty paths mean the pipeline's own outputs:
-    ``<data root>/hf_checkpoint``, ``<data root>/trtllm_engine`` and the models resource root."""
+    ``hf_checkpoint``'s ``<data root>/export/hf``, ``trtllm_engine``'s
+    ``<data root>/export/engine/<engine_variant>`` and the models resource root."""
 
     name: str = "cosyvoice2"
     hf_dir: str = ""
     engine_dir: str = ""
+    engine_variant: str = "bfloat16_none"
     model_dir: str = ""
     spk2info_subset: str = "dev-clean"
     spk2info_speakers: list[str] = []  # empty: the subset's first speaker becomes "001"
@@ -47,8 +49,8 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     """Render + validate + load-test the five-model repository and publish it to
     ``<data root>/triton/<name>/<version>/``; ``LATEST`` switches only after the upload verifies.
     Nothing is published when the repository is invalid or the load test fails."""
-    hf_dir = config.hf_dir or store.url("hf_checkpoint")
-    engine_dir = config.engine_dir or store.url("trtllm_engine")
+    hf_dir = config.hf_dir or store.url("export", "hf")
+    engine_dir = config.engine_dir or store.url("export", "engine", config.engine_variant)
     model_dir = config.model_dir or models.root
     backend = config.llm_backend
     if backend == "auto":

@@ -130,7 +130,7 @@ def test_triton_model_repo_asset_load_tests_and_publishes(tmp_path, data_dir, hf
 
     root = tmp_path / "data"
     shutil.copytree(data_dir, root / "manifest" / "dev-clean")
-    shutil.copytree(hf_dir, root / "hf_checkpoint")
+    shutil.copytree(hf_dir, root / "export" / "hf")  # where hf_checkpoint writes; no engine (CPU)
     result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=str(root)),
                                                             "models": ModelStore(root=tiny_models)})
     assert result.success
