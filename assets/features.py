@@ -15,6 +15,7 @@ from cosyvoice.features.stages import (
     extract_shard,
     reduce_speaker_means,
 )
+from pipelines.k8s import gpu_op_tags
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import DataStore, ModelStore
 from pipelines.retries import retry_transient_only, transient_retry_policy
@@ -22,11 +23,7 @@ from pipelines.retries import retry_transient_only, transient_retry_policy
 #: a backfill loads each model once per run of this many shards
 SHARDS_PER_RUN = 8
 RETRY = transient_retry_policy()  # bodies are wrapped in retry_transient_only: bad data is not retried
-GPU_K8S = {"dagster-k8s/config": {
-    "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"cpu": "8", "memory": "32Gi"}}},
-    "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"},
-                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-}}
+GPU_K8S = gpu_op_tags()  # nvidia.com/gpu limit, GPU node selector and tolerations (pipelines/k8s.py)
 EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present")
 TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present")
 

@@ -73,11 +73,12 @@ def stacks(clean_corpus, tiny_models, tmp_path_factory, postgres_env):
             os.environ.update(postgres_env)  # write_instance_yaml reads the connection from the environment
         write_instance_yaml(stack.home, postgres=storage == "postgres")
         (stack.home / "manifest.yaml").write_text("ops:\n  manifest:\n    config:\n      utts_per_shard: 1\n")
+        with _instance(stack) as instance:  # creates the storage before several processes race to do it
+            apply_pool_limits(instance)
+            instance.get_runs(limit=1)
+            instance.all_instigator_state()
         stacks[storage] = stack.start()
     try:
-        for stack in stacks.values():
-            with _instance(stack) as instance:
-                apply_pool_limits(instance)
         clis = {storage: stack.dagster_async(
                     "asset", "materialize", "-m", "pipelines.definitions", "--select", "manifest",
                     "--partition", "dev-clean", "-c", str(stack.home / "manifest.yaml"))
