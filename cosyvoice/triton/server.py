@@ -138,6 +138,7 @@ class TritonServer:
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen | None = None
         self.http_port = self.grpc_port = 0
+        self.returncode: int | None = None
 
     @property
     def http_url(self) -> str:
@@ -147,8 +148,21 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 120.0) -> TritonServer:
-        self.http_port, self.grpc_port = free_port(), free_port()
+    def start(self, timeout: float = 120.0, attempts: int = 3) -> TritonServer:
+        """Start on two free ports; retried on new ports when another process took one meanwhile."""
+        for attempt in range(attempts):
+            self.http_port, self.grpc_port = free_port(), free_port()
+            mark = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+            if self._launch(timeout):
+                return self
+            with open(self.log_path, errors="replace") as f:
+                f.seek(mark)
+                clash = "already in use" in f.read()
+            if not clash or attempt == attempts - 1:
+                break
+        raise RuntimeError(f"tritonserver exited with {self.returncode}:\n{self.log_tail()}")
+
+    def _launch(self, timeout: float) -> bool:
         env = dict(os.environ, **self.extra_env)
         env["PATH"] = self.env.python_bin + os.pathsep + env.get("PATH", "")
         env["LD_LIBRARY_PATH"] = os.pathsep.join([*self.env.lib_dirs, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
@@ -166,9 +180,12 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+                self.returncode = self.process.returncode
+                self._log.close()
+                self.process = None
+                return False
             if self._get("/v2/health/live") == 200:
-                return self
+                return True
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"tritonserver not live after {timeout:.0f} s:\n{self.log_tail()}")
