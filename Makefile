@@ -8,10 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := $(CURDIR)/data
 export DAGSTER_HOME ?= $(DATA)/dagster_home
-SYSTEM_PACKAGES := espeak-ng sox
+SYSTEM_PACKAGES := espeak-ng sox chromium
 DEMO_CORPUS_ARGS := --subsets dev-clean,train-clean-100 --speakers 4 --utts-per-speaker 8 --seed 0 --with-broken
 
-.PHONY: demo test ui venv sysdeps lint bench clean
+.PHONY: demo test ui venv sysdeps postgres lint bench clean
 
 venv: $(STAMP)
 
@@ -25,17 +25,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# espeak-ng gives the synthetic corpus real (synthetic) speech; sox is handy for inspecting it.
-# Without root we print the command and carry on: the corpus generator has a built-in fallback.
+# espeak-ng gives the synthetic corpus real (synthetic) speech; sox is handy for inspecting it;
+# chromium (headless) is what the UI test drives. Without root we print the command and carry on:
+# the corpus generator has a built-in fallback and the browser test skips without chromium.
 sysdeps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then echo "installing$$missing" && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing system packages:$$missing -- run:  sudo apt-get install -y$$missing  (continuing with the fallback synthesiser)"; fi; fi
 
-$(DAGSTER_HOME)/dagster.yaml:
-	mkdir -p $(DAGSTER_HOME)
-	printf 'telemetry:\n  enabled: false\n' > $@
+# PostgreSQL on 127.0.0.1 for the instance tests (installed from Debian packages and started when
+# missing; needs root, otherwise it prints the command and the PostgreSQL tests skip).
+postgres:
+	.ci/postgres
+
+# Queued runs, op-granularity pools, run monitoring (pipelines/instance.py); kept when it exists.
+$(DAGSTER_HOME)/dagster.yaml: | venv
+	$(BIN)/python -m pipelines.instance --home $(DAGSTER_HOME)
 
 demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	@if [ "$$(cat $(DATA)/LibriTTS/.demo-args 2>/dev/null)" != "$(DEMO_CORPUS_ARGS)" ]; then \
@@ -54,10 +60,12 @@ demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	@echo "  Dagster instance  $(DAGSTER_HOME)"
 	@echo "Open the Dagster UI with:  make ui   (then http://127.0.0.1:3000)"
 
-test: venv sysdeps
+test: venv sysdeps postgres
 	$(BIN)/python -m pytest -q
 
+# The pool limit (COSYVOICE_GPU_POOL_LIMIT, default 1) is applied on every start.
 ui: venv $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m pipelines.instance --home $(DAGSTER_HOME)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # The CPU tritonserver the Triton tests run (nvidia-pytriton's binary + python backend in its own
