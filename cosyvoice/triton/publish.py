@@ -205,7 +205,8 @@ class PublishReport:
     manifest: dict = field(repr=False, default_factory=dict)
 
     def as_metadata(self) -> dict:
-        return {"root": self.root, "version": self.version, "previous_version": self.previous, "files": self.files,
+        return {"root": self.root, "version": self.version, "previous_version": self.previous,
+                "manifest": storage.join(self.root, str(self.version), MANIFEST), "files": self.files,
                 "bytes": self.bytes, "models": self.models, "publish_seconds": round(self.seconds, 2),
                 "validation": self.manifest.get("validation", {}).get("valid"),
                 "server_load_test": self.manifest.get("server_load_test")}
