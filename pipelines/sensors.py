@@ -4,9 +4,10 @@
   locally; no per-file requests) and fingerprints each LibriTTS subset by the path, size and
   version (S3 ETag / local mtime) of its audio and transcripts. A subset that appears or whose
   fingerprint changed gets a ``prepare_subset`` run; the cursor keeps the fingerprints.
-* ``prepare_subset_shards`` reacts to a successful ``prepare_subset`` run: the manifest registered
-  the subset's shard partitions, so it requests one asset backfill over exactly those shards (and
-  the subset's per-subset assets). The backfill honours each asset's BackfillPolicy and pools.
+* ``prepare_subset_shards`` picks up successful ``prepare_subset`` runs (cursor: their update time):
+  the manifest registered the subset's shard partitions, so it requests one asset backfill over
+  exactly those shards (and the subset's per-subset assets). The backfill honours each asset's
+  BackfillPolicy and pools.
 * ``report_run_failures`` logs every failed run of this code location and, when
   ``COSYVOICE_ALERT_WEBHOOK_URL`` is set, POSTs a JSON message (Slack/Mattermost/Teams-compatible
   ``text`` plus structured fields) to it.
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from datetime import datetime, timezone
 
 import dagster as dg
 from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
@@ -92,27 +94,41 @@ def shard_backfill_subset(asset_graph, subset: str, shards: list[str]) -> AssetG
     return AssetGraphSubset.from_asset_partition_set(wanted, asset_graph)
 
 
-@dg.run_status_sensor(
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    monitored_jobs=[prepare_subset],
+@dg.sensor(
+    asset_selection=[*SHARD_ASSETS, *SUBSET_ASSETS],
+    minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="After a successful prepare_subset run, backfills features, speaker means and parquet shards "
                 "for exactly that subset's shards.",
 )
-def prepare_subset_shards(context: dg.RunStatusSensorContext):
-    subset = context.dagster_run.tags.get("dagster/partition")
-    if subset is None:
-        return dg.SkipReason(f"run {context.dagster_run.run_id} has no subset partition")
-    shards = [k for k in context.instance.get_dynamic_partitions(SHARDS.name) if shard_subset(k) == subset]
-    if not shards:
-        return dg.SkipReason(f"{subset}: the manifest registered no shards (every utterance quarantined?)")
-    context.log.info(f"{subset}: backfilling {len(shards)} shard(s) after run {context.dagster_run.run_id}")
-    # A RunRequest carrying an asset graph subset is submitted by the sensor daemon as an asset
-    # backfill (the mechanism declarative automation uses): BackfillPolicy and pools apply.
-    return dg.RunRequest.for_asset_graph_subset(
-        shard_backfill_subset(context.repository_def.asset_graph, subset, shards),
-        tags={"cosyvoice/subset": subset, "cosyvoice/after_run": context.dagster_run.run_id},
-    )
+def prepare_subset_shards(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Cursor: the update time of the last ``prepare_subset`` run handled. A RunRequest carrying an
+    asset graph subset is submitted by the sensor daemon as one asset backfill (the mechanism
+    declarative automation uses), so BackfillPolicy and pools apply and the graph's order is kept."""
+    after = float(context.cursor) if context.cursor else 0.0
+    records = context.instance.get_run_records(
+        filters=dg.RunsFilter(job_name=prepare_subset.name, statuses=[dg.DagsterRunStatus.SUCCESS],
+                              updated_after=datetime.fromtimestamp(after, tz=timezone.utc)),
+        order_by="update_timestamp", ascending=True, limit=50)
+    records = [r for r in records if r.update_timestamp.timestamp() > after]
+    if not records:
+        return dg.SensorResult(skip_reason=dg.SkipReason("no new successful prepare_subset runs"), cursor=context.cursor)
+    shards_by_subset: dict[str, list[str]] = {}
+    for key in context.instance.get_dynamic_partitions(SHARDS.name):
+        shards_by_subset.setdefault(shard_subset(key), []).append(key)
+    requests = []
+    for record in records:
+        run = record.dagster_run
+        subset = run.tags.get("dagster/partition")
+        shards = shards_by_subset.get(subset or "", [])
+        if not shards:
+            context.log.warning(f"run {run.run_id}: {subset} has no shard partitions (every utterance quarantined?)")
+            continue
+        context.log.info(f"{subset}: backfilling {len(shards)} shard(s) after run {run.run_id}")
+        requests.append(dg.RunRequest.for_asset_graph_subset(
+            shard_backfill_subset(context.repository_def.asset_graph, subset, shards),
+            tags={"cosyvoice/subset": subset, "cosyvoice/after_run": run.run_id}))
+    return dg.SensorResult(run_requests=requests, cursor=str(records[-1].update_timestamp.timestamp()))
 
 
 def failure_message(context: dg.RunFailureSensorContext) -> dict:

@@ -117,17 +117,27 @@ def _run_and_event(instance, job_name, partition, status):
 def test_a_successful_prepare_subset_run_requests_a_backfill_of_exactly_that_subsets_shards():
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(SHARDS.name, ["dev-clean-000000", "dev-clean-000001", "test-clean-000000"])
-        run, event = _run_and_event(instance, "prepare_subset", "dev-clean", dg.DagsterRunStatus.SUCCESS)
-        context = dg.build_run_status_sensor_context(
-            sensor_name="prepare_subset_shards", dagster_event=event, dagster_instance=instance, dagster_run=run,
-            repository_def=defs.get_repository_def())
-        request = prepare_subset_shards(context)
-        assert request.requires_backfill_daemon()
+
+        def tick(cursor):
+            return prepare_subset_shards(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                                 repository_def=defs.get_repository_def()))
+
+        first = tick(None)
+        assert first.run_requests == [] and first.skip_reason
+        run, _ = _run_and_event(instance, "prepare_subset", "dev-clean", dg.DagsterRunStatus.SUCCESS)
+        _run_and_event(instance, "prepare_subset", "test-clean", dg.DagsterRunStatus.FAILURE)
+        second = tick(first.cursor)
+        (request,) = second.run_requests
+        assert request.requires_backfill_daemon() and request.tags["cosyvoice/after_run"] == run.run_id
         wanted = {(k.asset_key.to_user_string(), k.partition_key)
                   for k in request.asset_graph_subset.iterate_asset_partitions()}
         assert wanted == {(a, s) for a in ("speaker_embeddings", "speech_tokens", "parquet_shards")
                           for s in ("dev-clean-000000", "dev-clean-000001")} | {
             ("speaker_means", "dev-clean"), ("upstream_feature_files", "dev-clean")}
+        # the sensor daemon accepts it: a backfill request inside the sensor's asset selection
+        prepare_subset_shards.validate_backfill_requests(
+            second.run_requests, dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
+        assert tick(second.cursor).run_requests == []
 
 
 class _Hook(BaseHTTPRequestHandler):
