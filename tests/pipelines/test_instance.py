@@ -26,6 +26,7 @@ SHARD_COUNT = 15  # clean_corpus: 3 speakers x 5 utterances, one utterance per s
 FIRST, LAST = 2, 11  # the backfilled range: 10 shards
 BACKFILLED = [f"dev-clean-{i:06d}" for i in range(FIRST, LAST + 1)]
 GPU_POOL_LIMIT = 1
+PREPARED = "train-clean-100"  # prepared through the prepare_subset job on the sqlite stack
 PG = {"host": "127.0.0.1", "port": os.environ.get("COSYVOICE_TEST_PG_PORT", "5432"),
       "user": os.environ.get("COSYVOICE_TEST_PG_USER", "dagster"),
       "password": os.environ.get("COSYVOICE_TEST_PG_PASSWORD", "dagster")}
@@ -58,14 +59,24 @@ def _instance(stack: DagsterStack) -> dg.DagsterInstance:
 
 
 @pytest.fixture(scope="module")
-def stacks(clean_corpus, tiny_models, tmp_path_factory, postgres_env):
+def corpus_root(clean_corpus, broken_corpus, tmp_path_factory) -> str:
+    """dev-clean from the clean corpus (the backfilled shards), train-clean-100 from the broken one
+    (prepared through the prepare_subset job, quarantining its broken files)."""
+    root = tmp_path_factory.mktemp("instance-corpus") / "LibriTTS"
+    shutil.copytree(os.path.join(clean_corpus, "dev-clean"), root / "dev-clean")
+    shutil.copytree(os.path.join(broken_corpus, "train-clean-100"), root / "train-clean-100")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def stacks(corpus_root, tiny_models, tmp_path_factory, postgres_env):
     stacks, skipped = {}, {}
     for storage in ("sqlite", "postgres"):
         if storage == "postgres" and isinstance(postgres_env, str):
             skipped[storage] = postgres_env
             continue
         root = tmp_path_factory.mktemp(f"instance-{storage}")
-        env = {"COSYVOICE_DATA_ROOT": str(root / "data"), "COSYVOICE_CORPUS_ROOT": clean_corpus,
+        env = {"COSYVOICE_DATA_ROOT": str(root / "data"), "COSYVOICE_CORPUS_ROOT": corpus_root,
                "COSYVOICE_MODEL_ROOT": tiny_models, "COSYVOICE_GPU_POOL_LIMIT": str(GPU_POOL_LIMIT),
                "COSYVOICE_DEPLOYMENT": "embedded", "COSYVOICE_EXECUTOR": "in_process", **(postgres_env if storage == "postgres" else {})}
         stack = DagsterStack(root / "home", env)
@@ -97,6 +108,10 @@ def stacks(clean_corpus, tiny_models, tmp_path_factory, postgres_env):
                     "title": f"test backfill ({storage})",
                 })
             results[storage] = (stack, cli, backfill)
+        # the job a person or the corpus sensor launches; its success sensor backfills the subset's shards
+        launch = stacks["sqlite"].dagster("job", "launch", "-w", str(stacks["sqlite"].home / "workspace.yaml"),
+                                          "-j", "prepare_subset", "--tags", json.dumps({"dagster/partition": PREPARED}))
+        assert launch.returncode == 0, launch.stderr[-3000:]
         yield results, skipped
     finally:
         for stack in stacks.values():
@@ -117,7 +132,8 @@ def test_cli_materializes_a_subset_partition_and_registers_its_shards(stacks, st
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "RUN_SUCCESS" in cli.stdout + cli.stderr
     with _instance(stack) as instance:
-        assert instance.get_dynamic_partitions("shards") == [f"dev-clean-{i:06d}" for i in range(SHARD_COUNT)]
+        shards = [k for k in instance.get_dynamic_partitions("shards") if k.startswith("dev-clean-")]
+        assert shards == [f"dev-clean-{i:06d}" for i in range(SHARD_COUNT)]
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == GPU_POOL_LIMIT
         storage_class = type(instance.run_storage).__name__
     assert storage_class == {"sqlite": "SqliteRunStorage", "postgres": "PostgresRunStorage"}[storage]
@@ -194,4 +210,30 @@ def test_graphql_backfill_of_a_shard_range_succeeds_in_multi_run_batches(stacks,
     with _instance(stack) as instance:
         for asset in ("speaker_embeddings", "speech_tokens"):
             materialized = instance.get_materialized_partitions(dg.AssetKey(asset))
-            assert materialized == set(BACKFILLED)
+            assert {k for k in materialized if k.startswith("dev-clean-")} == set(BACKFILLED)
+
+
+@pytest.mark.slow
+def test_a_prepare_subset_run_is_followed_by_a_backfill_of_that_subsets_shards(stacks):
+    """prepare_subset (manifest) -> sensor prepare_subset_shards -> one asset backfill over the subset's
+    shards -> features, speaker means, .pt files and parquet shards, through the real daemon."""
+    stack, _, _ = _get(stacks, "sqlite")
+    deadline = time.time() + 420
+    backfill = None
+    while time.time() < deadline:
+        with _instance(stack) as instance:
+            backfills = [b for b in instance.get_backfills() if b.tags.get("cosyvoice/subset") == PREPARED]
+            runs = instance.get_runs(filters=dg.RunsFilter(job_name="prepare_subset"))
+            shards = [k for k in instance.get_dynamic_partitions("shards") if k.startswith(PREPARED)]
+        if backfills and backfills[0].status.value.startswith("COMPLETED"):
+            backfill = backfills[0]
+            break
+        time.sleep(3)
+    assert backfill is not None, f"no finished backfill for {PREPARED}:\n{stack.tail(stack.logs[-1])}"
+    assert [r.status for r in runs] == [dg.DagsterRunStatus.SUCCESS]
+    assert backfill.status.value == "COMPLETED_SUCCESS" and backfill.tags["cosyvoice/after_run"] == runs[0].run_id
+    assert shards == [f"{PREPARED}-000000"]
+    data = stack.home.parent / "data"
+    assert (data / "speech_tokens" / PREPARED / f"{PREPARED}-000000.parquet").exists()
+    assert (data / "manifest" / PREPARED / "utt2speech_token.pt").exists()
+    assert (data / "parquet" / PREPARED / "parquet_000000000.tar").exists()
