@@ -118,3 +118,7 @@ class ReferenceModel:
     def logits(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
         """``[T, vocab]`` float32 logits (no bias: add ``embedding_bias`` as the serving side does)."""
         return self.hidden(input_ids) @ self.w["lm_head.weight"].T
+
+    def next_logits(self, input_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """``[1, vocab]``: the logits of the last position only (greedy decoding)."""
+        return self.hidden(input_ids)[-1:] @ self.w["lm_head.weight"].T

@@ -15,13 +15,14 @@ TINY_QWEN2 = dict(vocab_size=151936, hidden_size=64, intermediate_size=128, num_
                   tie_word_embeddings=True, hidden_act="silu", initializer_range=0.1)
 
 
-def tiny_state_dict(variant: str = "cosyvoice2", seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_state_dict(variant: str = "cosyvoice2", seed: int = 0, config: dict | None = None) -> dict[str, torch.Tensor]:
     """Random weights with upstream ``llm.pt`` keys; scales chosen so logits are not flat (std ~2)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    config = config or TINY_QWEN2
     torch.manual_seed(seed)
-    body = Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
-    hidden = TINY_QWEN2["hidden_size"]
+    body = Qwen2ForCausalLM(Qwen2Config(**config)).eval()
+    hidden = config["hidden_size"]
     rows = 6564 if variant == "cosyvoice2" else 6761
     sd: dict[str, torch.Tensor] = {}
     if variant == "cosyvoice2":
@@ -30,7 +31,7 @@ def tiny_state_dict(variant: str = "cosyvoice2", seed: int = 0) -> dict[str, tor
         sd[f"llm.model.{key}"] = value.detach().clone()
     for key in [k for k in sd if k.endswith("_layernorm.weight") or k.endswith("norm.weight")]:
         sd[key] = 1.0 + 0.2 * torch.randn_like(sd[key])  # non-trivial norms: smoothing must fold them right
-    sd["llm_decoder.weight"] = torch.randn(rows, hidden) * 0.3
+    sd["llm_decoder.weight"] = torch.randn(rows, hidden) * 2.4 / hidden ** 0.5
     if variant == "cosyvoice2":
         sd["llm_decoder.bias"] = torch.randn(rows) * 0.5
     sd["speech_embedding.weight"] = torch.randn(rows, hidden)
