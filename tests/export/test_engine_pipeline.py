@@ -150,7 +150,7 @@ def test_export_assets_materialize_with_verified_variants(tiny_llm_pt, calib_dat
     monkeypatch.setenv("PATH", str(tmp_path))  # no trtllm-build here
     run_config = dg.RunConfig(ops={
         "hf_checkpoint": {"config": {"recipe": str(tmp_path / "qwen.json")}},
-        "trtllm_checkpoint": {"config": {"variants": ["none", "smoothquant_per_channel_per_token", "int8_kv_cache"],
+        "trtllm_checkpoint": {"config": {"variants": ["none", "smoothquant_per_channel_per_token"],
                                          "calib_size": 8, "verify_size": 2}}})
     result = dg.materialize([hf_checkpoint, trtllm_checkpoint], resources={"store": DataStore(root=str(root))},
                             run_config=run_config)
@@ -159,7 +159,7 @@ def test_export_assets_materialize_with_verified_variants(tiny_llm_pt, calib_dat
     assert [(c.check_name, c.passed) for c in checks] == [("reference_forward_verified", True)]
     meta = result.asset_materializations_for_node("trtllm_checkpoint")[0].metadata
     variants = meta["variants"].value
-    assert set(variants) == {"bfloat16_none", "bfloat16_smoothquant_per_channel_per_token", "bfloat16_int8_kv_cache"}
+    assert set(variants) == {"bfloat16_none", "bfloat16_smoothquant_per_channel_per_token"}
     assert variants["bfloat16_smoothquant_per_channel_per_token"]["quant_algo"] == "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"
     assert all(v["passed"] and v["bytes"] > 0 for v in variants.values())
     assert sorted(os.listdir(root / "export" / "trtllm")) == sorted(variants)
