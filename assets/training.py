@@ -63,8 +63,8 @@ def train_command(config: TrainConfig, training: TrainingResource, train_list: s
             "--train_data", train_list, "--cv_data", cv_list, "--model_dir", training.model_dir,
             "--tensorboard_dir", os.path.join(training.model_dir, "tensorboard"),
             "--num_workers", str(config.num_workers), "--prefetch", "8"]
-    if training.qwen_pretrain_path:
-        args += ["--qwen_pretrain_path", training.qwen_pretrain_path]
+    if training.qwen_dir():
+        args += ["--qwen_pretrain_path", training.qwen_dir()]
     if config.engine == "deepspeed":
         args += ["--deepspeed_config", training.deepspeed_config_path()]
     if config.use_amp:

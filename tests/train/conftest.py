@@ -11,10 +11,11 @@ TINY_RECIPE = os.path.join(ROOT, "configs", "cosyvoice2-tiny.yaml")
 
 
 @pytest.fixture(scope="session")
-def qwen_dir() -> str:
-    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+def qwen_dir(tmp_path_factory) -> str:
+    """A CosyVoice-BlankEN-equivalent tokenizer (151663 ids with the CosyVoice2 tokens), no weights."""
+    from cosyvoice.export.tokenizer import blank_en_tokenizer_dir
 
-    return bundled_qwen_tokenizer_dir()
+    return blank_en_tokenizer_dir(str(tmp_path_factory.mktemp("CosyVoice-BlankEN")))
 
 
 @pytest.fixture(scope="session")
