@@ -9,6 +9,7 @@ from cosyvoice.corpus.scan import AudioPolicy
 from cosyvoice.corpus.shard_plan import shard_subset
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource, DataStore
+from pipelines.retries import retry_transient_only, transient_retry_policy
 
 CHECKS = {
     "unique_utt_ids": "no utterance id appears twice in wav.scp",
@@ -29,8 +30,10 @@ class ManifestConfig(dg.Config):
     partitions_def=SUBSETS,
     group_name="data_prep",
     kinds={"python"},
+    retry_policy=transient_retry_policy(),
     check_specs=[dg.AssetCheckSpec(name, asset="manifest", description=d) for name, d in CHECKS.items()],
 )
+@retry_transient_only
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: CorpusResource,
              store: DataStore) -> dg.MaterializeResult:
     """wav.scp / text / utt2spk / spk2utt (+instruct), shards.json and quarantine.tsv for one subset."""

@@ -2,7 +2,7 @@
 
 Embedded deployment: ``PipesSubprocessClient`` runs ``torchrun ... cosyvoice-pipeline train`` on
 this machine. Distributed: ``PipesK8sClient`` runs the same command in a GPU pod
-(:func:`training_pod_spec`). Rank 0 of the trainer streams one Pipes message per logged step
+(:func:`training_pod_spec`); the orchestrating step itself needs no GPU. Rank 0 of the trainer streams one Pipes message per logged step
 (loss, lr, grad norm, tokens/s, MFU), which become the loss-curve plot, and reports the final
 metadata.
 """
@@ -18,6 +18,7 @@ from assets._metadata import line_plot
 from assets.shards import training_data_lists
 from cosyvoice import storage
 from cosyvoice.train.checkpoint import average_checkpoints
+from pipelines.k8s import gpu_op_tags
 from pipelines.resources import PROJECT_ROOT, DataStore, TrainingResource
 
 TRAIN_CHECK = "cv_loss_finite_and_not_worse"
@@ -96,10 +97,11 @@ def training_pod_spec(gpus: int, *, node_selector: dict | None = None, shm_gi: i
     if volume_claim:
         container["volumeMounts"].append({"name": "models", "mountPath": "/models"})
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": volume_claim}})
+    gpu = gpu_op_tags(gpus)["dagster-k8s/config"]["pod_spec_config"]  # the cluster's GPU node label and taint
     return {
         "restartPolicy": "Never",
-        "nodeSelector": node_selector or {"nvidia.com/gpu.present": "true"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "nodeSelector": node_selector or gpu["node_selector"],
+        "tolerations": gpu["tolerations"],
         "containers": [container],
         "volumes": volumes,
     }
@@ -116,7 +118,6 @@ def _previous_cv_loss(context: dg.AssetExecutionContext) -> float | None:
 @dg.asset(
     deps=[training_data_lists], group_name="training", kinds={"pytorch"}, pool="gpu",
     check_specs=[dg.AssetCheckSpec(TRAIN_CHECK, asset="llm_checkpoint", blocking=True)],
-    op_tags={"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}},
 )
 def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store: DataStore,
                    training: TrainingResource) -> dg.MaterializeResult:
