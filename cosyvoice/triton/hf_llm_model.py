@@ -3,7 +3,7 @@
 Rendered as ``tensorrt_llm/1/model.py`` when ``render_repo(..., llm_backend="python")``; the
 config keeps the full TensorRT-LLM interface and ``gpt_model_path`` names the HF directory. It
 reads the inputs the cosyvoice2 BLS sends (input_ids, input_lengths, request_output_len, end_id,
-streaming, temperature, runtime_top_k/top_p, repetition_penalty, random_seed) and answers like
+streaming, temperature, runtime_top_k/top_p, repetition_penalty, random_seed, embedding_bias) and answers like
 the backend: streaming -> one response per new token with ``output_ids [1, 1, n]`` and
 ``sequence_length [1, 1]``, then an empty final response; otherwise one response with every
 generated id (prompt included unless ``exclude_input_in_output``). CPU serving and tests only:
@@ -50,12 +50,14 @@ class TritonPythonModel:
         length = int(_scalar(request, "input_lengths", len(ids)))
         prompt = torch.from_numpy(ids[:length].astype(np.int64))[None]
         end_id = int(_scalar(request, "end_id", -1))
+        bias = pb_utils.get_input_tensor_by_name(request, "embedding_bias")
+        bias = None if bias is None else torch.from_numpy(bias.as_numpy().reshape(-1).astype(np.float32))
         stream = runtime.sample_stream(
             self.model, prompt, max_new_tokens=int(_scalar(request, "request_output_len", 16)), end_id=end_id,
             temperature=float(_scalar(request, "temperature", 1.0)), top_k=int(_scalar(request, "runtime_top_k", 0)),
             top_p=float(_scalar(request, "runtime_top_p", 1.0)),
             repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            seed=int(_scalar(request, "random_seed", 0)))
+            seed=int(_scalar(request, "random_seed", 0)), embedding_bias=bias)
         return ids[:length], stream
 
     def _serve_stream(self, request):

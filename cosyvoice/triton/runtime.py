@@ -145,13 +145,25 @@ class ChunkSchedule:
         self.chunk_index += 1
 
 
+def load_embedding_bias(folder: str) -> np.ndarray | None:
+    """The export's ``embedding_bias.safetensors`` (decoder bias on speech rows, -inf on every other
+    id) as float32, or None when the folder has none (an upstream-style export)."""
+    path = os.path.join(folder, "embedding_bias.safetensors")
+    if not os.path.exists(path):
+        return None
+    from safetensors.numpy import load_file
+
+    return load_file(path)["embedding_bias"].astype(np.float32)
+
+
 def sample_stream(model, input_ids: torch.Tensor, *, max_new_tokens: int, end_id: int, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                  seed: int | None = None) -> Iterator[int]:
+                  seed: int | None = None, embedding_bias: torch.Tensor | None = None) -> Iterator[int]:
     """Sampled continuation of ``input_ids`` ``[1, L]`` with a HF causal LM, one token at a time
     (KV cache), stopping before ``end_id``: the CPU stand-in for the TensorRT-LLM engine.
 
-    Sampling order as in TensorRT-LLM/HF: repetition penalty (over prompt and output), temperature,
+    ``embedding_bias`` (the export's speech-only bias) is added to the logits first, as TensorRT-LLM's
+    per-request ``embedding_bias`` input is. Sampling order as in TensorRT-LLM/HF: repetition penalty (over prompt and output), temperature,
     top-k, then top-p on the survivors (at least one kept), one multinomial draw from a generator
     seeded with ``seed``. Top-p works on the k survivors only, not a sort of the whole vocabulary.
     """
@@ -165,6 +177,8 @@ def sample_stream(model, input_ids: torch.Tensor, *, max_new_tokens: int, end_id
         for _ in range(max_new_tokens):
             out = model(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
             scores = out.logits[0, -1].float()
+            if embedding_bias is not None:  # TensorRT-LLM adds it to the logits before sampling
+                scores = scores + embedding_bias[: scores.numel()]
             if repetition_penalty and repetition_penalty != 1.0:
                 picked = scores[seen]
                 scores[seen] = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)

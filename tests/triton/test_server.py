@@ -88,9 +88,12 @@ def _expected_tokens(hf_dir, reference_text, target_text, prompt_tokens, max_new
                              np.asarray(prompt_tokens) + ORIGINAL_VOCAB_SIZE)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     s = runtime.SAMPLING
+    bias = runtime.load_embedding_bias(hf_dir)
+    assert bias is not None  # the export makes non-speech ids impossible; the BLS must send it
     out = runtime.sample_stream(model, torch.from_numpy(ids.astype(np.int64)), max_new_tokens=max_new_tokens,
                                 end_id=EOS1, temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                repetition_penalty=s["repetition_penalty"], seed=s["seed"])
+                                repetition_penalty=s["repetition_penalty"], seed=s["seed"],
+                                embedding_bias=torch.from_numpy(bias))
     return [t - ORIGINAL_VOCAB_SIZE for t in out]
 
 

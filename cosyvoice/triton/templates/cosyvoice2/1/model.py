@@ -43,6 +43,8 @@ class TritonPythonModel:
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
             raise RuntimeError(f"{params['llm_tokenizer_dir']}: no <|eos1|> token (not a CosyVoice2 HF export)")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+        # speech-only logits (non-speech ids impossible), sent with every LLM request when the export has it
+        self.embedding_bias = runtime.load_embedding_bias(params["llm_tokenizer_dir"])
         cache = os.path.join(params["model_dir"], "spk2info.pt")
         self.default_speaker = runtime.load_spk2info(cache)["001"] if os.path.exists(cache) else None
 
@@ -69,6 +71,8 @@ class TritonPythonModel:
             "repetition_penalty": np.array([[sampling["repetition_penalty"]]], dtype=np.float32),
             "random_seed": np.array([[sampling["seed"]]], dtype=np.uint64),
         }
+        if self.embedding_bias is not None:
+            inputs["embedding_bias"] = self.embedding_bias[None, :]
         request = pb_utils.InferenceRequest(model_name="tensorrt_llm",
                                             requested_output_names=["output_ids", "sequence_length"],
                                             inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
