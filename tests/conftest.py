@@ -23,6 +23,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_dagster_state_storage():
+    """Dagster keeps the entered instance's defs-state storage in a ContextVar; an instance that a
+    test entered and dropped leaves a dead weakref there, and the next ``dg.materialize`` then
+    fails with "Attempted to resolve undefined DagsterInstance weakref". Start every test clean."""
+    from dagster._core.storage.defs_state.base import _current_storage
+
+    _current_storage.set(None)
+    yield
+
+
 @pytest.fixture(scope="session")
 def broken_corpus(tmp_path_factory) -> str:
     """Two subsets, 3 speakers x 4 utterances each, plus every broken case in each subset."""

@@ -156,7 +156,7 @@ def test_browser_shows_every_asset_of_the_graph(stacks, tmp_path):
     missing_js = f"(() => {{ const t = {nodes}; return {json.dumps(names)}.filter(n => !t.includes(n)) }})()"
     skip_dialog = ("(() => { const b = Array.from(document.querySelectorAll('button'))"
                    ".find(x => x.innerText.trim() === 'Skip'); if (b) b.click(); return !!b })()")
-    browser = Browser(width=3200, height=2000)  # large enough for full (unabridged) asset nodes
+    browser = Browser(width=6400, height=2400)  # large enough for full (unabridged) asset nodes of the whole graph
     try:
         browser.open(f"{stack.url}/asset-groups")
         browser.wait_for(skip_dialog, timeout=20)  # the community dialog of a fresh profile
