@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -87,7 +86,6 @@ class TrainOptions:
     peak_flops: float | None = None
     compile: bool = False
     attn_implementation: str | None = None  # sdpa | flash_attention_2 | flex_attention | eager (default: auto)
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -347,7 +345,7 @@ class Trainer:
     def _save(self, name: str, epoch: int, step: int, batch_in_epoch: int, tag: str, loss_dict: dict) -> str:
         """Upstream files (epoch = the epoch the checkpoint belongs to) + the resumable state, which
         points at the next batch to run (the next epoch's first for a whole-epoch checkpoint)."""
-        info = {**self.conf, **{k: v for k, v in asdict(self.opts).items() if k != "extra"},
+        info = {**self.conf, **asdict(self.opts),
                 "epoch": epoch, "step": step, "batch_idx": batch_in_epoch, "tag": tag, "loss_dict": loss_dict,
                 "lr": self.engine.lr()}
         path = os.path.join(self.opts.model_dir, f"{name}.pt")
@@ -465,6 +463,3 @@ def train(opts: TrainOptions) -> TrainReport:
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
