@@ -156,7 +156,7 @@ def read_checkpoint_yamls(src_path: str) -> list[dict]:
         if base.startswith(("train", "init")):
             continue
         with open(path) as f:
-            info = yaml.load(f, Loader=yaml.BaseLoader) or {}  # BaseLoader builds only str/list/dict, like upstream
+            info = yaml.safe_load(f) or {}
         loss = (info.get("loss_dict") or {}).get("loss")
         if loss is None or "epoch" not in info:
             continue
