@@ -32,6 +32,9 @@ class ExtractionConfig(dg.Config):
     num_workers: int = 0  # 0: one worker process per core
     device: str = "cpu"  # speech tokens only: cpu | cuda
     long_audio: str = "skip"  # speech tokens only: skip (upstream: []) | chunk
+    batch_size: int = 1  # speech tokens only: length-sorted padded batches
+    runtime: str = "onnxruntime"  # speech tokens only: onnxruntime | torch (log-mel on the device, bf16)
+    precision: str = "fp32"  # speech tokens, torch runtime: fp32 (upstream's tokens) | bf16 (agreement reported)
 
 
 def shard_url(store: DataStore, stage: str, shard: str) -> str:
@@ -54,7 +57,8 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
         source = sources.setdefault(subset, ShardSource(store.url("manifest", subset)))
         report = extract_shard(kind, source, shard, model, out,
                                num_workers=config.num_workers or None, device=config.device,
-                               long_audio=config.long_audio)
+                               long_audio=config.long_audio, batch_size=config.batch_size,
+                               runtime=config.runtime, precision=config.precision)
         for failure in report.failures:
             context.log.warning(str(failure))
         meta = report.as_metadata()

@@ -67,6 +67,9 @@ def _print_extraction(report) -> None:
           f"in {meta['wall_seconds']:.1f} s ({meta['throughput_audio_s_per_s']:.1f} s of audio per second)")
     if report.kind == "speech_token" and (report.long_skipped or report.long_chunked):
         print(f"long audio (> 30 s): {len(report.long_skipped)} written as [] , {len(report.long_chunked)} chunked")
+    if report.agreement is not None:
+        print(f"{report.precision} tokens equal to fp32: {100 * report.agreement:.2f} % "
+              f"(sample of {report.agreement_utterances} utterances)")
     for failure in report.failures:
         print(f"  failed: {failure}", file=sys.stderr)
 
@@ -85,7 +88,9 @@ def cmd_extract_speech_token(args: argparse.Namespace) -> int:
 
     report = extract_speech_token(args.dir, args.onnx_path, num_thread=args.num_thread, device=args.device,
                                   long_audio=args.long_audio, shard=args.shard, progress=_progress("tokens"),
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, runtime=args.runtime or
+                                  ("torch" if args.precision != "fp32" else "onnxruntime"),
+                                  precision=args.precision, agreement_sample=args.agreement_sample)
     _print_extraction(report)
     return 0
 
@@ -130,7 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch_size", type=int, default=1,
-                   help="length-sorted padded batches (needs a batch-capable model, e.g. speech_tokenizer_v2.batch.onnx)")
+                   help="length-sorted padded batches (onnxruntime needs a batch-capable model, e.g. "
+                        "speech_tokenizer_v2.batch.onnx; the torch runtime batches any tokenizer file)")
+    p.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None,
+                   help="onnxruntime (default, as upstream) or the torch module built from the same .onnx "
+                        "(log-mel on the device; needed for bf16)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 (torch runtime) is faster on GPUs but flips a few %% of tokens; "
+                        "the agreement with fp32 is measured and printed")
+    p.add_argument("--agreement_sample", type=int, default=64,
+                   help="utterances also run in fp32 to measure the bf16 agreement")
     p.add_argument("--long_audio", choices=("skip", "chunk"), default="skip",
                    help="audio > 30 s: skip (write [], as upstream) or tokenize consecutive <= 30 s windows")
     p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")

@@ -36,6 +36,10 @@ class ExtractionReport:
     model_seconds: float
     long_skipped: list[str] = field(default_factory=list)
     long_chunked: list[str] = field(default_factory=list)
+    runtime: str = "onnxruntime"
+    precision: str = "fp32"
+    agreement: float | None = None  # bf16 tokens equal to fp32 ones, on a sample
+    agreement_utterances: int = 0
 
     @property
     def audio_seconds(self) -> float:
@@ -56,8 +60,11 @@ class ExtractionReport:
             "model_seconds": round(self.model_seconds, 3),
             "throughput_audio_s_per_s": round(self.throughput, 2),
             "real_time_factor": round(self.wall_seconds / self.audio_seconds, 5) if self.audio_seconds else None,
-            **({"empty_long_audio": len(self.long_skipped), "chunked_long_audio": len(self.long_chunked)}
+            **({"empty_long_audio": len(self.long_skipped), "chunked_long_audio": len(self.long_chunked),
+                "runtime": self.runtime, "precision": self.precision}
                if self.kind == "speech_token" else {}),
+            **({"bf16_token_agreement": round(self.agreement, 5), "agreement_utterances": self.agreement_utterances}
+               if self.agreement is not None else {}),
         }
 
 
@@ -171,6 +178,108 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
     return out
 
 
+def _init_decoder(env: dict | None) -> None:
+    import torch
+
+    from cosyvoice import storage
+
+    if env:
+        storage.use_environment(env)
+    torch.set_num_threads(1)
+
+
+def _decode_windows(item: tuple[str, str], long_audio: str) -> tuple:
+    """-> (utt, path, [16 kHz (1, n) windows] | Failure, audio_seconds)."""
+    from cosyvoice.features import frontend
+
+    utt, path = item
+    try:
+        audio, rate = frontend.load_audio(path)
+    except frontend.AudioDecodeError as exc:
+        return utt, path, Failure(utt, path, exc.reason, str(exc)), 0.0
+    return utt, path, frontend.tokenizer_windows(frontend.mono_16k(audio, rate), long_audio), audio.shape[1] / rate
+
+
+def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers: int, device: str,
+                  long_audio: str, batch_size: int, precision: str, agreement_sample: int,
+                  progress: Callable[[Iterable], Iterable] | None) -> tuple[list[tuple], float | None, int]:
+    """Speech tokens through the torch module: CPU worker processes decode and resample while this
+    process computes the log-mel on the device and runs length-sorted batches of windows.
+
+    Returns the per-utterance rows (as ``_process``) and, for bf16, the agreement with fp32 on the
+    first ``agreement_sample`` utterances with their count."""
+    from functools import partial
+
+    from cosyvoice import storage
+    from cosyvoice.features.torch_tokenizer import TorchSpeechTokenizer, agreement
+
+    tokenizer = TorchSpeechTokenizer(model_path, device=device, precision=precision)
+    decode = partial(_decode_windows, long_audio=long_audio)
+    pool = None
+    if num_workers > 1:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cosyvoice.features.frontend"])
+        pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_decoder,
+                                   initargs=(storage.environment(),))
+    decoded = pool.map(decode, items, chunksize=4) if pool else map(decode, items)
+    if progress is not None:
+        decoded = progress(decoded)
+
+    rows: list[tuple] = []
+    compared: list[tuple[list[int], list[int]]] = []
+    compared_utts: set[str] = set()
+    pending: dict[str, list] = {}  # utt -> [path, seconds, window count, {window index: tokens}, model s]
+
+    def run(group: list[tuple[str, int, torch.Tensor]]) -> None:
+        mels = [mel for _, _, mel in group]
+        began = time.perf_counter()
+        outputs = tokenizer.tokens(mels)
+        spent = time.perf_counter() - began
+        frames = sum(m.shape[1] for m in mels)
+        if precision != "fp32" and len(compared_utts) < agreement_sample:
+            take = []
+            for i, (utt, _, _) in enumerate(group):
+                if utt in compared_utts or len(compared_utts) < agreement_sample:
+                    compared_utts.add(utt)
+                    take.append(i)
+            reference = tokenizer.tokens([mels[i] for i in take], precision="fp32")
+            compared.extend(zip([outputs[i] for i in take], reference))
+        for (utt, index, mel), codes in zip(group, outputs):
+            entry = pending[utt]
+            entry[3][index] = codes
+            entry[4] += spent * mel.shape[1] / frames
+            if len(entry[3]) == entry[2]:
+                path, seconds, count, pieces, model = pending.pop(utt)
+                tokens = [c for i in range(count) for c in pieces[i]]
+                rows.append((utt, tokens, seconds, model, None if count == 1 else "chunked"))
+
+    buffer: list[tuple[str, int, torch.Tensor]] = []
+    try:
+        for utt, path, windows, seconds in decoded:
+            if isinstance(windows, Failure):
+                rows.append((utt, windows, seconds, 0.0, None))
+                continue
+            if not windows:
+                rows.append((utt, [], seconds, 0.0, "skipped"))
+                continue
+            pending[utt] = [path, seconds, len(windows), {}, 0.0]
+            buffer.extend((utt, i, tokenizer.log_mel(w)) for i, w in enumerate(windows))
+            if len(buffer) >= batch_size * 8:  # sort a window of batches by length: little padding
+                buffer.sort(key=lambda b: b[2].shape[1])
+                while len(buffer) >= batch_size:
+                    run(buffer[:batch_size])
+                    del buffer[:batch_size]
+        buffer.sort(key=lambda b: b[2].shape[1])
+        for start in range(0, len(buffer), batch_size):
+            run(buffer[start:start + batch_size])
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if precision == "fp32":
+        return rows, None, 0
+    return rows, agreement([c for c, _ in compared], [r for _, r in compared]), len(compared_utts)
+
+
 def run_extraction(
     kind: str,
     items: Sequence[tuple[str, str]],
@@ -181,14 +290,35 @@ def run_extraction(
     long_audio: str = "skip",
     progress: Callable[[Iterable], Iterable] | None = None,
     batch_size: int = 1,
+    runtime: str = "onnxruntime",
+    precision: str = "fp32",
+    agreement_sample: int = 64,
 ) -> ExtractionReport:
-    """Extract ``kind`` (``"embedding"`` or ``"speech_token"``) for every ``(utt, path)``."""
+    """Extract ``kind`` (``"embedding"`` or ``"speech_token"``) for every ``(utt, path)``.
+
+    Speech tokens run on onnxruntime (default; the upstream tool's runtime) or, with
+    ``runtime="torch"``, on the torch module built from the same ONNX file (mel on the device,
+    ``precision="bf16"`` possible, agreement with fp32 measured on ``agreement_sample`` utterances)."""
     if kind not in ("embedding", "speech_token"):
         raise ValueError(f"kind must be 'embedding' or 'speech_token', got {kind!r}")
     if long_audio not in ("skip", "chunk"):
         raise ValueError(f"long_audio must be 'skip' or 'chunk', got {long_audio!r}")
+    if runtime not in ("onnxruntime", "torch"):
+        raise ValueError(f"runtime must be 'onnxruntime' or 'torch', got {runtime!r}")
+    if precision != "fp32" and runtime != "torch":
+        raise ValueError(f"precision {precision!r} needs runtime='torch' (onnxruntime runs the fp32 graph)")
+    if runtime == "torch" and kind != "speech_token":
+        raise ValueError("runtime='torch' is for speech tokens; embeddings run on onnxruntime")
     started = time.perf_counter()
     items = sorted(items)
+    agreed, agreement_utts = None, 0
+    if runtime == "torch":
+        collected, agreed, agreement_utts = _torch_tokens(
+            items, model_path, num_workers=max(0, min(num_workers, len(items))), device=device,
+            long_audio=long_audio, batch_size=max(1, batch_size), precision=precision,
+            agreement_sample=agreement_sample, progress=progress)
+        return _report(kind, items, collected, started, runtime=runtime, precision=precision,
+                       agreement=agreed, agreement_utterances=agreement_utts)
     workers = max(1, min(num_workers, len(items)))
     from cosyvoice import storage
 
@@ -216,6 +346,10 @@ def run_extraction(
             flat = (out for future in as_completed(futures) for out in future.result())
             collected = list(progress(flat) if progress is not None else flat)
 
+    return _report(kind, items, collected, started)
+
+
+def _report(kind: str, items: list, collected: list[tuple], started: float, **extra) -> ExtractionReport:
     results, durations, failures, model_total = {}, {}, [], 0.0
     skipped, chunked = [], []
     for utt, value, seconds, model, status in sorted(collected, key=lambda r: r[0]):
@@ -230,7 +364,7 @@ def run_extraction(
             chunked.append(utt)
     return ExtractionReport(kind=kind, requested=len(items), results=results, durations=durations,
                             failures=failures, wall_seconds=time.perf_counter() - started,
-                            model_seconds=model_total, long_skipped=skipped, long_chunked=chunked)
+                            model_seconds=model_total, long_skipped=skipped, long_chunked=chunked, **extra)
 
 
 def speaker_means(utt2embedding: dict[str, list[float]], utt2spk: dict[str, str]) -> dict[str, list[float]]:

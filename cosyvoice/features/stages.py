@@ -65,12 +65,16 @@ def extract_embedding(data_dir: str, onnx_path: str, *, num_thread: int | None =
 
 def extract_speech_token(data_dir: str, onnx_path: str, *, num_thread: int | None = None, device: str = "cpu",
                          long_audio: str = "skip", shard: str | None = None,
-                         progress: Callable[[Iterable], Iterable] | None = None, batch_size: int = 1) -> ExtractionReport:
+                         progress: Callable[[Iterable], Iterable] | None = None, batch_size: int = 1,
+                         runtime: str = "onnxruntime", precision: str = "fp32",
+                         agreement_sample: int = 64) -> ExtractionReport:
     """S3 speech tokens for ``wav.scp`` -> ``utt2speech_token.pt`` (``[]`` for skipped > 30 s audio).
-    ``batch_size`` > 1 runs length-sorted padded batches (needs a batch-capable tokenizer)."""
+    ``batch_size`` > 1 runs length-sorted padded batches (on onnxruntime this needs a batch-capable
+    tokenizer; the torch runtime batches any tokenizer file)."""
     report = run_extraction("speech_token", shard_items(data_dir, shard), onnx_path,
                             num_workers=num_thread or default_workers(), device=device, long_audio=long_audio,
-                            progress=progress, batch_size=batch_size)
+                            progress=progress, batch_size=batch_size, runtime=runtime, precision=precision,
+                            agreement_sample=agreement_sample)
     save_pt(storage.join(_output_dir(data_dir, shard), "utt2speech_token.pt"), report.results)
     return report
 
@@ -82,12 +86,13 @@ TOKENIZER_RATES = {"v1": (50, 4096), "v2": (25, 6561), "v3": (25, 6561)}  # toke
 
 def extract_shard(kind: str, source: ShardSource, shard: str, model_path: str, out_url: str, *,
                   num_workers: int | None = None, device: str = "cpu", long_audio: str = "skip",
-                  batch_size: int = 1) -> ExtractionReport:
+                  batch_size: int = 1, runtime: str = "onnxruntime", precision: str = "fp32") -> ExtractionReport:
     """Extract one shard of a manifest and store it as one parquet file (atomically)."""
     from cosyvoice.features.store import embedding_table, token_table, write_parquet
 
     report = run_extraction(kind, source.items(shard), model_path, num_workers=num_workers or default_workers(),
-                            device=device, long_audio=long_audio, batch_size=batch_size)
+                            device=device, long_audio=long_audio, batch_size=batch_size, runtime=runtime,
+                            precision=precision)
     table = (embedding_table(report.results, report.durations) if kind == "embedding"
              else token_table(report.results, report.durations, report.long_skipped, report.long_chunked))
     write_parquet(out_url, table)

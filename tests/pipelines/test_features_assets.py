@@ -152,3 +152,21 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
     assert cv == [str(root / "parquet" / "dev-clean" / f"parquet_{i:09d}.tar") for i in range(3)]
     assert (root / "train.data.list").read_text() == ""
     assert lists.asset_materializations_for_node("training_data_lists")[0].metadata["cv_shards"].value == 3
+
+
+def test_speech_tokens_on_the_torch_runtime_write_the_onnxruntime_tokens(pipeline_run, clean_corpus, tiny_models,
+                                                                         tmp_path):
+    """The asset's runtime/batch options change how tokens are computed, not what is written."""
+    root = pipeline_run[0]
+    res = resources(clean_corpus, tmp_path, tiny_models)
+    with dg.instance_for_test() as instance:
+        dg.materialize([manifest], partition_key="dev-clean", instance=instance, resources=res,
+                       run_config={"ops": {"manifest": {"config": {"utts_per_shard": 5}}}})
+        result = dg.materialize([speech_tokens], partition_key=SHARDS[1], instance=instance, resources=res,
+                                run_config={"ops": {"speech_tokens": {"config": {
+                                    "runtime": "torch", "batch_size": 4, "num_workers": 1}}}})
+    meta = result.asset_materializations_for_node("speech_tokens")[0].metadata
+    assert meta["per_shard"].value[SHARDS[1]]["runtime"] == "torch"
+    name = os.path.join("speech_tokens", "dev-clean", f"{SHARDS[1]}.parquet")
+    ours, reference = read_parquet(str(tmp_path / name)), read_parquet(str(root / name))
+    assert ours.select(["utt", "speech_token"]).equals(reference.select(["utt", "speech_token"]))
