@@ -6,7 +6,12 @@ per utterance. Ours: ``cosyvoice.features.extract.run_extraction`` (worker proce
 each). The floor is the pure model time: the same sessions run on precomputed inputs, one thread
 per core. Outputs are compared (embeddings to 1e-4, tokens exactly).
 
+Kind ``speech_token_torch`` measures the torch runtime on ``--device`` (the GPU goal): a batch-1
+fp32 run as the baseline, length-sorted batches of ``--batch_size`` in fp32 (tokens must be
+identical to the upstream tool's) and the same batches in bf16 (speed and token agreement).
+
     python bench/features.py [--models data/models] [--utterances 400] [--kinds embedding,speech_token]
+    python bench/features.py --kinds speech_token_torch --device cuda --batch_size 64
 """
 
 from __future__ import annotations
@@ -23,7 +28,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cosyvoice.features.extract import run_extraction  # noqa: E402
 from tests.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
 
-MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onnx"}
+MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onnx",
+          "speech_token_torch": "speech_tokenizer_v2.onnx"}
+
+
+def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) -> None:
+    """Batch-1 fp32 vs batched fp32 vs batched bf16 on the torch runtime, one device, same run."""
+    from cosyvoice.features.torch_tokenizer import agreement
+
+    reference = upstream_run("speech_token", items, model)
+    runs = [("batch 1 fp32", 1, "fp32"), (f"batch {args.batch_size} fp32", args.batch_size, "fp32"),
+            (f"batch {args.batch_size} bf16", args.batch_size, "bf16")]
+    run_extraction("speech_token", items[:8], model, num_workers=args.workers, runtime="torch",
+                   device=args.device, batch_size=args.batch_size)  # warm-up: kernels, forkserver
+    base = None
+    for label, batch, precision in runs:
+        start = time.perf_counter()
+        report = run_extraction("speech_token", items, model, num_workers=args.workers, runtime="torch",
+                                device=args.device, batch_size=batch, precision=precision,
+                                agreement_sample=len(items))
+        wall = time.perf_counter() - start
+        base = base or wall
+        same = sum(report.results[u] == v for u, v in reference.items())
+        match = agreement([report.results[u] for u in reference], list(reference.values()))
+        print(f"speech_token torch {args.device} {label}: {wall:.2f} s ({audio / wall:.1f} s/s, "
+              f"model {report.model_seconds:.2f} s) | x{base / wall:.2f} vs batch 1 fp32 | identical token "
+              f"lists {same}/{len(reference)} | tokens equal to upstream {100 * match:.2f} %")
 
 
 def upstream_run(kind: str, items: list[tuple[str, str]], model: str) -> dict:
@@ -73,6 +103,8 @@ def main() -> None:
     parser.add_argument("--utterances", type=int, default=400)
     parser.add_argument("--kinds", default="embedding,speech_token")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="speech_token_torch: cpu | cuda")
+    parser.add_argument("--batch_size", type=int, default=64, help="speech_token_torch: batch size")
     args = parser.parse_args()
     import numpy as np
 
@@ -86,6 +118,9 @@ def main() -> None:
         print(f"corpus: {len(items)} utterances, {audio / 3600:.3f} h, cores: {os.cpu_count()}, workers: {args.workers}")
         for kind in args.kinds.split(","):
             model = os.path.join(args.models, MODELS[kind])
+            if kind == "speech_token_torch":
+                torch_runtime(items, model, audio, args)
+                continue
             run_extraction(kind, items[:4], model, num_workers=args.workers)  # warm caches/forkserver
             start = time.perf_counter()
             ours = run_extraction(kind, items, model, num_workers=args.workers)

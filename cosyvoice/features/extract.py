@@ -230,7 +230,7 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
     compared_utts: set[str] = set()
     pending: dict[str, list] = {}  # utt -> [path, seconds, window count, {window index: tokens}, model s]
 
-    def run(group: list[tuple[str, int, torch.Tensor]]) -> None:
+    def run(group: list[tuple]) -> None:  # (utt, window index, mel on the device)
         mels = [mel for _, _, mel in group]
         began = time.perf_counter()
         outputs = tokenizer.tokens(mels)
@@ -253,7 +253,7 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
                 tokens = [c for i in range(count) for c in pieces[i]]
                 rows.append((utt, tokens, seconds, model, None if count == 1 else "chunked"))
 
-    buffer: list[tuple[str, int, torch.Tensor]] = []
+    buffer: list[tuple] = []
     try:
         for utt, path, windows, seconds in decoded:
             if isinstance(windows, Failure):
