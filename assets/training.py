@@ -2,7 +2,8 @@
 
 Embedded deployment: ``PipesSubprocessClient`` runs ``torchrun ... cosyvoice-pipeline train`` on
 this machine. Distributed: ``PipesK8sClient`` runs the same command in a GPU pod
-(:func:`training_pod_spec`); the orchestrating step itself needs no GPU. Rank 0 of the trainer streams one Pipes message per logged step
+(:func:`training_pod_spec`); the orchestrating step itself needs no GPU. Several nodes: that pod is
+node 0 and the others run as an Indexed Job next to it (``pipelines/multinode.py``). Rank 0 of the trainer streams one Pipes message per logged step
 (loss, lr, grad norm, tokens/s, MFU), which become the loss-curve plot, and reports the final
 metadata.
 """
@@ -43,19 +44,24 @@ class TrainConfig(dg.Config):
     cv_tolerance: float = 0.0  # allowed relative CV-loss increase over the last published checkpoint
 
 
-def train_command(config: TrainConfig, training: TrainingResource, train_list: str, cv_list: str) -> list[str]:
-    """The trainer invocation: plain ``python -m cosyvoice.cli train`` for one process, ``torchrun``
-    (with a c10d rendezvous when several nodes) otherwise."""
+def train_command(config: TrainConfig, training: TrainingResource, train_list: str, cv_list: str, *,
+                  rdzv_endpoint: str = "") -> list[str]:
+    """The trainer invocation of node 0: plain ``python -m cosyvoice.cli train`` for one process,
+    ``torchrun --standalone`` for one node, and for several nodes torchrun's static rendezvous at
+    ``rdzv_endpoint`` (default: the config's) with ``--node_rank=0``. Static, not c10d: this is the
+    node Dagster listens to, so it must hold global rank 0, the rank that reports; the other
+    nodes run the same command with their own ``--node_rank``."""
     if config.engine not in ("torch_ddp", "deepspeed"):
         raise ValueError(f"engine must be torch_ddp or deepspeed, got {config.engine!r}")
-    if config.nodes > 1 and not config.rdzv_endpoint:
+    rdzv_endpoint = rdzv_endpoint or config.rdzv_endpoint
+    if config.nodes > 1 and not rdzv_endpoint:
         raise ValueError("nodes > 1 needs rdzv_endpoint (host:port of the first node)")
     launcher = [training.python, "-m", "cosyvoice.cli"]
     if config.gpus_per_node > 1 or config.nodes > 1:
         launcher = [training.python, "-m", "torch.distributed.run", f"--nproc_per_node={config.gpus_per_node}",
                     f"--nnodes={config.nodes}"]
         if config.nodes > 1:
-            launcher += ["--rdzv_backend=c10d", f"--rdzv_endpoint={config.rdzv_endpoint}",
+            launcher += ["--rdzv_backend=static", f"--rdzv_endpoint={rdzv_endpoint}", "--node_rank=0",
                          f"--rdzv_id={training.run_name}"]
         else:
             launcher += ["--standalone"]
@@ -123,16 +129,23 @@ def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store
                    training: TrainingResource) -> dg.MaterializeResult:
     """Trains the CosyVoice2/3 LLM on ``train.data.list`` / ``cv.data.list`` (SFT, or DPO) and
     leaves the upstream checkpoint files in the model dir."""
-    command = train_command(config, training, store.url("train.data.list"), store.url("cv.data.list"))
-    context.log.info("launching: %s", " ".join(command))
-    if training.launcher == "k8s":
+    if training.launcher == "k8s" and config.nodes > 1:
+        invocation = _run_multinode_on_k8s(context, config, training, store)
+    elif training.launcher == "k8s":
         from dagster_k8s import PipesK8sClient
 
+        command = train_command(config, training, store.url("train.data.list"), store.url("cv.data.list"))
+        context.log.info("launching: %s", " ".join(command))
         invocation = PipesK8sClient().run(
             context=context, image=training.image, command=command, namespace=training.namespace or None,
             base_pod_spec=training_pod_spec(config.gpus_per_node, volume_claim=training.volume_claim),
             env=training.forwarded_env())
     else:
+        command = train_command(config, training, store.url("train.data.list"), store.url("cv.data.list"))
+        context.log.info("launching: %s", " ".join(command))
+        if config.nodes > 1:
+            context.log.info("start nodes 1..%d with the same command and --node_rank=1..%d", config.nodes - 1,
+                             config.nodes - 1)
         invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
             context=context, command=command, env=training.forwarded_env())
     steps = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("tag") == "TRAIN"]
@@ -162,6 +175,28 @@ def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store
             description=None if finite and not_worse else
             f"CV loss {cv_loss} is not finite or worse than the last published {previous}")],
     )
+
+
+def _run_multinode_on_k8s(context: dg.AssetExecutionContext, config: TrainConfig, training: TrainingResource,
+                          store: DataStore):
+    """Node 0 as the Pipes pod, nodes 1..N-1 as an Indexed Job, for the duration of the run."""
+    from dagster_k8s import PipesK8sClient
+
+    from pipelines.multinode import MultiNodeLayout, WorkerNodes, run_resource_name
+
+    layout = MultiNodeLayout(run_resource_name(context.run.run_id), config.nodes, training.namespace or "default")
+    command = train_command(config, training, store.url("train.data.list"), store.url("cv.data.list"),
+                            rdzv_endpoint=layout.rdzv_endpoint)
+    pod_spec = training_pod_spec(config.gpus_per_node, volume_claim=training.volume_claim)
+    job = layout.worker_job(image=training.image, command=command, env=training.forwarded_env(), pod_spec=pod_spec)
+    context.log.info("launching node 0: %s", " ".join(command))
+    context.log.info("nodes 1..%d: Job %s/%s; rendezvous at %s", config.nodes - 1, layout.namespace, layout.name,
+                     layout.rdzv_endpoint)
+    with WorkerNodes(layout, job):
+        return PipesK8sClient().run(
+            context=context, image=training.image, command=command, namespace=layout.namespace,
+            base_pod_meta=layout.node0_pod_meta(), base_pod_spec=layout.node0_pod_spec(pod_spec),
+            env=training.forwarded_env())
 
 
 class AverageConfig(dg.Config):

@@ -179,7 +179,7 @@ def test_rbac_is_least_privilege_and_matches_the_helm_values():
     kinds = {d["kind"] for d in docs}
     assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
     (role,) = [d for d in docs if d["kind"] == "Role"]
-    allowed = {"jobs", "jobs/status", "pods", "pods/log", "pods/status", "events"}
+    allowed = {"jobs", "jobs/status", "pods", "pods/log", "pods/status", "events", "services"}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
         assert set(rule["resources"]) <= allowed, rule
@@ -248,3 +248,51 @@ def test_dockerfiles_copy_existing_paths_and_serve_our_code_location(dockerfile)
                 assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist"
     assert '"-m", "pipelines.definitions"' in text and "USER 10001" in text
     assert text.count("FROM ") == 1 and "python:3.11" in text
+
+
+def test_multi_node_training_manifests_validate_and_wire_node_0_to_the_workers(tmp_path):
+    """The Service, the workers' Indexed Job and node 0's Pipes pod of a 4-node run: valid objects,
+    the Service selects node 0's pod, the workers get node ranks 1..3 and the same arguments."""
+    import os
+    import subprocess
+    import sys
+
+    from dagster_k8s.pipes import build_pod_body
+
+    from assets.training import TrainConfig, train_command, training_pod_spec
+    from pipelines.multinode import MultiNodeLayout
+    from pipelines.resources import TrainingResource
+
+    layout = MultiNodeLayout("cv-train-0123abcd", 4, "cosyvoice")
+    training = TrainingResource(model_dir="/models/llm", launcher="k8s", image="registry.example.com/gpu:1")
+    command = train_command(TrainConfig(nodes=4, gpus_per_node=8), training, "s3://b/train list", "s3://b/cv",
+                            rdzv_endpoint=layout.rdzv_endpoint)
+    spec = training_pod_spec(8, volume_claim="cosyvoice-models")
+    service, job = layout.service(), layout.worker_job(image=training.image, command=command,
+                                                       env={"AWS_DEFAULT_REGION": "x"}, pod_spec=spec)
+    pod = build_pod_body(pod_name="dagster-pipes-train", image=training.image, command=command,
+                         env_vars={"DAGSTER_PIPES_CONTEXT": "e30="}, base_pod_meta=layout.node0_pod_meta(),
+                         base_pod_spec=layout.node0_pod_spec(spec))
+    pod = {"apiVersion": "v1", "kind": "Pod", **kubernetes.client.ApiClient().sanitize_for_serialization(pod)}
+    for manifest in (service, job, pod):
+        validate(manifest)
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert f"{pod['spec']['hostname']}.{pod['spec']['subdomain']}:29400" == layout.rdzv_endpoint
+    assert not service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
+    worker = job["spec"]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8 and worker["image"] == training.image
+
+    # run the worker's command line through a real shell, with a stand-in for python that prints argv
+    echo = tmp_path / "python"
+    echo.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
+    echo.chmod(0o755)
+    argv = [str(echo)] + worker["command"][4:]
+    shell = worker["command"][:3] + argv
+    for index in range(3):
+        out = subprocess.run(shell, env={**os.environ, "JOB_COMPLETION_INDEX": str(index)}, capture_output=True,
+                             text=True, check=True).stdout
+        node_args = json.loads(out)
+        assert node_args[:3] == ["-m", "torch.distributed.run", f"--node_rank={index + 1}"]
+        assert node_args[3:] == [a for a in command[3:] if a != "--node_rank=0"]

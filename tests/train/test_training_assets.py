@@ -87,9 +87,78 @@ def test_the_gpu_training_pod_validates_and_requests_gpus():
     assert manifest["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
-def test_multi_node_needs_a_rendezvous_endpoint():
+def test_multi_node_uses_a_static_rendezvous_with_this_node_as_rank_0():
     training = TrainingResource(model_dir="/m", python="python")
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         train_command(TrainConfig(nodes=2), training, "a", "b")
     command = train_command(TrainConfig(nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400"), training, "a", "b")
-    assert "--rdzv_endpoint=node0:29400" in command and "--rdzv_backend=c10d" in command and "--nnodes=2" in command
+    launcher = command[:command.index("cosyvoice.cli")]
+    assert {"--rdzv_endpoint=node0:29400", "--rdzv_backend=static", "--node_rank=0", "--nnodes=2",
+            "--nproc_per_node=4"} <= set(launcher)
+    assert "--standalone" not in launcher
+    override = train_command(TrainConfig(nodes=2), training, "a", "b", rdzv_endpoint="node-0.svc:29400")
+    assert "--rdzv_endpoint=node-0.svc:29400" in override
+
+
+class FakeKubernetes:
+    """Records the calls WorkerNodes makes (no cluster here)."""
+
+    def __init__(self, fail_job=False):
+        self.calls, self.fail_job = [], fail_job
+
+    def create_namespaced_service(self, namespace, body):
+        self.calls.append(("create service", namespace, body["metadata"]["name"]))
+
+    def create_namespaced_job(self, namespace, body):
+        if self.fail_job:
+            raise RuntimeError("quota exceeded")
+        self.calls.append(("create job", namespace, body["metadata"]["name"]))
+
+    def delete_namespaced_job(self, name, namespace, propagation_policy=None):
+        self.calls.append(("delete job", namespace, name))
+
+    def delete_namespaced_service(self, name, namespace):
+        self.calls.append(("delete service", namespace, name))
+
+
+def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_them(data_root, monkeypatch):
+    """llm_checkpoint with nodes: 3 on the k8s launcher: Service + Indexed Job before the Pipes pod,
+    node 0's pod resolvable at the rendezvous endpoint, both deleted although the pod failed."""
+    import kubernetes
+    from dagster_k8s import PipesK8sClient
+
+    fake = FakeKubernetes()
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda: fake)
+    monkeypatch.setattr(kubernetes.client, "BatchV1Api", lambda: fake)
+    launched = {}
+
+    def run(self, **kwargs):
+        launched.update(kwargs, calls_before=list(fake.calls))
+        raise RuntimeError("pod failed")
+
+    monkeypatch.setattr(PipesK8sClient, "run", run)
+    training = TrainingResource(model_dir="/models/llm", launcher="k8s", recipe="/app/configs/cosyvoice2.yaml",
+                                image="cosyvoice-pipeline-gpu:1", namespace="cosyvoice", volume_claim="models")
+    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=data_root), "training": training},
+                            run_config=dg.RunConfig(ops={"llm_checkpoint": TrainConfig(nodes=3, gpus_per_node=8)}),
+                            raise_on_error=False)
+    assert not result.success
+    name = f"cv-train-{result.run_id.replace('-', '')[:12]}"
+    assert launched["calls_before"] == [("create service", "cosyvoice", name), ("create job", "cosyvoice", name)]
+    assert fake.calls[2:] == [("delete job", "cosyvoice", name), ("delete service", "cosyvoice", name)]
+    assert launched["namespace"] == "cosyvoice"
+    assert launched["base_pod_spec"]["hostname"] == "node-0" and launched["base_pod_spec"]["subdomain"] == name
+    assert f"--rdzv_endpoint=node-0.{name}:29400" in launched["command"]
+    assert "--node_rank=0" in launched["command"] and "--nnodes=3" in launched["command"]
+
+
+def test_worker_nodes_clean_up_the_service_when_the_job_cannot_be_created():
+    from pipelines.multinode import MultiNodeLayout, WorkerNodes
+
+    fake = FakeKubernetes(fail_job=True)
+    layout = MultiNodeLayout("cv-train-x", 2, "ns")
+    with pytest.raises(RuntimeError, match="quota"):
+        with WorkerNodes(layout, {}, core_api=fake, batch_api=fake):
+            pass
+    assert fake.calls == [("create service", "ns", "cv-train-x"), ("delete service", "ns", "cv-train-x")]
