@@ -46,7 +46,7 @@ def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) 
         start = time.perf_counter()
         report = run_extraction("speech_token", items, model, num_workers=args.workers, runtime="torch",
                                 device=args.device, batch_size=batch, precision=precision,
-                                agreement_sample=len(items))
+                                agreement_sample=0)  # timed alone; compared with upstream below
         wall = time.perf_counter() - start
         base = base or wall
         same = sum(report.results[u] == v for u, v in reference.items())

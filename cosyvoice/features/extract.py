@@ -275,7 +275,7 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    if precision == "fp32":
+    if precision == "fp32" or not compared:
         return rows, None, 0
     return rows, agreement([c for c, _ in compared], [r for _, r in compared]), len(compared_utts)
 

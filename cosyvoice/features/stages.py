@@ -55,7 +55,11 @@ def extract_embedding(data_dir: str, onnx_path: str, *, num_thread: int | None =
                       progress: Callable[[Iterable], Iterable] | None = None) -> ExtractionReport:
     """CAM++ embeddings for ``wav.scp`` -> ``utt2embedding.pt`` and ``spk2embedding.pt``."""
     utt2spk = read_table(data_dir, "utt2spk")
-    report = run_extraction("embedding", shard_items(data_dir, shard), onnx_path,
+    items = shard_items(data_dir, shard)
+    missing = [utt for utt, _ in items if utt not in utt2spk]
+    if missing:  # upstream fails with a KeyError after extracting everything; say it before starting
+        raise ValueError(f"{len(missing)} utterance(s) of wav.scp have no speaker in utt2spk, e.g. {missing[0]}")
+    report = run_extraction("embedding", items, onnx_path,
                             num_workers=num_thread or default_workers(), progress=progress)
     out = _output_dir(data_dir, shard)
     save_pt(storage.join(out, "utt2embedding.pt"), report.results)

@@ -130,3 +130,17 @@ def test_an_unreadable_model_fails_fast_instead_of_hanging(feature_dir, tmp_path
         extract_embedding(feature_dir, str(broken), num_thread=2)
     with pytest.raises(InvalidProtobuf):
         extract_embedding(feature_dir, str(broken), num_thread=1)
+
+
+def test_an_utterance_without_a_speaker_is_reported_before_any_work(feature_dir, tiny_models, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(feature_dir, data)
+    for name in ("utt2embedding.pt", "spk2embedding.pt"):
+        (data / name).unlink(missing_ok=True)
+    lines = (data / "utt2spk").read_text().splitlines()
+    (data / "utt2spk").write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(ValueError, match="no speaker in utt2spk, e.g. " + lines[0].split()[0]):
+        extract_embedding(str(data), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
+    assert not (data / "utt2embedding.pt").exists()
