@@ -54,6 +54,62 @@ def test_weights_read_from_the_onnx_file_load_strictly_and_give_its_tokens(tiny_
         assert codes[0, :int(lengths[0])].tolist() == want.tolist()
 
 
+def release_style_onnx(state: dict, path: str) -> None:
+    """Writes an S3TokenizerV2 state dict the way the released files name things (legacy TorchScript
+    exporter: anonymous ``onnx::Conv_*`` / ``onnx::MatMul_*`` initializers, nodes named by module scope
+    like ``/blocks.0/attn/query/MatMul``, Linear weights stored transposed). Only the names and the
+    node/initializer wiring matter here: the graph is not meant to run."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits, nodes, counter = [], [], iter(range(3000, 9000))
+
+    def init(name, tensor):
+        inits.append(numpy_helper.from_array(tensor.detach().numpy().copy(), name))
+        return name
+
+    def node(op, name, *inputs):
+        nodes.append(helper.make_node(op, ["x", *inputs], [f"{name}_out"], name=name))
+
+    convs = {"encoder.conv1": ("onnx::Conv_2216", "onnx::Conv_2217"), "encoder.conv2": ("onnx::Conv_2218", "onnx::Conv_2219")}
+    for module, (w, b) in convs.items():
+        node("Conv", f"/{module.split('.')[1]}/Conv", init(w, state[f"{module}.weight"]), init(b, state[f"{module}.bias"]))
+    blocks = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.blocks.")})
+    for i in blocks:
+        prefix = f"encoder.blocks.{i}"
+        for ln in ("attn_ln", "mlp_ln"):
+            node("LayerNormalization", f"/blocks.{i}/{ln}/LayerNormalization",
+                 init(f"{prefix}.{ln}.w", state[f"{prefix}.{ln}.weight"]), init(f"{prefix}.{ln}.b", state[f"{prefix}.{ln}.bias"]))
+        linears = {f"attn.{n}": f"attn/{n}" for n in ("query", "key", "value", "out")}
+        linears.update({"mlp.0": "mlp/mlp.0", "mlp.2": "mlp/mlp.2"})
+        for module, scope in linears.items():
+            node("MatMul", f"/blocks.{i}/{scope}/MatMul", init(f"onnx::MatMul_{next(counter)}", state[f"{prefix}.{module}.weight"].t()))
+            if f"{prefix}.{module}.bias" in state:
+                node("Add", f"/blocks.{i}/{scope}/Add", init(f"onnx::Add_{next(counter)}", state[f"{prefix}.{module}.bias"]))
+        node("Conv", f"/blocks.{i}/attn/fsmn_block/Conv", init(f"onnx::Conv_{next(counter)}", state[f"{prefix}.attn.fsmn_block.weight"]))
+    project = "quantizer._codebook.project_down"
+    node("MatMul", "/quantizer/project_in/MatMul", init("onnx::MatMul_2536", state[f"{project}.weight"].t()))
+    node("Add", "/quantizer/project_in/Add", init("quantizer.project_in.bias", state[f"{project}.bias"]))
+    graph = helper.make_graph(nodes, "release_style", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in nodes],
+                              initializer=inits)
+    onnx.save(helper.make_model(graph), path)
+
+
+def test_release_named_files_load_through_the_packages_onnx2torch_mapping(tiny_models, tmp_path):
+    """The released files have none of the torch names; their weights must land in the same module."""
+    reference = build_module(read_weights(os.path.join(tiny_models, "speech_tokenizer_v2.onnx")))
+    path = str(tmp_path / "speech_tokenizer_v2.onnx")
+    release_style_onnx(reference.state_dict(), path)
+    weights = read_weights(path)
+    assert weights.version == "v2"
+    loaded = build_module(weights)
+    assert loaded.config.n_audio_state == reference.config.n_audio_state == 256
+    assert loaded.config.n_audio_layer == reference.config.n_audio_layer
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_a_file_that_is_not_a_tokenizer_is_refused(tiny_models):
     with pytest.raises(ValueError, match="not an S3 speech tokenizer"):
         read_weights(os.path.join(tiny_models, "campplus.onnx"))
