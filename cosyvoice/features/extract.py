@@ -92,6 +92,10 @@ def batch_capable(session) -> bool:
     return len(inputs) == 2 and not isinstance(inputs[1].shape[0], int)
 
 
+def _feature_failure(utt: str, path: str, exc: Exception) -> Failure:
+    return Failure(utt, path, "feature_error", f"{type(exc).__name__}: {exc}")
+
+
 def _process(item: tuple[str, str]) -> tuple:
     """-> (utt, value | Failure, audio_seconds, model_seconds, long_status)."""
     import numpy as np
@@ -105,27 +109,30 @@ def _process(item: tuple[str, str]) -> tuple:
     except frontend.AudioDecodeError as exc:
         return utt, Failure(utt, path, exc.reason, str(exc)), 0.0, 0.0, None
     seconds = audio.shape[1] / rate
+    embedding = _STATE["kind"] == "embedding"
+    try:  # e.g. audio shorter than one analysis window
+        if embedding:
+            feats = [frontend.campplus_input(audio, rate)]
+        else:
+            windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
+            feats = [frontend.whisper_input(w) for w in windows]
+    except Exception as exc:
+        return utt, _feature_failure(utt, path, exc), seconds, 0.0, None
+    names = [i.name for i in session.get_inputs()]
     try:
-        if _STATE["kind"] == "embedding":
-            feat = frontend.campplus_input(audio, rate)
-            start = time.perf_counter()
-            vector = session.run(None, {session.get_inputs()[0].name: feat})[0].flatten()
+        start = time.perf_counter()
+        if embedding:
+            vector = session.run(None, {names[0]: feats[0]})[0].flatten()
             model = time.perf_counter() - start
             if vector.shape != (EMBEDDING_DIM,):
                 return utt, Failure(utt, path, "bad_model_output", f"embedding shape {vector.shape}"), seconds, model, None
             return utt, vector.tolist(), seconds, model, None
-        windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
-        names = [i.name for i in session.get_inputs()]
         tokens: list[int] = []
-        model = 0.0
-        for window in windows:
-            mel = frontend.whisper_input(window)
-            start = time.perf_counter()
+        for mel in feats:
             out = session.run(None, {names[0]: mel, names[1]: np.array([mel.shape[2]], dtype=np.int32)})[0]
-            model += time.perf_counter() - start
             tokens.extend(out.flatten().tolist())
-        status = None if len(windows) == 1 else ("skipped" if not windows else "chunked")
-        return utt, tokens, seconds, model, status
+        status = None if len(feats) == 1 else ("skipped" if not feats else "chunked")
+        return utt, tokens, seconds, time.perf_counter() - start, status
     except Exception as exc:  # a bad utterance (e.g. too short for the model) must not stop the shard
         return utt, Failure(utt, path, "model_error", f"{type(exc).__name__}: {exc}"), seconds, 0.0, None
 
@@ -157,7 +164,10 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
         if len(windows) != 1:
             out.append(_process((utt, path)))
             continue
-        ready.append((utt, path, audio.shape[1] / rate, frontend.whisper_input(windows[0])[0]))
+        try:
+            ready.append((utt, path, audio.shape[1] / rate, frontend.whisper_input(windows[0])[0]))
+        except Exception as exc:  # e.g. audio shorter than one STFT window
+            out.append((utt, _feature_failure(utt, path, exc), audio.shape[1] / rate, 0.0, None))
     ready.sort(key=lambda r: r[3].shape[1])
     for start in range(0, len(ready), size):
         group = ready[start:start + size]
@@ -200,6 +210,20 @@ def _decode_windows(item: tuple[str, str], long_audio: str) -> tuple:
     return utt, path, frontend.tokenizer_windows(frontend.mono_16k(audio, rate), long_audio), audio.shape[1] / rate
 
 
+def _bounded_map(pool: ProcessPoolExecutor, fn: Callable, items: Sequence, ahead: int) -> Iterable:
+    """``pool.map`` in order, but with at most ``ahead`` results in flight: decoded audio waits in
+    memory only as far ahead of the model as needed (``Executor.map`` submits everything at once)."""
+    from collections import deque
+
+    queue: deque = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
 def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers: int, device: str,
                   long_audio: str, batch_size: int, precision: str, agreement_sample: int,
                   progress: Callable[[Iterable], Iterable] | None) -> tuple[list[tuple], float | None, int]:
@@ -209,6 +233,8 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
     Returns the per-utterance rows (as ``_process``) and, for bf16, the agreement with fp32 on the
     first ``agreement_sample`` utterances with their count."""
     from functools import partial
+
+    import torch
 
     from cosyvoice import storage
     from cosyvoice.features.torch_tokenizer import TorchSpeechTokenizer, agreement
@@ -221,7 +247,7 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
         context.set_forkserver_preload(["cosyvoice.features.frontend"])
         pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_decoder,
                                    initargs=(storage.environment(),))
-    decoded = pool.map(decode, items, chunksize=4) if pool else map(decode, items)
+    decoded = _bounded_map(pool, decode, items, ahead=max(64, 4 * batch_size)) if pool else map(decode, items)
     if progress is not None:
         decoded = progress(decoded)
 
@@ -231,9 +257,24 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
     pending: dict[str, list] = {}  # utt -> [path, seconds, window count, {window index: tokens}, model s]
 
     def run(group: list[tuple]) -> None:  # (utt, window index, mel on the device)
+        group = [g for g in group if g[0] in pending]  # an utterance with a failed window is done
+        if not group:
+            return
         mels = [mel for _, _, mel in group]
         began = time.perf_counter()
-        outputs = tokenizer.tokens(mels)
+        try:
+            outputs = tokenizer.tokens(mels)
+        except Exception as exc:  # e.g. device memory for one large batch: retry one by one
+            if tokenizer.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(group) > 1:
+                for one in group:
+                    run([one])
+                return
+            utt = group[0][0]
+            path = pending.pop(utt)[0]
+            rows.append((utt, Failure(utt, path, "model_error", f"{type(exc).__name__}: {exc}"), 0.0, 0.0, None))
+            return
         spent = time.perf_counter() - began
         frames = sum(m.shape[1] for m in mels)
         if precision != "fp32" and len(compared_utts) < agreement_sample:
@@ -262,8 +303,13 @@ def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers:
             if not windows:
                 rows.append((utt, [], seconds, 0.0, "skipped"))
                 continue
+            try:
+                mels = [tokenizer.log_mel(w) for w in windows]
+            except Exception as exc:  # e.g. audio shorter than one STFT window
+                rows.append((utt, _feature_failure(utt, path, exc), seconds, 0.0, None))
+                continue
             pending[utt] = [path, seconds, len(windows), {}, 0.0]
-            buffer.extend((utt, i, tokenizer.log_mel(w)) for i, w in enumerate(windows))
+            buffer.extend((utt, i, mel) for i, mel in enumerate(mels))
             if len(buffer) >= batch_size * 8:  # sort a window of batches by length: little padding
                 buffer.sort(key=lambda b: b[2].shape[1])
                 while len(buffer) >= batch_size:

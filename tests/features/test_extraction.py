@@ -144,3 +144,29 @@ def test_an_utterance_without_a_speaker_is_reported_before_any_work(feature_dir,
     with pytest.raises(ValueError, match="no speaker in utt2spk, e.g. " + lines[0].split()[0]):
         extract_embedding(str(data), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
     assert not (data / "utt2embedding.pt").exists()
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("embedding", {}),
+    ("speech_token", {}),
+    ("speech_token", {"batch_size": 4, "model": "speech_tokenizer_v2.batch.onnx"}),
+    ("speech_token", {"batch_size": 4, "runtime": "torch"}),
+])
+def test_audio_too_short_for_the_features_is_reported_and_the_rest_extracted(feature_dir, tiny_models, tmp_path,
+                                                                            kind, options):
+    """A 5 ms clip has no STFT frame (whisper's reflect padding needs > 200 samples; kaldi's 25 ms
+    window needs 400): upstream's tools stop on it; here it is one failure with a reason."""
+    import soundfile as sf
+
+    from cosyvoice.features.extract import run_extraction
+
+    tiny = tmp_path / "tiny.wav"
+    sf.write(tiny, np.zeros(80, dtype=np.float32), 16000, subtype="PCM_16")
+    good = sorted(wavs(feature_dir).items())[:3]
+    options = dict(options)
+    model = os.path.join(tiny_models, options.pop("model", "campplus.onnx" if kind == "embedding"
+                                                   else "speech_tokenizer_v2.onnx"))
+    report = run_extraction(kind, good + [("0000_tiny", str(tiny))], model, num_workers=1, **options)
+    assert sorted(report.results) == sorted(u for u, _ in good)
+    assert [f.utt for f in report.failures] == ["0000_tiny"]
+    assert report.failures[0].reason == "feature_error"
