@@ -11,6 +11,7 @@ fp32 run as the baseline, length-sorted batches of ``--batch_size`` in fp32 (tok
 identical to the upstream tool's) and the same batches in bf16 (speed and token agreement).
 
     python bench/features.py [--models data/models] [--utterances 400] [--kinds embedding,speech_token]
+    python bench/features.py --kinds speech_token --onnx_batch_size 8
     python bench/features.py --kinds speech_token_torch --device cuda --batch_size 64
 """
 
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", help="speech_token_torch: cpu | cuda")
     parser.add_argument("--batch_size", type=int, default=64, help="speech_token_torch: batch size")
+    parser.add_argument("--onnx_batch_size", type=int, default=1,
+                        help="speech_token: ours in length-sorted batches through speech_tokenizer_v2.batch.onnx")
     args = parser.parse_args()
     import numpy as np
 
@@ -121,9 +124,12 @@ def main() -> None:
             if kind == "speech_token_torch":
                 torch_runtime(items, model, audio, args)
                 continue
-            run_extraction(kind, items[:4], model, num_workers=args.workers)  # warm caches/forkserver
+            ours_model, batch = model, 1
+            if kind == "speech_token" and args.onnx_batch_size > 1:  # ours through the batch-capable file
+                ours_model, batch = model.replace(".onnx", ".batch.onnx"), args.onnx_batch_size
+            run_extraction(kind, items[:4], ours_model, num_workers=args.workers, batch_size=batch)  # warm-up
             start = time.perf_counter()
-            ours = run_extraction(kind, items, model, num_workers=args.workers)
+            ours = run_extraction(kind, items, ours_model, num_workers=args.workers, batch_size=batch)
             t_ours = time.perf_counter() - start
             start = time.perf_counter()
             theirs = upstream_run(kind, items, model)
