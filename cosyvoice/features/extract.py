@@ -188,144 +188,6 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
     return out
 
 
-def _init_decoder(env: dict | None) -> None:
-    import torch
-
-    from cosyvoice import storage
-
-    if env:
-        storage.use_environment(env)
-    torch.set_num_threads(1)
-
-
-def _decode_windows(item: tuple[str, str], long_audio: str) -> tuple:
-    """-> (utt, path, [16 kHz (1, n) windows] | Failure, audio_seconds)."""
-    from cosyvoice.features import frontend
-
-    utt, path = item
-    try:
-        audio, rate = frontend.load_audio(path)
-    except frontend.AudioDecodeError as exc:
-        return utt, path, Failure(utt, path, exc.reason, str(exc)), 0.0
-    return utt, path, frontend.tokenizer_windows(frontend.mono_16k(audio, rate), long_audio), audio.shape[1] / rate
-
-
-def _bounded_map(pool: ProcessPoolExecutor, fn: Callable, items: Sequence, ahead: int) -> Iterable:
-    """``pool.map`` in order, but with at most ``ahead`` results in flight: decoded audio waits in
-    memory only as far ahead of the model as needed (``Executor.map`` submits everything at once)."""
-    from collections import deque
-
-    queue: deque = deque()
-    for item in items:
-        queue.append(pool.submit(fn, item))
-        if len(queue) >= ahead:
-            yield queue.popleft().result()
-    while queue:
-        yield queue.popleft().result()
-
-
-def _torch_tokens(items: list[tuple[str, str]], model_path: str, *, num_workers: int, device: str,
-                  long_audio: str, batch_size: int, precision: str, agreement_sample: int,
-                  progress: Callable[[Iterable], Iterable] | None) -> tuple[list[tuple], float | None, int]:
-    """Speech tokens through the torch module: CPU worker processes decode and resample while this
-    process computes the log-mel on the device and runs length-sorted batches of windows.
-
-    Returns the per-utterance rows (as ``_process``) and, for bf16, the agreement with fp32 on the
-    first ``agreement_sample`` utterances with their count."""
-    from functools import partial
-
-    import torch
-
-    from cosyvoice import storage
-    from cosyvoice.features.torch_tokenizer import TorchSpeechTokenizer, agreement
-
-    tokenizer = TorchSpeechTokenizer(model_path, device=device, precision=precision)
-    decode = partial(_decode_windows, long_audio=long_audio)
-    pool = None
-    if num_workers > 1:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["cosyvoice.features.frontend"])
-        pool = ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_decoder,
-                                   initargs=(storage.environment(),))
-    decoded = _bounded_map(pool, decode, items, ahead=max(64, 4 * batch_size)) if pool else map(decode, items)
-    if progress is not None:
-        decoded = progress(decoded)
-
-    rows: list[tuple] = []
-    compared: list[tuple[list[int], list[int]]] = []
-    compared_utts: set[str] = set()
-    pending: dict[str, list] = {}  # utt -> [path, seconds, window count, {window index: tokens}, model s]
-
-    def run(group: list[tuple]) -> None:  # (utt, window index, mel on the device)
-        group = [g for g in group if g[0] in pending]  # an utterance with a failed window is done
-        if not group:
-            return
-        mels = [mel for _, _, mel in group]
-        began = time.perf_counter()
-        try:
-            outputs = tokenizer.tokens(mels)
-        except Exception as exc:  # e.g. device memory for one large batch: retry one by one
-            if tokenizer.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(group) > 1:
-                for one in group:
-                    run([one])
-                return
-            utt = group[0][0]
-            path = pending.pop(utt)[0]
-            rows.append((utt, Failure(utt, path, "model_error", f"{type(exc).__name__}: {exc}"), 0.0, 0.0, None))
-            return
-        spent = time.perf_counter() - began
-        frames = sum(m.shape[1] for m in mels)
-        if precision != "fp32" and len(compared_utts) < agreement_sample:
-            take = []
-            for i, (utt, _, _) in enumerate(group):
-                if utt in compared_utts or len(compared_utts) < agreement_sample:
-                    compared_utts.add(utt)
-                    take.append(i)
-            reference = tokenizer.tokens([mels[i] for i in take], precision="fp32")
-            compared.extend(zip([outputs[i] for i in take], reference))
-        for (utt, index, mel), codes in zip(group, outputs):
-            entry = pending[utt]
-            entry[3][index] = codes
-            entry[4] += spent * mel.shape[1] / frames
-            if len(entry[3]) == entry[2]:
-                path, seconds, count, pieces, model = pending.pop(utt)
-                tokens = [c for i in range(count) for c in pieces[i]]
-                rows.append((utt, tokens, seconds, model, None if count == 1 else "chunked"))
-
-    buffer: list[tuple] = []
-    try:
-        for utt, path, windows, seconds in decoded:
-            if isinstance(windows, Failure):
-                rows.append((utt, windows, seconds, 0.0, None))
-                continue
-            if not windows:
-                rows.append((utt, [], seconds, 0.0, "skipped"))
-                continue
-            try:
-                mels = [tokenizer.log_mel(w) for w in windows]
-            except Exception as exc:  # e.g. audio shorter than one STFT window
-                rows.append((utt, _feature_failure(utt, path, exc), seconds, 0.0, None))
-                continue
-            pending[utt] = [path, seconds, len(windows), {}, 0.0]
-            buffer.extend((utt, i, mel) for i, mel in enumerate(mels))
-            if len(buffer) >= batch_size * 8:  # sort a window of batches by length: little padding
-                buffer.sort(key=lambda b: b[2].shape[1])
-                while len(buffer) >= batch_size:
-                    run(buffer[:batch_size])
-                    del buffer[:batch_size]
-        buffer.sort(key=lambda b: b[2].shape[1])
-        for start in range(0, len(buffer), batch_size):
-            run(buffer[start:start + batch_size])
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if precision == "fp32" or not compared:
-        return rows, None, 0
-    return rows, agreement([c for c, _ in compared], [r for _, r in compared]), len(compared_utts)
-
-
 def run_extraction(
     kind: str,
     items: Sequence[tuple[str, str]],
@@ -359,7 +221,9 @@ def run_extraction(
     items = sorted(items)
     agreed, agreement_utts = None, 0
     if runtime == "torch":
-        collected, agreed, agreement_utts = _torch_tokens(
+        from cosyvoice.features.torch_runtime import run_torch_tokens
+
+        collected, agreed, agreement_utts = run_torch_tokens(
             items, model_path, num_workers=max(0, min(num_workers, len(items))), device=device,
             long_audio=long_audio, batch_size=max(1, batch_size), precision=precision,
             agreement_sample=agreement_sample, progress=progress)

@@ -172,6 +172,11 @@ class TorchSpeechTokenizer:
         codes, code_lengths = codes.cpu(), code_lengths.cpu()
         return [codes[i, :int(code_lengths[i])].tolist() for i in range(len(mels))]
 
+    def release_cached_memory(self) -> None:
+        """After a failed batch (typically out of device memory) before retrying smaller ones."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _reference_module(self) -> torch.nn.Module:
         """The fp32 module, built on first use (bf16 runs compare a sample against it)."""
         if self._fp32_module is None:

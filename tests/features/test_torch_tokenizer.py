@@ -175,3 +175,37 @@ def test_gpu_torch_runtime_fp32_equals_the_upstream_recipe(feature_dir, tiny_mod
     report = extract_speech_token(data, model, num_thread=2, batch_size=8, runtime="torch", device="cuda")
     assert load_pt(os.path.join(data, "utt2speech_token.pt")) == expected_tokens(feature_dir, model)
     assert report.failures[0].utt == BAD
+
+
+class PickyTokenizer:
+    """Stands in for TorchSpeechTokenizer: token i of a window is its length; a window of length 13
+    makes the whole batch fail (as a device-memory error would)."""
+
+    precision = "fp32"
+
+    def __init__(self):
+        self.batches = []
+
+    def tokens(self, mels, precision=None):
+        self.batches.append([m.shape[1] for m in mels])
+        if any(m.shape[1] == 13 for m in mels):
+            raise RuntimeError("CUDA out of memory")
+        return [[m.shape[1]] * 2 for m in mels]
+
+    def release_cached_memory(self):
+        pass
+
+
+def test_a_rejected_batch_is_retried_per_window_and_fails_only_its_utterance():
+    from cosyvoice.features.torch_runtime import WindowBatcher, _Pending
+
+    batcher = WindowBatcher(PickyTokenizer(), agreement_sample=0)
+    batcher.pending = {"a": _Pending("a.wav", 1.0, 1), "b": _Pending("b.wav", 2.0, 2), "c": _Pending("c.wav", 3.0, 2)}
+    mel = lambda n: torch.zeros(128, n)  # noqa: E731
+    batcher.run([("a", 0, mel(5)), ("b", 0, mel(7)), ("c", 0, mel(13))])
+    batcher.run([("b", 1, mel(9)), ("c", 1, mel(11))])
+    rows = {utt: (value, status) for utt, value, _, _, status in batcher.rows}
+    assert rows["a"] == ([5, 5], None) and rows["b"] == ([7, 7, 9, 9], "chunked")
+    assert rows["c"][0].reason == "model_error" and "out of memory" in rows["c"][0].detail
+    assert batcher.pending == {}  # c's second window is not run once its first failed
+    assert batcher.tokenizer.batches == [[5, 7, 13], [5], [7], [13], [9]]
