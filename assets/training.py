@@ -31,7 +31,7 @@ class TrainConfig(dg.Config):
     engine: str = "torch_ddp"  # torch_ddp | deepspeed
     gpus_per_node: int = 1
     nodes: int = 1
-    rdzv_endpoint: str = ""  # host:port of node 0 for nodes > 1
+    rdzv_endpoint: str = ""  # host:port of node 0 for nodes > 1 (subprocess launcher; k8s makes its own)
     max_epoch: int | None = None
     dpo: bool = False
     ref_model: str = ""
