@@ -5,8 +5,9 @@ on the device, runs length-sorted padded batches with masks, and can run in bf16
 onnxruntime cannot). The architecture is the ``s3tokenizer`` package's (the one upstream's Triton
 ``audio_tokenizer`` loads the released file into); only the weights come from the ``.onnx``:
 
-* files exported from torch by name (our reference models) carry the module names as initializer
-  names and map directly;
+* files exported from torch (our reference models) keep the parameter names, except Linear
+  weights and deduplicated constants, which are found through the module scope the exporter
+  records on each node;
 * the released files (legacy exporter, anonymous initializers) are mapped by
   ``s3tokenizer.utils.onnx2torch``, the package's loader written for exactly those files.
 
