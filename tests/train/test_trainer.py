@@ -201,3 +201,33 @@ def test_gpu_bf16_packed_training_runs_and_reports_mfu(training_list, qwen_dir, 
     records = read_log(tmp_path)
     assert report.steps >= 1 and all(r["padded_fraction"] == 0.0 for r in records)
     assert report.mfu is not None and report.mfu > 0 and report.cv_loss is not None
+
+
+def test_the_generated_multi_node_commands_train_like_one_node(ddp_run, training_list, qwen_dir, tmp_path):
+    """Node 0's torchrun command (static rendezvous, node rank 0) and the Kubernetes worker's shell
+    command (node rank from JOB_COMPLETION_INDEX), run as two 1-process "nodes" on this machine,
+    give the losses of the 2-process single-node run: same world, same ranks, same data."""
+    import socket
+
+    from assets.training import TrainConfig, train_command
+    from pipelines.multinode import MultiNodeLayout
+    from pipelines.resources import TrainingResource
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    training = TrainingResource(model_dir=str(tmp_path), recipe=TINY_RECIPE, qwen_pretrain_path=qwen_dir,
+                                python=sys.executable)
+    config = TrainConfig(nodes=2, gpus_per_node=1, use_amp=False, num_workers=0, max_epoch=1,
+                         extra_args=["--ddp.dist_backend", "gloo", "--log_interval", "1"])
+    node0 = train_command(config, training, training_list, training_list, rdzv_endpoint=f"127.0.0.1:{port}")
+    job = MultiNodeLayout("cv-train-test", 2).worker_job(image="x", command=node0, env={}, pod_spec={
+        "containers": [{"name": "c"}]})
+    node1 = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    env = {**os.environ, "JOB_COMPLETION_INDEX": "0"}
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in (node0, node1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    ours = [r["loss"] for r in read_log(tmp_path)]
+    assert ours and ours == pytest.approx([r["loss"] for r in read_log(ddp_run)][:len(ours)], rel=1e-5)
