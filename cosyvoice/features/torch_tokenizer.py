@@ -75,9 +75,8 @@ def read_weights(onnx_path: str) -> TokenizerWeights:
     import onnx
 
     model = onnx.load_from_string(storage.read_bytes(onnx_path))
-    named = _initializers(model)
-    if "encoder.conv1.weight" in named:  # exported from torch with its module names
-        exported = _torch_export_weights(model, named)
+    if any(t.name == "encoder.conv1.weight" for t in model.graph.initializer):  # exported from torch
+        exported = _torch_export_weights(model, _initializers(model))
         state = {k: v for k, v in exported.items() if k.startswith("encoder.") and k != "encoder.freqs_cis"}
         if "project_down.weight" in exported:
             state["quantizer._codebook.project_down.weight"] = exported["project_down.weight"]
