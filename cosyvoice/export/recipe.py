@@ -90,8 +90,8 @@ def _from_recipe(url: str) -> dict:
     encoder = _find_encoder_node(root)
     if encoder is None:
         raise ValueError(f"{url}: no !new:...Qwen2Encoder node in this recipe")
-    top = yaml.load(text, Loader=_TaggedLoader)  # noqa: S506 - the safe loader subclass, tags kept as data
-    loader = _TaggedLoader("")
+    loader = _TaggedLoader("")  # builds the nodes composed above (parsed once, tags kept as data)
+    top = loader.construct_document(root)
     node_value = _resolve(loader.construct_mapping(encoder, deep=True), top)
     if node_value.get("config"):
         return dict(node_value["config"])
