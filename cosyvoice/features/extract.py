@@ -92,10 +92,6 @@ def batch_capable(session) -> bool:
     return len(inputs) == 2 and not isinstance(inputs[1].shape[0], int)
 
 
-def _feature_failure(utt: str, path: str, exc: Exception) -> Failure:
-    return Failure(utt, path, "feature_error", f"{type(exc).__name__}: {exc}")
-
-
 def _process(item: tuple[str, str]) -> tuple:
     """-> (utt, value | Failure, audio_seconds, model_seconds, long_status)."""
     import numpy as np
@@ -117,7 +113,7 @@ def _process(item: tuple[str, str]) -> tuple:
             windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
             feats = [frontend.whisper_input(w) for w in windows]
     except Exception as exc:
-        return utt, _feature_failure(utt, path, exc), seconds, 0.0, None
+        return utt, Failure.from_exception(utt, path, "feature_error", exc), seconds, 0.0, None
     names = [i.name for i in session.get_inputs()]
     try:
         start = time.perf_counter()
@@ -134,7 +130,7 @@ def _process(item: tuple[str, str]) -> tuple:
         status = None if len(feats) == 1 else ("skipped" if not feats else "chunked")
         return utt, tokens, seconds, time.perf_counter() - start, status
     except Exception as exc:  # a bad utterance (e.g. too short for the model) must not stop the shard
-        return utt, Failure(utt, path, "model_error", f"{type(exc).__name__}: {exc}"), seconds, 0.0, None
+        return utt, Failure.from_exception(utt, path, "model_error", exc), seconds, 0.0, None
 
 
 def _process_chunk(items: list[tuple[str, str]]) -> list[tuple]:
@@ -167,7 +163,7 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
         try:
             ready.append((utt, path, audio.shape[1] / rate, frontend.whisper_input(windows[0])[0]))
         except Exception as exc:  # e.g. audio shorter than one STFT window
-            out.append((utt, _feature_failure(utt, path, exc), audio.shape[1] / rate, 0.0, None))
+            out.append((utt, Failure.from_exception(utt, path, "feature_error", exc), audio.shape[1] / rate, 0.0, None))
     ready.sort(key=lambda r: r[3].shape[1])
     for start in range(0, len(ready), size):
         group = ready[start:start + size]
@@ -219,7 +215,6 @@ def run_extraction(
         raise ValueError("runtime='torch' is for speech tokens; embeddings run on onnxruntime")
     started = time.perf_counter()
     items = sorted(items)
-    agreed, agreement_utts = None, 0
     if runtime == "torch":
         from cosyvoice.features.torch_runtime import run_torch_tokens
 

@@ -73,7 +73,7 @@ class WindowBatcher:
 
     def fail(self, utt: str, path: str, reason: str, exc: Exception, seconds: float = 0.0) -> None:
         self.pending.pop(utt, None)
-        self.rows.append((utt, UtteranceProblem(utt, path, reason, f"{type(exc).__name__}: {exc}"), seconds, 0.0, None))
+        self.rows.append((utt, UtteranceProblem.from_exception(utt, path, reason, exc), seconds, 0.0, None))
 
     def run(self, group: list[tuple]) -> None:
         """Tokens of ``(utt, window index, mel)`` entries; a batch the model rejects is retried one
