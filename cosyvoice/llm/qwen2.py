@@ -36,15 +36,24 @@ def has_weights(path: str) -> bool:
     return bool(path) and any(os.path.exists(os.path.join(path, f)) for f in _WEIGHT_FILES)
 
 
+def expected_weight_files() -> str:
+    return ", ".join(_WEIGHT_FILES)
+
+
 class Qwen2Encoder(torch.nn.Module):
     """``pretrain_path`` with weights -> ``from_pretrained`` (upstream behaviour); otherwise a random
-    init from ``config`` (a dict of ``Qwen2Config`` fields) or from ``pretrain_path/config.json``."""
+    init from ``config`` (a dict of ``Qwen2Config`` fields) or from ``pretrain_path/config.json``.
+
+    ``pretrained`` says which one happened; the trainer refuses to start from a random body unless
+    asked to (``--allow_random_init`` / recipe key ``allow_random_init: true``) or given a checkpoint."""
 
     def __init__(self, pretrain_path: str = "", config: dict | None = None, attn_implementation: str = "sdpa"):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
-        if has_weights(pretrain_path):
+        self.pretrain_path = pretrain_path
+        self.pretrained = has_weights(pretrain_path)
+        if self.pretrained:
             self.model = Qwen2ForCausalLM.from_pretrained(pretrain_path, dtype=torch.float32,
                                                           attn_implementation=attn_implementation)
         else:

@@ -42,7 +42,7 @@ def save_model_files(state_dict: dict, model_dir: str, name: str, info: dict) ->
     """``<name>.pt`` (flat state dict + epoch/step) and ``<name>.yaml``; returns the .pt path."""
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, f"{name}.pt")
-    flat = {k: v.detach().cpu() for k, v in state_dict.items()}
+    flat = {strip_compile_prefix(k): v.detach().cpu() for k, v in state_dict.items()}
     flat["epoch"], flat["step"] = int(info.get("epoch", -1)), int(info.get("step", 0))
     _atomic_torch_save(flat, path)
     info = {**info, "save_time": time.strftime("%d/%m/%Y %H:%M:%S")}
@@ -65,9 +65,21 @@ def _plain(value):
     return str(value)
 
 
+_COMPILE_PREFIX = "_orig_mod."
+
+
+def strip_compile_prefix(key: str) -> str:
+    """``torch.compile(module)`` wraps a module and adds ``_orig_mod.`` to its keys; checkpoints
+    never carry it, so a compiled and an eager run write (and load) the same keys."""
+    return key.replace(_COMPILE_PREFIX, "")
+
+
 def load_model_weights(path: str) -> tuple[dict, int | None, int | None]:
-    """A flat ``.pt`` (ours or upstream's) -> (state dict without epoch/step, epoch, step)."""
+    """A flat ``.pt`` (ours or upstream's) -> (state dict without epoch/step, epoch, step).
+    ``_orig_mod.`` prefixes of files written by earlier ``--compile`` runs are removed."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
+    if any(_COMPILE_PREFIX in k for k in sd):
+        sd = {strip_compile_prefix(k): v for k, v in sd.items()}
     epoch, step = sd.pop("epoch", None), sd.pop("step", None)
     return sd, (int(epoch) if epoch is not None else None), (int(step) if step is not None else None)
 

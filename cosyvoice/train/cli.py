@@ -67,6 +67,9 @@ def add_subcommands(sub) -> None:
     g.add_argument("--seed", type=int, default=1986)
     g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (GPUs are detected)")
     g.add_argument("--compile", action="store_true", help="torch.compile the Qwen2 body")
+    g.add_argument("--allow_random_init", action="store_true",
+                   help="train from a randomly initialised Qwen2 body when --qwen_pretrain_path holds no weights "
+                        "(otherwise that stops the run; recipe key allow_random_init: true does the same)")
     g.add_argument("--attn_implementation", choices=["sdpa", "flash_attention_2", "flex_attention", "eager"],
                    help="attention kernel (default: flash_attention_2 for packed batches on GPU when installed, else sdpa)")
     p.set_defaults(func=cmd_train)

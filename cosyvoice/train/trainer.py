@@ -86,6 +86,7 @@ class TrainOptions:
     peak_flops: float | None = None
     compile: bool = False
     attn_implementation: str | None = None  # sdpa | flash_attention_2 | flex_attention | eager (default: auto)
+    allow_random_init: bool = False  # train from a random Qwen2 body on purpose (also recipe key allow_random_init)
 
 
 @dataclass
@@ -203,6 +204,7 @@ class Trainer:
         conf["dtype"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
         self.conf = conf
         self.model = self.configs["llm"]
+        self._refuse_silent_random_init()
         _freeze_unused_lm_head(self.model)
         self.ref_model = None
         self.start = TrainState(epoch=0, step=0, batch_in_epoch=0, optimizer=None, scheduler=None, rng={})
@@ -245,9 +247,31 @@ class Trainer:
                                         if self.device.type == "cuda" else None)
         self.flops_per_token = 6 * non_embedding_params(self.model)
         if opts.compile:
-            self.model.llm.model.model = torch.compile(self.model.llm.model.model, dynamic=True)
+            # in place (nn.Module.compile): the module tree and so the state-dict keys stay the same;
+            # torch.compile(module) would wrap it and prefix every key with ``_orig_mod.``
+            self.model.llm.model.model.compile(dynamic=True)
 
     _resume_name: str | None = None
+
+    def _refuse_silent_random_init(self) -> None:
+        """A Qwen2 body that found no weights under ``qwen_pretrain_path`` was initialised at random.
+        That is only right when asked for (``--allow_random_init`` or the recipe's
+        ``allow_random_init: true``, which the tiny recipes set) or when ``--checkpoint`` replaces
+        every weight anyway; otherwise a mistyped path would silently train a model from scratch."""
+        from cosyvoice.llm.qwen2 import Qwen2Encoder, expected_weight_files
+
+        allowed = self.opts.allow_random_init or bool(self.configs.get("allow_random_init", False))
+        if allowed or self.opts.checkpoint:
+            return
+        for module in self.model.modules():
+            if isinstance(module, Qwen2Encoder) and not module.pretrained:
+                path = module.pretrain_path or self.opts.qwen_pretrain_path or ""
+                raise ValueError(
+                    f"qwen_pretrain_path {path!r} holds no Qwen2 weights (expected {expected_weight_files()} "
+                    "there, e.g. the CosyVoice-BlankEN dir): training would start from a randomly initialised "
+                    "Qwen2 body. Pass --qwen_pretrain_path <dir with the weights>, --checkpoint <llm .pt> to "
+                    "fine-tune, or --allow_random_init (recipe key `allow_random_init: true`) to train from "
+                    "scratch on purpose.")
 
     def _load_checkpoint(self) -> None:
         path = self.opts.checkpoint
