@@ -42,6 +42,7 @@ class PipelineConfig:
     mel: MelConfig = field(default_factory=MelConfig)
     samples_per_token: int = 960
     campplus_onnx: str | None = None  # online CAM++ for rows without embeddings (--onnx_path)
+    skip_unreadable_shards: bool = False  # log + count (stats["unreadable_shards"]) instead of failing the epoch
 
     @classmethod
     def from_recipe(cls, configs: dict, qwen_pretrain_path: str = "", **changes) -> PipelineConfig:
@@ -109,7 +110,8 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         chosen = shard_indices(len(self.shards), placement, epoch=self.epoch, shuffle=self.train, partition=self.train)
         rng = random.Random(hash((self.seed, self.epoch, placement.rank, placement.worker_id)))
         c, stats = self.config, self.stats
-        data = P.parquet_opener(({"src": self.shards[i]} for i in chosen), stats=stats)
+        data = P.parquet_opener(({"src": self.shards[i]} for i in chosen), stats=stats,
+                                skip_unreadable_shards=c.skip_unreadable_shards)
         data = P.decode_audio(data, stats=stats)
         tokenizer = (WhisperTextTokenizer() if c.text_tokenizer == "whisper"
                      else qwen_tokenizer(c.qwen_pretrain_path, c.tokenizer_version))

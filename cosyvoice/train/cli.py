@@ -67,6 +67,9 @@ def add_subcommands(sub) -> None:
     g.add_argument("--seed", type=int, default=1986)
     g.add_argument("--peak_flops", type=float, help="per-device peak FLOP/s for MFU (GPUs are detected)")
     g.add_argument("--compile", action="store_true", help="torch.compile the Qwen2 body")
+    g.add_argument("--skip_unreadable_shards", action="store_true",
+                   help="a train/CV shard that cannot be read (after retries) is skipped, logged and counted "
+                        "(unreadable_shards) instead of failing the epoch")
     g.add_argument("--allow_random_init", action="store_true",
                    help="train from a randomly initialised Qwen2 body when --qwen_pretrain_path holds no weights "
                         "(otherwise that stops the run; recipe key allow_random_init: true does the same)")

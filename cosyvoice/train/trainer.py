@@ -87,6 +87,7 @@ class TrainOptions:
     compile: bool = False
     attn_implementation: str | None = None  # sdpa | flash_attention_2 | flex_attention | eager (default: auto)
     allow_random_init: bool = False  # train from a random Qwen2 body on purpose (also recipe key allow_random_init)
+    skip_unreadable_shards: bool = False  # skip (log + count) a shard that cannot be read instead of failing
 
 
 @dataclass
@@ -298,7 +299,8 @@ class Trainer:
     def _pipeline_config(self) -> PipelineConfig:
         o = self.opts
         changes = {"dpo": o.dpo, "whisper_feat": bool(o.onnx_path),
-                   "campplus_onnx": os.path.join(o.onnx_path, "campplus.onnx") if o.onnx_path else None}
+                   "campplus_onnx": os.path.join(o.onnx_path, "campplus.onnx") if o.onnx_path else None,
+                   "skip_unreadable_shards": o.skip_unreadable_shards}
         for key in ("batch_type", "max_tokens_in_batch", "max_frames_in_batch"):
             if getattr(o, key) is not None:
                 changes[key] = getattr(o, key)

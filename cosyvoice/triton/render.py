@@ -13,10 +13,13 @@ uses its own default instead of parsing a literal ``${x}``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import shutil
 import string
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -44,6 +47,10 @@ UPSTREAM_DEFAULTS = {
 #: parameter variables that must be given (paths the models open, the batching mode the backend
 #: requires); every other variable alone on a ``parameters:`` line is optional
 REQUIRED_PARAMETER_VARIABLES = frozenset({"model_dir", "llm_tokenizer_dir", "engine_dir", "batching_strategy"})
+#: models served by a backend that looks its parameters up by name and reads an unfilled
+#: ``${key}`` as unset (the TensorRT-LLM backend): an optional parameter not given keeps its line,
+#: with the placeholder as its value, instead of being dropped
+KEEP_UNSET_PARAMETERS = frozenset({"tensorrt_llm"})
 #: the python model that stands in for the TensorRT-LLM backend (``llm_backend="python"``)
 HF_LLM_MODEL = "hf_llm_model.py"
 
@@ -92,19 +99,26 @@ def all_variables(models=MODELS) -> tuple[set[str], set[str]]:
     return required, optional - required
 
 
-def render_text(text: str, values: dict[str, str], *, where: str = "<template>") -> str:
-    """Substitute ``values``; drop optional ``parameters:`` lines left unset; raise on anything left."""
+def render_text(text: str, values: dict[str, str], *, where: str = "<template>", keep_unset: bool = False) -> str:
+    """Substitute ``values``; an optional ``parameters:`` line left unset is dropped, or with
+    ``keep_unset`` kept with its ``${key}`` placeholder (the TensorRT-LLM backend's "unset");
+    raise on any other variable left."""
     out: list[str] = []
+    checked: list[str] = []
     for line in text.splitlines():
         if line.lstrip().startswith("#"):
             out.append(line)
             continue
         match = _OPTIONAL_LINE.match(line)
         if match and match.group(1) not in values and match.group(1) not in REQUIRED_PARAMETER_VARIABLES:
+            if keep_unset:
+                out.append(line)
             continue
-        out.append(string.Template(line).safe_substitute(values))
+        rendered_line = string.Template(line).safe_substitute(values)
+        out.append(rendered_line)
+        checked.append(rendered_line)
     rendered = "\n".join(out) + "\n"
-    left = sorted({a or b for line in _code_lines(rendered) for a, b in _PLACEHOLDER.findall(line)})
+    left = sorted({a or b for line in checked for a, b in _PLACEHOLDER.findall(line)})
     if left:
         raise RenderError(f"{where}: unfilled template variables: {', '.join(left)}")
     return rendered
@@ -115,7 +129,10 @@ class RenderReport:
     out: str
     models: list[str]
     values: dict[str, str]
+    #: optional parameters not given, per model: dropped from our python models' configs ...
     dropped_optional: dict[str, list[str]] = field(default_factory=dict)
+    #: ... or kept as ``${key}`` (unset) in ``tensorrt_llm`` (``KEEP_UNSET_PARAMETERS``)
+    unset_parameters: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
         return f"rendered {len(self.models)} models ({', '.join(self.models)}) into {self.out}"
@@ -159,24 +176,103 @@ def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend:
     if problems:
         raise RenderError("; ".join(problems))
     report = RenderReport(out=out, models=list(models), values=values)
-    for model in models:
-        src = os.path.join(templates_dir(), model)
-        dest = os.path.join(out, model)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
-        text = render_text(_template_text(model), values, where=f"{model}/config.pbtxt")
-        with open(os.path.join(dest, "config.pbtxt"), "w", encoding="utf-8") as f:
-            f.write(text)
-        _, opt = template_variables(model)
-        report.dropped_optional[model] = sorted(opt - set(values))
-        if model == "tensorrt_llm" and llm_backend == "python":
-            shutil.copyfile(os.path.join(os.path.dirname(__file__), HF_LLM_MODEL),
-                            os.path.join(dest, "1", "model.py"))
-            gitkeep = os.path.join(dest, "1", ".gitkeep")
-            if os.path.exists(gitkeep):
-                os.unlink(gitkeep)
+    target = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise RenderError(f"{out}: exists and is not a directory")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_renders(parent, base)
+    staged = tempfile.mkdtemp(prefix=f".{base}.render-{os.getpid()}-", dir=parent)
+    try:
+        for model in models:
+            _render_model(model, os.path.join(staged, model), values, llm_backend, report)
+        os.chmod(staged, 0o755)
+        _swap_into_place(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # the failed render, or the previous repository
     return report
+
+
+def _render_model(model: str, dest: str, values: dict[str, str], llm_backend: str, report: RenderReport) -> None:
+    shutil.copytree(os.path.join(templates_dir(), model), dest,
+                    ignore=shutil.ignore_patterns("config.pbtxt", "__pycache__"))
+    keep_unset = model in KEEP_UNSET_PARAMETERS
+    text = render_text(_template_text(model), values, where=f"{model}/config.pbtxt", keep_unset=keep_unset)
+    with open(os.path.join(dest, "config.pbtxt"), "w", encoding="utf-8") as f:
+        f.write(text)
+    _, opt = template_variables(model)
+    unset = sorted(opt - set(values))
+    (report.unset_parameters if keep_unset else report.dropped_optional)[model] = unset
+    if model == "tensorrt_llm" and llm_backend == "python":
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), HF_LLM_MODEL), os.path.join(dest, "1", "model.py"))
+        gitkeep = os.path.join(dest, "1", ".gitkeep")
+        if os.path.exists(gitkeep):
+            os.unlink(gitkeep)
+
+
+# --- atomic replacement of a repository folder ----------------------------------------------------
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS, libc
+    or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"renameat2({a!r}, {b!r}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+def _swap_into_place(staged: str, target: str) -> None:
+    """Make the complete folder ``staged`` the folder at ``target``; afterwards ``staged`` holds
+    the previous repository (if any) for the caller to remove.
+
+    Linux: one ``renameat2(RENAME_EXCHANGE)``, so a reader opening ``target/...`` sees the old or
+    the new repository, never a mix and never no repository. Elsewhere: two renames (old aside,
+    new in); ``target`` is then absent for the instant between them, never half-written."""
+    if not os.path.exists(target):
+        os.rename(staged, target)
+        return
+    if _exchange(staged, target):
+        return
+    aside = staged + ".old"
+    os.rename(target, aside)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    os.rename(aside, staged)
+
+
+def _remove_stale_renders(parent: str, base: str) -> None:
+    """Remove the staging folders of renders into ``parent/base`` whose process is gone (killed
+    mid-render); a live concurrent render's folder is left alone."""
+    prefix = f".{base}.render-"
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- upstream scripts/fill_template.py semantics ---------------------------------------------------

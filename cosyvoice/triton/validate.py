@@ -37,6 +37,11 @@ BLS_INTERFACE = {
 }
 TOKENIZER_TOKENS = ("<|sos|>", "<|task_id|>", "<|eos1|>")
 PATH_PARAMETERS = ("model_dir", "llm_tokenizer_dir", "gpt_model_path")
+#: parameters the TensorRT-LLM backend (tensorrtllm_backend ``model_instance_state.cc``) looks up
+#: without a fallback: a missing key fails the model load ("Cannot find parameter with name: ...");
+#: ``"${key}"`` or ``""`` is how a config leaves them unset
+TRTLLM_NO_FALLBACK_PARAMETERS = ("gpt_model_type", "tokenizer_dir", "guided_decoding_backend",
+                                 "xgrammar_tokenizer_info_path")
 #: files a model opens below its model_dir (contract 13)
 MODEL_DIR_FILES = {"speaker_embedding": ("campplus.onnx",), "audio_tokenizer": ("speech_tokenizer_v2.onnx",)}
 ACOUSTIC_FILES = ("cosyvoice2.yaml", "flow.pt", "hift.pt", "flow.decoder.estimator.fp32.onnx", "CosyVoice-BlankEN")
@@ -171,6 +176,12 @@ def _check_model(repo: str, name: str, base_dir: str, path_map: dict[str, str]) 
         model_type = params.get("gpt_model_type")
         if config.backend == "tensorrtllm" and model_type not in GPT_MODEL_TYPES:
             errors.append(f"gpt_model_type {model_type!r} is not one of {', '.join(GPT_MODEL_TYPES)}")
+        if config.backend == "tensorrtllm":
+            for key in TRTLLM_NO_FALLBACK_PARAMETERS:
+                if key not in params:
+                    errors.append(f"parameter {key} is missing: the tensorrtllm backend looks it up without a "
+                                  f"fallback (model load fails with 'Cannot find parameter with name: {key}'); "
+                                  f"write \"${{{key}}}\" to leave it unset")
         if "gpt_model_path" not in params:
             errors.append("parameter gpt_model_path (the engine directory) is missing")
         elif config.backend == "tensorrtllm":

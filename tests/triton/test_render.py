@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import threading
 
 import pytest
 
@@ -18,6 +20,29 @@ CONTRACT_VARIABLES = {  # contract 12.12
     "exclude_input_in_output", "enable_kv_cache_reuse", "encoder_input_features_data_type", "logits_datatype",
     "max_queue_size",
 }
+#: upstream's tensorrt_llm parameter keys, frozen (test data): FunAudioLLM/CosyVoice ace7c47f
+#: runtime/triton_trtllm/model_repo/tensorrt_llm/config.pbtxt, in file order (enable_trt_overlap is
+#: commented out there); tensorrtllm_backend c2e65b8 all_models/.../tensorrt_llm adds num_nodes
+UPSTREAM_TRTLLM_PARAMETER_KEYS = (
+    "max_beam_width", "FORCE_CPU_ONLY_INPUT_TENSORS", "gpt_model_type", "gpt_model_path", "encoder_model_path",
+    "max_tokens_in_paged_kv_cache", "max_attention_window_size", "sink_token_length", "batch_scheduler_policy",
+    "kv_cache_free_gpu_mem_fraction", "cross_kv_cache_fraction", "kv_cache_host_memory_bytes",
+    "kv_cache_onboard_blocks", "exclude_input_in_output", "cancellation_check_period_ms", "stats_check_period_ms",
+    "iter_stats_max_iterations", "request_stats_max_iterations", "enable_kv_cache_reuse", "normalize_log_probs",
+    "enable_chunked_context", "gpu_device_ids", "participant_ids", "lora_cache_optimal_adapter_size",
+    "lora_cache_max_adapter_size", "lora_cache_gpu_memory_fraction", "lora_cache_host_memory_bytes",
+    "lora_prefetch_dir", "decoding_mode", "executor_worker_path", "lookahead_window_size", "lookahead_ngram_size",
+    "lookahead_verification_set_size", "medusa_choices", "eagle_choices", "gpu_weights_percent",
+    "enable_context_fmha_fp32_acc", "multi_block_mode", "cuda_graph_mode", "cuda_graph_cache_size",
+    "speculative_decoding_fast_logits", "tokenizer_dir", "guided_decoding_backend", "xgrammar_tokenizer_info_path",
+)
+TRTLLM_BACKEND_EXTRA_KEYS = ("num_nodes",)
+#: the values a rendered tensorrt_llm config carries when only repo_values' defaults are given
+SET_BY_DEFAULT = {
+    "max_beam_width": "1", "FORCE_CPU_ONLY_INPUT_TENSORS": "no", "gpt_model_type": "inflight_fused_batching",
+    "max_tokens_in_paged_kv_cache": "2560", "max_attention_window_size": "2560",
+    "kv_cache_free_gpu_mem_fraction": "0.5", "exclude_input_in_output": "True", "enable_kv_cache_reuse": "False",
+    "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"}
 
 
 @pytest.fixture()
@@ -55,12 +80,9 @@ def test_rendered_repo_has_the_upstream_models_tensors_and_decoupling(tmp_path, 
     llm = configs["tensorrt_llm"]
     assert (len(llm.input), len(llm.output)) == (60, 19)
     assert llm.backend == "tensorrtllm" and list(llm.dynamic_batching.preferred_batch_size) == [16]
+    unset = {k: f"${{{k}}}" for k in (*UPSTREAM_TRTLLM_PARAMETER_KEYS, *TRTLLM_BACKEND_EXTRA_KEYS)}
     assert {k: v.string_value for k, v in llm.parameters.items()} == {
-        "max_beam_width": "1", "FORCE_CPU_ONLY_INPUT_TENSORS": "no", "gpt_model_type": "inflight_fused_batching",
-        "gpt_model_path": dirs["engine_dir"], "max_tokens_in_paged_kv_cache": "2560",
-        "max_attention_window_size": "2560", "kv_cache_free_gpu_mem_fraction": "0.5",
-        "exclude_input_in_output": "True", "enable_kv_cache_reuse": "False",
-        "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker"}
+        **unset, **SET_BY_DEFAULT, "gpt_model_path": dirs["engine_dir"]}
     assert {t.name for t in llm.input if not t.optional} == {"input_lengths", "request_output_len"}
     assert [(t.name, t.data_type) for t in configs["speaker_embedding"].output] == [("prompt_spk_embedding", 10)]
     assert [(t.name, list(t.dims)) for t in configs["token2wav"].input][2] == ("prompt_speech_feat", [-1, 80])
@@ -85,14 +107,123 @@ def test_unknown_keys_and_unfilled_variables_are_errors_listing_all_of_them(tmp_
         render.render_text("max_batch_size: ${y}\n# ${comment_is_fine}\n", {})
 
 
-def test_optional_parameters_are_dropped_unless_given(tmp_path, dirs):
+def test_optional_parameters_stay_unset_in_tensorrt_llm_and_are_dropped_from_python_models(tmp_path, dirs):
     repo = str(tmp_path / "repo")
-    render_repo(repo, repo_values(**dirs, overrides={"dynamic_chunk_strategy": "time_based", "sink_token_length": "4"}))
+    report = render_repo(repo, repo_values(**dirs, overrides={"dynamic_chunk_strategy": "time_based",
+                                                             "sink_token_length": "4"}))
     assert {k: v.string_value for k, v in _config(repo, "cosyvoice2").parameters.items()} == {
         "llm_tokenizer_dir": dirs["hf_dir"], "model_dir": dirs["model_dir"], "dynamic_chunk_strategy": "time_based"}
     llm = _config(repo, "tensorrt_llm").parameters
-    assert llm["sink_token_length"].string_value == "4" and "lora_prefetch_dir" not in llm
+    assert llm["sink_token_length"].string_value == "4"
+    # what the backend reads as unset (upstream fill_template leaves exactly this)
+    assert llm["lora_prefetch_dir"].string_value == "${lora_prefetch_dir}"
+    assert llm["tokenizer_dir"].string_value == "${tokenizer_dir}"
     assert "token2wav_runtime" not in _config(repo, "token2wav").parameters
+    assert "token2wav_runtime" in report.dropped_optional["token2wav"]
+    assert "sink_token_length" not in report.unset_parameters["tensorrt_llm"]
+    assert "tokenizer_dir" in report.unset_parameters["tensorrt_llm"]
+
+
+def _template_parameter_keys(model):
+    """The ``parameters`` keys of a template (it does not parse as a ModelConfig before rendering)."""
+    return [re.match(r'\s*parameters:\s*\{\s*key:\s*"([^"]+)"', line).group(1)
+            for line in render._code_lines(render._template_text(model)) if line.lstrip().startswith("parameters:")]
+
+
+def test_tensorrt_llm_template_and_every_rendering_keep_upstreams_full_parameter_key_set(tmp_path, dirs):
+    template_keys = _template_parameter_keys("tensorrt_llm")
+    assert len(template_keys) == len(set(template_keys))
+    assert set(template_keys) == set(UPSTREAM_TRTLLM_PARAMETER_KEYS) | set(TRTLLM_BACKEND_EXTRA_KEYS)
+    _, optional = render.template_variables("tensorrt_llm")
+    every_optional = {k: "1" for k in optional}
+    for n, (values, backend) in enumerate([
+            (repo_values(**dirs), "tensorrtllm"),
+            (repo_values(**dirs, overrides={"tokenizer_dir": dirs["hf_dir"], "decoding_mode": "top_k"}), "tensorrtllm"),
+            (repo_values(**dirs, overrides=every_optional), "tensorrtllm"),
+            (repo_values(**{**dirs, "engine_dir": dirs["hf_dir"]}), "python")]):
+        repo = str(tmp_path / f"repo{n}")
+        render_repo(repo, values, llm_backend=backend)
+        rendered = _config(repo, "tensorrt_llm").parameters
+        assert set(rendered) == set(template_keys), n
+        for key in validate.TRTLLM_NO_FALLBACK_PARAMETERS:
+            assert key in rendered, (n, key)
+    assert validate.validate_repo(str(tmp_path / "repo0")).ok
+
+
+def _snapshot(folder):
+    out = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(base, name), "rb") as f:
+                out[os.path.relpath(os.path.join(base, name), folder)] = f.read()
+    return out
+
+
+def test_a_render_failing_midway_leaves_the_previous_repository_intact_and_no_leftovers(tmp_path, dirs, monkeypatch):
+    repo = str(tmp_path / "serving" / "model_repo")
+    render_repo(repo, repo_values(**dirs))
+    before = _snapshot(repo)
+    real = render.render_text
+
+    def fail_on_token2wav(text, values, *, where, **kw):
+        if where.startswith("token2wav/"):
+            raise OSError(28, "No space left on device")
+        return real(text, values, where=where, **kw)
+
+    monkeypatch.setattr(render, "render_text", fail_on_token2wav)
+    with pytest.raises(OSError, match="No space left"):
+        render_repo(repo, repo_values(**dirs, max_batch_size=4))
+    assert _snapshot(repo) == before
+    assert os.listdir(tmp_path / "serving") == ["model_repo"]
+    monkeypatch.setattr(render, "render_text", real)
+    render_repo(repo, repo_values(**dirs, max_batch_size=4))
+    assert _config(repo, "cosyvoice2").max_batch_size == 4 and os.listdir(tmp_path / "serving") == ["model_repo"]
+
+
+def test_a_killed_renders_staging_folder_is_cleaned_by_the_next_render(tmp_path, dirs):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(done.stdout)  # a pid that has exited
+    serving = tmp_path / "serving"
+    stale = serving / f".model_repo.render-{dead}-abc"
+    (stale / "cosyvoice2").mkdir(parents=True)
+    live = serving / f".model_repo.render-{os.getpid()}-xyz"  # a concurrent render of this process
+    live.mkdir()
+    render_repo(str(serving / "model_repo"), repo_values(**dirs))
+    assert sorted(os.listdir(serving)) == sorted([live.name, "model_repo"])
+
+
+def test_a_reader_never_sees_a_missing_or_partial_config_while_the_repository_is_rerendered(tmp_path, dirs):
+    repo = str(tmp_path / "serving" / "model_repo")
+    render_repo(repo, repo_values(**dirs, max_batch_size=8))
+    config = os.path.join(repo, "tensorrt_llm", "config.pbtxt")
+    stop, seen, problems = threading.Event(), set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with open(config) as f:
+                    text = f.read()
+            except OSError as exc:
+                problems.append(repr(exc))
+                continue
+            if not text.rstrip().endswith("}"):
+                problems.append(f"partial config ({len(text)} chars)")
+            seen.add(validate.parse_config(text).max_batch_size)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for n in range(12):
+            render_repo(repo, repo_values(**dirs, max_batch_size=4 if n % 2 else 8))
+    finally:
+        stop.set()
+        thread.join()
+    assert problems == []
+    assert seen <= {4, 8} and len(seen) == 2  # the reader saw both versions, each whole
+    assert os.listdir(tmp_path / "serving") == ["model_repo"]
 
 
 def test_python_llm_backend_keeps_the_interface_and_ships_the_hf_runner(tmp_path, dirs):
@@ -139,6 +270,10 @@ def _break(repo, model, old, new):
     ("tensorrt_llm", 'name: "output_ids" data_type: TYPE_INT32', 'name: "output_ids" data_type: TYPE_INT64',
      "output 'output_ids' is TYPE_INT64, expected TYPE_INT32"),
     ("cosyvoice2", "count: 4", "count: 0", "instance_group count 0"),
+    ("tensorrt_llm", 'parameters: { key: "tokenizer_dir" value: { string_value: "${tokenizer_dir}" } }', "",
+     "Cannot find parameter with name: tokenizer_dir"),
+    ("tensorrt_llm", 'key: "guided_decoding_backend"', 'key: "guided_decoding"',
+     "Cannot find parameter with name: guided_decoding_backend"),
 ])
 def test_validation_catches_schema_and_semantic_errors(tmp_path, dirs, model, old, new, problem):
     repo = str(tmp_path / "repo")
