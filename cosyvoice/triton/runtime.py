@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,3 +216,129 @@ def load_object(spec: str):
     else:
         module = importlib.import_module(module_name)
     return getattr(module, attr)
+
+
+#: CosyVoice2 speech tokens: ids 0..6560 (LLM ids ``ORIGINAL_VOCAB_SIZE`` + 0..6560)
+SPEECH_TOKEN_COUNT = 6561
+#: token2wav's defaults for its ``idle_timeout_s`` / ``max_live_requests`` parameters
+IDLE_TIMEOUT_S = 60.0
+MAX_LIVE_REQUESTS = 64
+
+
+def speech_tokens_from_llm_ids(llm_ids, name: str) -> np.ndarray:
+    """LLM ids (``ORIGINAL_VOCAB_SIZE`` + k) -> int64 speech tokens k; ``ValueError`` naming the
+    tensor, how many ids are outside ``<|s_0|>..<|s_6560|>`` and the first of them."""
+    ids = np.asarray(llm_ids).reshape(-1)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name}: integer ids expected, got {ids.dtype}")
+    tokens = ids.astype(np.int64) - ORIGINAL_VOCAB_SIZE
+    bad = np.flatnonzero((tokens < 0) | (tokens >= SPEECH_TOKEN_COUNT))
+    if bad.size:
+        raise ValueError(f"{name}: {bad.size} of {ids.size} ids are not speech tokens (ids {ORIGINAL_VOCAB_SIZE}.."
+                         f"{ORIGINAL_VOCAB_SIZE + SPEECH_TOKEN_COUNT - 1}); first: {int(ids[bad[0]])} at position {int(bad[0])}")
+    return tokens
+
+
+def positive_parameter(params: dict[str, str], key: str, default: float, cast=float):
+    """A positive number from a model's ``parameters``; unset (missing, empty or an unfilled
+    ``${...}``) gives ``default``; anything else that is not a positive number is an error."""
+    raw = (params.get(key) or "").strip()
+    if not raw or raw.startswith("${"):
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise ValueError(f"parameter {key}={raw!r}: expected a positive {cast.__name__}")
+    return value
+
+
+class StreamRefused(Exception):
+    """A streaming chunk token2wav does not accept (too many live streams, unknown stream)."""
+
+
+class StreamCache:
+    """The live streams of token2wav, bounding the acoustic runtime's per-request caches.
+
+    A stream (request id) becomes live with its first chunk (``token_offset`` 0) and is released
+    (``release(request_id)``, which frees the runtime's cache) on its final chunk, on an error or a
+    cancellation (``finish``), after ``idle_timeout_s`` without a chunk (``sweep``), and when the
+    model is unloaded (``close``). At most ``max_live`` streams are live: a new one beyond that, once
+    idle streams are swept, is refused, as is a later chunk of a stream that is not live (expired
+    or never started). So a client that never finalizes holds at most ``max_live`` caches, and
+    those only for ``idle_timeout_s``. ``released`` counts releases by reason. Thread-safe.
+    """
+
+    def __init__(self, release, *, idle_timeout_s: float = IDLE_TIMEOUT_S, max_live: int = MAX_LIVE_REQUESTS,
+                 clock=time.monotonic, log=None):
+        if not idle_timeout_s > 0 or not max_live > 0:
+            raise ValueError(f"idle_timeout_s and max_live must be positive, got {idle_timeout_s}, {max_live}")
+        self._release = release
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.max_live = int(max_live)
+        self.clock = clock
+        self._log = log or (lambda message: None)
+        self._last: dict[str, float] = {}
+        self._busy: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self.released: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._last
+
+    def begin(self, request_id: str, token_offset: int) -> None:
+        """Admit one chunk of ``request_id`` (call ``finish`` when it is done)."""
+        with self._lock:
+            self.sweep()
+            if request_id not in self._last:
+                if token_offset > 0:
+                    raise StreamRefused(f"request {request_id!r}: chunk at token_offset {token_offset} but the stream is not "
+                                        f"live (never started, already finalized, or released after {self.idle_timeout_s:g} s "
+                                        "idle); start it again from token_offset 0")
+                if len(self._last) >= self.max_live:
+                    raise StreamRefused(f"request {request_id!r} refused: {len(self._last)} streams are live "
+                                        f"(max_live_requests {self.max_live}); retry after one finalizes or idles out "
+                                        f"({self.idle_timeout_s:g} s)")
+            self._last[request_id] = self.clock()
+            self._busy[request_id] = self._busy.get(request_id, 0) + 1
+
+    def finish(self, request_id: str, release: str | None = None) -> None:
+        """The chunk is done; ``release`` ("finalize", "error", "cancelled") ends the stream."""
+        with self._lock:
+            if request_id not in self._last:
+                return
+            self._busy[request_id] -= 1
+            self._last[request_id] = self.clock()
+            if release:
+                self._drop(request_id, release)
+
+    def sweep(self) -> list[str]:
+        """Release the streams idle for longer than ``idle_timeout_s`` (not those mid-chunk)."""
+        with self._lock:
+            now = self.clock()
+            idle = [rid for rid, last in self._last.items()
+                    if not self._busy.get(rid) and now - last > self.idle_timeout_s]
+            for rid in idle:
+                self._log(f"token2wav: stream {rid!r} released after {now - self._last[rid]:.0f} s idle (never finalized)")
+                self._drop(rid, "idle", raise_errors=False)
+            return idle
+
+    def close(self) -> None:
+        with self._lock:
+            for rid in list(self._last):
+                self._drop(rid, "shutdown", raise_errors=False)
+
+    def _drop(self, request_id: str, reason: str, raise_errors: bool = True) -> None:
+        del self._last[request_id]
+        self._busy.pop(request_id, None)
+        self.released[reason] = self.released.get(reason, 0) + 1
+        try:
+            self._release(request_id)
+        except Exception as exc:
+            if raise_errors:
+                raise
+            self._log(f"token2wav: releasing stream {request_id!r} ({reason}) failed: {exc}")
