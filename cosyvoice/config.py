@@ -7,7 +7,9 @@ command), so a recipe is treated as code and checked before HyperPyYAML sees it:
   !tuple``; ``!include``, ``!module:``, ``!!python/...`` and anything else are refused;
 * upstream class paths (``cosyvoice.llm.llm.Qwen2LM``, ``matcha.utils.audio.mel_spectrogram``, ...)
   are mapped to ours through ``ALIASES``;
-* ``!new:`` / ``!name:`` targets must resolve to a class or function *defined* in an allowed
+* ``!new:`` / ``!name:`` targets are checked by name first: only a dotted name inside an allowed
+  module is ever imported (importing runs a module's top-level code, so a hostile recipe must not
+  get that far); the imported object must then be a class or function *defined* in an allowed
   module (so ``cosyvoice.llm.lm.random.seed`` is refused: it is defined in ``random``);
 * ``!apply:`` is limited to the four seed calls of the recipes.
 
@@ -56,7 +58,7 @@ UPSTREAM_NAMESPACES = ("cosyvoice.", "matcha.")
 NOT_IMPLEMENTED = "cosyvoice.config.not_implemented"
 
 ALLOWED_MODULES = ("cosyvoice.llm", "cosyvoice.dataset.processors", "cosyvoice.dataset.mel", "cosyvoice.dataset.text",
-                   "cosyvoice.config", "torch.optim", "torch.nn.modules")
+                   "cosyvoice.config", "torch.optim", "torch.nn")
 ALLOWED_APPLY = {"random.seed", "numpy.random.seed", "torch.manual_seed", "torch.cuda.manual_seed_all"}
 PLAIN_TAGS = {"!ref", "!copy", "!tuple"}
 _TAG = re.compile(r"^!(new|name|apply):(.+)$")
@@ -70,11 +72,20 @@ def not_implemented(*args, __name__: str = "?", **kwargs):
     raise NotImplementedError(f"{__name__} is named by the recipe but not implemented by cosyvoice-pipeline")
 
 
+def _in_allowed_module(dotted: str) -> bool:
+    return any(dotted == m or dotted.startswith(m + ".") for m in ALLOWED_MODULES)
+
+
 def _resolve(path: str) -> Any:
+    """Import the longest module prefix of ``path`` and walk the rest as attributes. Only called
+    for names inside ``ALLOWED_MODULES``, and only allowed prefixes are imported."""
     parts = path.split(".")
     for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        if not _in_allowed_module(module_name):
+            continue
         try:
-            obj = importlib.import_module(".".join(parts[:cut]))
+            obj = importlib.import_module(module_name)
         except ImportError:
             continue
         for attr in parts[cut:]:
@@ -92,6 +103,11 @@ def _check_target(kind: str, target: str, where: str) -> str:
             raise UnsafeConfigError(f"{where}: `!apply:{target}` is not allowed (only {sorted(ALLOWED_APPLY)})")
         return target
     resolved = ALIASES.get(target, target)
+    if not _in_allowed_module(resolved):
+        if kind == "name" and target.startswith(UPSTREAM_NAMESPACES):
+            return NOT_IMPLEMENTED  # named, never imported, raises if a recipe ever calls it
+        raise UnsafeConfigError(f"{where}: `!{kind}:{target}` is outside the allowed modules {ALLOWED_MODULES} "
+                                f"(supported upstream names: {', '.join(sorted(ALIASES))})")
     obj = _resolve(resolved)
     if obj is None:
         if kind == "name" and target.startswith(UPSTREAM_NAMESPACES):
@@ -99,7 +115,7 @@ def _check_target(kind: str, target: str, where: str) -> str:
         raise UnsafeConfigError(f"{where}: `!{kind}:{target}` is unknown to cosyvoice-pipeline "
                                 f"(supported upstream names: {', '.join(sorted(ALIASES))})")
     module = getattr(obj, "__module__", "") or ""
-    if not (callable(obj) and any(module == m or module.startswith(m + ".") for m in ALLOWED_MODULES)):
+    if not (callable(obj) and _in_allowed_module(module)):
         raise UnsafeConfigError(f"{where}: `!{kind}:{target}` resolves to {module}.{getattr(obj, '__name__', obj)}, "
                                 f"outside the allowed modules {ALLOWED_MODULES}")
     return resolved

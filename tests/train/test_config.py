@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import textwrap
 
 import pytest
@@ -190,4 +191,28 @@ def test_overridden_sections_are_not_checked_but_others_are(tmp_path):
     path.write_text("flow: !new:evil.Thing {}\nx: 1\n")
     assert load_recipe(str(path), {"flow": None})["flow"] is None
     with pytest.raises(UnsafeConfigError, match="evil.Thing"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("tag", ["new", "name"])
+def test_a_module_outside_the_allow_list_is_never_imported(tmp_path, monkeypatch, tag):
+    """Importing runs a module's top-level code: the name is refused before any import happens."""
+    marker = tmp_path / "imported"
+    (tmp_path / "sideeffect_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef thing():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"x: !{tag}:sideeffect_mod.thing\n")
+    with pytest.raises(UnsafeConfigError, match="sideeffect_mod.thing"):
+        load_recipe(str(path))
+    assert not marker.exists()
+    assert "sideeffect_mod" not in sys.modules
+
+
+def test_an_unimplemented_upstream_name_is_refused_for_new_and_a_raising_partial_for_name(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("f: !name:cosyvoice.dataset.processor.truncate\n")
+    with pytest.raises(NotImplementedError):
+        load_recipe(str(path))["f"]()
+    path.write_text("f: !new:cosyvoice.storage.remove {url: x}\n")
+    with pytest.raises(UnsafeConfigError, match="outside the allowed modules"):
         load_recipe(str(path))
