@@ -101,9 +101,9 @@ def cmd_triton_spk2info(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_server_env(args: argparse.Namespace) -> int:
-    from cosyvoice.triton.server import ensure_server_env
+    from cosyvoice.triton.server import build_server_env
 
-    env = ensure_server_env(args.dir)
+    env = build_server_env(args.dir)
     print(f"tritonserver: {env.tritonserver}\nbackends: {env.backends}\npython: {env.python_bin}")
     return 0
 
