@@ -10,10 +10,19 @@ The server binary, python backend and per-Python-version backend stubs come from
   that interpreter (we put the interpreter's own ``LIBDIR`` on ``LD_LIBRARY_PATH``);
 * the stub's tensor code needs numpy 1.x (with numpy 2 every response tensor comes back empty).
 
-So the server gets its own small environment (``ensure_server_env``): a venv of the same base
-interpreter holding ``numpy==1.26.4`` and the ``nvidia-pytriton`` files (installed without its
-dependencies), whose ``site-packages`` then chains to the project's environment for everything
-else (torch, onnxruntime, transformers, this package). Its numpy shadows the project's.
+So the server gets its own small environment: a venv of the same base interpreter holding
+``numpy==1.26.4`` and the ``nvidia-pytriton`` files (installed without its dependencies), whose
+``site-packages`` then chains to the project's environment for everything else (torch,
+onnxruntime, transformers, this package). Its numpy shadows the project's.
+
+Building it installs packages, so only an explicit command does that: ``make triton-server``
+(``cosyvoice-pipeline triton-server-env`` -> ``build_server_env``) or the test set-up. Library
+code (starting a server, ``publish``) only looks it up with ``server_env``, which raises
+``ServerEnvMissing`` saying to run ``make triton-server``; it never runs ``pip`` or ``apt-get``.
+
+A server runs in its own session (process group) with everything it starts, notably the python
+backend stubs, which ignore SIGTERM; ``stop_process_group`` stops the whole group (SIGTERM, a grace
+period, then SIGKILL) and waits until every member is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+import psutil
 
 PYTRITON = "nvidia-pytriton==0.7.0"
 SERVER_NUMPY = "numpy==1.26.4"
@@ -61,37 +72,60 @@ def _env_from(root: str) -> ServerEnv:
                      backends=os.path.join(root, "backends"), lib_dirs=(libdir,) if libdir else ())
 
 
-def _ensure_libpython(env: ServerEnv, log) -> None:
-    """The stub links ``libpython3.X.so.1.0``: it must exist in the interpreter's LIBDIR or the system
-    library path (Debian: package ``libpython3.X``, installed here when we run as root)."""
+class ServerEnvMissing(RuntimeError):
+    """The tritonserver environment is not built (or is stale): run ``make triton-server``."""
+
+
+def _wanted() -> dict:
+    return {"pytriton": PYTRITON, "numpy": SERVER_NUMPY, "python": sys.version.split()[0],
+            "project_site": sysconfig.get_paths()["purelib"]}
+
+
+def _missing_libpython(env: ServerEnv) -> str | None:
+    """The stub links ``libpython3.X.so.1.0``: it must be in the interpreter's LIBDIR or on the system
+    library path (Debian: package ``libpython3.X``). Returns the missing soname, or None."""
     soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{_pyver()}.so.1.0"
     if any(os.path.exists(os.path.join(d, soname)) for d in env.lib_dirs):
-        return
+        return None
     listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-    if soname in listing:
-        return
-    package = f"libpython{_pyver()}"
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        log(f"installing {package} (the python backend stub links {soname})")
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", package], check=True,
-                       env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-        return
-    raise RuntimeError(f"the python backend stub needs {soname}: run  sudo apt-get install -y {package}")
+    return None if soname in listing else soname
 
 
-def ensure_server_env(root: str | None = None, *, log=print) -> ServerEnv:
-    """Build (once) and return the server environment under ``root``; idempotent and cached."""
+def server_env(root: str | None = None) -> ServerEnv:
+    """The built tritonserver environment under ``root``. Installs nothing: raises
+    ``ServerEnvMissing`` (saying what to run) when it is missing, stale or incomplete."""
     root = os.path.abspath(root or default_env_dir())
     env = _env_from(root)
-    wanted = {"pytriton": PYTRITON, "numpy": SERVER_NUMPY, "python": sys.version.split()[0],
-              "project_site": sysconfig.get_paths()["purelib"]}
     stamp = os.path.join(root, _STAMP)
-    if os.path.exists(stamp) and os.path.exists(env.tritonserver):
-        with open(stamp) as f:
-            if json.load(f) == wanted:
-                return env
-    _ensure_libpython(env, log)
+    how = (f"build it with  make triton-server  (or  cosyvoice-pipeline triton-server-env --dir {root})")
+    if not (os.path.exists(stamp) and os.path.exists(env.tritonserver)):
+        raise ServerEnvMissing(f"no tritonserver environment in {root}: {how}")
+    with open(stamp) as f:
+        built = json.load(f)
+    if built != _wanted():
+        raise ServerEnvMissing(f"the tritonserver environment in {root} was built for {built}, not {_wanted()}: {how}")
+    soname = _missing_libpython(env)
+    if soname:
+        raise ServerEnvMissing(f"the python backend stub needs {soname}: run  sudo apt-get install -y libpython{_pyver()}")
+    return env
+
+
+def build_server_env(root: str | None = None, *, log=print) -> ServerEnv:
+    """Build (once) and return the server environment under ``root``: the explicit step behind
+    ``make triton-server`` and the test set-up. Idempotent: returns at once when already built.
+    Runs ``pip`` (never ``apt-get``: a missing ``libpython3.X`` is reported with the command to run)."""
+    root = os.path.abspath(root or default_env_dir())
+    try:
+        return server_env(root)
+    except ServerEnvMissing:
+        pass
+    env = _env_from(root)
+    soname = _missing_libpython(env)
+    if soname:
+        raise ServerEnvMissing(f"the python backend stub needs {soname}: run  sudo apt-get install -y libpython{_pyver()}"
+                               "  (make triton-server does this when run as root)")
+    wanted = _wanted()
+    stamp = os.path.join(root, _STAMP)
     base = getattr(sys, "_base_executable", sys.executable)
     log(f"building the tritonserver environment in {root} ({PYTRITON}, {SERVER_NUMPY})")
     if not os.path.exists(os.path.join(env.python_bin, "python")):
@@ -114,9 +148,101 @@ def ensure_server_env(root: str | None = None, *, log=print) -> ServerEnv:
         if not os.path.exists(src):
             raise RuntimeError(f"{src} missing from {PYTRITON}: no python backend stub for Python {_pyver()}?")
         os.symlink(src, os.path.join(python_backend, os.path.basename(src)))
-    with open(stamp, "w") as f:
+    with open(stamp + ".tmp", "w") as f:
         json.dump(wanted, f)
-    return env
+    os.replace(stamp + ".tmp", stamp)
+    return server_env(root)
+
+
+def _group_members(pgids: set[int], roots: list[int]) -> dict[int, psutil.Process]:
+    """Live (non-zombie) processes in the process groups ``pgids`` plus the descendants of ``roots``
+    (a descendant may have moved to a group of its own)."""
+    found: dict[int, psutil.Process] = {}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.Error:
+            pass
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) in pgids:
+                found[p.pid] = p
+        except (OSError, psutil.Error):
+            pass
+    alive = {}
+    for pid, p in found.items():
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive[pid] = p
+        except psutil.Error:
+            pass
+    return alive
+
+
+def _signal_all(members: dict[int, psutil.Process], pgids: set[int], sig: int) -> None:
+    for pgid in pgids:
+        try:
+            os.killpg(pgid, sig)
+        except OSError:  # the group is already empty
+            pass
+    for p in members.values():  # descendants that left the group
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+def stop_process_groups(procs, grace: float = 15.0, kill_wait: float = 10.0) -> None:
+    """Stop processes started with ``start_new_session=True`` and everything they started.
+
+    SIGTERM to each process group (and to descendants that left it), up to ``grace`` seconds for
+    all of them to exit, then SIGKILL to whatever is left, and wait until every member is gone
+    (zombies reaped by their parent or init count as gone); the ``Popen`` objects are reaped.
+    Raises ``RuntimeError`` naming the processes when some survive SIGKILL."""
+    procs = [p for p in procs if p is not None]
+    pgids = {p.pid for p in procs}  # a session leader's pgid is its pid
+    roots = [p.pid for p in procs if p.poll() is None]
+    members = _group_members(pgids, roots)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        _signal_all(members, pgids, sig)
+        deadline = time.monotonic() + wait
+        while True:
+            for proc in procs:
+                proc.poll()  # reap our own children
+            members = {**members, **_group_members(pgids, [])}  # and new forks of the group
+            members = {pid: p for pid, p in members.items() if _alive(p)}
+            if not members or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        if not members:
+            break
+    for proc in procs:
+        try:
+            proc.wait(timeout=kill_wait)
+        except subprocess.TimeoutExpired:
+            members[proc.pid] = psutil.Process(proc.pid)
+    if members:
+        raise RuntimeError("processes survived SIGKILL: " + ", ".join(_describe(p) for p in members.values()))
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0, kill_wait: float = 10.0) -> None:
+    """``stop_process_groups`` for one process."""
+    stop_process_groups([proc], grace=grace, kill_wait=kill_wait)
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        return f"{p.pid} ({' '.join(p.cmdline())[:120]})"
+    except psutil.Error:
+        return str(p.pid)
 
 
 def free_port() -> int:
@@ -126,12 +252,13 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """One ``tritonserver`` process on 127.0.0.1 with ports chosen at run time, stopped by PID."""
+    """One ``tritonserver`` on 127.0.0.1 with ports chosen at run time, in its own session; ``stop``
+    stops the server and its backend stubs (the process group)."""
 
     def __init__(self, repo: str, *, env: ServerEnv | None = None, explicit: bool = True, log_path: str | None = None,
                  cwd: str | None = None, extra_env: dict[str, str] | None = None):
         self.repo = os.path.abspath(repo)
-        self.env = env or ensure_server_env()
+        self.env = env or server_env()
         self.explicit = explicit
         self.log_path = log_path or os.path.join(os.path.dirname(self.repo), "tritonserver.log")
         self.cwd = cwd
@@ -181,6 +308,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self.returncode = self.process.returncode
+                stop_process_group(self.process)  # whatever it started before exiting
                 self._log.close()
                 self.process = None
                 return False
@@ -220,18 +348,16 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop the server and every process it started (the python backend stubs ignore SIGTERM
+        and outlive a server stopped by PID): the whole process group, SIGKILL after ``grace`` s."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the server and the stubs it spawned
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self._log.close()
-        self.process = None
+        try:
+            stop_process_group(self.process, grace=grace)
+        finally:
+            self._log.close()
+            self.process = None
 
     def __enter__(self) -> TritonServer:
         return self.start()

@@ -10,10 +10,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def triton_env():
-    """The tritonserver environment (built once per venv; ``make triton-server`` builds it ahead)."""
-    from cosyvoice.triton.server import ensure_server_env
+    """The tritonserver environment, built here explicitly by the test set-up when ``make triton-server``
+    has not built it ahead (library code only looks it up and never installs anything)."""
+    from cosyvoice.triton.server import build_server_env
 
-    return ensure_server_env()
+    return build_server_env()
 
 
 @pytest.fixture(scope="session")
