@@ -8,26 +8,153 @@ no-op, so re-runs leave files (and their modification times) untouched.
 
 S3 credentials come only from the environment (``AWS_ACCESS_KEY_ID`` etc.); an S3-compatible
 endpoint is taken from ``COSYVOICE_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``.
+
+Faults are classified here, once (``is_transient``): throttling, 5xx answers, connection resets
+and timeouts are transient; a missing object, a refused permission and anything that is wrong with
+the data itself are permanent. Reads (``read_bytes``, ``read_head``, ``open_read``, ``exists``,
+``list_files``) retry transient errors a few times with exponential backoff (``retrying``) and then
+re-raise the last error unchanged, so the step fails and the orchestrator's retry policy takes over;
+they never turn a transient fault into a permanent outcome.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import os
 import posixpath
+import random
+import re
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from typing import TypeVar
 
 import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _ENDPOINT_VARS = ("COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
 def environment() -> dict[str, str]:
-    """The variables that configure storage access. Worker processes started from a forkserver
-    inherit the server's environment, not the caller's current one, so pools pass this along."""
+    """The variables that configure storage access (and its retries). Worker processes started from
+    a forkserver inherit the server's environment, not the caller's current one, so pools pass this along."""
     return {k: v for k, v in os.environ.items()
-            if k.startswith(("AWS_", "COSYVOICE_S3_")) or k in ("FSSPEC_CONFIG_DIR",)}
+            if k.startswith(("AWS_", "COSYVOICE_S3_", "COSYVOICE_IO_")) or k in ("FSSPEC_CONFIG_DIR",)}
+
+
+# --- fault classification -------------------------------------------------------------------------
+
+#: errno values of OSErrors that a later attempt can fix: sockets, network file systems, and what
+#: s3fs maps throttling/5xx answers to (SlowDown/ServiceUnavailable/503 -> EBUSY, InternalError/500 -> EREMOTEIO)
+TRANSIENT_ERRNOS = frozenset({
+    errno.EAGAIN, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.ENETRESET, errno.ESTALE, errno.EBUSY,
+    getattr(errno, "EREMOTEIO", errno.EIO + 1000),
+})
+#: class names of transient errors from libraries not imported here (botocore, urllib3, aiohttp, torch)
+TRANSIENT_CLASS_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+    "ResponseStreamingError", "IncompleteReadError", "ServerDisconnectedError", "ClientConnectionError",
+    "ClientPayloadError", "IncompleteRead", "ProtocolError", "FSTimeoutError",
+    "OutOfMemoryError",  # torch.cuda: a GPU momentarily short of memory (another job, fragmentation)
+})
+#: S3 error codes (and HTTP statuses as codes) that mean "try again": throttling and server-side hiccups
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+    "ThrottledException", "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "RequestThrottled", "ProvisionedThroughputExceededException",
+    "429", "500", "502", "503", "504",
+})
+#: the same codes inside a message (``An error occurred (SlowDown) when calling ...``), and the
+#: phrases of resets/timeouts, for errors that lost their structured cause (e.g. crossing a process)
+_TRANSIENT_MESSAGE = re.compile(
+    r"\((?:SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl\w*|TooManyRequests\w*|"
+    r"RequestLimitExceeded|BandwidthLimitExceeded|429|5\d\d)\)|reduce your request rate|Connection reset|"
+    r"Connection aborted|timed out", re.IGNORECASE)
+#: errors about the request or the data: retrying cannot help
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def _classify(exc: BaseException) -> bool | None:
+    """True/False when ``exc`` itself says transient/permanent, None when it does not tell."""
+    if isinstance(exc, _PERMANENT_TYPES):
+        return False
+    response = getattr(exc, "response", None)  # botocore ClientError: {"Error": {"Code"}, "ResponseMetadata": ...}
+    if isinstance(response, dict):
+        code = str((response.get("Error") or {}).get("Code") or "")
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code in TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return True
+        if code or isinstance(status, int):
+            return False  # 4xx: NoSuchKey, AccessDenied, InvalidRange ...
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__name__ in TRANSIENT_CLASS_NAMES for cls in type(exc).__mro__):
+        return True
+    if isinstance(exc, OSError) and (exc.errno in TRANSIENT_ERRNOS or _TRANSIENT_MESSAGE.search(str(exc))):
+        return True
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when repeating the same operation can succeed without anyone changing data, code or
+    config: throttling (SlowDown, 429), 5xx answers, connection resets/refusals and timeouts.
+    False for missing objects (404, FileNotFoundError), refused access (403, PermissionError),
+    undecodable data and everything unknown. Looks through ``raise ... from`` chains; the first
+    error in the chain that tells decides (a FileNotFoundError raised while handling a reset is
+    permanent)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        verdict = _classify(current)
+        if verdict is not None:
+            return verdict
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def io_retries() -> int:
+    """Retries of a transient read before it is re-raised (``COSYVOICE_IO_RETRIES``, default 4)."""
+    return max(0, int(os.environ.get("COSYVOICE_IO_RETRIES", "4")))
+
+
+def retry_delays() -> Iterator[float]:
+    """The waits between attempts: ``COSYVOICE_IO_RETRY_DELAY_S`` (default 0.5 s) doubling per
+    retry, capped at 30 s, with +-25 % jitter so that parallel readers do not retry in lockstep."""
+    delay = float(os.environ.get("COSYVOICE_IO_RETRY_DELAY_S", "0.5"))
+    for attempt in range(io_retries()):
+        yield min(delay * 2 ** attempt, 30.0) * random.uniform(0.75, 1.25)
+
+
+def retrying(fn: Callable[..., T], *args, what: str = "", **kwargs) -> T:
+    """``fn(*args, **kwargs)``, repeated after a backoff while it raises a transient error (at most
+    ``io_retries()`` times); a permanent error, or the last transient one, is re-raised unchanged."""
+    delays = retry_delays()
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            wait = next(delays, None) if is_transient(exc) else None
+            if wait is None:
+                raise
+            log.warning("%s: transient error (%s: %s), retrying in %.2f s", what or getattr(fn, "__name__", fn),
+                        type(exc).__name__, exc, wait)
+            time.sleep(wait)
+
+
+def _retried(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a storage call whose first argument is its URL with ``retrying``."""
+    @functools.wraps(fn)
+    def wrapper(url, *args, **kwargs):
+        return retrying(fn, url, *args, what=f"{fn.__name__} {url}", **kwargs)
+    return wrapper
 
 
 def use_environment(env: dict[str, str]) -> None:
@@ -87,10 +214,12 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+@_retried
 def exists(url: str) -> bool:
     return filesystem(url).exists(strip_protocol(url))
 
 
+@_retried
 def read_bytes(url: str) -> bytes:
     if is_local(url):
         with open(strip_protocol(url), "rb") as f:
@@ -102,6 +231,19 @@ def read_text(url: str, encoding: str = "utf-8") -> str:
     return read_bytes(url).decode(encoding)
 
 
+def open_read(url: str, *, retry: bool = True):
+    """A binary file object to read ``url``. Opening (finding the object) is retried unless
+    ``retry=False`` (for a caller with its own retry loop); reads from the handle are the caller's
+    to retry, see ``cosyvoice.dataset.processors.parquet_opener``."""
+    def opened(url: str):
+        if is_local(url):
+            return open(strip_protocol(url), "rb")
+        return filesystem(url).open(strip_protocol(url), "rb")
+
+    return retrying(opened, url, what=f"open {url}") if retry else opened(url)
+
+
+@_retried
 def read_head(url: str, nbytes: int) -> bytes:
     """The first ``nbytes`` of an object (one ranged GET on S3)."""
     if is_local(url):
@@ -203,6 +345,7 @@ def write_text(url: str, text: str) -> WriteResult:
     return write_bytes(url, text.encode("utf-8"))
 
 
+@_retried
 def list_files(url: str) -> list[tuple[str, int]]:
     """Every file below ``url`` (recursively) as ``(url, size_in_bytes)``, sorted by URL.
 

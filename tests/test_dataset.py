@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cosyvoice.dataset.processors import (
+    UnreadableShardError,
     decode_audio,
     dynamic_batch,
     filter_samples,
@@ -55,14 +56,16 @@ def shards(clean_corpus, tmp_path_factory):
     return (root / "parquet" / "data.list").read_text().splitlines()
 
 
-def test_opener_streams_every_row_of_every_shard_and_survives_a_bad_shard(shards, tmp_path):
+def test_opener_streams_every_row_of_every_shard_and_skips_a_bad_shard_only_when_asked(shards, tmp_path):
     bad = tmp_path / "broken.tar"
     bad.write_bytes(b"not parquet")
+    sources = [{"src": s} for s in shards[:1]] + [{"src": str(bad)}] + [{"src": s} for s in shards[1:]]
+    with pytest.raises(UnreadableShardError, match=f"{bad}: cannot read training shard"):
+        list(parquet_opener(sources, batch_rows=4))
     stats = Counter()
-    rows = list(parquet_opener([{"src": s} for s in shards[:1]] + [{"src": str(bad)}] + [{"src": s} for s in shards[1:]],
-                               batch_rows=4, stats=stats))
+    rows = list(parquet_opener(sources, batch_rows=4, stats=stats, skip_unreadable_shards=True))
     expected = [r for s in shards for r in pq.read_table(s).to_pylist()]
-    assert [r["utt"] for r in rows] == [r["utt"] for r in expected] and stats == {"unreadable_shard": 1}
+    assert [r["utt"] for r in rows] == [r["utt"] for r in expected] and stats == {"unreadable_shards": 1}
     assert rows[0]["audio_data"] == expected[0]["audio_data"] and rows[0]["src"] == shards[0]
 
 

@@ -2,14 +2,16 @@
 
 Each takes an iterator of sample dicts and yields sample dicts (or batches), so they chain like
 upstream's ``Processor``s. Differences from upstream, on purpose: a row that fails to decode is
-dropped and counted in ``stats`` instead of ending the whole shard; ``dynamic_batch`` never emits
-an empty batch (defect D10); list columns stay numpy arrays.
+dropped and counted in ``stats`` instead of ending the whole shard; a shard that cannot be read
+fails the epoch unless the operator opts into skipping it; ``dynamic_batch`` never emits an empty
+batch (defect D10); list columns stay numpy arrays.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -20,24 +22,60 @@ from cosyvoice import storage
 log = logging.getLogger(__name__)
 
 
-def parquet_opener(sources: Iterable[dict], *, batch_rows: int = 64, stats: Counter | None = None) -> Iterator[dict]:
-    """Stream the rows of each ``{"src": parquet_url, ...}`` in batches of ``batch_rows``: memory holds
-    one row batch of encoded audio, never a whole shard. A shard that cannot be opened is logged
-    and counted, like upstream's warning, and the next one is read."""
-    import pyarrow.parquet as pq
+class UnreadableShardError(RuntimeError):
+    """A training/CV shard could not be read (after storage's retries of transient errors)."""
 
+
+def parquet_opener(sources: Iterable[dict], *, batch_rows: int = 64, stats: Counter | None = None,
+                   skip_unreadable_shards: bool = False) -> Iterator[dict]:
+    """Stream the rows of each ``{"src": parquet_url, ...}`` in batches of ``batch_rows``: memory holds
+    one row batch of encoded audio, never a whole shard.
+
+    A transient read error (throttling, 5xx, reset, timeout; ``storage.is_transient``) reopens the
+    shard after a backoff and continues after the last row already yielded, so no row is lost or
+    repeated (at most ``storage.io_retries()`` times per shard). A shard that still cannot be read
+    (missing, corrupt, or still failing) raises ``UnreadableShardError`` with its URL: training does
+    not silently go on without it. With ``skip_unreadable_shards`` it is instead logged (URL and
+    reason), counted in ``stats["unreadable_shards"]`` and the next shard is read."""
     for source in sources:
         url = source["src"]
         try:
-            handle = storage.filesystem(url).open(storage.strip_protocol(url), "rb")
-            with handle, pq.ParquetFile(handle) as parquet:
-                for batch in parquet.iter_batches(batch_size=batch_rows):
-                    for row in batch.to_pylist():
-                        yield {**source, **row}
-        except (OSError, ValueError) as exc:
-            log.warning("failed to read shard %s: %s", url, exc)
+            yield from _shard_rows(source, batch_rows)
+        except Exception as exc:
+            if not skip_unreadable_shards:
+                raise UnreadableShardError(
+                    f"{url}: cannot read training shard ({type(exc).__name__}: {exc}); fix or remove it from "
+                    "the data list, or pass --skip_unreadable_shards to train without it") from exc
+            log.warning("skipping unreadable shard %s (--skip_unreadable_shards): %s: %s", url, type(exc).__name__, exc)
             if stats is not None:
-                stats["unreadable_shard"] += 1
+                stats["unreadable_shards"] += 1
+
+
+def _shard_rows(source: dict, batch_rows: int) -> Iterator[dict]:
+    """The rows of one shard; transient errors resume after the rows already yielded."""
+    import pyarrow.parquet as pq
+
+    url, done, delays = source["src"], 0, storage.retry_delays()
+    while True:
+        try:
+            with storage.open_read(url, retry=False) as handle, pq.ParquetFile(handle) as parquet:
+                seen = 0
+                for batch in parquet.iter_batches(batch_size=batch_rows):
+                    if seen + batch.num_rows <= done:  # yielded before a transient error: skip
+                        seen += batch.num_rows
+                        continue
+                    for row in batch.to_pylist()[max(0, done - seen):]:
+                        yield {**source, **row}
+                        done += 1
+                    seen += batch.num_rows
+            return
+        except Exception as exc:
+            wait = next(delays, None) if storage.is_transient(exc) else None
+            if wait is None:
+                raise
+            log.warning("%s: transient error after %d rows (%s: %s), reopening in %.2f s",
+                        url, done, type(exc).__name__, exc, wait)
+            time.sleep(wait)
 
 
 def decode_audio(data: Iterable[dict], *, stats: Counter | None = None) -> Iterator[dict]:

@@ -48,10 +48,15 @@ def decode_audio(data: bytes, name: str = "<bytes>") -> tuple[torch.Tensor, int]
 
 
 def load_audio(url: str) -> tuple[torch.Tensor, int]:
-    """``decode_audio`` of a path or URL."""
+    """``decode_audio`` of a path or URL. A file that is missing or may not be read is a problem of
+    this utterance (``AudioDecodeError("unreadable_file")``); a transient error (throttling, 5xx,
+    reset, timeout) that outlasted storage's retries propagates unchanged, so the stage fails and
+    is retried instead of losing the utterance."""
     try:
         data = storage.read_bytes(url)
     except OSError as exc:
+        if storage.is_transient(exc):
+            raise
         raise AudioDecodeError("unreadable_file", f"{url}: {exc}") from exc
     return decode_audio(data, url)
 
