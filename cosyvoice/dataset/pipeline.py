@@ -81,14 +81,25 @@ class PipelineConfig:
         return cls(**values)
 
 
+#: key of the counter deltas a ``report_stats`` dataset attaches to its batches
+STATS_KEY = "data_stats"
+
+
 def read_data_list(url: str) -> list[str]:
     return [line.strip() for line in storage.read_text(url).splitlines() if line.strip()]
 
 
 class TrainingDataset(torch.utils.data.IterableDataset):
-    """Batches for one rank; DataLoader workers split this rank's shards (``batch_size=None``)."""
+    """Batches for one rank; DataLoader workers split this rank's shards (``batch_size=None``).
 
-    def __init__(self, data_list: str | list[str], config: PipelineConfig, *, train: bool = True, seed: int = 0):
+    ``stats`` counts what the processors dropped or filtered, by reason. It lives in the process
+    that iterates (each DataLoader worker has its own copy), so with ``report_stats=True`` every
+    batch carries, under ``STATS_KEY``, the counts added since the previous batch of that worker,
+    and a worker's last counts follow its last batch as an item holding only ``STATS_KEY``; the
+    consumer sums them (the trainer does, per epoch, over workers and ranks)."""
+
+    def __init__(self, data_list: str | list[str], config: PipelineConfig, *, train: bool = True, seed: int = 0,
+                 report_stats: bool = False):
         if config.text_tokenizer not in ("qwen", "whisper"):
             raise ValueError(f"text_tokenizer must be 'qwen' or 'whisper', got {config.text_tokenizer!r}")
         if config.text_tokenizer == "qwen" and not config.qwen_pretrain_path:
@@ -99,6 +110,7 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         self.seed = seed
         self.epoch = -1
         self.stats: Counter = Counter()  # per process; workers report through their own copies
+        self.report_stats = report_stats
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -128,4 +140,24 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         data = P.sort(data, sort_size=c.sort_size)
         data = P.batch(data, batch_type=c.batch_type, max_frames_in_batch=c.max_frames_in_batch,
                        batch_size=c.batch_size, max_tokens_in_batch=c.max_tokens_in_batch)
-        return P.padding(data, use_spk_embedding=c.use_spk_embedding, dpo=c.dpo)
+        data = P.padding(data, use_spk_embedding=c.use_spk_embedding, dpo=c.dpo)
+        return _with_stats(data, stats) if self.report_stats else data
+
+
+def _with_stats(batches, stats: Counter):
+    """Attach to each batch the counter increments since the previous one (see TrainingDataset)."""
+    sent = Counter(stats)  # counts of earlier iterations in this process were reported with them
+
+    def delta() -> dict[str, int]:
+        new = {k: v - sent[k] for k, v in stats.items() if v != sent[k]}
+        sent.update(new)
+        return new
+
+    for batch in batches:
+        increments = delta()
+        if increments:
+            batch[STATS_KEY] = increments
+        yield batch
+    increments = delta()
+    if increments:
+        yield {STATS_KEY: increments}

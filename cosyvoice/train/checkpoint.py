@@ -5,8 +5,10 @@ Upstream-compatible (contract 5.5 / 12.8): ``<model_dir>/<name>.pt`` = flat mode
 ``loss_dict`` (CV) that ``average_model.py --val_best`` reads. Names: ``init``, ``epoch_{E}_whole``,
 ``epoch_{E}_step_{S}``.
 
-Ours in addition: ``<name>.state.pt`` with optimizer, scheduler, RNG states and the data position,
-so ``--checkpoint <name>.pt`` continues exactly where the run stopped. All loads are
+Ours in addition: ``<name>.state.pt`` with optimizer, scheduler, every rank's RNG states and the
+data position, so ``--checkpoint <name>.pt`` continues exactly where the run stopped. Rank 0 writes
+it (and the ``.pt``/``.yaml``); under DeepSpeed each rank also writes its own optimizer shard in
+DeepSpeed's ``<name>/`` directory. All loads are
 ``weights_only=True``; all writes are atomic (temporary name, then rename).
 """
 
@@ -93,7 +95,10 @@ class TrainState:
     batch_in_epoch: int  # batches of ``epoch`` already consumed (0 = epoch not started)
     optimizer: dict | None
     scheduler: dict | None
-    rng: dict
+    rng: dict  # this rank's RNG states
+    rank_rngs: list[dict] | None = None  # every rank's RNG states (index = rank), gathered when saving
+    world_size: int = 1
+    engine: str | None = None  # torch_ddp | deepspeed (None: written before this was recorded)
 
     @staticmethod
     def capture_rng() -> dict:
@@ -114,28 +119,55 @@ def state_path(pt_path: str) -> str:
     return pt_path[:-3] + ".state.pt" if pt_path.endswith(".pt") else pt_path + ".state.pt"
 
 
-def save_train_state(state: TrainState, pt_path: str, rank: int = 0) -> None:
-    """Per-rank file (each rank has its own RNG streams); rank 0 uses the plain name."""
-    path = state_path(pt_path) if rank == 0 else state_path(pt_path).replace(".state.pt", f".state.rank{rank}.pt")
-    rng = dict(state.rng)
-    rng["python"] = _python_rng_to_tensors(rng["python"])
-    rng["numpy"] = _numpy_rng_to_plain(rng["numpy"])
+def _rank_state_path(pt_path: str, rank: int) -> str:
+    """Per-rank state files of earlier versions (each rank wrote its optimizer copy); read only."""
+    return state_path(pt_path).replace(".state.pt", f".state.rank{rank}.pt")
+
+
+def save_train_state(state: TrainState, pt_path: str) -> str:
+    """One file per checkpoint, ``<name>.state.pt``, written by rank 0 only: the optimizer and
+    scheduler (identical on every DDP rank; ``None`` under DeepSpeed, whose ranks write their own
+    shards) and the RNG states of all ranks (``rank_rngs``, gathered by the caller). A full-size
+    optimizer state is therefore never written once per rank."""
+    path = state_path(pt_path)
+    rngs = state.rank_rngs if state.rank_rngs is not None else [state.rng]
     _atomic_torch_save({"epoch": state.epoch, "step": state.step, "batch_in_epoch": state.batch_in_epoch,
-                        "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": rng}, path)
+                        "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": _rng_to_plain(state.rng),
+                        "rank_rngs": [_rng_to_plain(r) for r in rngs], "world_size": len(rngs),
+                        "engine": state.engine}, path)
+    return path
 
 
 def load_train_state(pt_path: str, rank: int = 0) -> TrainState | None:
+    """The state next to ``pt_path`` with ``rng`` = this rank's RNG states (from ``rank_rngs``, or
+    from an older per-rank file), or None when there is no state file (a weights-only checkpoint)."""
     path = state_path(pt_path)
-    if rank:
-        ranked = path.replace(".state.pt", f".state.rank{rank}.pt")
-        path = ranked if os.path.exists(ranked) else path
     if not os.path.exists(path):
         return None
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    rng = dict(raw["rng"])
+    rank_rngs = [_rng_from_plain(r) for r in raw.get("rank_rngs") or []]
+    if rank < len(rank_rngs):
+        rng = rank_rngs[rank]
+    elif rank and os.path.exists(_rank_state_path(pt_path, rank)):
+        rng = _rng_from_plain(torch.load(_rank_state_path(pt_path, rank), map_location="cpu", weights_only=True)["rng"])
+    else:
+        rng = _rng_from_plain(raw["rng"])
+    return TrainState(raw["epoch"], raw["step"], raw["batch_in_epoch"], raw["optimizer"], raw["scheduler"], rng,
+                      rank_rngs or None, int(raw.get("world_size", 1)), raw.get("engine"))
+
+
+def _rng_to_plain(rng: dict) -> dict:
+    rng = dict(rng)
+    rng["python"] = _python_rng_to_tensors(rng["python"])
+    rng["numpy"] = _numpy_rng_to_plain(rng["numpy"])
+    return rng
+
+
+def _rng_from_plain(rng: dict) -> dict:
+    rng = dict(rng)
     rng["python"] = _python_rng_from_tensors(rng["python"])
     rng["numpy"] = _numpy_rng_from_plain(rng["numpy"])
-    return TrainState(raw["epoch"], raw["step"], raw["batch_in_epoch"], raw["optimizer"], raw["scheduler"], rng)
+    return rng
 
 
 # random/numpy RNG states hold tuples and numpy arrays, which weights_only loading refuses; store

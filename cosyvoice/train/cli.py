@@ -14,7 +14,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = train(opts)
     print(json.dumps({"model_dir": report.model_dir, "steps": report.steps, "checkpoint": report.final_checkpoint,
                       "cv_loss": report.cv_loss, "tokens_per_s": round(report.tokens_per_second, 1),
-                      "mfu": report.mfu, "dpo_skipped": report.dpo_skipped}))
+                      "mfu": report.mfu, "dpo_skipped": report.dpo_skipped, "data_stats": report.data_stats}))
     return 0
 
 

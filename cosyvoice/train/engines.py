@@ -77,8 +77,8 @@ class DDPEngine:
     def save_native(self, model_dir: str, name: str, info: dict) -> None:
         pass
 
-    def load_native(self, model_dir: str, name: str) -> bool:
-        return False
+    def load_native(self, model_dir: str, name: str) -> dict:
+        raise NotImplementedError("torch_ddp keeps its optimizer state in <name>.state.pt")
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -140,6 +140,9 @@ class DeepSpeedEngine:
             self.module.forward = original
 
     def sync_context(self, boundary: bool):
+        # our boundaries, not DeepSpeed's micro-step counter: the last micro-batch of an epoch closes
+        # its (possibly incomplete) accumulation window, as with DDP
+        self.engine.set_gradient_accumulation_boundary(boundary)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -163,9 +166,14 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(save_dir=model_dir, tag=name, client_state={k: v for k, v in info.items()
                                                                                 if isinstance(v, (int, float, str))})
 
-    def load_native(self, model_dir: str, name: str) -> bool:
-        path, _ = self.engine.load_checkpoint(model_dir, tag=name)
-        return path is not None
+    def load_native(self, model_dir: str, name: str) -> dict:
+        """Load DeepSpeed's checkpoint ``<model_dir>/<name>/`` (module strictly, optimizer, scheduler);
+        returns its client state (our info: step, epoch, ...). Raises when nothing was loaded."""
+        path, client = self.engine.load_checkpoint(model_dir, tag=name, load_module_strict=True,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"{model_dir}/{name}: DeepSpeed found no checkpoint to load")
+        return client or {}
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])

@@ -19,13 +19,14 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from cosyvoice.config import load_recipe, training_overrides
-from cosyvoice.dataset.pipeline import PipelineConfig, TrainingDataset
+from cosyvoice.dataset.pipeline import STATS_KEY, PipelineConfig, TrainingDataset
 from cosyvoice.train.checkpoint import (
     TrainState,
     load_model_weights,
@@ -101,6 +102,7 @@ class TrainReport:
     tokens_per_second: float
     mfu: float | None
     dpo_skipped: int = 0
+    data_stats: list[dict] = field(default_factory=list)  # per epoch: data-pipeline counters by name
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -236,11 +238,7 @@ class Trainer:
             self.engine = DDPEngine(self.model, optimizer, scheduler, device=self.device,
                                     accum_grad=int(conf.get("accum_grad", 1)),
                                     grad_clip=float(conf.get("grad_clip", 5)), world_size=self.world)
-        if self.start.step and self.start.optimizer is None and self.ds_config is None:
-            scheduler.set_step(self.start.step)  # upstream-style checkpoint: keep the schedule position
-        self.engine.load_state(self.start.optimizer, self.start.scheduler)
-        if self.ds_config is not None and self._resume_name:
-            self.engine.load_native(os.path.dirname(opts.checkpoint), self._resume_name)
+        self._restore_optimizer_state(scheduler)
         if self.start.rng:
             self.start.restore_rng()
         self.reporter = Reporter(opts.model_dir, opts.tensorboard_dir, enabled=self.rank == 0)
@@ -253,6 +251,44 @@ class Trainer:
             self.model.llm.model.model.compile(dynamic=True)
 
     _resume_name: str | None = None
+    _exact_resume: bool = False
+
+    def _restore_optimizer_state(self, scheduler) -> None:
+        """Optimizer and LR schedule of the checkpoint, checked against this run.
+
+        Exact resume (a ``.state.pt`` next to the checkpoint): the state must come from the same
+        engine; DDP loads the optimizer/scheduler from it, DeepSpeed from its ``<name>/`` directory,
+        which must exist, load, and be at the same step. Weights-only checkpoints (upstream files,
+        averaged models) start a fresh optimizer with the schedule placed at the checkpoint's step.
+        Either way the schedule ends at the resumed step, which is checked."""
+        start, path = self.start, self.opts.checkpoint
+        if not self._exact_resume:
+            if start.step:
+                scheduler.set_step(start.step)  # upstream-style checkpoint: keep the schedule position
+            return
+        if start.engine is not None and start.engine != self.engine.name:
+            raise ValueError(f"--checkpoint {path}: its training state was written by --train_engine {start.engine}, "
+                             f"this run uses {self.engine.name}; resume with --train_engine {start.engine}, or "
+                             "start from the weights alone by copying the .pt without its .state.pt")
+        if self.engine.name == "deepspeed":
+            native = os.path.join(os.path.dirname(path), self._resume_name)
+            if not os.path.isdir(native):
+                raise FileNotFoundError(
+                    f"--checkpoint {path}: the DeepSpeed optimizer/scheduler state {native}/ is missing (expected "
+                    "next to the .pt, as DeepSpeed wrote it); restore that directory, or start from the weights "
+                    "alone by copying the .pt without its .state.pt")
+            client = self.engine.load_native(os.path.dirname(path), self._resume_name)
+            if int(client.get("step", -1)) != start.step:
+                raise ValueError(f"--checkpoint {path}: DeepSpeed state {native}/ is at step {client.get('step')}, "
+                                 f"the training state at step {start.step}: they belong to different checkpoints")
+        else:
+            if start.optimizer is None or start.scheduler is None:
+                raise ValueError(f"--checkpoint {path}: {os.path.basename(path)[:-3]}.state.pt holds no optimizer/"
+                                 "scheduler state; start from the weights alone by copying the .pt without it")
+            self.engine.load_state(start.optimizer, start.scheduler)
+        if scheduler.last_epoch != start.step:
+            raise ValueError(f"--checkpoint {path}: the restored LR schedule is at step {scheduler.last_epoch}, "
+                             f"the checkpoint at step {start.step}")
 
     def _refuse_silent_random_init(self) -> None:
         """A Qwen2 body that found no weights under ``qwen_pretrain_path`` was initialised at random.
@@ -286,6 +322,10 @@ class Trainer:
         self._resume_name = os.path.basename(path)[:-3]
         if state is not None:
             self.start = state
+            self._exact_resume = True
+            if state.rank_rngs is not None and state.world_size != self.world:
+                log.warning("%s was written by %d ranks, this run has %d: the data order and RNG streams differ "
+                            "from the saved run (the resume is not exact)", path, state.world_size, self.world)
             log.info("resuming exactly from %s: epoch %d, step %d, %d batches into the epoch",
                      path, state.epoch, state.step, state.batch_in_epoch)
         else:
@@ -307,7 +347,7 @@ class Trainer:
         return PipelineConfig.from_recipe(self.configs, o.qwen_pretrain_path or "", **changes)
 
     def _loader(self, data_list: str, train: bool, epoch: int):
-        dataset = TrainingDataset(data_list, self.pipeline, train=train, seed=self.opts.seed)
+        dataset = TrainingDataset(data_list, self.pipeline, train=train, seed=self.opts.seed, report_stats=train)
         dataset.set_epoch(epoch)
         kwargs = dict(batch_size=None, num_workers=self.opts.num_workers, pin_memory=self.opts.pin_memory,
                       generator=torch.Generator().manual_seed(self.opts.seed + epoch))
@@ -370,24 +410,51 @@ class Trainer:
 
     def _save(self, name: str, epoch: int, step: int, batch_in_epoch: int, tag: str, loss_dict: dict) -> str:
         """Upstream files (epoch = the epoch the checkpoint belongs to) + the resumable state, which
-        points at the next batch to run (the next epoch's first for a whole-epoch checkpoint)."""
+        points at the next batch to run (the next epoch's first for a whole-epoch checkpoint).
+
+        Rank 0 writes ``<name>.pt``/``.yaml``/``.state.pt`` (the state holds every rank's RNG
+        states, gathered here); DeepSpeed's ``<name>/`` directory gets each rank's own shard."""
         info = {**self.conf, **asdict(self.opts),
                 "epoch": epoch, "step": step, "batch_idx": batch_in_epoch, "tag": tag, "loss_dict": loss_dict,
                 "lr": self.engine.lr()}
         path = os.path.join(self.opts.model_dir, f"{name}.pt")
         self.engine.save_native(self.opts.model_dir, name, info)
-        optimizer, scheduler = self.engine.state()
-        resume_epoch, resume_batch = (epoch + 1, 0) if name.endswith("_whole") else (max(epoch, 0), batch_in_epoch)
-        state = TrainState(resume_epoch, step, resume_batch, optimizer, scheduler, TrainState.capture_rng())
+        rng = TrainState.capture_rng()
+        rank_rngs = [rng]
+        if self.world > 1:
+            rank_rngs = [None] * self.world
+            dist.all_gather_object(rank_rngs, rng)
         if self.rank == 0:
+            optimizer, scheduler = self.engine.state()
+            resume_epoch, resume_batch = (epoch + 1, 0) if name.endswith("_whole") else (max(epoch, 0), batch_in_epoch)
+            state = TrainState(resume_epoch, step, resume_batch, optimizer, scheduler, rng, rank_rngs, self.world,
+                               self.engine.name)
             path = save_model_files(self.model.state_dict(), self.opts.model_dir, name, info)
-        save_train_state(state, path, self.rank)
+            save_train_state(state, path)
         if self.world > 1:
             dist.barrier()
         return path
 
+    def _data_counts(self, counts: Counter) -> dict[str, int]:
+        """This epoch's data-pipeline counters (dropped/filtered utterances by reason, and any other
+        counter the processors keep), summed over DataLoader workers (they arrive with the batches)
+        and over ranks. Covers the data each rank consumed before the epoch ended."""
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, dict(counts))
+            counts = Counter()
+            for part in gathered:
+                counts.update(part)
+        return {k: int(v) for k, v in sorted(counts.items())}
+
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainReport:
+        """The loop. Accumulation windows are counted from each epoch's first batch; the last batch of
+        an epoch always closes its window, so an epoch whose batch count is not a multiple of
+        ``accum_grad`` ends with one optimizer step on the k < accum_grad micro-batches left (each
+        micro-batch contributes loss/accum_grad as everywhere else, so those samples weigh what any
+        sample weighs; nothing is carried into the next epoch or dropped). The logged loss/acc of a
+        step is the mean over its micro-batches and ranks (see ``_StepMeans``)."""
         o, conf = self.opts, self.conf
         max_epoch = int(conf.get("max_epoch", 1))
         log_interval = max(int(conf.get("log_interval", 100)), 1)
@@ -397,6 +464,7 @@ class Trainer:
         if self.opts.checkpoint is None:
             self._save("init", -1, 0, 0, "TRAIN", {})
         losses: list[float] = []
+        data_stats: list[dict] = []
         last = os.path.join(o.model_dir, "init.pt")
         cv: dict[str, float] = {}
         window = {"tokens": 0, "time": time.perf_counter()}
@@ -405,24 +473,29 @@ class Trainer:
         stop = False
         self.model.train()
         for epoch in range(start_epoch, max_epoch):
-            batches = iter(self._loader(o.train_data, train=True, epoch=epoch))
+            counts: Counter = Counter()
+            batches = _without_stats(self._loader(o.train_data, train=True, epoch=epoch), counts)
             for _ in range(skip):  # exact resume: replay the data position of the saved state
                 next(batches, None)
             batch_idx = skip - 1
             skip = 0
             self.engine.optimizer.zero_grad(set_to_none=True)
-            while True:
-                batch = next(batches, None)
-                if not all_ranks_have(batch is not None, self.device):
-                    break
+            means = _StepMeans()
+            batch = next(batches, None)
+            have = all_ranks_have(batch is not None, self.device)
+            while have:
                 batch_idx += 1
-                boundary = (batch_idx + 1) % accum == 0
+                upcoming = next(batches, None)  # one ahead: the epoch's last batch closes its window
+                have_next = all_ranks_have(upcoming is not None, self.device)
+                boundary = (batch_idx + 1) % accum == 0 or not have_next
                 t0 = time.perf_counter()
                 with self.engine.sync_context(boundary):
                     with self._autocast():
                         out = self._batch_losses(batch)
                     self.engine.backward(out["loss"])
                 result = self.engine.after_backward(boundary)
+                batch, have = upcoming, have_next
+                means.add(out)
                 stats = self.model.last_stats
                 window["tokens"] += stats.get("tokens", 0)
                 dpo_skipped += int(out.get("dpo_skipped", 0))
@@ -430,8 +503,9 @@ class Trainer:
                     continue
                 norm, _ = result
                 step += 1
-                loss = out["loss"].detach().item()
-                losses.append(loss)
+                values = means.reduce(self.device, self.world)
+                means = _StepMeans()
+                losses.append(values["loss"])
                 if step % log_interval == 0 or step == 1:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -440,7 +514,6 @@ class Trainer:
                     total_tokens += window["tokens"] * self.world
                     total_time += elapsed
                     mfu = self.flops_per_token * tps / (self.peak * self.world) if self.peak else None
-                    values = {k: float(v.detach()) for k, v in out.items() if k != "dpo_skipped"}
                     values.update(epoch=epoch, lr=self.engine.lr(), grad_norm=norm, tokens_per_s=tps, mfu=mfu,
                                   step_time=time.perf_counter() - t0, padded_fraction=1 - stats.get("tokens", 0)
                                   / max(stats.get("padded_tokens", 1), 1))
@@ -453,6 +526,8 @@ class Trainer:
                 if o.max_steps is not None and step >= o.max_steps:
                     stop = True
                     break
+            data_stats.append({"epoch": epoch, **self._data_counts(counts)})
+            self.reporter.log("DATA", step, data_stats[-1])
             if stop:
                 if not last.endswith(f"_step_{step}.pt"):
                     cv = self.cross_validate(epoch)
@@ -466,12 +541,61 @@ class Trainer:
             last = self._save(f"epoch_{epoch}_whole", epoch, step, batch_idx + 1, "CV", cv)
         tps = total_tokens / total_time if total_time else 0.0
         report = TrainReport(o.model_dir, max_epoch, step, last, cv.get("loss"), losses, tps,
-                             self.flops_per_token * tps / (self.peak * self.world) if self.peak else None, dpo_skipped)
-        result = {"steps": step, "epochs": max_epoch, "checkpoint": last, "tokens_per_s": tps, "dpo_skipped": dpo_skipped}
+                             self.flops_per_token * tps / (self.peak * self.world) if self.peak else None, dpo_skipped,
+                             data_stats)
+        result = {"steps": step, "epochs": max_epoch, "checkpoint": last, "tokens_per_s": tps, "dpo_skipped": dpo_skipped,
+                  "data_stats": data_stats, "data_totals": _totals(data_stats)}
         result.update({k: v for k, v in (("cv_loss", report.cv_loss), ("mfu", report.mfu)) if v is not None})
         self.reporter.report_result(result)
         self.reporter.close()
         return report
+
+
+class _StepMeans:
+    """The values logged for one optimizer step: the mean over its micro-batches and ranks.
+
+    Every micro-batch weighs the same (not by tokens): its loss is already normalised within the
+    micro-batch, each contributes ``loss / accum_grad`` to the gradient and DDP/DeepSpeed average
+    gradients over ranks with equal weights, so this mean is the objective the step optimised."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, out: dict) -> None:
+        for k, v in out.items():
+            if k == "dpo_skipped":
+                continue
+            v = v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self.sums[k] = self.sums[k] + v.to(self.sums[k].device) if k in self.sums else v
+        self.count += 1
+
+    def reduce(self, device: torch.device, world: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k].to(device, torch.float64) for k in keys]
+                          + [torch.tensor(float(self.count), dtype=torch.float64, device=device)])
+        if world > 1:
+            dist.all_reduce(vec)
+        total = vec.tolist()
+        return {k: total[i] / total[-1] for i, k in enumerate(keys)}
+
+
+def _without_stats(loader, counts: Counter):
+    """Batches of ``loader`` with the data-pipeline counters they carry moved into ``counts``
+    (``TrainingDataset(report_stats=True)``); counter-only items (a worker's last counts) are not batches."""
+    for item in loader:
+        extra = item.pop(STATS_KEY, None)
+        if extra:
+            counts.update(extra)
+        if item:
+            yield item
+
+
+def _totals(per_epoch: list[dict]) -> dict[str, int]:
+    totals: Counter = Counter()
+    for entry in per_epoch:
+        totals.update({k: v for k, v in entry.items() if k != "epoch"})
+    return dict(sorted(totals.items()))
 
 
 def _timedelta(seconds: int):
