@@ -2,9 +2,11 @@
 ``speaker_means`` and ``upstream_feature_files`` (the ``.pt`` files the upstream tools read)."""
 
 import dagster as dg
+from pydantic import Field
 
 from assets.manifest import manifest
 from cosyvoice import storage
+from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
 from cosyvoice.features.stages import (
@@ -24,8 +26,33 @@ from pipelines.retries import retry_transient_only, transient_retry_policy
 SHARDS_PER_RUN = 8
 RETRY = transient_retry_policy()  # bodies are wrapped in retry_transient_only: bad data is not retried
 GPU_K8S = gpu_op_tags()  # nvidia.com/gpu limit, GPU node selector and tolerations (pipelines/k8s.py)
-EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present")
-TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present")
+EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present", "failure_budget")
+TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present", "failure_budget")
+#: checks that fail the step (and so hold back what depends on it) when they fail
+BLOCKING_CHECKS = frozenset({"failure_budget"})
+#: quarantined utterances listed per shard in the metadata (all of them are in the shard's .failed.tsv)
+LISTED_PER_SHARD = 20
+
+
+def budget_field():
+    return Field(default=DEFAULT_MAX_FAILED_FRACTION, ge=0.0, le=1.0, description=(
+        "Failure budget: the blocking check `failure_budget` fails when more than this fraction of a "
+        "shard's utterances is missing from the output (quarantined with a reason or unaccounted). "
+        "0.01 = 1 %; 0 tolerates no failure."))
+
+
+def shard_report(budget, failures_url: str, quarantined: list[str]) -> dict:
+    """Per-shard metadata: the counts the budget check measured and the first quarantined utterances."""
+    return {**budget.metadata, "quarantine_file": failures_url, "quarantined_utterances": quarantined[:LISTED_PER_SHARD]}
+
+
+def check_result(name: str, rows: list) -> dg.AssetCheckResult:
+    """One evaluation of ``name`` over the run's shards (``rows``: ``(shard, CheckOutcome)``)."""
+    metadata = {"failing_shards": dg.MetadataValue.json({s: r.detail for s, r in rows if not r.passed}),
+                "examples": dg.MetadataValue.json([e for _, r in rows for e in r.examples][:20])}
+    if name == "failure_budget":
+        metadata["per_shard"] = dg.MetadataValue.json({s: r.metadata for s, r in rows})
+    return dg.AssetCheckResult(check_name=name, passed=all(r.passed for _, r in rows), metadata=metadata)
 
 
 class ExtractionConfig(dg.Config):
@@ -35,6 +62,7 @@ class ExtractionConfig(dg.Config):
     batch_size: int = 1  # speech tokens only: length-sorted padded batches
     runtime: str = "onnxruntime"  # speech tokens only: onnxruntime | torch (log-mel on the device, bf16)
     precision: str = "fp32"  # speech tokens, torch runtime: fp32 (upstream's tokens) | bf16 (agreement reported)
+    max_failed_fraction: float = budget_field()
 
 
 def shard_url(store: DataStore, stage: str, shard: str) -> str:
@@ -47,6 +75,8 @@ def _shard_plan(store: DataStore, subset: str) -> dict[str, list[str]]:
 
 def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks: tuple[str, ...],
                 config: ExtractionConfig, store: DataStore, models: ModelStore) -> dg.MaterializeResult:
+    from cosyvoice.problems import failures_next_to
+
     model = models.url(models.campplus if kind == "embedding" else models.speech_tokenizer)
     per_shard, failed, outcomes = {}, 0, {name: [] for name in checks}
     totals = {"utterances": 0, "audio_hours": 0.0, "wall_seconds": 0.0}
@@ -62,34 +92,34 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
         for failure in report.failures:
             context.log.warning(str(failure))
         meta = report.as_metadata()
-        per_shard[shard] = meta
         failed += len(report.failures)
         for key in totals:
             totals[key] += meta[key]
         expected = source.plan[shard]
-        results = (check_embedding_shard(out, expected) if kind == "embedding"
-                   else check_token_shard(out, expected, models.tokenizer_version))
+        budget = config.max_failed_fraction
+        results = (check_embedding_shard(out, expected, max_failed_fraction=budget) if kind == "embedding"
+                   else check_token_shard(out, expected, models.tokenizer_version, max_failed_fraction=budget))
         for name, result in results.items():
             outcomes[name].append((shard, result))
-    check_results = [
-        dg.AssetCheckResult(
-            check_name=name, passed=all(r.passed for _, r in rows),
-            metadata={"failing_shards": dg.MetadataValue.json({s: r.detail for s, r in rows if not r.passed}),
-                      "examples": dg.MetadataValue.json([e for _, r in rows for e in r.examples][:20])})
-        for name, rows in outcomes.items()
-    ]
+        per_shard[shard] = {**meta, **shard_report(results["failure_budget"], failures_next_to(out),
+                                                   [f"{f.utt}: {f.reason}" for f in report.failures])}
     return dg.MaterializeResult(
         metadata={**totals, "shards": len(per_shard), "failed_utterances": failed,
+                  "quarantined_utterances": sum(m["quarantined"] for m in per_shard.values()),
                   "throughput_audio_s_per_s": round(totals["audio_hours"] * 3600 / max(totals["wall_seconds"], 1e-9), 2),
                   "per_shard": dg.MetadataValue.json(per_shard), "model": dg.MetadataValue.path(model)},
-        check_results=check_results)
+        check_results=[check_result(name, rows) for name, rows in outcomes.items()])
 
 
 def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
     """Shared decorator arguments of the per-shard feature assets."""
     return dict(partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
                 group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
-                retry_policy=RETRY, check_specs=[dg.AssetCheckSpec(n, asset=name) for n in checks], **extra)
+                retry_policy=RETRY, check_specs=check_specs(name, checks), **extra)
+
+
+def check_specs(asset: str, checks: tuple[str, ...]) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(n, asset=asset, blocking=n in BLOCKING_CHECKS) for n in checks]
 
 
 @dg.asset(**_shard_asset("speaker_embeddings", EMBEDDING_CHECKS))

@@ -2,13 +2,24 @@
 
 import dagster as dg
 
-from assets.features import RETRY, SHARDS_PER_RUN, shard_url, speaker_embeddings, speaker_means, speech_tokens
+from assets.features import (
+    RETRY,
+    SHARDS_PER_RUN,
+    budget_field,
+    check_result,
+    check_specs,
+    shard_report,
+    shard_url,
+    speaker_embeddings,
+    speaker_means,
+    speech_tokens,
+)
 from cosyvoice import storage
 from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS
 from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
 from cosyvoice.shards.lists import subset_lists, write_training_lists
 from cosyvoice.shards.make_parquet import (
-    check_shard_schema,
+    check_pipeline_shard,
     read_kaldi_tables,
     shard_features,
     write_pipeline_shard,
@@ -17,7 +28,11 @@ from pipelines.partitions import SHARDS
 from pipelines.resources import DataStore
 from pipelines.retries import retry_transient_only
 
-SHARD_CHECKS = ("row_count", "schema_matches_contract")
+SHARD_CHECKS = ("row_count", "schema_matches_contract", "failure_budget")
+
+
+class ParquetShardsConfig(dg.Config):
+    max_failed_fraction: float = budget_field()
 
 
 def _plan(store: DataStore, subset: str) -> dict[str, list[str]]:
@@ -29,12 +44,14 @@ def _plan(store: DataStore, subset: str) -> dict[str, list[str]]:
     deps=[speaker_embeddings, speech_tokens, dg.AssetDep(speaker_means, partition_mapping=dg.AllPartitionMapping())],
     group_name="shards", kinds={"parquet"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
     retry_policy=RETRY,
-    check_specs=[dg.AssetCheckSpec(n, asset="parquet_shards") for n in SHARD_CHECKS],
+    check_specs=check_specs("parquet_shards", SHARD_CHECKS),
 )
 @retry_transient_only
-def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
+def parquet_shards(context: dg.AssetExecutionContext, config: ParquetShardsConfig,
+                   store: DataStore) -> dg.MaterializeResult:
     """``parquet/<subset>/parquet_{i:09d}.tar`` (+ utt2parquet/spk2parquet json) in the upstream training format,
-    built from this shard's embeddings and tokens only."""
+    built from this shard's embeddings and tokens only; ``parquet_{i:09d}.failed.tsv`` lists the planned
+    utterances it lacks, with the feature stage's reason where a feature stage failed them."""
     kaldi_cache: dict[str, dict] = {}  # one read of the subset's kaldi files and plan per run
     plans: dict[str, dict[str, list[str]]] = {}
     per_shard, outcomes = {}, {name: [] for name in SHARD_CHECKS}
@@ -45,25 +62,27 @@ def parquet_shards(context: dg.AssetExecutionContext, store: DataStore) -> dg.Ma
         features = shard_features(shard_url(store, "speaker_embeddings", shard),
                                   store.url("speaker_means", f"{subset}.parquet"),
                                   shard_url(store, "speech_tokens", shard), kaldi.get("instruct"))
-        report = write_pipeline_shard(store.url("parquet", subset), int(shard.rsplit("-", 1)[1]),
-                                      plans.setdefault(subset, _plan(store, subset))[shard], manifest_dir,
-                                      features, kaldi)
-        for utt, path, reason in report.skipped:
-            context.log.warning(f"{shard}: {utt} ({path}) left out: {reason}")
+        planned = plans.setdefault(subset, _plan(store, subset))[shard]
+        report = write_pipeline_shard(store.url("parquet", subset), int(shard.rsplit("-", 1)[1]), planned,
+                                      manifest_dir, features, kaldi)
+        for problem in report.skipped:
+            context.log.warning(f"{shard}: ({problem.stage}) {problem}")
+        results = check_pipeline_shard(report.shard.url, features.columns(), planned,
+                                       max_failed_fraction=config.max_failed_fraction)
+        for name, result in results.items():
+            outcomes[name].append((shard, result))
         per_shard[shard] = {"rows": report.shard.rows, "bytes": report.shard.bytes,
-                            "audio_hours": round(report.shard.audio_seconds / 3600, 5), "skipped": len(report.skipped)}
-        # rows = planned utterances minus those the feature stages reported (they have no features)
-        outcomes["row_count"].append(report.shard.rows == report.planned - len(report.missing_features)
-                                     and not report.shard.skipped)
-        outcomes["schema_matches_contract"].append(check_shard_schema(report.shard.url, features.columns())[0])
+                            "audio_hours": round(report.shard.audio_seconds / 3600, 5), "skipped": len(report.skipped),
+                            **shard_report(results["failure_budget"], report.failures_url,
+                                           [f"{p.utt}: {p.stage} {p.reason}" for p in report.skipped])}
     return dg.MaterializeResult(
         metadata={"shards": len(per_shard), "rows": sum(v["rows"] for v in per_shard.values()),
                   "bytes": sum(v["bytes"] for v in per_shard.values()),
                   "audio_hours": round(sum(v["audio_hours"] for v in per_shard.values()), 5),
                   "skipped": sum(v["skipped"] for v in per_shard.values()),
+                  "quarantined_utterances": sum(v["quarantined"] for v in per_shard.values()),
                   "per_shard": dg.MetadataValue.json(per_shard)},
-        check_results=[dg.AssetCheckResult(check_name=name, passed=all(values))
-                       for name, values in outcomes.items()])
+        check_results=[check_result(name, rows) for name, rows in outcomes.items()])
 
 
 class DataListsConfig(dg.Config):

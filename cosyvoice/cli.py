@@ -72,6 +72,8 @@ def _print_extraction(report) -> None:
               f"(sample of {report.agreement_utterances} utterances)")
     for failure in report.failures:
         print(f"  failed: {failure}", file=sys.stderr)
+    if report.failures_url:
+        print(f"{len(report.failures)} failed utterance(s) listed in {report.failures_url}")
 
 
 def cmd_extract_embedding(args: argparse.Namespace) -> int:
@@ -101,8 +103,8 @@ def cmd_make_parquet(args: argparse.Namespace) -> int:
     report = make_parquet(args.src_dir, args.des_dir, num_utts_per_parquet=args.num_utts_per_parquet,
                           num_processes=args.num_processes, dpo=args.dpo)
     print(report.summary())
-    for utt, path, reason in report.skipped:
-        print(f"  skipped {utt} ({path}): {reason}", file=sys.stderr)
+    for problem in report.skipped:
+        print(f"  skipped ({problem.stage}): {problem}", file=sys.stderr)
     return 0
 
 

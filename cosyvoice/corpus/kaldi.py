@@ -39,6 +39,17 @@ def parse_lines(content: str, *, source: str = "<text>") -> dict[str, str]:
     return out
 
 
+def format_tsv(rows: Iterable[Iterable[object]], header: Iterable[str] | None = None) -> str:
+    """Tab-separated lines (``quarantine.tsv``, ``failed_<stage>.tsv``), an optional header line first."""
+    lines = [header] if header is not None else []
+    return "".join("\t".join(str(c) for c in row) + "\n" for row in [*lines, *rows])
+
+
+def parse_tsv(content: str) -> list[list[str]]:
+    """The rows of ``format_tsv`` output (blank lines ignored)."""
+    return [line.split("\t") for line in content.splitlines() if line.strip()]
+
+
 def read_table(data_dir: str, name: str, *, joined: bool = False, required: bool = True) -> dict[str, str] | None:
     """One file of a data dir as a dict. ``joined``: whitespace runs collapsed to one space, as
     upstream's readers see values (``" ".join(line.split()[1:])``). A missing optional file is None."""

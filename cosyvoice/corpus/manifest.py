@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.corpus.kaldi import DataDir, spk2utt_of
+from cosyvoice.corpus.kaldi import DataDir, format_tsv, spk2utt_of
 from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, Quarantined, ScanResult, scan_subset
 from cosyvoice.corpus.shard_plan import dumps_plan, plan_shards
 
@@ -91,10 +91,6 @@ class ManifestReport:
         return "\n".join(lines)
 
 
-def _tsv(rows: Iterable[Iterable[object]]) -> str:
-    return "".join("\t".join(str(c) for c in row) + "\n" for row in rows)
-
-
 def subset_name(src: str) -> str:
     return os.path.basename(src.rstrip("/")) or src
 
@@ -136,8 +132,8 @@ def prepare_libritts(
                   if u.audio.duration > policy.long_audio_seconds]
 
     outputs = data.files()
-    outputs["quarantine.tsv"] = _tsv((q.utt, q.path, q.reason) for q in scan.quarantined)
-    outputs["long_audio.tsv"] = _tsv((utt, path, f"{secs:.4f}") for utt, path, secs in long_audio)
+    outputs["quarantine.tsv"] = format_tsv((q.utt, q.path, q.reason) for q in scan.quarantined)
+    outputs["long_audio.tsv"] = format_tsv((utt, path, f"{secs:.4f}") for utt, path, secs in long_audio)
     outputs["shards.json"] = dumps_plan(plan)  # last: its presence marks a complete manifest
     storage.makedirs(dest)
     written = {name: storage.write_text(storage.join(dest, name), content).changed

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from cosyvoice.problems import UtteranceProblem
 
 EMBEDDING_DIM = 192
+#: the stage name each kind's failures are attributed to (and its ``failed_<stage>.tsv``)
+STAGES = {"embedding": "extract_embedding", "speech_token": "extract_speech_token"}
 _STATE: dict = {}  # per-process: kind, session, options
 
 
@@ -40,6 +42,7 @@ class ExtractionReport:
     precision: str = "fp32"
     agreement: float | None = None  # bf16 tokens equal to fp32 ones, on a sample
     agreement_utterances: int = 0
+    failures_url: str | None = None  # where the stage stored ``failures`` (failed_<stage>.tsv / <shard>.failed.tsv)
 
     @property
     def audio_seconds(self) -> float:
@@ -260,7 +263,7 @@ def _report(kind: str, items: list, collected: list[tuple], started: float, **ex
     for utt, value, seconds, model, status in sorted(collected, key=lambda r: r[0]):
         model_total += model
         if isinstance(value, Failure):
-            failures.append(value)
+            failures.append(value.at(STAGES[kind]))
             continue
         results[utt], durations[utt] = value, seconds
         if status == "skipped":

@@ -1,16 +1,23 @@
 """The feature stages as drop-ins for upstream ``tools/extract_embedding.py`` and
-``tools/extract_speech_token.py``, plus the per-shard form the pipeline uses."""
+``tools/extract_speech_token.py``, plus the per-shard form the pipeline uses.
+
+Every run also stores the utterances it could not extract, with their reasons: the drop-ins write
+``failed_extract_embedding.tsv`` / ``failed_extract_speech_token.tsv`` into their output dir, the
+per-shard form ``<shard>.failed.tsv`` beside the shard's parquet file (``cosyvoice.problems``).
+Those files are written before the features, so visible features always have their failure list.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
 from cosyvoice import storage
+from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import loads_plan
-from cosyvoice.features.extract import ExtractionReport, default_workers, run_extraction, speaker_means
+from cosyvoice.features.extract import STAGES, ExtractionReport, default_workers, run_extraction, speaker_means
 from cosyvoice.features.store import save_pt
+from cosyvoice.problems import failures_name, failures_next_to, read_failures, write_failures
 
 
 class ShardSource:
@@ -62,6 +69,7 @@ def extract_embedding(data_dir: str, onnx_path: str, *, num_thread: int | None =
     report = run_extraction("embedding", items, onnx_path,
                             num_workers=num_thread or default_workers(), progress=progress)
     out = _output_dir(data_dir, shard)
+    report.failures_url = write_failures(storage.join(out, failures_name(STAGES["embedding"])), report.failures).url
     save_pt(storage.join(out, "utt2embedding.pt"), report.results)
     save_pt(storage.join(out, "spk2embedding.pt"), speaker_means(report.results, utt2spk))
     return report
@@ -79,7 +87,9 @@ def extract_speech_token(data_dir: str, onnx_path: str, *, num_thread: int | Non
                             num_workers=num_thread or default_workers(), device=device, long_audio=long_audio,
                             progress=progress, batch_size=batch_size, runtime=runtime, precision=precision,
                             agreement_sample=agreement_sample)
-    save_pt(storage.join(_output_dir(data_dir, shard), "utt2speech_token.pt"), report.results)
+    out = _output_dir(data_dir, shard)
+    report.failures_url = write_failures(storage.join(out, failures_name(STAGES["speech_token"])), report.failures).url
+    save_pt(storage.join(out, "utt2speech_token.pt"), report.results)
     return report
 
 
@@ -91,7 +101,8 @@ TOKENIZER_RATES = {"v1": (50, 4096), "v2": (25, 6561), "v3": (25, 6561)}  # toke
 def extract_shard(kind: str, source: ShardSource, shard: str, model_path: str, out_url: str, *,
                   num_workers: int | None = None, device: str = "cpu", long_audio: str = "skip",
                   batch_size: int = 1, runtime: str = "onnxruntime", precision: str = "fp32") -> ExtractionReport:
-    """Extract one shard of a manifest and store it as one parquet file (atomically)."""
+    """Extract one shard of a manifest and store it as one parquet file (atomically), its failures
+    in ``<shard>.failed.tsv`` beside it (written first)."""
     from cosyvoice.features.store import embedding_table, token_table, write_parquet
 
     report = run_extraction(kind, source.items(shard), model_path, num_workers=num_workers or default_workers(),
@@ -99,18 +110,22 @@ def extract_shard(kind: str, source: ShardSource, shard: str, model_path: str, o
                             precision=precision)
     table = (embedding_table(report.results, report.durations) if kind == "embedding"
              else token_table(report.results, report.durations, report.long_skipped, report.long_chunked))
+    report.failures_url = write_failures(failures_next_to(out_url), report.failures).url
     write_parquet(out_url, table)
     return report
 
 
-@dataclass
-class CheckResult:
-    passed: bool
-    detail: str
-    examples: list[str] = field(default_factory=list)
+CheckResult = CheckOutcome
 
 
-def check_embedding_shard(url: str, expected_utts: list[str]) -> dict[str, CheckResult]:
+def _presence_checks(url: str, expected_utts: list[str], present: list[str],
+                     max_failed_fraction: float) -> dict[str, CheckResult]:
+    """``all_utterances_present`` (present + quarantined) and ``failure_budget``, from the stored files."""
+    return failure_checks(expected_utts, present, read_failures(failures_next_to(url)) or [], max_failed_fraction)
+
+
+def check_embedding_shard(url: str, expected_utts: list[str], *,
+                          max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> dict[str, CheckResult]:
     import numpy as np
 
     from cosyvoice.features.store import read_parquet
@@ -119,14 +134,14 @@ def check_embedding_shard(url: str, expected_utts: list[str]) -> dict[str, Check
     utts = table.column("utt").to_pylist()
     vectors = table.column("embedding").to_pylist()
     bad = [u for u, v in zip(utts, vectors) if len(v) != 192 or not np.isfinite(np.asarray(v, dtype=np.float32)).all()]
-    missing = sorted(set(expected_utts) - set(utts))
     return {
         "dim_192_finite": CheckResult(not bad, f"{len(bad)} vector(s) not 192 finite floats", bad[:10]),
-        "all_utterances_present": CheckResult(not missing, f"{len(missing)} manifest utterance(s) missing", missing[:10]),
+        **_presence_checks(url, expected_utts, utts, max_failed_fraction),
     }
 
 
-def check_token_shard(url: str, expected_utts: list[str], version: str) -> dict[str, CheckResult]:
+def check_token_shard(url: str, expected_utts: list[str], version: str, *,
+                      max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> dict[str, CheckResult]:
     from cosyvoice.features.store import read_parquet
 
     rate, vocab = TOKENIZER_RATES[version]
@@ -135,13 +150,12 @@ def check_token_shard(url: str, expected_utts: list[str], version: str) -> dict[
     windows = {r["utt"]: max(1, -(-round(r["duration"] * 16000) // (30 * 16000))) for r in rows}
     off_rate = [r["utt"] for r in rows if r["long_audio"] != "skipped"
                 and abs(len(r["speech_token"]) - rate * r["duration"]) > 2 * windows[r["utt"]]]
-    missing = sorted(set(expected_utts) - {r["utt"] for r in rows})
     return {
         "codes_in_vocabulary": CheckResult(not out_of_vocab, f"{len(out_of_vocab)} utterance(s) with codes >= {vocab}",
                                            out_of_vocab[:10]),
         "token_rate": CheckResult(not off_rate, f"{len(off_rate)} utterance(s) not within 2 tokens of {rate}/s x duration",
                                   off_rate[:10]),
-        "all_utterances_present": CheckResult(not missing, f"{len(missing)} manifest utterance(s) missing", missing[:10]),
+        **_presence_checks(url, expected_utts, [r["utt"] for r in rows], max_failed_fraction),
     }
 
 

@@ -5,6 +5,12 @@ parquet shards, ``utt2parquet_*.json``, ``spk2parquet_*.json``, ``data.list``, `
 Fixed upstream defects: ``spk2parquet_*.json`` is really written (D1); a failing shard raises
 instead of being swallowed by ``apply_async``; DPO reject tokens missing from the reject set are
 ``[]``, not null (D7); an utterance whose features are missing is reported, not a ``KeyError``.
+
+Every utterance of ``wav.scp`` is accounted for in files: it is a row of a shard, or a line of
+``failed_make_parquet.tsv`` in the output dir (``cosyvoice.problems``). An utterance that a feature
+stage already failed (listed in the source dir's ``failed_extract_embedding.tsv`` /
+``failed_extract_speech_token.tsv``) keeps that stage and reason instead of becoming a second,
+vaguer ``missing_utt_embedding``; so ``rows + failures == utterances`` holds from the files alone.
 """
 
 from __future__ import annotations
@@ -16,8 +22,18 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
+from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
+from cosyvoice.problems import UtteranceProblem, failures_name, failures_next_to, read_failures, write_failures
 from cosyvoice.shards.parquet import Columns, ShardReport, ShardRow, write_shard
+
+STAGE = "make_parquet"
+#: the feature stage that produces what a ``missing_*`` reason lacks
+_PRODUCER = {"missing_utt_embedding": "extract_embedding", "missing_spk_embedding": "extract_embedding",
+             "missing_speech_token": "extract_speech_token"}
+_DETAIL = {"missing_text": "no line in text", "missing_speaker": "no line in utt2spk",
+           "missing_utt_embedding": "no vector in utt2embedding", "missing_spk_embedding": "no speaker vector",
+           "missing_speech_token": "no tokens in utt2speech_token", "missing_instruct": "no line in instruct"}
 
 
 def parquet_name(index: int) -> str:
@@ -33,6 +49,15 @@ class Features:
     utt2speech_token: dict[str, list[int]] | None = None
     utt2instruct: dict[str, str] | None = None
     utt2reject: dict[str, list[int]] | None = None
+    #: failures the feature stages reported, ``{stage: {utt: problem}}``
+    upstream_failures: dict[str, dict[str, UtteranceProblem]] = field(default_factory=dict)
+
+    def why_missing(self, utt: str, path: str, reason: str) -> UtteranceProblem:
+        """The upstream failure that explains a missing feature, else ``reason`` as this stage's own."""
+        carried = self.upstream_failures.get(_PRODUCER.get(reason, ""), {}).get(utt)
+        if carried is not None:
+            return carried.at(_PRODUCER[reason])
+        return UtteranceProblem(utt, path, reason, _DETAIL[reason], stage=STAGE)
 
     def columns(self) -> Columns:
         if (self.utt2embedding is None) != (self.spk2embedding is None):
@@ -43,8 +68,9 @@ class Features:
 
 
 def build_rows(utts: list[str], wav: dict[str, str], text: dict[str, str], utt2spk: dict[str, str],
-               features: Features) -> tuple[list[ShardRow], list[tuple[str, str, str]]]:
-    """Rows for ``utts``; utterances lacking a required input are returned as ``(utt, path, reason)``."""
+               features: Features) -> tuple[list[ShardRow], list[UtteranceProblem]]:
+    """Rows for ``utts``; utterances lacking a required input are returned as problems (carrying the
+    feature stage's own failure when it reported one)."""
     rows, skipped = [], []
     for utt in utts:
         path, spk = wav.get(utt, ""), utt2spk.get(utt)
@@ -62,7 +88,7 @@ def build_rows(utts: list[str], wav: dict[str, str], text: dict[str, str], utt2s
         elif features.utt2instruct is not None and utt not in features.utt2instruct:
             reason = "missing_instruct"
         if reason:
-            skipped.append((utt, path, reason))
+            skipped.append(features.why_missing(utt, path, reason))
             continue
         rows.append(ShardRow(
             utt=utt, wav=path, text=text[utt], spk=spk,
@@ -79,7 +105,7 @@ def write_shard_set(des_dir: str, index: int, rows: list[ShardRow], columns: Col
     """One shard: the parquet file plus its ``utt2parquet`` / ``spk2parquet`` JSON files."""
     parquet = storage.join(des_dir, parquet_name(index))
     report = write_shard(parquet, rows, columns)
-    unreadable = {utt for utt, _, _ in report.skipped}
+    unreadable = {p.utt for p in report.skipped}
     written = [r for r in rows if r.utt not in unreadable]
     storage.write_text(storage.join(des_dir, f"utt2parquet_{index:09d}.json"),
                        json.dumps({r.utt: parquet for r in written}, ensure_ascii=False, indent=2))
@@ -116,8 +142,9 @@ def _bounded_pool_map(jobs, workers: int) -> list[ShardReport]:
 class MakeParquetReport:
     des_dir: str
     shards: list[ShardReport]
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[UtteranceProblem] = field(default_factory=list)
     seconds: float = 0.0
+    failures_url: str = ""
 
     @property
     def rows(self) -> int:
@@ -127,9 +154,16 @@ class MakeParquetReport:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    @property
+    def failed_upstream(self) -> int:
+        return sum(p.stage != STAGE for p in self.skipped)
+
     def summary(self) -> str:
+        skipped = f"{len(self.skipped)} skipped"
+        if self.skipped:
+            skipped += f" ({self.failed_upstream} failed in a feature stage), listed in {self.failures_url}"
         return (f"{len(self.shards)} shard(s), {self.rows} rows, {self.bytes / 1e6:.1f} MB -> {self.des_dir}"
-                f" ({len(self.skipped)} skipped) in {self.seconds:.1f} s")
+                f"; {skipped}; in {self.seconds:.1f} s")
 
 
 def load_features(src_dir: str, dpo: bool) -> Features:
@@ -142,17 +176,21 @@ def load_features(src_dir: str, dpo: bool) -> Features:
     reject = None
     if dpo:
         reject = optional_pt("utt2speech_token.pt", src_dir.rstrip("/") + "_reject", "int64") or {}
+    upstream = {stage: read_failures(storage.join(src_dir, failures_name(stage)))
+                for stage in ("extract_embedding", "extract_speech_token")}
     return Features(
         utt2embedding=optional_pt("utt2embedding.pt"), spk2embedding=optional_pt("spk2embedding.pt"),
         utt2speech_token=optional_pt("utt2speech_token.pt", dtype="int64"),
         utt2instruct=read_table(src_dir, "instruct", joined=True, required=False),
         utt2reject=reject,
+        upstream_failures={stage: {p.utt: p for p in problems} for stage, problems in upstream.items() if problems},
     )
 
 
 def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000, num_processes: int = 1,
                  dpo: bool = False) -> MakeParquetReport:
-    """Write the shard set of one data dir. Shards are written in parallel; any failure raises."""
+    """Write the shard set of one data dir. Shards are written in parallel; any failure raises.
+    Utterances left out are stored in ``<des_dir>/failed_make_parquet.tsv`` (replaced on every run)."""
     if num_utts_per_parquet < 1:
         raise ValueError(f"num_utts_per_parquet must be >= 1, got {num_utts_per_parquet}")
     started = time.perf_counter()
@@ -162,7 +200,7 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
     columns = features.columns()
     utts = list(wav)
     starts = range(0, len(utts), num_utts_per_parquet)
-    skipped: list[tuple[str, str, str]] = []
+    skipped: list[UtteranceProblem] = []
 
     def jobs():  # rows are built per shard as the pool asks for them: memory ~ shards in flight
         for index, start in enumerate(starts):
@@ -178,6 +216,8 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
         reports = [_job(job) for job in jobs()]
     for report in reports:
         skipped += report.skipped
+    failures_url = storage.join(des_dir, failures_name(STAGE))
+    write_failures(failures_url, skipped)
     jobs_count = len(starts)
     parquet_files = [storage.join(des_dir, parquet_name(i)) for i in range(jobs_count)]
     storage.write_text(storage.join(des_dir, "data.list"), "".join(f"{p}\n" for p in parquet_files))
@@ -185,14 +225,16 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
                        "".join(f"{storage.join(des_dir, f'utt2parquet_{i:09d}.json')}\n" for i in range(jobs_count)))
     storage.write_text(storage.join(des_dir, "spk2data.list"),
                        "".join(f"{storage.join(des_dir, f'spk2parquet_{i:09d}.json')}\n" for i in range(jobs_count)))
-    return MakeParquetReport(des_dir=des_dir, shards=reports, skipped=skipped, seconds=time.perf_counter() - started)
+    return MakeParquetReport(des_dir=des_dir, shards=reports, skipped=sorted(skipped, key=lambda p: p.utt),
+                             seconds=time.perf_counter() - started, failures_url=failures_url)
 
 
 # --- per-shard form used by the pipeline -------------------------------------------------------
 
 def shard_features(embedding_url: str | None, speaker_means_url: str | None, token_url: str | None,
                    utt2instruct: dict[str, str] | None) -> Features:
-    """Features of one shard from the pipeline's per-shard parquet files (memory ~ one shard)."""
+    """Features of one shard from the pipeline's per-shard parquet files (memory ~ one shard), with the
+    failures the feature stages listed beside them."""
     import numpy as np
 
     from cosyvoice.features.store import read_parquet
@@ -208,6 +250,9 @@ def shard_features(embedding_url: str | None, speaker_means_url: str | None, tok
         spk2embedding=column_map(speaker_means_url, "spk", "embedding", "float64"),
         utt2speech_token=column_map(token_url, "utt", "speech_token", "int64"),
         utt2instruct=utt2instruct,
+        upstream_failures={stage: {p.utt: p for p in read_failures(failures_next_to(url)) or []}
+                           for stage, url in (("extract_embedding", embedding_url), ("extract_speech_token", token_url))
+                           if url is not None},
     )
 
 
@@ -215,21 +260,27 @@ def shard_features(embedding_url: str | None, speaker_means_url: str | None, tok
 class ShardSetReport:
     shard: ShardReport
     planned: int
-    missing_features: list[tuple[str, str, str]]
+    missing_features: list[UtteranceProblem]
+    failures_url: str = ""
 
     @property
-    def skipped(self) -> list[tuple[str, str, str]]:
-        return self.missing_features + self.shard.skipped
+    def skipped(self) -> list[UtteranceProblem]:
+        return sorted(self.missing_features + self.shard.skipped, key=lambda p: p.utt)
 
 
 def write_pipeline_shard(des_dir: str, index: int, utts: list[str], data_dir: str, features: Features,
                          kaldi: dict[str, dict[str, str]] | None = None) -> ShardSetReport:
-    """One planned shard of a manifest -> ``parquet_{index:09d}.tar`` + its JSON files in ``des_dir``.
-    ``kaldi`` may carry the already-read wav/text/utt2spk tables of the data dir."""
+    """One planned shard of a manifest -> ``parquet_{index:09d}.tar`` + its JSON files in ``des_dir``, and
+    ``parquet_{index:09d}.failed.tsv`` listing every planned utterance that is not in it (with the
+    feature stage's reason when that stage failed it). ``kaldi`` may carry the already-read
+    wav/text/utt2spk tables of the data dir."""
     kaldi = kaldi or read_kaldi_tables(data_dir)
     rows, missing = build_rows(utts, kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)
     report = write_shard_set(des_dir, index, rows, features.columns())
-    return ShardSetReport(shard=report, planned=len(utts), missing_features=missing)
+    result = ShardSetReport(shard=report, planned=len(utts), missing_features=missing,
+                            failures_url=failures_next_to(report.url))
+    write_failures(result.failures_url, result.skipped)
+    return result
 
 
 def read_kaldi_tables(data_dir: str) -> dict[str, dict[str, str]]:
@@ -252,9 +303,28 @@ def check_shard_schema(url: str, columns: Columns) -> tuple[bool, str]:
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(io.BytesIO(storage.read_bytes(url))) as f:
-        actual = f.schema_arrow
+        return _schema_matches(f.schema_arrow, columns)
+
+
+def _schema_matches(actual, columns: Columns) -> tuple[bool, str]:
     expected = columns.schema()
     same = actual.names == expected.names and all(
         str(a.type).replace("element", "item") == str(e.type).replace("element", "item")
         for a, e in zip(actual, expected))
     return same, f"columns {actual.names} types {[str(t) for t in actual.types]}"
+
+
+def check_pipeline_shard(url: str, columns: Columns, planned: list[str], *,
+                         max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> dict[str, CheckOutcome]:
+    """The stored shard and its ``.failed.tsv``: ``row_count`` (every planned utterance is a row or
+    listed with a reason), ``failure_budget`` and ``schema_matches_contract``."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(io.BytesIO(storage.read_bytes(url))) as f:
+        same, detail = _schema_matches(f.schema_arrow, columns)
+        utts = f.read(columns=["utt"]).column("utt").to_pylist()
+    checks = failure_checks(planned, utts, read_failures(failures_next_to(url)) or [], max_failed_fraction)
+    return {"row_count": checks["all_utterances_present"], "failure_budget": checks["failure_budget"],
+            "schema_matches_contract": CheckOutcome(same, detail)}

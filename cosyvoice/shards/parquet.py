@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cosyvoice import storage
+from cosyvoice.problems import UtteranceProblem
 
 ROWS_PER_GROUP = 64
 _UNIQUE_COLUMNS = ["utt", "audio_data", "wav", "text"]
@@ -69,7 +70,7 @@ class ShardReport:
     bytes: int
     audio_bytes: int
     audio_seconds: float = 0.0
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (utt, path, reason)
+    skipped: list[UtteranceProblem] = field(default_factory=list)  # rows whose audio could not be read
 
 
 def _batch(rows: list[ShardRow], audio: list[bytes], columns: Columns) -> pa.RecordBatch:
@@ -105,7 +106,7 @@ def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_pe
     (with the schema) so that every planned shard exists.
     """
     staged = storage.staging_path(url)
-    skipped: list[tuple[str, str, str]] = []
+    skipped: list[UtteranceProblem] = []
     count = audio_bytes = 0
     seconds = 0.0
     try:
@@ -118,7 +119,8 @@ def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_pe
                         audio.append(storage.read_bytes(row.wav))
                         kept.append(row)
                     except OSError as exc:
-                        skipped.append((row.utt, row.wav, f"unreadable_audio: {exc}"))
+                        skipped.append(UtteranceProblem.from_exception(row.utt, row.wav, "unreadable_audio", exc)
+                                       .at("make_parquet"))
                 if kept:
                     writer.write_batch(_batch(kept, audio, columns))
                     count += len(kept)

@@ -125,7 +125,12 @@ def test_missing_features_are_reported_not_a_keyerror(data_dir, tmp_path):
     del tokens[dropped]
     torch.save(tokens, src / "utt2speech_token.pt")
     report = make_parquet(str(src), str(tmp_path / "p"), num_utts_per_parquet=100)
-    assert report.rows == 14 and [(u, r) for u, _, r in report.skipped] == [(dropped, "missing_speech_token")]
+    assert report.rows == 14 and [(p.utt, p.stage, p.reason) for p in report.skipped] == [
+        (dropped, "make_parquet", "missing_speech_token")]
+    listed = (tmp_path / "p" / "failed_make_parquet.tsv").read_text().splitlines()
+    assert listed[0].split("\t") == ["utt", "path", "stage", "reason", "detail"]
+    assert [line.split("\t")[:4] for line in listed[1:]] == [
+        [dropped, report.skipped[0].path, "make_parquet", "missing_speech_token"]]
 
 
 def test_one_embedding_file_without_the_other_is_a_clear_error(data_dir, tmp_path):
@@ -149,3 +154,34 @@ def test_rerun_gives_identical_shards(data_dir, tmp_path):
     for name in sorted(os.listdir(tmp_path / "a")):
         if name.endswith(".tar"):
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_feature_stage_failure_is_carried_with_its_stage_not_reported_again(data_dir, tmp_path):
+    """An utterance the embedding stage failed is listed once, with that stage's reason, and
+    ``parquet rows + listed failures == wav.scp utterances`` holds from the files alone."""
+    from cosyvoice.problems import UtteranceProblem, read_failures, write_failures
+
+    src = tmp_path / "d"
+    shutil.copytree(data_dir, src)
+    assert read_failures(str(src / "failed_extract_embedding.tsv")) == []  # the stage wrote its (empty) list
+    wav = dict(line.split() for line in (src / "wav.scp").read_text().splitlines())
+    vectors = torch.load(src / "utt2embedding.pt", weights_only=True)
+    failed = sorted(vectors)[5]
+    del vectors[failed]
+    torch.save(vectors, src / "utt2embedding.pt")
+    write_failures(str(src / "failed_extract_embedding.tsv"), [UtteranceProblem(
+        failed, wav[failed], "feature_error", "RuntimeError: too short", stage="extract_embedding")])
+    des = tmp_path / "p"
+    report = make_parquet(str(src), str(des), num_utts_per_parquet=4)
+    assert [(p.utt, p.stage, p.reason) for p in report.skipped] == [(failed, "extract_embedding", "feature_error")]
+
+    rows = sum(pq.read_metadata(p).num_rows for p in (des / "data.list").read_text().splitlines())
+    listed = read_failures(str(des / "failed_make_parquet.tsv"))
+    assert rows + len(listed) == len(wav) == 15
+    assert [(p.utt, p.path, p.stage, p.reason, p.detail) for p in listed] == [
+        (failed, wav[failed], "extract_embedding", "feature_error", "RuntimeError: too short")]
+
+    shutil.copy(os.path.join(data_dir, "utt2embedding.pt"), src / "utt2embedding.pt")  # fixed upstream
+    write_failures(str(src / "failed_extract_embedding.tsv"), [])
+    assert make_parquet(str(src), str(des), num_utts_per_parquet=4).skipped == []
+    assert (des / "failed_make_parquet.tsv").read_text() == "utt\tpath\tstage\treason\tdetail\n"
