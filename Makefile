@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(DATA)/dagster_home
 SYSTEM_PACKAGES := espeak-ng sox chromium
 DEMO_CORPUS_ARGS := --subsets dev-clean,train-clean-100 --speakers 4 --utts-per-speaker 8 --seed 0 --with-broken
 
-.PHONY: demo test ui venv sysdeps postgres lint bench clean
+.PHONY: demo test ui venv sysdeps postgres triton-server lint bench clean
 
 venv: $(STAMP)
 
@@ -60,7 +60,7 @@ demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	@echo "  Dagster instance  $(DAGSTER_HOME)"
 	@echo "Open the Dagster UI with:  make ui   (then http://127.0.0.1:3000)"
 
-test: venv sysdeps postgres
+test: venv sysdeps postgres triton-server
 	$(BIN)/python -m pytest -q
 
 # The pool limit (COSYVOICE_GPU_POOL_LIMIT, default 1) is applied on every start.
@@ -68,9 +68,16 @@ ui: venv $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m pipelines.instance --home $(DAGSTER_HOME)
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# The CPU tritonserver the Triton tests run (nvidia-pytriton's binary + python backend in its own
-# numpy-1.26 venv below .venv, chained to .venv's packages); the tests build it themselves if missing.
+# The CPU tritonserver the Triton tests and `publish`'s load test run (nvidia-pytriton's binary +
+# python backend in its own numpy-1.26 venv below .venv, chained to .venv's packages). The only
+# place it is built (pip; apt-get for libpython3.X as root): library code never installs anything
+# and says to run this target. Idempotent: a built environment is checked and kept (about 1 s).
 triton-server: venv
+	@lib=$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("INSTSONAME"))'); \
+	pkg=libpython$$($(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	if ! ldconfig -p | grep -q "$$lib" && [ ! -e "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')/$$lib" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing $$pkg" && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null; \
+	  else echo "$$lib is missing: run  sudo apt-get install -y $$pkg" && exit 1; fi; fi
 	$(BIN)/cosyvoice-pipeline triton-server-env
 
 lint: venv
