@@ -1,17 +1,19 @@
 """A real Dagster deployment for tests: a gRPC code server (``dagster api grpc``, like a user-code
 deployment on Kubernetes), ``dagster-webserver`` and ``dagster-daemon`` on 127.0.0.1 (free ports
-chosen at run time) against a temporary DAGSTER_HOME, stopped by process group id. Webserver and
-daemon share the one code server, so the definitions are loaded once per stack."""
+chosen at run time) against a temporary DAGSTER_HOME. Every process runs in its own session and is
+stopped with everything it started (``stop_process_groups``: SIGTERM, a grace period, SIGKILL, wait).
+Webserver and daemon share the one code server, so the definitions are loaded once per stack."""
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from cosyvoice.triton.server import stop_process_group, stop_process_groups
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -122,16 +124,20 @@ class DagsterStack:
                            f"{self.tail(self.logs[-1])}")
 
     def dagster(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "dagster"), *args], cwd=REPO, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return self.finish(self.dagster_async(*args), timeout=timeout)
 
     def dagster_async(self, *args: str) -> subprocess.Popen:
         return subprocess.Popen([str(BIN / "dagster"), *args], cwd=REPO, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     @staticmethod
     def finish(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-        stdout, stderr = proc.communicate(timeout=timeout)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_process_group(proc, grace=5)  # the CLI and whatever it started
+            raise
+        stop_process_group(proc, grace=5)  # anything it left behind in its session
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     @staticmethod
@@ -139,13 +145,4 @@ class DagsterStack:
         return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.time() + 20
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups(self.procs, grace=20)
