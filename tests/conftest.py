@@ -7,6 +7,34 @@ import os
 import pytest
 
 from cosyvoice.corpus.synthetic import make_synthetic_corpus
+from tests import leftovers
+
+
+def pytest_sessionstart(session):
+    session.config._leftover_cookie = leftovers.mark_session()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when a process it started is still alive (after every fixture's teardown):
+    list each one, then stop it, so nothing keeps running after the suite either way."""
+    cookie = getattr(session.config, "_leftover_cookie", None)
+    found = leftovers.leftovers(cookie) if cookie else []
+    if not found:
+        return
+    lines = [leftovers.describe(p) for p in found]
+    survivors = leftovers.kill(found)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = (f"{len(found)} process(es) started by the test session were still running at its end (now stopped; "
+               "a test or fixture does not stop what it starts):\n  " + "\n  ".join(lines))
+    if survivors:
+        message += "\nstill alive after SIGKILL: " + ", ".join(str(p.pid) for p in survivors)
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_sep("=", "processes left running", red=True)
+        reporter.write_line(message)
+    else:
+        print(message)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):
