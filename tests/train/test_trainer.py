@@ -105,14 +105,15 @@ def test_averaging_takes_the_best_cv_checkpoints(full_run, tmp_path):
     assert torch.equal(torch.load(tmp_path / "cli.pt", weights_only=True)[key], avg[key])
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
+             entry: tuple[str, ...] = ("-m", "cosyvoice.cli")) -> subprocess.CompletedProcess:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", "-m", "cosyvoice.cli", "train", *args]
+           f"--master_port={port}", *entry, "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -136,11 +137,62 @@ def test_two_process_ddp_learns_on_repeated_data(ddp_run):
     assert [r["step"] for r in read_log(ddp_run)] == [1, 2, 3]  # 1 step per epoch and rank (2 shards each)
 
 
-def test_deepspeed_zero2_gives_the_ddp_losses(ddp_run, training_list, qwen_dir, tmp_path):
-    pytest.importorskip("deepspeed")
-    result = torchrun(cli_args(training_list, qwen_dir, tmp_path, "--max_epoch", "2", "--train_engine", "deepspeed",
-                               "--deepspeed_config", os.path.join(ROOT, "configs", "ds_stage2.json")))
+RECORDER = os.path.join(os.path.dirname(__file__), "record_micro_losses.py")
+DS_ARGS = ("--train_engine", "deepspeed", "--deepspeed_config", os.path.join(ROOT, "configs", "ds_stage2.json"))
+
+
+def micro_losses(model_dir) -> dict[int, list[float]]:
+    """Per rank, the loss of every micro-batch in order (written by record_micro_losses.py)."""
+    out = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.startswith("micro_losses.rank"):
+            with open(os.path.join(model_dir, name)) as f:
+                out[int(name[len("micro_losses.rank"):-len(".jsonl")])] = [json.loads(line)["loss"] for line in f]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_resumed(ddp_run, training_list, qwen_dir, tmp_path_factory):
+    """The 2-process run resumed from its second epoch, each rank recording its micro-batch losses."""
+    model_dir = tmp_path_factory.mktemp("ddp_resumed")
+    result = torchrun(cli_args(training_list, qwen_dir, model_dir, "--max_epoch", "3", "--checkpoint",
+                               str(ddp_run / "epoch_1_whole.pt")), entry=(RECORDER,))
     assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def test_the_logged_loss_is_the_mean_over_ranks(ddp_resumed):
+    per_rank = micro_losses(ddp_resumed)
+    assert sorted(per_rank) == [0, 1] and len(per_rank[0]) == len(per_rank[1]) == 1
+    assert per_rank[0][0] != pytest.approx(per_rank[1][0])  # different data on the two ranks
+    (record,) = read_log(ddp_resumed)
+    assert record["step"] == 3
+    assert record["loss"] == pytest.approx((per_rank[0][0] + per_rank[1][0]) / 2, rel=1e-6)
+
+
+def test_only_rank0_writes_the_training_state_and_a_2_process_resume_is_exact(ddp_run, ddp_resumed):
+    names = os.listdir(ddp_run)
+    checkpoints = sorted(f[:-3] for f in names if f.endswith(".pt") and ".state" not in f)
+    assert checkpoints == ["epoch_0_whole", "epoch_1_whole", "epoch_2_whole", "init"]
+    assert sorted(f for f in names if ".state" in f) == sorted(f"{c}.state.pt" for c in checkpoints)
+    state = torch.load(ddp_run / "epoch_1_whole.state.pt", weights_only=True)
+    assert state["world_size"] == 2 and len(state["rank_rngs"]) == 2 and state["optimizer"]["state"]
+    ours = read_log(ddp_resumed)
+    assert [(r["step"], r["loss"]) for r in ours] == [(3, pytest.approx(read_log(ddp_run)[2]["loss"], rel=1e-6))]
+    assert read_log(ddp_resumed, "CV")[0]["loss"] == pytest.approx(read_log(ddp_run, "CV")[2]["loss"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ds_run(training_list, qwen_dir, tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    model_dir = tmp_path_factory.mktemp("deepspeed")
+    result = torchrun(cli_args(training_list, qwen_dir, model_dir, "--max_epoch", "2", *DS_ARGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def test_deepspeed_zero2_gives_the_ddp_losses(ddp_run, ds_run):
+    tmp_path = ds_run
     ds = [r["loss"] for r in read_log(tmp_path)]
     ddp = [r["loss"] for r in read_log(ddp_run)][:2]
     assert ds == pytest.approx(ddp, rel=1e-4)
@@ -149,6 +201,40 @@ def test_deepspeed_zero2_gives_the_ddp_losses(ddp_run, training_list, qwen_dir, 
     assert (epoch, step) == (1, 2) and "llm_decoder.weight" in weights
     # the yaml lr (1e-3 in the tiny recipe) is used, not the DeepSpeed json's
     assert read_log(tmp_path)[0]["lr"] == pytest.approx(1e-3)
+    # one training state (rank 0) next to each flat file; DeepSpeed's directory holds each rank's shard
+    assert sorted(f for f in os.listdir(tmp_path) if ".state" in f) == [
+        "epoch_0_whole.state.pt", "epoch_1_whole.state.pt", "init.state.pt"]
+    assert len([f for f in os.listdir(tmp_path / "epoch_1_whole") if "optim_states" in f]) == 2
+
+
+def test_deepspeed_resume_is_exact(ds_run, training_list, qwen_dir, tmp_path):
+    result = torchrun(cli_args(training_list, qwen_dir, tmp_path, "--max_epoch", "2", *DS_ARGS,
+                               "--checkpoint", str(ds_run / "epoch_0_whole.pt")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (resumed,) = read_log(tmp_path)
+    original = read_log(ds_run)[1]
+    assert resumed["step"] == 2 and resumed["loss"] == pytest.approx(original["loss"], rel=1e-6)
+    assert resumed["lr"] == pytest.approx(original["lr"])
+    assert read_log(tmp_path, "CV")[0]["loss"] == pytest.approx(read_log(ds_run, "CV")[1]["loss"], rel=1e-6)
+
+
+def test_a_resume_whose_optimizer_state_is_missing_or_from_another_engine_fails(ds_run, training_list, qwen_dir,
+                                                                              tmp_path):
+    import shutil
+
+    # a DeepSpeed state without DeepSpeed's directory (lost, or not copied along)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for suffix in (".pt", ".state.pt", ".yaml"):
+        shutil.copy(ds_run / f"epoch_0_whole{suffix}", partial / f"epoch_0_whole{suffix}")
+    result = torchrun(cli_args(training_list, qwen_dir, tmp_path / "out", "--max_epoch", "2", *DS_ARGS,
+                               "--checkpoint", str(partial / "epoch_0_whole.pt")), nproc=1)
+    assert result.returncode != 0
+    assert "DeepSpeed optimizer/scheduler state" in result.stderr and "is missing" in result.stderr
+    # a DeepSpeed checkpoint resumed by torch_ddp would silently start a fresh optimizer
+    with pytest.raises(ValueError, match="--train_engine deepspeed"):
+        train(options(training_list, qwen_dir, tmp_path / "ddp", max_epoch=2,
+                      checkpoint=str(ds_run / "epoch_0_whole.pt")))
 
 
 def test_dpo_training_logs_rewards_and_uses_the_reference_model(full_run, dpo_list, qwen_dir, tmp_path):
@@ -194,6 +280,102 @@ def test_bad_invocations_fail_with_a_clear_message(training_list, qwen_dir, tmp_
         train(options(training_list, qwen_dir, tmp_path, checkpoint=str(bad)))
 
 
+def test_missing_qwen_weights_stop_training_unless_random_init_is_asked_for(training_list, qwen_dir, tmp_path):
+    from cosyvoice.cli import build_parser
+    from cosyvoice.train.trainer import Trainer
+
+    recipe = tmp_path / "no-random-init.yaml"
+    text = open(TINY_RECIPE).read()
+    assert "allow_random_init: True" in text
+    recipe.write_text(text.replace("allow_random_init: True", ""))
+    with pytest.raises(ValueError, match=f"qwen_pretrain_path '{qwen_dir}' holds no Qwen2 weights.*model.safetensors"):
+        train(options(training_list, qwen_dir, tmp_path / "a", config=str(recipe)))
+    assert not os.path.exists(tmp_path / "a" / "init.pt")
+    # asked for: the flag (tests, benches) ...
+    trainer = Trainer(options(training_list, qwen_dir, tmp_path / "b", config=str(recipe), allow_random_init=True))
+    trainer.reporter.close()
+    args = build_parser().parse_args(["train", *cli_args(training_list, qwen_dir, tmp_path / "c", "--allow_random_init")])
+    assert args.allow_random_init is True
+    # ... or a checkpoint that replaces every weight (fine-tuning from a released llm.pt)
+    from cosyvoice.train.checkpoint import save_model_files
+
+    released = save_model_files(trainer.model.state_dict(), str(tmp_path / "released"), "llm", {"epoch": 0, "step": 0})
+    Trainer(options(training_list, qwen_dir, tmp_path / "d", config=str(recipe), checkpoint=released)).reporter.close()
+
+
+def test_compiled_and_eager_runs_write_the_same_checkpoint_keys(full_run, training_list, qwen_dir, tmp_path):
+    from cosyvoice.config import load_recipe, training_overrides
+    from cosyvoice.train.checkpoint import save_model_files
+
+    model_dir, _ = full_run
+    compiled = train(options(training_list, qwen_dir, tmp_path / "compiled", max_steps=1, compile=True))
+    weights, _, step = load_model_weights(compiled.final_checkpoint)
+    eager, _, _ = load_model_weights(os.path.join(model_dir, "epoch_0_step_1.pt"))
+    assert step == 1 and sorted(weights) == sorted(eager)
+    assert not any("_orig_mod" in k for k in torch.load(compiled.final_checkpoint, weights_only=True))
+    fresh = load_recipe(TINY_RECIPE, training_overrides("llm"))["llm"]
+    fresh.load_state_dict(weights, strict=True)
+    # an eager run resumes from the compiled run's checkpoint (strict load), and a compiled one from an eager checkpoint
+    resumed = train(options(training_list, qwen_dir, tmp_path / "eager", max_steps=2,
+                            checkpoint=compiled.final_checkpoint))
+    assert resumed.steps == 2
+    again = train(options(training_list, qwen_dir, tmp_path / "again", max_steps=2, compile=True,
+                          checkpoint=os.path.join(model_dir, "epoch_0_step_1.pt")))
+    assert again.steps == 2
+    # files written by earlier --compile runs (torch.compile(module) prefixes) still load
+    legacy = {k.replace("llm.model.model.", "llm.model.model._orig_mod."): v for k, v in eager.items()}
+    path = save_model_files(legacy, str(tmp_path / "legacy"), "old", {"epoch": 0, "step": 1})
+    assert not any("_orig_mod" in k for k in torch.load(path, weights_only=True))
+    torch.save({**legacy, "epoch": 0, "step": 1}, tmp_path / "legacy" / "older.pt")
+    fresh.load_state_dict(load_model_weights(str(tmp_path / "legacy" / "older.pt"))[0], strict=True)
+
+
+def _recorded_losses(monkeypatch) -> list[float]:
+    from cosyvoice.train.trainer import Trainer
+
+    recorded: list[float] = []
+    original = Trainer._batch_losses
+
+    def recording(self, batch):
+        out = original(self, batch)
+        recorded.append(float(out["loss"].detach()))
+        return out
+
+    monkeypatch.setattr(Trainer, "_batch_losses", recording)
+    return recorded
+
+
+def test_with_accumulation_the_logged_loss_is_the_mean_of_the_micro_batches(training_list, qwen_dir, tmp_path,
+                                                                             monkeypatch):
+    recorded = _recorded_losses(monkeypatch)
+    report = train(options(training_list, qwen_dir, tmp_path, max_epoch=1, accum_grad=2))
+    assert len(recorded) == 2 and recorded[0] != pytest.approx(recorded[1])
+    assert report.steps == 1
+    (record,) = read_log(tmp_path)
+    assert record["loss"] == pytest.approx((recorded[0] + recorded[1]) / 2, rel=1e-6)
+    assert report.train_losses == [record["loss"]]
+
+
+def test_an_incomplete_accumulation_window_at_epoch_end_is_stepped(training_list, qwen_dir, tmp_path, monkeypatch):
+    """2 batches per epoch with accum_grad 3: every epoch ends with one step on its 2 micro-batches."""
+    recorded = _recorded_losses(monkeypatch)
+    steps = []
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+    try:
+        report = train(options(training_list, qwen_dir, tmp_path, max_epoch=2, accum_grad=3))
+    finally:
+        handle.remove()
+    assert len(recorded) == 4
+    assert len(steps) == 2 and report.steps == 2
+    assert [r["loss"] for r in read_log(tmp_path)] == pytest.approx(
+        [(recorded[0] + recorded[1]) / 2, (recorded[2] + recorded[3]) / 2], rel=1e-6)
+    init, _, _ = load_model_weights(str(tmp_path / "init.pt"))
+    after, _, _ = load_model_weights(str(tmp_path / "epoch_1_whole.pt"))
+    assert not torch.equal(init["llm_decoder.weight"], after["llm_decoder.weight"])
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_packed_training_runs_and_reports_mfu(training_list, qwen_dir, tmp_path):
     report = train(options(training_list, qwen_dir, tmp_path, max_epoch=1, use_amp=True, batch_type="token",
@@ -220,7 +402,8 @@ def test_the_generated_multi_node_commands_train_like_one_node(ddp_run, training
                                 python=sys.executable)
     config = TrainConfig(nodes=2, gpus_per_node=1, use_amp=False, num_workers=0, max_epoch=1,
                          extra_args=["--ddp.dist_backend", "gloo", "--log_interval", "1"])
-    node0 = train_command(config, training, training_list, training_list, rdzv_endpoint=f"127.0.0.1:{port}")
+    node0 = train_command(config, training, training_list, training_list, run_dir=str(tmp_path),
+                          rdzv_endpoint=f"127.0.0.1:{port}")
     job = MultiNodeLayout("cv-train-test", 2).worker_job(image="x", command=node0, env={}, pod_spec={
         "containers": [{"name": "c"}]})
     node1 = job["spec"]["template"]["spec"]["containers"][0]["command"]
