@@ -114,3 +114,23 @@ def test_a_missing_server_env_names_make_triton_server_and_installs_nothing(tmp_
         triton_server.server_env()
     assert not os.path.exists(tmp_path / "no-env")
     assert not [c for c in calls if c[0] != "ldconfig"]
+
+
+def test_publish_without_a_server_env_installs_nothing_and_says_to_run_make_triton_server(
+        tmp_path, monkeypatch, hf_dir, model_dir):
+    from cosyvoice.triton import publish
+
+    ran = []
+
+    def refusing_run(cmd, *args, **kwargs):
+        ran.append(cmd)
+        raise AssertionError(f"publish ran {cmd}")
+
+    monkeypatch.setenv("COSYVOICE_TRITON_ENV", str(tmp_path / "no-env"))
+    real_run = subprocess.run
+    monkeypatch.setattr(triton_server.subprocess, "run",
+                        lambda cmd, *a, **k: real_run(cmd, *a, **k) if cmd[0] == "ldconfig" else refusing_run(cmd))
+    with pytest.raises(publish.PublishError, match="make triton-server"):
+        publish.publish_triton_repo(str(tmp_path / "root"), engine_dir=hf_dir, hf_dir=hf_dir, model_dir=model_dir,
+                                    load_test="require", bls_instances=1, llm_backend="python")
+    assert ran == [] and not os.path.exists(tmp_path / "no-env")
