@@ -23,8 +23,13 @@ class TritonRepoConfig(dg.Config):
     model_dir: str = ""
     spk2info_subset: str = "dev-clean"
     spk2info_speakers: list[str] = []  # empty: the subset's first speaker becomes "001"
-    llm_backend: str = "auto"  # tensorrtllm | python (HF on CPU) | auto: tensorrtllm when an engine exists
-    load_test: str = "auto"  # auto | require | skip
+    # tensorrtllm | python (HF on CPU) | auto: tensorrtllm when an engine exists, else python.
+    # python versions go to the CPU channel (pointer LATEST-cpu), never to the GPU LATEST.
+    llm_backend: str = "auto"
+    # auto: run when a tritonserver environment exists here; if it does not, the version is uploaded
+    # but not promoted and the server_load_test check fails. require: fail without uploading.
+    # skip: publish without a load test, on purpose (the check passes and says so).
+    load_test: str = "auto"
     mount: str = DEFAULT_MOUNT
     decoupled: bool = True
     max_batch_size: int = 16
@@ -47,8 +52,10 @@ def _has_engine(url: str) -> bool:
 def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfig, store: DataStore,
                       models: ModelStore) -> dg.MaterializeResult:
     """Render + validate + load-test the five-model repository and publish it to
-    ``<data root>/triton/<name>/<version>/``; ``LATEST`` switches only after the upload verifies.
-    Nothing is published when the repository is invalid or the load test fails."""
+    ``<data root>/triton/<name>/<version>/``; the channel's pointer (``LATEST`` for the TensorRT-LLM
+    repository, ``LATEST-cpu`` for the python-backend fallback) switches only after the upload
+    verifies and the load test passed (or ``load_test: skip`` was configured). Nothing is published
+    when the repository is invalid or the load test fails."""
     hf_dir = config.hf_dir or store.url("export", "hf")
     engine_dir = config.engine_dir or store.url("export", "engine", config.engine_variant)
     model_dir = config.model_dir or models.root
@@ -56,8 +63,8 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     if backend == "auto":
         backend = "tensorrtllm" if _has_engine(engine_dir) else "python"
         if backend == "python":
-            context.log.warning(f"no TensorRT-LLM engine in {engine_dir}: serving the HF export with the python "
-                                "backend behind the tensorrt_llm interface (CPU; build the engine for GPU serving)")
+            context.log.warning(f"no TensorRT-LLM engine in {engine_dir}: publishing the HF export on the python "
+                                "backend to the CPU channel (LATEST-cpu); the GPU LATEST is left as it is")
     manifest_dir = store.url("manifest", config.spk2info_subset)
     speakers = config.spk2info_speakers or sorted(set(read_table(manifest_dir, "utt2spk").values()))[:1]
     spk2info_url = store.url("triton", f"{config.name}-spk2info.pt")
@@ -67,19 +74,25 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
                                  load_test=config.load_test, decoupled=config.decoupled,
                                  max_batch_size=config.max_batch_size, bls_instances=config.bls_instances,
                                  llm_backend=backend)
+    if not report.promoted:
+        context.log.error(report.summary())
     validation = report.manifest["validation"]
     load = report.manifest["server_load_test"]
+    # a load test that did not run passes only when the run configuration skipped it on purpose
+    load_ok = load["status"] == "passed" or (load["status"] == "skipped" and config.load_test == "skip")
+    channel_flag = "" if report.channel == "gpu" else f" --channel {report.channel}"
     return dg.MaterializeResult(
         metadata={**report.as_metadata(), "llm_backend": backend, "spk2info_speakers": spk.speakers,
                   "model_bytes": report.manifest["model_bytes"],
-                  "pointer": storage.join(store.url("triton", config.name), "LATEST"),
                   "pull": f"cosyvoice-pipeline triton-pull --root {store.url('triton', config.name)} --dest "
-                          f"{config.mount}"},
+                          f"{config.mount}{channel_flag}"},
         check_results=[
             dg.AssetCheckResult(check_name="schema_valid", passed=bool(validation["schema_valid"])),
             dg.AssetCheckResult(check_name="semantics_valid", passed=bool(validation["valid"]),
                                 metadata={"problems": "; ".join(validation["problems"]) or "none"}),
-            dg.AssetCheckResult(check_name="server_load_test", passed=load.get("passed") is not False,
-                                metadata={k: str(v) for k, v in load.items()}),
+            dg.AssetCheckResult(check_name="server_load_test", passed=load_ok,
+                                description=f"load test {load['status']}: {load.get('reason', '')}".rstrip(": "),
+                                metadata={**{k: str(v) for k, v in load.items()}, "channel": report.channel,
+                                          "promoted": report.promoted, "version": report.version}),
         ],
     )

@@ -37,7 +37,11 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     print(report.summary())
     for model, dropped in report.dropped_optional.items():
         if dropped:
-            print(f"  {model}: {len(dropped)} optional parameter(s) left to the backend default", file=sys.stderr)
+            print(f"  {model}: {len(dropped)} optional parameter(s) left out (model default)", file=sys.stderr)
+    for model, unset in report.unset_parameters.items():
+        if unset:
+            print(f"  {model}: {len(unset)} parameter(s) written as unset \"${{key}}\" (backend default)",
+                  file=sys.stderr)
     if args.no_validate:
         return 0
     validation = validate_repo(args.out, require_reference_models=not args.spk2info_only)
@@ -70,8 +74,8 @@ def cmd_triton_publish(args: argparse.Namespace) -> int:
     from cosyvoice.triton import publish
 
     if args.rollback:
-        before, now = publish.rollback(args.root, to=args.to)
-        print(f"{args.root}: LATEST {before} -> {now}")
+        before, now = publish.rollback(args.root, to=args.to, channel=args.channel)
+        print(f"{args.root}: {publish.CHANNELS[args.channel]} {before} -> {now}")
         return 0
     missing = [f"--{k}" for k in ("engine_dir", "hf_dir", "model_dir") if not getattr(args, k)]
     if missing:
@@ -81,14 +85,15 @@ def cmd_triton_publish(args: argparse.Namespace) -> int:
         mount=args.mount, load_test=args.load_test, decoupled=args.decoupled, max_batch_size=args.max_batch_size,
         bls_instances=args.bls_instances, overrides=_parse_sets(args.set), llm_backend=args.llm_backend)
     print(report.summary())
-    return 0
+    return 0 if report.promoted else 1
 
 
 def cmd_triton_pull(args: argparse.Namespace) -> int:
     from cosyvoice.triton.publish import pull
 
-    version = pull(args.root, args.dest, version=args.version)
-    print(f"pulled version {version} of {args.root} into {args.dest}")
+    version = pull(args.root, args.dest, version=args.version, channel=args.channel,
+                   allow_undeployable=args.allow_undeployable)
+    print(f"pulled version {version} of {args.root} (channel {args.channel}) into {args.dest}")
     return 0
 
 
@@ -144,20 +149,31 @@ def add_subcommands(sub) -> None:
     p.add_argument("--spk2info_only", action="store_true")
     p.set_defaults(func=cmd_triton_validate)
 
-    p = sub.add_parser("triton-publish", help="publish a new verified version (LATEST switches last), or --rollback")
+    p = sub.add_parser("triton-publish", help="publish a new verified version (its channel's pointer switches last), or --rollback")
     p.add_argument("--root", required=True, help="e.g. <data root>/triton/cosyvoice2 (path or s3:// URL)")
-    p.add_argument("--rollback", action="store_true", help="point LATEST at the previous complete version")
+    p.add_argument("--rollback", action="store_true",
+                   help="point the channel's pointer at its previous complete deployable version")
     p.add_argument("--to", type=int, default=None, help="with --rollback: this version instead")
+    p.add_argument("--channel", choices=("gpu", "cpu"), default="gpu",
+                   help="with --rollback: gpu (LATEST, TensorRT-LLM) or cpu (LATEST-cpu, python-backend fallback); "
+                   "a publish takes its channel from --llm_backend")
     _repo_flags(p, required=False)
     p.add_argument("--spk2info", default=None, help="spk2info.pt to put into the model dir")
     p.add_argument("--mount", default="/models/cosyvoice2", help="where servers sync the version to")
-    p.add_argument("--load_test", choices=("auto", "require", "skip"), default="auto")
+    p.add_argument("--load_test", choices=("auto", "require", "skip"), default="auto",
+                   help="auto: a version whose load test could not run here is uploaded but not promoted (exit 1); "
+                   "require: then nothing is uploaded; skip: publish untested, on purpose")
     p.set_defaults(func=cmd_triton_publish)
 
-    p = sub.add_parser("triton-pull", help="download + verify a published version (default LATEST) into a folder")
+    p = sub.add_parser("triton-pull", help="download + verify a published version (default: the channel's "
+                       "pointer, LATEST) into a folder")
     p.add_argument("--root", required=True)
     p.add_argument("--dest", required=True)
-    p.add_argument("--version", type=int, default=None)
+    p.add_argument("--version", type=int, default=None, help="a version of --channel (default: its pointer)")
+    p.add_argument("--channel", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: LATEST (TensorRT-LLM); cpu: LATEST-cpu (HF LLM on the python backend)")
+    p.add_argument("--allow_undeployable", action="store_true",
+                   help="also pull a version that was never promoted (its load test did not run), for inspection")
     p.set_defaults(func=cmd_triton_pull)
 
     p = sub.add_parser("triton-spk2info", help="spk2info.pt speaker-prompt cache from chosen corpus speakers")

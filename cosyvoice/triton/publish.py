@@ -3,15 +3,25 @@
 Layout under ``<root>`` (e.g. ``<data root>/triton/cosyvoice2``)::
 
     <root>/1/...            a complete bundle: model_repo/ + the folders its parameters name
-    <root>/1/manifest.json  written last: version, models, per-file bytes + sha256, validation
+    <root>/1/manifest.json  written last: version, what it serves, load test, per-file bytes + sha256
     <root>/2/...
-    <root>/LATEST           "2": the version deployments pull
+    <root>/LATEST           "2": the GPU (TensorRT-LLM) version deployments pull
+    <root>/LATEST-cpu       "3": the CPU fallback (HF LLM on the python backend), a channel of its own
+
+Channels: a version serving the LLM with the ``tensorrtllm`` backend belongs to channel ``gpu``
+(pointer ``LATEST``); one serving the HF export with the python backend (``llm_backend=python``,
+the CPU fallback when no engine exists) to channel ``cpu`` (pointer ``LATEST-cpu``). Version numbers
+are shared; the manifest records the channel, and pull/rollback refuse a version of the other
+channel, so a CPU repository can never become what a GPU deployment serves.
 
 A version is uploaded under a new number, its manifest is written last, every file is read back
-and checked against the manifest, and only then does ``LATEST`` switch (one atomic small-object
-write). A reader that resolves ``LATEST`` therefore never sees a half-written version; a crashed
-upload leaves an unreferenced number that the next publish skips. Rollback re-verifies an older
-version and points ``LATEST`` at it.
+and checked against the manifest, and only then does the channel's pointer switch (one atomic
+small-object write). A reader that resolves the pointer therefore never sees a half-written
+version; a crashed upload leaves an unreferenced number that the next publish skips. A version is
+*deployable* when it is valid and its server load test passed, or the caller explicitly skipped it
+(``load_test="skip"``); an undeployable version (the load test could not run) is uploaded for
+inspection but never pointed at, rolled back to or pulled (unless asked for explicitly).
+Rollback re-verifies an older deployable version of the channel and points the pointer at it.
 
 The bundle (``build_bundle``) is self-contained: ``model_repo/`` rendered with parameter paths
 under ``mount`` (where the pod/container syncs the version, default ``/models/cosyvoice2``),
@@ -24,17 +34,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.triton.render import MODELS, render_repo, repo_values
+from cosyvoice.triton.render import MODELS, render_repo, repo_values, swap_into_place
 from cosyvoice.triton.validate import ValidationReport, validate_repo
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+#: channel -> the pointer file its deployments resolve
+CHANNELS = {"gpu": LATEST, "cpu": "LATEST-cpu"}
+#: how the LLM is served -> channel
+BACKEND_CHANNEL = {"tensorrtllm": "gpu", "python": "cpu"}
 DEFAULT_MOUNT = "/models/cosyvoice2"
 BUNDLE_DIRS = {"model_dir": "cosyvoice2_model", "hf_dir": "cosyvoice2_llm", "engine_dir": "trt_engines"}
 _CHUNK = 8 << 20
@@ -155,8 +170,15 @@ def versions(root: str) -> dict[int, bool]:
     return found
 
 
-def latest(root: str) -> int | None:
-    url = storage.join(root, LATEST)
+def _channel_pointer(channel: str) -> str:
+    if channel not in CHANNELS:
+        raise ValueError(f"channel must be one of {sorted(CHANNELS)}, got {channel!r}")
+    return CHANNELS[channel]
+
+
+def latest(root: str, channel: str = "gpu") -> int | None:
+    """The version the channel's pointer (``LATEST`` / ``LATEST-cpu``) names, or None."""
+    url = storage.join(root, _channel_pointer(channel))
     if not storage.exists(url):
         return None
     text = storage.read_text(url).strip()
@@ -165,11 +187,62 @@ def latest(root: str) -> int | None:
     return int(text)
 
 
+def manifest_channel(manifest: dict) -> str:
+    """The channel of a version (versions from before channels existed: by their LLM backend)."""
+    if manifest.get("channel"):
+        return manifest["channel"]
+    return "cpu" if manifest.get("values", {}).get("triton_backend") == "python" else "gpu"
+
+
+def manifest_deployable(manifest: dict) -> bool:
+    """Valid, and its server load test passed or was skipped on purpose (``load_test=skip``)."""
+    if "deployable" in manifest:
+        return bool(manifest["deployable"])
+    load = manifest.get("server_load_test") or {}  # versions from before the field existed
+    return bool(manifest.get("validation", {}).get("valid", True)) and (
+        load.get("passed") is True or load.get("skipped") == "load_test=skip")
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_path(rel: object) -> str | None:
+    """Why a manifest file path must not be used below a destination folder, or None when it is a
+    plain relative POSIX path that stays inside it."""
+    if not isinstance(rel, str) or not rel:
+        return "empty or not a string"
+    if "\\" in rel:
+        return "contains a backslash"
+    if "\0" in rel:
+        return "contains a NUL character"
+    if rel.startswith("/"):
+        return "absolute path"
+    if _DRIVE.match(rel):
+        return "drive letter"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "'.', '..' or empty path component (would leave or alias the root)"
+    return None
+
+
 def read_manifest(root: str, version: int) -> dict:
+    """The manifest of a version; raises when it is missing, malformed or names a file path
+    that is not a plain relative path inside the version (``../``, absolute, ``\\``, ``C:``)."""
     url = storage.join(root, str(version), MANIFEST)
     if not storage.exists(url):
         raise PublishError(f"{root}: version {version} has no {MANIFEST} (incomplete upload)")
-    return json.loads(storage.read_text(url))
+    try:
+        manifest = json.loads(storage.read_text(url))
+    except ValueError as exc:
+        raise PublishError(f"{url}: not valid JSON: {exc}") from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise PublishError(f"{url}: no 'files' table")
+    bad = [f"{rel!r} ({why})" for rel in files if (why := unsafe_path(rel))]
+    bad += [f"{rel!r} (entry lacks integer bytes / sha256)" for rel, info in files.items()
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str))]
+    if bad:
+        raise PublishError(f"{url}: refusing version {version}, unsafe or malformed file entries: " + "; ".join(bad[:10]))
+    return manifest
 
 
 def verify_version(root: str, version: int) -> list[str]:
@@ -202,24 +275,41 @@ class PublishReport:
     bytes: int
     models: list[str]
     seconds: float
+    channel: str = "gpu"
+    promoted: bool = True  # the channel's pointer now names this version
     manifest: dict = field(repr=False, default_factory=dict)
 
+    @property
+    def pointer(self) -> str:
+        return storage.join(self.root, CHANNELS[self.channel])
+
     def as_metadata(self) -> dict:
+        load = self.manifest.get("server_load_test") or {}
         return {"root": self.root, "version": self.version, "previous_version": self.previous,
+                "channel": self.channel, "pointer": self.pointer, "promoted": self.promoted,
+                "llm_backend": self.manifest.get("llm_backend"), "engine_present": self.manifest.get("engine_present"),
+                "load_test": load.get("status"),
                 "manifest": storage.join(self.root, str(self.version), MANIFEST), "files": self.files,
                 "bytes": self.bytes, "models": self.models, "publish_seconds": round(self.seconds, 2),
-                "validation": self.manifest.get("validation", {}).get("valid"),
-                "server_load_test": self.manifest.get("server_load_test")}
+                "validation": self.manifest.get("validation", {}).get("valid"), "server_load_test": load}
 
     def summary(self) -> str:
-        return (f"published version {self.version} of {self.root} ({self.files} files, {self.bytes / 1e6:.1f} MB, "
-                f"models {', '.join(self.models)}); LATEST {self.previous} -> {self.version}")
+        head = (f"version {self.version} of {self.root} ({self.files} files, {self.bytes / 1e6:.1f} MB, "
+                f"models {', '.join(self.models)}; channel {self.channel})")
+        name = CHANNELS[self.channel]
+        if self.promoted:
+            return f"published {head}; {name} {self.previous} -> {self.version}"
+        reason = (self.manifest.get("server_load_test") or {}).get("reason", "not deployable")
+        return f"uploaded {head} but NOT promoted ({reason}); {name} stays at {self.previous}"
 
 
-def publish_bundle(bundle_dir: str, root: str, *, info: dict | None = None) -> PublishReport:
-    """Upload a local bundle as the next version of ``root``, verify it, then switch ``LATEST``."""
+def publish_bundle(bundle_dir: str, root: str, *, info: dict | None = None, channel: str = "gpu",
+                   promote: bool = True) -> PublishReport:
+    """Upload a local bundle as the next version of ``root``, verify it, then switch the channel's
+    pointer (``promote=False``: upload and verify only, recorded as not deployable)."""
     started = time.monotonic()
-    previous = latest(root)
+    pointer = _channel_pointer(channel)
+    previous = latest(root, channel)
     existing = versions(root)
     version = max([*existing, previous or 0]) + 1
     prefix = storage.join(root, str(version))
@@ -236,52 +326,93 @@ def publish_bundle(bundle_dir: str, root: str, *, info: dict | None = None) -> P
     manifest = {"version": version, "created_unix": int(time.time()), "models": models,
                 "model_bytes": {m: sum(v["bytes"] for k, v in files.items() if k.startswith(f"model_repo/{m}/"))
                                 for m in models},
-                "total_bytes": sum(v["bytes"] for v in files.values()), "files": files, **(info or {})}
+                "total_bytes": sum(v["bytes"] for v in files.values()), "files": files, **(info or {}),
+                "channel": channel, "deployable": bool(promote)}
     for rel in files:
         _upload(os.path.join(bundle_dir, rel), storage.join(prefix, *rel.split("/")))
     storage.write_text(storage.join(prefix, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     problems = verify_version(root, version)
     if problems:
-        raise PublishError(f"{prefix}: upload does not match its manifest, LATEST left at {previous}: "
+        raise PublishError(f"{prefix}: upload does not match its manifest, {pointer} left at {previous}: "
                            + "; ".join(problems[:10]))
-    storage.write_text(storage.join(root, LATEST), f"{version}\n")
+    if promote:
+        storage.write_text(storage.join(root, pointer), f"{version}\n")
     return PublishReport(root=root, version=version, previous=previous, files=len(files),
                          bytes=manifest["total_bytes"], models=models, seconds=time.monotonic() - started,
-                         manifest=manifest)
+                         channel=channel, promoted=bool(promote), manifest=manifest)
 
 
-def rollback(root: str, *, to: int | None = None) -> tuple[int | None, int]:
-    """Point ``LATEST`` at version ``to`` (default: the newest complete version below the current
-    one) after re-verifying it; returns ``(previous, now)``."""
-    current = latest(root)
+def _check_servable(root: str, version: int, manifest: dict, channel: str) -> None:
+    """Raise unless ``version`` belongs to ``channel`` and is deployable."""
+    found = manifest_channel(manifest)
+    if found != channel:
+        raise PublishError(f"{root}: version {version} belongs to channel {found!r} (llm_backend "
+                           f"{manifest.get('llm_backend') or manifest.get('values', {}).get('triton_backend')}), "
+                           f"not {channel!r}; pass --channel {found} to use it there")
+    if not manifest_deployable(manifest):
+        reason = (manifest.get("server_load_test") or {}).get("reason") or "its server load test did not pass"
+        raise PublishError(f"{root}: version {version} is not deployable ({reason}); it was never promoted")
+
+
+def rollback(root: str, *, to: int | None = None, channel: str = "gpu") -> tuple[int | None, int]:
+    """Point the channel's pointer at version ``to`` (default: the newest complete deployable
+    version of the channel below the current one) after re-verifying it; returns ``(previous, now)``."""
+    pointer = _channel_pointer(channel)
+    current = latest(root, channel)
     complete = sorted(v for v, done in versions(root).items() if done)
     if to is None:
-        older = [v for v in complete if current is None or v < current]
+        older = []
+        for v in complete:
+            if current is not None and v >= current:
+                continue
+            try:
+                manifest = read_manifest(root, v)
+            except PublishError:
+                continue
+            if manifest_channel(manifest) == channel and manifest_deployable(manifest):
+                older.append(v)
         if not older:
-            raise PublishError(f"{root}: no complete version older than {current} to roll back to")
+            raise PublishError(f"{root}: no complete deployable {channel} version older than {current} to roll back to")
         to = older[-1]
     elif to not in complete:
         raise PublishError(f"{root}: version {to} is not a complete version (have {complete})")
+    else:
+        _check_servable(root, to, read_manifest(root, to), channel)
     problems = verify_version(root, to)
     if problems:
-        raise PublishError(f"{root}: version {to} fails verification, LATEST left at {current}: " + "; ".join(problems[:10]))
-    storage.write_text(storage.join(root, LATEST), f"{to}\n")
+        raise PublishError(f"{root}: version {to} fails verification, {pointer} left at {current}: "
+                           + "; ".join(problems[:10]))
+    storage.write_text(storage.join(root, pointer), f"{to}\n")
     return current, to
 
 
-def pull(root: str, dest: str, *, version: int | None = None) -> int:
-    """Download a verified version (default ``LATEST``) into local folder ``dest`` (replaced as a
-    whole, via a sibling temporary folder); returns the version."""
-    version = version if version is not None else latest(root)
+def pull(root: str, dest: str, *, version: int | None = None, channel: str = "gpu",
+         allow_undeployable: bool = False) -> int:
+    """Download a verified version (default: the channel's pointer) into local folder ``dest``
+    (replaced as a whole, via a sibling temporary folder); returns the version.
+
+    Refuses a version of another channel, an undeployable one (unless ``allow_undeployable``, for
+    inspection) and a manifest naming a path outside the version (checked before anything is
+    written)."""
+    pointer = _channel_pointer(channel)
     if version is None:
-        raise PublishError(f"{root}: nothing published yet (no {LATEST})")
+        version = latest(root, channel)
+        if version is None:
+            others = {c: v for c in CHANNELS if c != channel and (v := latest(root, c)) is not None}
+            hint = "".join(f"; channel {c} has version {v} (--channel {c})" for c, v in others.items())
+            raise PublishError(f"{root}: nothing published on channel {channel} yet (no {pointer}){hint}")
     manifest = read_manifest(root, version)
+    if manifest_channel(manifest) != channel or not allow_undeployable:
+        _check_servable(root, version, manifest, channel)
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pull-", dir=parent)
+    real_tmp = os.path.realpath(tmp)
     try:
         for rel, info in manifest["files"].items():
             target = os.path.join(tmp, *rel.split("/"))
+            if os.path.commonpath([real_tmp, os.path.realpath(target)]) != real_tmp:  # read_manifest refuses these
+                raise PublishError(f"{root}: version {version}: {rel!r} leaves the destination")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             url = storage.join(root, str(version), *rel.split("/"))
             if storage.is_local(url):
@@ -290,17 +421,11 @@ def pull(root: str, dest: str, *, version: int | None = None) -> int:
                 storage.filesystem(url).get_file(storage.strip_protocol(url), target)
             if _sha256_local(target) != info["sha256"]:
                 raise PublishError(f"{url}: sha256 differs from the manifest of version {version}")
-        if os.path.exists(dest):
-            old = dest.rstrip("/") + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
+        os.chmod(tmp, 0o755)
+        target = os.path.realpath(dest) if os.path.islink(dest) else os.path.abspath(dest)
+        swap_into_place(tmp, target)  # tmp now holds the previous folder, if any
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return version
 
 
@@ -335,37 +460,62 @@ def server_load_test(bundle: Bundle, work: str) -> dict:
             "seconds": round(time.monotonic() - started, 1)}
 
 
+def _server_env():
+    """The CPU tritonserver environment for the load test: built by ``make triton-server``; raises
+    ``ServerEnvMissing`` (saying so) when there is none here. Never installs anything."""
+    from cosyvoice.triton.server import server_env
+
+    return server_env()
+
+
+def engine_present(bundle_dir: str) -> bool:
+    """The bundle carries a TensorRT-LLM engine (``config.json`` + ``rank<N>.engine``)."""
+    folder = os.path.join(bundle_dir, BUNDLE_DIRS["engine_dir"])
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return "config.json" in names and any(n.startswith("rank") and n.endswith(".engine") for n in names)
+
+
 def publish_triton_repo(root: str, *, engine_dir: str, hf_dir: str, model_dir: str, spk2info: str | None = None,
                         mount: str = DEFAULT_MOUNT, load_test: str = "auto", decoupled: bool = True,
                         max_batch_size: int = 16, bls_instances: int = 4, overrides: dict[str, str] | None = None,
                         llm_backend: str = "tensorrtllm") -> PublishReport:
-    """Render + validate + (server load test) + publish a new version of ``root``.
+    """Render + validate + server load test + publish a new version of ``root`` on the channel
+    of ``llm_backend`` (``tensorrtllm``: ``gpu``/``LATEST``, ``python``: ``cpu``/``LATEST-cpu``).
 
-    Blocking: the repository must be valid (schema and semantics), and with ``load_test`` "auto"
-    (run when a tritonserver environment can be set up here) or "require", the load test must
-    pass; "skip" records that it did not run. Nothing is published when a blocking check fails."""
+    The manifest says what the version serves (``llm_backend``, ``channel``, ``engine_present``)
+    and how it was tested (``server_load_test.status``: ``passed``, ``skipped`` = ``load_test="skip"``
+    asked for it, ``not_run`` = ``"auto"`` found no tritonserver environment here).
+    Blocking: an invalid repository or a failed load test publishes nothing; ``"require"`` also
+    publishes nothing when the test cannot run. With ``"auto"`` and no environment the version is
+    uploaded and verified but not promoted (``report.promoted`` False, ``deployable`` False)."""
     if load_test not in ("auto", "require", "skip"):
         raise ValueError(f"load_test must be auto, require or skip, got {load_test!r}")
+    if llm_backend not in BACKEND_CHANNEL:
+        raise ValueError(f"llm_backend must be one of {sorted(BACKEND_CHANNEL)}, got {llm_backend!r}")
+    channel = BACKEND_CHANNEL[llm_backend]
     with tempfile.TemporaryDirectory(prefix="triton-publish-") as work:
         bundle = build_bundle(os.path.join(work, "bundle"), engine_dir=engine_dir, hf_dir=hf_dir, model_dir=model_dir,
                               mount=mount, spk2info=spk2info, decoupled=decoupled, max_batch_size=max_batch_size,
                               bls_instances=bls_instances, overrides=overrides, llm_backend=llm_backend)
         if not bundle.validation.ok:
             raise PublishError("model repository invalid, nothing published:\n" + bundle.validation.summary())
-        load: dict = {"passed": None, "skipped": "load_test=skip"}
-        if load_test != "skip":
+        load: dict = {"requested": load_test}
+        if load_test == "skip":
+            load.update(status="skipped", passed=None, reason="load_test=skip in the run configuration")
+        else:
             try:
-                from cosyvoice.triton.server import server_env
-
-                server_env()  # built by `make triton-server`; publish never installs anything
-            except Exception as exc:  # ServerEnvMissing: it says to run `make triton-server`
+                _server_env()
+            except Exception as exc:  # no tritonserver for this machine
                 if load_test == "require":
                     raise PublishError(f"load_test=require but no tritonserver environment: {exc}") from exc
-                load = {"passed": None, "skipped": f"no tritonserver environment: {exc}"}
+                load.update(status="not_run", passed=None, reason=f"load test did not run: no tritonserver "
+                            f"environment ({exc}); build it (make triton-server) or set load_test: skip")
             else:
-                load = server_load_test(bundle, work)
+                load.update(server_load_test(bundle, work))
                 if not load["passed"]:
                     raise PublishError(f"server load test failed, nothing published: {load}")
-        return publish_bundle(bundle.path, root, info={
-            "mount": mount, "validation": bundle.validation.as_metadata(), "server_load_test": load,
-            "values": bundle.values})
+                load["status"] = "passed"
+        deployable = load["status"] in ("passed", "skipped")
+        return publish_bundle(bundle.path, root, channel=channel, promote=deployable, info={
+            "mount": mount, "llm_backend": llm_backend, "engine_present": engine_present(bundle.path),
+            "validation": bundle.validation.as_metadata(), "server_load_test": load, "values": bundle.values})
