@@ -103,6 +103,16 @@ def test_the_pull_commands_of_k8s_and_compose_fetch_the_published_version(tmp_pa
     assert done.returncode == 0 and "pulled version 1" in done.stdout, done.stderr
     done = _run_pull(k8s_command, root, dest, "7")
     assert done.returncode != 0 and "version 7 has no manifest.json" in done.stderr
+    # a CPU fallback version (python backend, no engine) is published on its own channel: the GPU
+    # deployment's pull keeps serving the GPU version and refuses the CPU one even when pinned
+    cpu = publish.publish_triton_repo(root, engine_dir=str(engine), hf_dir=hf_dir, model_dir=model_dir,
+                                      load_test="skip", llm_backend="python")
+    assert (cpu.version, cpu.channel) == (3, "cpu")
+    done = _run_pull(k8s_command, root, dest, "")
+    assert done.returncode == 0 and "pulled version 2" in done.stdout, done.stderr
+    done = _run_pull(k8s_command, root, dest, "3")
+    assert done.returncode != 0 and "version 3 belongs to channel 'cpu'" in done.stderr
+    assert os.path.isfile(os.path.join(dest, "trt_engines", "rank0.engine"))  # the refused pull left dest as it was
 
 
 def test_compose_default_file_maps_the_ports_triton_listens_on():
