@@ -187,7 +187,7 @@ def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend:
         for model in models:
             _render_model(model, os.path.join(staged, model), values, llm_backend, report)
         os.chmod(staged, 0o755)
-        _swap_into_place(staged, target)
+        swap_into_place(staged, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)  # the failed render, or the previous repository
     return report
@@ -231,7 +231,7 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, f"renameat2({a!r}, {b!r}, RENAME_EXCHANGE): {os.strerror(code)}")
 
 
-def _swap_into_place(staged: str, target: str) -> None:
+def swap_into_place(staged: str, target: str) -> None:
     """Make the complete folder ``staged`` the folder at ``target``; afterwards ``staged`` holds
     the previous repository (if any) for the caller to remove.
 
