@@ -303,10 +303,17 @@ def test_missing_qwen_weights_stop_training_unless_random_init_is_asked_for(trai
     Trainer(options(training_list, qwen_dir, tmp_path / "d", config=str(recipe), checkpoint=released)).reporter.close()
 
 
-def test_compiled_and_eager_runs_write_the_same_checkpoint_keys(full_run, training_list, qwen_dir, tmp_path):
+def test_compiled_and_eager_runs_write_the_same_checkpoint_keys(full_run, training_list, qwen_dir, tmp_path,
+                                                                 monkeypatch):
+    """``--compile`` on CPU. TorchDynamo traces the body as in any run; its backend is ``eager``
+    here because inductor's C++ code generation takes minutes on a small CI machine, and how the
+    compiled module is wrapped (hence the checkpoint keys) does not depend on the backend."""
+    import functools
+
     from cosyvoice.config import load_recipe, training_overrides
     from cosyvoice.train.checkpoint import save_model_files
 
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     model_dir, _ = full_run
     compiled = train(options(training_list, qwen_dir, tmp_path / "compiled", max_steps=1, compile=True))
     weights, _, step = load_model_weights(compiled.final_checkpoint)
@@ -374,6 +381,47 @@ def test_an_incomplete_accumulation_window_at_epoch_end_is_stepped(training_list
     init, _, _ = load_model_weights(str(tmp_path / "init.pt"))
     after, _, _ = load_model_weights(str(tmp_path / "epoch_1_whole.pt"))
     assert not torch.equal(init["llm_decoder.weight"], after["llm_decoder.weight"])
+
+
+def _frames_per_utterance(data_list: str) -> list[float]:
+    """Every utterance's length in 10 ms frames, read from the shards with soundfile."""
+    import io
+
+    import pyarrow.parquet as pq
+    import soundfile
+
+    frames = []
+    for shard in open(data_list).read().split():
+        for audio in pq.read_table(shard, columns=["audio_data"]).column("audio_data").to_pylist():
+            info = soundfile.info(io.BytesIO(audio))
+            frames.append(info.frames / info.samplerate * 100)
+    return frames
+
+
+def test_filtered_utterances_are_counted_per_epoch_across_workers(training_list, qwen_dir, tmp_path, monkeypatch):
+    """Length filters that drop some utterances: with 2 DataLoader workers the counts of both reach
+    the epoch's log line, the JSONL log, the report and the metadata reported through Pipes."""
+    from cosyvoice.train.reporting import Reporter
+
+    frames = sorted(_frames_per_utterance(training_list))
+    assert frames[1] < frames[2] and frames[-3] < frames[-2]
+    short_below, long_above = (frames[1] + frames[2]) / 2, (frames[-3] + frames[-2]) / 2  # 2 short, 2 long
+    expected = {"too_short": 2, "too_long": 2}
+    recipe = tmp_path / "filtering.yaml"
+    text = open(TINY_RECIPE).read()
+    assert "    max_length: 6000\n    min_length: 100\n" in text
+    recipe.write_text(text.replace("    max_length: 6000\n    min_length: 100\n",
+                                   f"    max_length: {long_above}\n    min_length: {short_below}\n"))
+    reported = []
+    monkeypatch.setattr(Reporter, "report_result", lambda self, metadata: reported.append(metadata))
+    report = train(options(training_list, qwen_dir, tmp_path / "run", config=str(recipe), max_epoch=2, num_workers=2,
+                           prefetch=2))
+    assert report.data_stats == [{"epoch": 0, **expected}, {"epoch": 1, **expected}]
+    logged = read_log(tmp_path / "run", "DATA")
+    assert [{k: v for k, v in r.items() if k not in ("tag", "step", "time")} for r in logged] == report.data_stats
+    (metadata,) = reported
+    assert metadata["data_stats"] == report.data_stats
+    assert metadata["data_totals"] == {"too_long": 4, "too_short": 4}
 
 
 @pytest.mark.gpu
