@@ -150,7 +150,13 @@ def repo_values(*, engine_dir: str, hf_dir: str, model_dir: str, decoupled: bool
 
 
 def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend: str = "tensorrtllm") -> RenderReport:
-    """Write ``out/<model>/{config.pbtxt, 1/...}`` for ``models``.
+    """Write the repository ``out/<model>/{config.pbtxt, 1/...}`` for ``models``.
+
+    ``out`` is replaced as a whole: the repository is rendered into a hidden sibling folder
+    (``.<out>.render-<pid>-*``) and swapped in with ``swap_into_place``, so a failed render leaves
+    the previous repository untouched and a server reading ``out`` never sees a half-written one.
+    Anything else that was in ``out`` (a model not selected now) is gone afterwards. Staging
+    folders of killed renders are removed by the next render.
 
     ``llm_backend="python"`` renders ``tensorrt_llm`` with the python backend and our HF runner as
     ``1/model.py`` (same interface; for CPU serving and tests). Raises ``RenderError`` listing every
