@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipelines.k8s import literal_env
+
 RDZV_PORT = 29400
 RUN_LABEL = "cosyvoice.io/train-run"
 NODE_LABEL = "cosyvoice.io/train-node"
@@ -65,11 +67,11 @@ class MultiNodeLayout:
 
     def worker_job(self, *, image: str, command: list[str], env: dict[str, str], pod_spec: dict) -> dict:
         """Nodes 1..N-1: an Indexed Job running ``worker_command(command)`` with node 0's pod spec
-        (GPUs, tolerations, volumes). No retries: a lost node fails the whole static rendezvous,
-        and the Dagster step's retry policy restarts the run from its last checkpoint."""
+        (GPUs, tolerations, volumes, the credentials Secret's ``envFrom``). No retries: a lost node
+        fails the whole static rendezvous, and the Dagster step's retry policy restarts the run from
+        its last checkpoint. ``env`` holds literal values only: a credential in it raises."""
         containers = [{**pod_spec["containers"][0], "name": "trainer", "image": image,
-                       "command": worker_command(command),
-                       "env": [{"name": k, "value": v} for k, v in sorted(env.items())]}]
+                       "command": worker_command(command), "env": literal_env(env)}]
         workers = self.nodes - 1
         return {
             "apiVersion": "batch/v1", "kind": "Job",

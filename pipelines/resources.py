@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from cosyvoice import storage
+from pipelines.k8s import without_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,15 @@ class ModelStore(dg.ConfigurableResource):
 
 class TrainingResource(dg.ConfigurableResource):
     """How and where the LLM trainer runs: ``subprocess`` (this machine, embedded) or ``k8s`` (a GPU
-    pod through ``PipesK8sClient``, distributed). ``model_dir`` is a local or mounted path (the
-    trainer writes checkpoints with plain file I/O; on Kubernetes a PVC mounted at ``/models``)."""
+    pod through ``PipesK8sClient``, distributed). ``model_dir`` is the model root, a local or mounted
+    path (the trainer writes checkpoints with plain file I/O; on Kubernetes a PVC mounted at
+    ``/models``): every run writes into its own ``<model_dir>/<run id>/`` (:meth:`run_dir`).
+
+    Credentials: the subprocess launcher passes ``env_passthrough`` on to the trainer. The k8s
+    launcher writes only the non-credential part of it into the pod spec; the credentials reach the
+    pods from the Kubernetes Secret ``credentials_secret`` (``envFrom``, keys = variable names:
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[, AWS_SESSION_TOKEN, COSYVOICE_S3_ENDPOINT_URL]);
+    ``""`` = no Secret (the pods get an identity another way, e.g. IRSA / workload identity)."""
 
     model_dir: str
     recipe: str = "configs/cosyvoice2.yaml"
@@ -64,6 +72,7 @@ class TrainingResource(dg.ConfigurableResource):
     namespace: str = ""
     volume_claim: str = ""
     run_name: str = "cosyvoice-llm"
+    credentials_secret: str = "cosyvoice-s3"
     env_passthrough: list[str] = ["COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE"]
 
@@ -81,8 +90,20 @@ class TrainingResource(dg.ConfigurableResource):
     def qwen_dir(self) -> str:
         return self.qwen_pretrain_path or (_default_qwen_dir() if self.launcher == "subprocess" else "")
 
+    def run_dir(self, run_id: str) -> str:
+        """Where the run ``run_id`` writes its checkpoints, logs and TensorBoard events."""
+        if not run_id or "/" in run_id or run_id in (".", ".."):
+            raise ValueError(f"{run_id!r} is not a run id")
+        return os.path.join(self.model_dir, run_id)
+
     def forwarded_env(self) -> dict[str, str]:
+        """``env_passthrough`` as set in this process: the trainer subprocess's environment."""
         return {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
+
+    def pod_env(self) -> dict[str, str]:
+        """What the k8s launcher writes into pod and Job specs: :meth:`forwarded_env` without any
+        credential (those come from ``credentials_secret``)."""
+        return without_credentials(self.forwarded_env())
 
 
 def _default_qwen_dir() -> str:
@@ -123,7 +144,8 @@ def resources_for(name: str) -> dict:
                 qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH", ""),
                 image=os.environ.get("COSYVOICE_GPU_IMAGE", "cosyvoice-pipeline-gpu:latest"),
                 namespace=os.environ.get("COSYVOICE_K8S_NAMESPACE", ""),
-                volume_claim=os.environ.get("COSYVOICE_MODELS_PVC", "cosyvoice-models")),
+                volume_claim=os.environ.get("COSYVOICE_MODELS_PVC", "cosyvoice-models"),
+                credentials_secret=os.environ.get("COSYVOICE_K8S_CREDENTIALS_SECRET", "cosyvoice-s3")),
         }
     data_root = os.environ.get("COSYVOICE_DATA_ROOT", str(PROJECT_ROOT / "data"))
     return {

@@ -67,8 +67,9 @@ class Reporter:
             self.pipes.report_custom_message({"tag": tag, "step": step, **clean})
 
     def report_result(self, metadata: dict) -> None:
-        if self.pipes is not None:
-            self.pipes.report_asset_materialization(metadata=metadata)
+        if self.pipes is not None:  # Pipes takes dicts and lists only as typed ("json") metadata values
+            self.pipes.report_asset_materialization(metadata={
+                k: {"raw_value": v, "type": "json"} if isinstance(v, (dict, list)) else v for k, v in metadata.items()})
 
     def close(self) -> None:
         if self.jsonl is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import shutil
 import sys
@@ -34,33 +36,115 @@ def run_config(**train):
     return dg.RunConfig(ops={"llm_checkpoint": TrainConfig(use_amp=False, num_workers=0, **train)})
 
 
-def test_training_asset_streams_progress_and_gates_on_the_cv_loss(data_root, qwen_dir, tmp_path):
+def checkpoints_of(run_dir) -> list[str]:
+    return sorted(f for f in os.listdir(run_dir) if f.startswith("epoch_") and f.endswith(".pt")
+                  and not f.endswith(".state.pt"))
+
+
+def test_each_run_writes_its_own_dir_and_llm_averaged_averages_only_the_released_runs_checkpoints(
+        data_root, qwen_dir, tmp_path):
+    """Three real training runs on one instance: good (2 epochs), a resume of it from its first
+    epoch (a second dir holding only epoch 1; released), a worse run (rejected by the gate). The
+    good run's two epochs stay on disk, yet llm_averaged averages only the released run's one."""
+    models = tmp_path / "models"
+    res = resources(data_root, models, qwen_dir)
+
+    def train(raise_on_error=True, **config):
+        result = dg.materialize([llm_checkpoint], instance=instance, resources=res, run_config=run_config(**config),
+                                raise_on_error=raise_on_error)
+        (evaluation,) = result.get_asset_check_evaluations()
+        assert evaluation.check_name == "cv_loss_finite_and_not_worse"
+        return result, result.asset_materializations_for_node("llm_checkpoint")[0].metadata, evaluation
+
+    def average():
+        result = dg.materialize([llm_averaged], instance=instance, resources=res,
+                                run_config=dg.RunConfig(ops={"llm_averaged": {"config": {"num": 5}}}))
+        return result.asset_materializations_for_node("llm_averaged")[0].metadata
+
     with dg.DagsterInstance.ephemeral() as instance:
-        good = dg.materialize([llm_checkpoint], instance=instance, resources=resources(data_root, tmp_path / "a", qwen_dir),
-                              run_config=run_config(max_epoch=3))
-        assert good.success
-        meta = good.asset_materializations_for_node("llm_checkpoint")[0].metadata
-        assert meta["steps"].value == 6 and meta["cv_loss"].value > 0
-        assert meta["loss_curve"].value.startswith("![LLM loss](data:image/png;base64,")
-        assert meta["last_tokens_per_s"].value > 0
-        checks = good.get_asset_check_evaluations()
-        assert [(c.check_name, c.passed) for c in checks] == [("cv_loss_finite_and_not_worse", True)]
-        assert os.path.exists(tmp_path / "a" / "epoch_2_whole.pt")
+        good, meta1, check1 = train(max_epoch=2)
+        dir1 = models / good.run_id
+        assert meta1["run_dir"].value == str(dir1) and checkpoints_of(dir1) == ["epoch_0_whole.pt", "epoch_1_whole.pt"]
+        assert meta1["steps"].value == 4 and meta1["cv_loss"].value > 0
+        assert meta1["loss_curve"].value.startswith("![LLM loss](data:image/png;base64,")
+        assert meta1["last_tokens_per_s"].value > 0
+        sha = hashlib.sha256(open(os.path.join(data_root, "cv.data.list"), "rb").read()).hexdigest()
+        assert meta1["cv_list_sha256"].value == sha and check1.passed
 
-        # a worse model (one epoch from scratch) must not pass the blocking check
-        worse = dg.materialize([llm_checkpoint], instance=instance, resources=resources(data_root, tmp_path / "b", qwen_dir),
-                               run_config=run_config(max_epoch=1), raise_on_error=False)
-        evaluation = worse.get_asset_check_evaluations()[0]
-        assert not evaluation.passed
-        assert evaluation.metadata["previous_cv_loss"].value == pytest.approx(meta["cv_loss"].value)
+        resumed, meta2, check2 = train(max_epoch=2, resume_from=str(dir1 / "epoch_0_whole.pt"), cv_tolerance=0.01)
+        dir2 = models / resumed.run_id
+        assert meta2["run_dir"].value == str(dir2) and checkpoints_of(dir2) == ["epoch_1_whole.pt"]
+        assert checkpoints_of(dir1) == ["epoch_0_whole.pt", "epoch_1_whole.pt"]
+        assert check2.passed and meta2["cv_loss"].value == pytest.approx(meta1["cv_loss"].value, rel=0.01)
+        assert check2.metadata["baseline_run_id"].value == good.run_id
 
-        averaged = dg.materialize([llm_averaged], instance=instance, resources=resources(data_root, tmp_path / "a", qwen_dir),
-                                  run_config=dg.RunConfig(ops={"llm_averaged": {"config": {"num": 2}}}))
-        assert averaged.success
+        worse, meta3, check3 = train(max_epoch=1, raise_on_error=False)
+        assert not worse.success and not check3.passed
+        assert check3.metadata["baseline_run_id"].value == resumed.run_id
+        assert check3.metadata["baseline_cv_loss"].value == pytest.approx(meta2["cv_loss"].value)
+
+        averaged = average()  # the latest llm_checkpoint was rejected: the released run is averaged, alone
+        assert averaged["llm_checkpoint_run_id"].value == resumed.run_id and averaged["run_dir"].value == str(dir2)
+        assert averaged["sources"].value == ["epoch_1_whole.pt"] and averaged["averaged"].value == 1
     sd = torch.load(os.path.join(data_root, "llm", "llm.pt"), weights_only=True)
     from cosyvoice.config import load_recipe, training_overrides
 
     load_recipe(TINY_RECIPE, training_overrides("llm"))["llm"].load_state_dict(sd, strict=True)
+
+
+class CannedTrainer:
+    """Stands in for the trainer process behind PipesSubprocessClient: reports a given CV loss."""
+
+    def __init__(self, monkeypatch):
+        self.cv_loss = None
+        trainer = self
+
+        class Invocation:
+            def get_custom_messages(self):
+                return []
+
+            def get_materialize_result(self):
+                return dg.MaterializeResult(metadata={"cv_loss": dg.MetadataValue.float(trainer.cv_loss),
+                                                      "steps": dg.MetadataValue.int(1)})
+
+        monkeypatch.setattr(dg.PipesSubprocessClient, "run", lambda self, **kwargs: Invocation())
+
+
+def test_the_cv_gate_compares_with_the_last_passed_run_on_the_same_cv_list(tmp_path, monkeypatch):
+    """good (released), worse (rejected), better than the rejected one but worse than the good one
+    (still rejected: a rejected run is never the baseline); then a changed cv.data.list resets the
+    baseline and the check says so; the real llm_checkpoint and its check on a real instance."""
+    trainer = CannedTrainer(monkeypatch)
+    (tmp_path / "train.data.list").write_text("a.tar\n")
+    (tmp_path / "cv.data.list").write_text("cv-1.tar\ncv-2.tar\n")
+    res = {"store": DataStore(root=str(tmp_path)), "training": TrainingResource(model_dir=str(tmp_path / "m"))}
+
+    def gate(cv_loss):
+        trainer.cv_loss = cv_loss
+        result = dg.materialize([llm_checkpoint], instance=instance, resources=res, raise_on_error=False)
+        (evaluation,) = result.get_asset_check_evaluations()
+        return result.run_id, evaluation
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        good, first = gate(2.0)
+        assert first.passed and "first baseline" in first.description
+        _, worse = gate(3.0)
+        assert not worse.passed and worse.metadata["baseline_run_id"].value == good
+        _, between = gate(2.5)
+        assert not between.passed, "the rejected run (3.0) became the baseline"
+        assert between.metadata["baseline_cv_loss"].value == 2.0 and "worse than the released 2" in between.description
+        better, improved = gate(1.5)
+        assert improved.passed and improved.metadata["baseline_run_id"].value == good
+        _, nan = gate(float("nan"))
+        assert not nan.passed and "not finite" in nan.description
+
+        (tmp_path / "cv.data.list").write_text("cv-1.tar\n")  # a changed CV set
+        _, reset = gate(9.0)
+        assert reset.passed and reset.metadata["baseline_reset"].value
+        assert "CV list changed" in reset.description and better in reset.description
+        assert math.isnan(reset.metadata["baseline_cv_loss"].value)
+        _, after = gate(9.5)  # the reset run is the new baseline, on the new list
+        assert not after.passed and after.metadata["baseline_cv_loss"].value == 9.0
 
 
 def test_the_gpu_training_pod_validates_and_requests_gpus():
@@ -71,7 +155,8 @@ def test_the_gpu_training_pod_validates_and_requests_gpus():
                                 deepspeed_config="/app/configs/ds_stage2.json", image="cosyvoice-pipeline-gpu:1",
                                 volume_claim="cosyvoice-models")
     command = train_command(TrainConfig(gpus_per_node=8, engine="deepspeed"), training, "s3://b/train.data.list",
-                            "s3://b/cv.data.list")
+                            "s3://b/cv.data.list", run_dir=training.run_dir("0123-abcd"))
+    assert command[command.index("--model_dir") + 1] == "/models/llm/0123-abcd"
     assert command[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=1"]
     assert "--deepspeed_config" in command and "/app/configs/ds_stage2.json" in command
     pod = build_pod_body(pod_name="train-llm", image=training.image, command=command,
@@ -90,13 +175,15 @@ def test_the_gpu_training_pod_validates_and_requests_gpus():
 def test_multi_node_uses_a_static_rendezvous_with_this_node_as_rank_0():
     training = TrainingResource(model_dir="/m", python="python")
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        train_command(TrainConfig(nodes=2), training, "a", "b")
-    command = train_command(TrainConfig(nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400"), training, "a", "b")
+        train_command(TrainConfig(nodes=2), training, "a", "b", run_dir="/m/r")
+    command = train_command(TrainConfig(nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400"), training, "a", "b",
+                            run_dir="/m/r")
     launcher = command[:command.index("cosyvoice.cli")]
     assert {"--rdzv_endpoint=node0:29400", "--rdzv_backend=static", "--node_rank=0", "--nnodes=2",
             "--nproc_per_node=4"} <= set(launcher)
     assert "--standalone" not in launcher
-    override = train_command(TrainConfig(nodes=2), training, "a", "b", rdzv_endpoint="node-0.svc:29400")
+    override = train_command(TrainConfig(nodes=2), training, "a", "b", run_dir="/m/r",
+                             rdzv_endpoint="node-0.svc:29400")
     assert "--rdzv_endpoint=node-0.svc:29400" in override
 
 
