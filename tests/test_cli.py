@@ -49,3 +49,59 @@ def test_make_synthetic_corpus_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "wrote 8 utterances" in out.stdout and "+ 22 broken files" in out.stdout
     assert sorted(os.listdir(tmp_path / "LibriTTS")) == ["dev-clean", "test-clean"]
+
+
+def test_cli_chain_accounts_for_a_20ms_clip_in_files_alone(clean_corpus, tiny_models, tmp_path, capsys):
+    """extract-embedding fails a 20 ms clip (no 25 ms fbank window): it is listed in
+    failed_extract_embedding.tsv and carried by make-parquet with that stage and reason, so
+    parquet rows + failed_make_parquet.tsv rows == wav.scp lines, read from the files only."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from cosyvoice.cli import main
+
+    data = tmp_path / "dev-clean"
+    assert main(["prepare-libritts", "--src_dir", os.path.join(clean_corpus, "dev-clean"), "--des_dir", str(data),
+                 "--num_workers", "1"]) == 0
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, np.full(480, 0.1, dtype=np.float32), 24000, subtype="PCM_16")  # 20 ms
+    spk = (data / "utt2spk").read_text().split()[1]
+    short = f"{spk}_1_000000_000099"
+
+    def add(name, value):
+        lines = (data / name).read_text().splitlines() + [f"{short} {value}"]
+        (data / name).write_text("".join(f"{line}\n" for line in sorted(lines)))
+
+    add("wav.scp", clip)
+    add("text", "a short clip")
+    add("utt2spk", spk)
+    for command, model in (("extract-embedding", "campplus.onnx"), ("extract-speech-token", "speech_tokenizer_v2.onnx")):
+        assert main([command, "--dir", str(data), "--onnx_path", os.path.join(tiny_models, model),
+                     "--num_thread", "1"]) == 0
+    assert main(["make-parquet", "--src_dir", str(data), "--des_dir", str(data / "parquet"),
+                 "--num_utts_per_parquet", "6"]) == 0
+    capsys.readouterr()
+
+    def tsv(path):
+        header, *rows = path.read_text().splitlines()
+        assert header.split("\t") == ["utt", "path", "stage", "reason", "detail"]
+        return [row.split("\t") for row in rows]
+
+    embedding_failures = tsv(data / "failed_extract_embedding.tsv")
+    assert [r[:4] for r in embedding_failures] == [[short, str(clip), "extract_embedding", "feature_error"]]
+    token_failures = tsv(data / "failed_extract_speech_token.tsv")
+    assert all(r[2] == "extract_speech_token" for r in token_failures)
+    utterances = (data / "wav.scp").read_text().splitlines()
+    shards = (data / "parquet" / "data.list").read_text().splitlines()
+    rows = [u for shard in shards for u in pq.read_table(shard, columns=["utt"]).column("utt").to_pylist()]
+    listed = tsv(data / "parquet" / "failed_make_parquet.tsv")
+    assert len(rows) + len(listed) == len(utterances) == 16
+    assert sorted(rows + [r[0] for r in listed]) == sorted(line.split()[0] for line in utterances)
+    assert [r[:4] for r in listed] == [[short, str(clip), "extract_embedding", "feature_error"]]  # not missing_utt_embedding
+
+    # the clip removed and the stage re-run: its list is replaced by one with the header alone
+    (data / "wav.scp").write_text("".join(f"{line}\n" for line in utterances if not line.startswith(short)))
+    assert main(["extract-embedding", "--dir", str(data), "--onnx_path", os.path.join(tiny_models, "campplus.onnx"),
+                 "--num_thread", "1"]) == 0
+    assert (data / "failed_extract_embedding.tsv").read_text() == "utt\tpath\tstage\treason\tdetail\n"

@@ -170,3 +170,24 @@ def test_audio_too_short_for_the_features_is_reported_and_the_rest_extracted(fea
     assert sorted(report.results) == sorted(u for u, _ in good)
     assert [f.utt for f in report.failures] == ["0000_tiny"]
     assert report.failures[0].reason == "feature_error"
+
+
+def test_each_stage_stores_its_failures_sorted_with_a_header(feature_dir, tiny_models, embeddings, tmp_path):
+    """``failed_<stage>.tsv`` beside the .pt files: the undecodable file with its reason; the token
+    stage lists it under its own name."""
+    from cosyvoice.problems import read_failures
+
+    report, *_ = embeddings
+    listed = read_failures(os.path.join(feature_dir, "failed_extract_embedding.tsv"))
+    assert [(p.utt, p.path, p.stage, p.reason) for p in listed] == [
+        (BAD, wavs(feature_dir)[BAD], "extract_embedding", "undecodable_audio")]
+    assert report.failures_url == os.path.join(feature_dir, "failed_extract_embedding.tsv")
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(feature_dir, data)
+    extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    text = (data / "failed_extract_speech_token.tsv").read_text()
+    assert text.splitlines()[0] == "utt\tpath\tstage\treason\tdetail"
+    assert [line.split("\t")[:4] for line in text.splitlines()[1:]] == [
+        [BAD, wavs(feature_dir)[BAD], "extract_speech_token", "undecodable_audio"]]

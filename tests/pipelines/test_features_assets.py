@@ -119,13 +119,14 @@ def test_a_killed_run_leaves_no_partial_shard_and_a_rerun_matches_an_uninterrupt
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    visible = sorted(n for n in os.listdir(out) if not n.startswith("."))
+    visible = sorted(n for n in os.listdir(out) if n.endswith(".parquet"))
     assert 1 <= len(visible) < 3, visible
-    for name in visible:  # whatever is visible is complete and final
+    for name in visible:  # whatever is visible is complete and final, its failure list written before it
+        assert (out / name.replace(".parquet", ".failed.tsv")).exists()
         assert (out / name).read_bytes() == (reference_root / "speaker_embeddings" / "dev-clean" / name).read_bytes()
     rerun = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert sorted(os.listdir(out)) == [f"{s}.parquet" for s in SHARDS]
+    assert sorted(os.listdir(out)) == sorted(f"{s}{ext}" for s in SHARDS for ext in (".parquet", ".failed.tsv"))
     for shard in SHARDS:
         name = f"{shard}.parquet"
         assert (out / name).read_bytes() == (reference_root / "speaker_embeddings" / "dev-clean" / name).read_bytes()
@@ -139,7 +140,7 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
     root, features, _, shards, lists = pipeline_run
     assert shards.success and lists.success
     checks = {e.check_name: e.passed for e in shards.get_asset_check_evaluations()}
-    assert checks == {"row_count": True, "schema_matches_contract": True}
+    assert checks == {"row_count": True, "schema_matches_contract": True, "failure_budget": True}
     meta = shards.asset_materializations_for_node("parquet_shards")[0].metadata
     assert meta["rows"].value == 15 and meta["skipped"].value == 0
     embedding_hours = features.asset_materializations_for_node("speech_tokens")[0].metadata["audio_hours"].value
@@ -170,3 +171,89 @@ def test_speech_tokens_on_the_torch_runtime_write_the_onnxruntime_tokens(pipelin
     name = os.path.join("speech_tokens", "dev-clean", f"{SHARDS[1]}.parquet")
     ours, reference = read_parquet(str(tmp_path / name)), read_parquet(str(root / name))
     assert ours.select(["utt", "speech_token"]).equals(reference.select(["utt", "speech_token"]))
+
+
+def _gate(instance):
+    """The retrain schedule's verdict on this instance: ``(failing checks, RunRequest | SkipReason)``."""
+    from datetime import datetime, timezone
+
+    from pipelines.definitions import defs
+    from pipelines.schedules import failing_checks, retrain_schedule
+
+    context = dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def(),
+                                        scheduled_execution_time=datetime(2026, 11, 29, 3, tzinfo=timezone.utc))
+    return failing_checks(instance, defs.resolve_asset_graph()), retrain_schedule(context)
+
+
+def test_a_model_that_fails_every_utterance_fails_the_blocking_budget_and_holds_retraining(
+        clean_corpus, tiny_models, tmp_path):
+    res = resources(clean_corpus, tmp_path, tiny_models)
+    res["models"] = ModelStore(root=tiny_models, campplus="speech_tokenizer_v2.onnx")  # the wrong model
+    with dg.instance_for_test() as instance:
+        dg.materialize([manifest], partition_key="dev-clean", instance=instance, resources=res,
+                       run_config={"ops": {"manifest": {"config": {"utts_per_shard": 5}}}})
+        result = dg.materialize([speaker_embeddings], partition_key=SHARDS[1], instance=instance, resources=res,
+                                run_config={"ops": {"speaker_embeddings": {"config": {"num_workers": 1}}}},
+                                raise_on_error=False)
+        assert not result.success  # the blocking check fails the step: no green run with an empty shard
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks["failure_budget"] is False and checks["all_utterances_present"] is True
+        meta = result.asset_materializations_for_node("speaker_embeddings")[0].metadata
+        shard = meta["per_shard"].value[SHARDS[1]]
+        assert (shard["total"], shard["present"], shard["quarantined"], shard["failed"]) == (5, 0, 5, 5)
+        assert meta["quarantined_utterances"].value == 5 and len(shard["quarantined_utterances"]) == 5
+        listed = (tmp_path / "speaker_embeddings" / "dev-clean" / f"{SHARDS[1]}.failed.tsv").read_text().splitlines()
+        assert len(listed) == 6 and all(line.split("\t")[2:4] == ["extract_embedding", "model_error"]
+                                        for line in listed[1:])
+        failing, verdict = _gate(instance)
+        assert failing == {"speaker_embeddings:failure_budget": [SHARDS[1]]}
+        assert isinstance(verdict, dg.SkipReason) and "speaker_embeddings:failure_budget" in verdict.skip_message
+
+
+def test_one_bad_clip_within_the_budget_is_quarantined_and_does_not_hold_retraining(
+        clean_corpus, tiny_models, tmp_path):
+    """Over the default 1 % budget (1 of 5 = 20 %) the clip's shard -- and only that shard of the
+    backfill -- holds the gate; with a 25 % budget the shard is re-run alone, passes, and releases it.
+    The training shard lists the clip with the embedding stage's reason."""
+    import json
+    import shutil
+
+    import numpy as np
+    import soundfile as sf
+
+    corpus = tmp_path / "LibriTTS"
+    shutil.copytree(clean_corpus, corpus)
+    root = tmp_path / "data"
+    res = resources(str(corpus), root, tiny_models)
+    budget = {"num_workers": 1, "max_failed_fraction": 0.25}
+    with dg.instance_for_test() as instance:
+        dg.materialize([manifest], partition_key="dev-clean", instance=instance, resources=res,
+                       run_config={"ops": {"manifest": {"config": {"utts_per_shard": 5}}}})
+        bad = json.loads((root / "manifest" / "dev-clean" / "shards.json").read_text())[SHARDS[1]][2]
+        wav = dict(line.split() for line in (root / "manifest" / "dev-clean" / "wav.scp").read_text().splitlines())
+        sf.write(wav[bad], np.full(480, 0.1, dtype=np.float32), 24000, subtype="PCM_16")  # now a 20 ms clip
+        strict = dg.materialize([speaker_embeddings], instance=instance, resources=res,
+                                tags=range_tags(SHARDS[0], SHARDS[-1]), raise_on_error=False,
+                                run_config={"ops": {"speaker_embeddings": {"config": {"num_workers": 1}}}})
+        assert not strict.success
+        failing, verdict = _gate(instance)
+        assert failing == {"speaker_embeddings:failure_budget": [SHARDS[1]]} and isinstance(verdict, dg.SkipReason)
+
+        features = dg.materialize([speaker_embeddings], partition_key=SHARDS[1], instance=instance, resources=res,
+                                  run_config={"ops": {"speaker_embeddings": {"config": budget}}})
+        tokens = dg.materialize([speech_tokens], partition_key=SHARDS[1], instance=instance, resources=res,
+                                run_config={"ops": {"speech_tokens": {"config": budget}}})
+        dg.materialize([speaker_means], partition_key="dev-clean", instance=instance, resources=res)
+        shards = dg.materialize([parquet_shards], partition_key=SHARDS[1], instance=instance, resources=res,
+                                run_config={"ops": {"parquet_shards": {"config": {"max_failed_fraction": 0.25}}}})
+        for result in (features, tokens, shards):
+            assert result.success and all(e.passed for e in result.get_asset_check_evaluations())
+        shard = features.asset_materializations_for_node("speaker_embeddings")[0].metadata["per_shard"].value[SHARDS[1]]
+        assert (shard["total"], shard["present"], shard["quarantined"], shard["failed"]) == (5, 4, 1, 1)
+        assert shard["quarantined_utterances"] == [f"{bad}: feature_error"]
+        listed = (root / "parquet" / "dev-clean" / "parquet_000000001.failed.tsv").read_text().splitlines()
+        assert [line.split("\t")[:4] for line in listed[1:]] == [[bad, wav[bad], "extract_embedding", "feature_error"]]
+        meta = shards.asset_materializations_for_node("parquet_shards")[0].metadata
+        assert meta["rows"].value == 4 and meta["quarantined_utterances"].value == 1
+        failing, verdict = _gate(instance)
+        assert failing == {} and isinstance(verdict, dg.RunRequest)

@@ -33,3 +33,6 @@ def test_corpus_features_and_shards_all_on_s3_match_a_local_run(clean_corpus, ti
         ours = pq.read_table(str(local / "parquet" / f"parquet_{i:09d}.tar"))
         assert remote.drop_columns(["wav"]).equals(ours.drop_columns(["wav"]))
         assert all(w.startswith(f"{src}/") for w in remote.column("wav").to_pylist())
+    for name in ("failed_extract_embedding.tsv", "failed_extract_speech_token.tsv", "parquet/failed_make_parquet.tsv"):
+        assert fs.cat_file(f"{s3_bucket}/data/dev-clean/{name}") == (local / name).read_bytes() == (
+            b"utt\tpath\tstage\treason\tdetail\n")  # stored on S3 like locally: the header, no failures
