@@ -15,7 +15,13 @@ from cosyvoice import storage
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import loads_plan
-from cosyvoice.features.extract import STAGES, ExtractionReport, default_workers, run_extraction, speaker_means
+from cosyvoice.features.extract import (
+    STAGES,
+    ExtractionReport,
+    default_workers,
+    run_extraction,
+    speaker_means,
+)
 from cosyvoice.features.store import save_pt
 from cosyvoice.problems import failures_name, failures_next_to, read_failures, write_failures
 

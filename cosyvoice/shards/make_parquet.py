@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from cosyvoice import storage
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
-from cosyvoice.problems import UtteranceProblem, failures_name, failures_next_to, read_failures, write_failures
+from cosyvoice.problems import (
+    UtteranceProblem,
+    failures_name,
+    failures_next_to,
+    read_failures,
+    write_failures,
+)
 from cosyvoice.shards.parquet import Columns, ShardReport, ShardRow, write_shard
 
 STAGE = "make_parquet"
