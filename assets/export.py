@@ -17,6 +17,7 @@ from cosyvoice.export.engine import build_engine
 from cosyvoice.export.hf import export_hf
 from cosyvoice.export.trtllm import CONTAINER_IMAGE
 from cosyvoice.export.variants import convert_variants, variant_name, variant_options
+from pipelines.k8s import literal_env
 from pipelines.resources import PROJECT_ROOT, DataStore, deployment
 
 VERIFY_CHECK = "reference_forward_verified"
@@ -25,8 +26,8 @@ ENGINE_EXCLUDED_REASON = (
     "trtllm_engine is not in the embedded deployment's default selection: trtllm-build runs only inside the "
     f"TensorRT-LLM container ({CONTAINER_IMAGE}) on an NVIDIA GPU. Set COSYVOICE_DEPLOYMENT=distributed to build it "
     "as a Kubernetes pod, or run k8s/trtllm-engine-job.yaml.")
-_FORWARDED_ENV = ("COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION")
+#: forwarded into the engine pod as literal values; the credentials come from the job template's Secret (envFrom)
+_FORWARDED_ENV = ("COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
 class HfExportConfig(dg.Config):
@@ -113,7 +114,7 @@ def engine_pod_spec(config: EngineConfig, checkpoint_url: str) -> dict:
     this run's checkpoint, build flags and images; the publishing container is the Pipes one."""
     with open(ENGINE_JOB_MANIFEST) as f:
         spec = copy.deepcopy(yaml.safe_load(f)["spec"]["template"]["spec"])
-    forwarded = [{"name": k, "value": os.environ[k]} for k in _FORWARDED_ENV if k in os.environ]
+    forwarded = literal_env({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
     fetch, build = spec["initContainers"]
     fetch["image"] = config.pipeline_image
     fetch["env"] = [{"name": "CHECKPOINT_URL", "value": checkpoint_url}, *forwarded]

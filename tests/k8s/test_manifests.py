@@ -146,7 +146,8 @@ def pipes_pod_specs() -> list[tuple[str, dict]]:
     try:
         from assets.training import training_pod_spec
 
-        specs.append(("training", training_pod_spec(2, volume_claim="cosyvoice-models")))
+        specs.append(("training", training_pod_spec(2, volume_claim="cosyvoice-models",
+                                                    credentials_secret="cosyvoice-s3")))
     except ImportError:
         pass
     try:
@@ -192,6 +193,20 @@ def test_rbac_is_least_privilege_and_matches_the_helm_values():
     values = yaml.safe_load((K8S / "helm" / "values.yaml").read_text())
     assert values["rbacEnabled"] is False and values["serviceAccount"]["create"] is False
     assert values["serviceAccount"]["name"] == values["global"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_the_rbac_comment_states_the_real_boundary_creating_pods_reaches_every_secret_of_the_namespace():
+    """The Role has no verbs on Secrets, but ``pods: create`` lets the account run a pod that mounts
+    any Secret of its namespace: the comment must not promise more than the namespace gives."""
+    text = (K8S / "rbac.yaml").read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    (role,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Role"]
+    assert any("pods" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    assert not re.search(r"no access to secrets", header, re.IGNORECASE), "pods:create reaches every Secret"
+    assert re.search(r"boundary: the namespace", header, re.IGNORECASE)
+    assert "dedicated namespace" in header and "any Secret of the namespace" in header
+    (namespace,) = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "Namespace"]
+    assert role["metadata"]["namespace"] == namespace["metadata"]["name"]
 
 
 def test_helm_values_deploy_our_code_location_with_postgres_and_the_k8s_run_launcher():
@@ -266,8 +281,8 @@ def test_multi_node_training_manifests_validate_and_wire_node_0_to_the_workers(t
     layout = MultiNodeLayout("cv-train-0123abcd", 4, "cosyvoice")
     training = TrainingResource(model_dir="/models/llm", launcher="k8s", image="registry.example.com/gpu:1")
     command = train_command(TrainConfig(nodes=4, gpus_per_node=8), training, "s3://b/train list", "s3://b/cv",
-                            rdzv_endpoint=layout.rdzv_endpoint)
-    spec = training_pod_spec(8, volume_claim="cosyvoice-models")
+                            run_dir=training.run_dir("0123abcd"), rdzv_endpoint=layout.rdzv_endpoint)
+    spec = training_pod_spec(8, volume_claim="cosyvoice-models", credentials_secret=training.credentials_secret)
     service, job = layout.service(), layout.worker_job(image=training.image, command=command,
                                                        env={"AWS_DEFAULT_REGION": "x"}, pod_spec=spec)
     pod = build_pod_body(pod_name="dagster-pipes-train", image=training.image, command=command,
@@ -283,6 +298,7 @@ def test_multi_node_training_manifests_validate_and_wire_node_0_to_the_workers(t
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
     worker = job["spec"]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8 and worker["image"] == training.image
+    assert worker["envFrom"] == pod["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "cosyvoice-s3"}}]
 
     # run the worker's command line through a real shell, with a stand-in for python that prints argv
     echo = tmp_path / "python"
