@@ -4,7 +4,8 @@ It serves moto's S3 app (the same in-process backend as the ``s3_server`` fixtur
 through either endpoint are visible through both) behind a small WSGI middleware with a fault plan:
 ``faults.plan("wavs/a.wav", [503, None, 500])`` answers the 1st GET of a key ending in
 ``wavs/a.wav`` with 503 ServiceUnavailable, lets the 2nd through and answers the 3rd with 500
-InternalError; ``faults.plan(key, always=503)`` fails every GET. ``faults.gets[key]`` counts GETs.
+InternalError; ``faults.plan(key, always=503)`` fails every GET. ``faults.gets[key]`` counts GETs,
+``faults.served[key]`` the injected error answers.
 
 ``use(monkeypatch)`` points ``cosyvoice.storage`` at it with botocore's own retries off
 (``AWS_MAX_ATTEMPTS=1``: the injected faults stand for a throttle that outlasted the client's
@@ -34,6 +35,7 @@ class FaultyS3:
         self.app = DomainDispatcherApplication(create_backend_app)
         self.plans: dict[str, tuple[list, int | None]] = {}
         self.gets: dict[str, int] = {}
+        self.served: dict[str, int] = {}
         self.lock = threading.Lock()
         self.server = make_server("127.0.0.1", 0, self, threaded=True, request_handler=MotoRequestHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -44,12 +46,13 @@ class FaultyS3:
         """Answers for the next GETs of objects whose key ends with ``key`` (None = serve it)."""
         with self.lock:
             self.plans[key] = (list(answers), always)
-            self.gets[key] = 0
+            self.gets[key] = self.served[key] = 0
 
     def clear(self) -> None:
         with self.lock:
             self.plans.clear()
             self.gets.clear()
+            self.served.clear()
 
     def _fault(self, environ) -> int | None:
         if environ["REQUEST_METHOD"] != "GET":
@@ -59,9 +62,9 @@ class FaultyS3:
             for key, (answers, always) in self.plans.items():
                 if path.endswith("/" + key):
                     self.gets[key] += 1
-                    if always is not None:
-                        return always
-                    return answers.pop(0) if answers else None
+                    answer = always if always is not None else (answers.pop(0) if answers else None)
+                    self.served[key] += answer is not None
+                    return answer
         return None
 
     def __call__(self, environ, start_response):

@@ -58,7 +58,8 @@ def _shard_rows(source: dict, batch_rows: int) -> Iterator[dict]:
     url, done, delays = source["src"], 0, storage.retry_delays()
     while True:
         try:
-            with storage.open_read(url, retry=False) as handle, pq.ParquetFile(handle) as parquet:
+            # pre_buffer=False: read row group by row group (pre-buffering reads the whole shard at once)
+            with storage.open_read(url, retry=False) as handle, pq.ParquetFile(handle, pre_buffer=False) as parquet:
                 seen = 0
                 for batch in parquet.iter_batches(batch_size=batch_rows):
                     if seen + batch.num_rows <= done:  # yielded before a transient error: skip
