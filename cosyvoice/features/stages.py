@@ -183,7 +183,9 @@ def reduce_speaker_means(manifest_dir: str, shard_urls: list[str], out_url: str)
 def export_upstream_features(dest_dir: str, embedding_shards: list[str], token_shards: list[str],
                              speaker_means_url: str | None) -> dict[str, int]:
     """Write ``utt2embedding.pt`` / ``spk2embedding.pt`` / ``utt2speech_token.pt`` from shard parquet files,
-    so the upstream trainer and ``make_parquet_list.py`` can consume the pipeline's features."""
+    so the upstream trainer and ``make_parquet_list.py`` can consume the pipeline's features, with the
+    shards' failures gathered into ``failed_extract_embedding.tsv`` / ``failed_extract_speech_token.tsv``
+    (what ``make-parquet`` reads to carry the reasons)."""
     from cosyvoice.features.store import read_parquet
 
     written: dict[str, int] = {}
@@ -195,7 +197,13 @@ def export_upstream_features(dest_dir: str, embedding_shards: list[str], token_s
             out.update(zip(table.column("utt").to_pylist(), table.column(column).to_pylist()))
         return dict(sorted(out.items()))
 
+    def failures(urls: list[str], kind: str) -> None:
+        problems = [p for url in urls for p in read_failures(failures_next_to(url)) or []]
+        write_failures(storage.join(dest_dir, failures_name(STAGES[kind])), problems)
+        written[failures_name(STAGES[kind])] = len(problems)
+
     if embedding_shards:
+        failures(embedding_shards, "embedding")
         utt2embedding = gather(embedding_shards, "embedding")
         save_pt(storage.join(dest_dir, "utt2embedding.pt"), utt2embedding)
         written["utt2embedding.pt"] = len(utt2embedding)
@@ -205,6 +213,7 @@ def export_upstream_features(dest_dir: str, embedding_shards: list[str], token_s
         save_pt(storage.join(dest_dir, "spk2embedding.pt"), spk2embedding)
         written["spk2embedding.pt"] = len(spk2embedding)
     if token_shards:
+        failures(token_shards, "speech_token")
         utt2token = gather(token_shards, "speech_token")
         save_pt(storage.join(dest_dir, "utt2speech_token.pt"), utt2token)
         written["utt2speech_token.pt"] = len(utt2token)

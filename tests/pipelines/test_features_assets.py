@@ -137,7 +137,7 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
 
     from cosyvoice.shards.make_parquet import make_parquet
 
-    root, features, _, shards, lists = pipeline_run
+    root, features, per_subset, shards, lists = pipeline_run
     assert shards.success and lists.success
     checks = {e.check_name: e.passed for e in shards.get_asset_check_evaluations()}
     assert checks == {"row_count": True, "schema_matches_contract": True, "failure_budget": True}
@@ -145,7 +145,10 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
     assert meta["rows"].value == 15 and meta["skipped"].value == 0
     embedding_hours = features.asset_materializations_for_node("speech_tokens")[0].metadata["audio_hours"].value
     assert meta["audio_hours"].value == pytest.approx(embedding_hours, rel=1e-3)
-    make_parquet(str(root / "manifest" / "dev-clean"), str(tmp_path / "cli"), num_utts_per_parquet=5)
+    report = make_parquet(str(root / "manifest" / "dev-clean"), str(tmp_path / "cli"), num_utts_per_parquet=5)
+    assert report.skipped == [] and per_subset.asset_materializations_for_node("upstream_feature_files")[0].metadata[
+        "failed_extract_embedding.tsv"].value == 0  # the shards' failure lists are exported beside the .pt files
+    assert (root / "manifest" / "dev-clean" / "failed_extract_speech_token.tsv").read_text().startswith("utt\tpath")
     for i in range(3):
         name = f"parquet_{i:09d}.tar"
         assert pq.read_table(str(root / "parquet" / "dev-clean" / name)).equals(pq.read_table(str(tmp_path / "cli" / name)))
