@@ -47,3 +47,105 @@ def test_temp_files_of_a_killed_writer_are_hidden_and_swept_on_the_next_write(tm
     assert not leftover.name.endswith(".parquet")
     storage.write_bytes(str(tmp_path / "shard.parquet"), b"complete")
     assert os.listdir(tmp_path) == ["shard.parquet"]
+
+
+def _client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": "injected"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+@pytest.mark.parametrize("exc", [
+    ConnectionResetError("reset by peer"), TimeoutError("read timed out"), BrokenPipeError(),
+    OSError(16, "Please reduce your request rate."),  # s3fs: SlowDown / ServiceUnavailable / 503 -> EBUSY
+    OSError(121, "We encountered an internal error. Please try again."),  # s3fs: InternalError / 500 -> EREMOTEIO
+    OSError(5, "An error occurred (502) when calling the GetObject operation: Bad Gateway"),
+    OSError(5, "An error occurred (SlowDown) when calling the PutObject operation"),
+    _client_error("SlowDown", 503), _client_error("InternalError", 500), _client_error("ThrottlingException", 400),
+    _client_error("", 504), _client_error("TooManyRequests", 429),
+])
+def test_throttling_5xx_resets_and_timeouts_are_transient(exc):
+    import pickle
+
+    assert storage.is_transient(exc)
+    wrapped = RuntimeError("while reading shard 3")
+    wrapped.__cause__ = exc
+    assert storage.is_transient(wrapped)
+    if isinstance(exc, OSError):  # what a worker process hands back: the cause chain is gone
+        assert storage.is_transient(pickle.loads(pickle.dumps(exc)))
+
+
+@pytest.mark.parametrize("exc", [
+    FileNotFoundError("s3://b/x.wav"), PermissionError("Access Denied"), IsADirectoryError("/data"),
+    _client_error("NoSuchKey", 404), _client_error("AccessDenied", 403), _client_error("InvalidRange", 416),
+    OSError(22, "The specified bucket is not valid."), OSError(5, "Input/output error"),
+    ValueError("WAV header declares 0 frames"), RuntimeError("Error opening <_io.BytesIO>: Format not recognised."),
+])
+def test_missing_forbidden_and_undecodable_are_permanent(exc):
+    assert not storage.is_transient(exc)
+
+
+def test_the_first_error_in_a_chain_that_tells_decides():
+    missing = FileNotFoundError("s3://b/x.wav")
+    missing.__context__ = ConnectionResetError("reset while listing")  # raised while handling a reset
+    assert not storage.is_transient(missing)
+    decode = ValueError("not a WAV file")
+    decode.__cause__ = TimeoutError("timed out")
+    assert storage.is_transient(decode)
+
+
+def test_pipelines_use_the_storage_classification():
+    from pipelines import retries
+
+    assert retries.is_transient is storage.is_transient
+
+
+def test_retrying_repeats_transient_errors_with_backoff_then_reraises_the_same_error(monkeypatch):
+    monkeypatch.setenv("COSYVOICE_IO_RETRIES", "3")
+    monkeypatch.setenv("COSYVOICE_IO_RETRY_DELAY_S", "0.01")
+    waits = []
+    monkeypatch.setattr(storage.time, "sleep", waits.append)
+    calls = []
+
+    def flaky(fail_times, exc):
+        def read():
+            calls.append(1)
+            if len(calls) <= fail_times:
+                raise exc
+            return b"data"
+        return read
+
+    assert storage.retrying(flaky(3, ConnectionResetError("reset"))) == b"data" and len(calls) == 4
+    assert len(waits) == 3 and all(0.0075 * 2 ** i <= w <= 0.0125 * 2 ** i for i, w in enumerate(waits))
+
+    calls.clear()
+    throttled = OSError(16, "Please reduce your request rate.")
+    with pytest.raises(OSError) as raised:
+        storage.retrying(flaky(10, throttled))
+    assert raised.value is throttled and len(calls) == 4  # first try + 3 retries, then the error unchanged
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.retrying(flaky(10, FileNotFoundError("gone")))
+    assert len(calls) == 1  # permanent: not retried
+
+
+def test_reads_retry_transient_errors_where_they_happen(tmp_path, monkeypatch):
+    monkeypatch.setenv("COSYVOICE_IO_RETRY_DELAY_S", "0")
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"payload")
+    real_open, failures = open, [ConnectionResetError("reset"), TimeoutError("timed out")]
+
+    def flaky_open(file, *args, **kwargs):
+        if file == str(path) and failures:
+            raise failures.pop(0)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", flaky_open)
+    assert storage.read_bytes(str(path)) == b"payload" and not failures
+    failures[:] = [TimeoutError("timed out")]
+    assert storage.read_head(str(path), 3) == b"pay"
+    failures[:] = [ConnectionResetError("reset")]
+    with storage.open_read(str(path)) as f:
+        assert f.read() == b"payload"
