@@ -7,7 +7,7 @@ through either endpoint are visible through both) behind a small WSGI middleware
 InternalError; ``faults.plan(key, always=503)`` fails every GET. ``faults.gets[key]`` counts GETs,
 ``faults.served[key]`` the injected error answers.
 
-``use(monkeypatch)`` points ``cosyvoice.storage`` at it with botocore's own retries off
+``use(monkeypatch)`` clears the plan and points ``cosyvoice.storage`` at it with botocore's own retries off
 (``AWS_MAX_ATTEMPTS=1``: the injected faults stand for a throttle that outlasted the client's
 retries) and storage's retries fast (``COSYVOICE_IO_RETRIES=3``, ``COSYVOICE_IO_RETRY_DELAY_S=0.01``).
 """
@@ -79,6 +79,8 @@ class FaultyS3:
         return [body]
 
     def use(self, monkeypatch, *, retries: int = 3) -> None:
+        """Point storage at this endpoint for one test, with no faults planned yet."""
+        self.clear()
         monkeypatch.setenv("COSYVOICE_S3_ENDPOINT_URL", self.endpoint)
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
         monkeypatch.setenv("COSYVOICE_IO_RETRIES", str(retries))

@@ -112,6 +112,8 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
     except AudioProblem as problem:
         return Quarantined(utt, path, problem.reason, problem.detail)
     except OSError as exc:
+        if storage.is_transient(exc):  # retried by storage already: fail the stage, do not quarantine
+            raise
         return Quarantined(utt, path, "unreadable_header", f"cannot read the file: {exc}")
     if info.sample_rate < policy.min_sample_rate:
         return Quarantined(utt, path, "low_sample_rate",

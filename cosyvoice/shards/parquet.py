@@ -102,8 +102,9 @@ def _chunks(rows: Iterable[ShardRow], size: int) -> Iterator[list[ShardRow]]:
 def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_per_group: int = ROWS_PER_GROUP) -> ShardReport:
     """Stream ``rows`` (audio read as it goes) into one parquet file, stored atomically at ``url``.
 
-    A row whose audio file cannot be read is skipped and reported; an empty shard is still written
-    (with the schema) so that every planned shard exists.
+    A row whose audio file is missing or may not be read is skipped and reported; a transient read
+    error that outlasted storage's retries fails the shard (nothing is dropped for a throttle); an
+    empty shard is still written (with the schema) so that every planned shard exists.
     """
     staged = storage.staging_path(url)
     skipped: list[UtteranceProblem] = []
@@ -119,6 +120,8 @@ def write_shard(url: str, rows: Iterable[ShardRow], columns: Columns, *, rows_pe
                         audio.append(storage.read_bytes(row.wav))
                         kept.append(row)
                     except OSError as exc:
+                        if storage.is_transient(exc):  # retried by storage already: fail the shard, do not drop
+                            raise
                         skipped.append(UtteranceProblem.from_exception(row.utt, row.wav, "unreadable_audio", exc)
                                        .at("make_parquet"))
                 if kept:
