@@ -1,6 +1,7 @@
 """Where training metrics go: stdout, a JSONL log, TensorBoard and (under Dagster) Pipes.
 
-Only rank 0 reports. The Pipes client (``dagster-pipes``, a small dependency-free package, not
+Tags: ``TRAIN`` (per logged step), ``CV`` (per evaluation), ``DATA`` (per epoch: the data
+pipeline's counters by name, summed over workers and ranks). Only rank 0 reports. The Pipes client (``dagster-pipes``, a small dependency-free package, not
 Dagster itself) is opened only when the launching process set it up, so the trainer runs the
 same from a shell, ``torchrun`` or a Dagster asset.
 """

@@ -9,6 +9,12 @@ when the first rank runs out of data. Fixed: ``--onnx_path`` optional (D2), Deep
 recipe's optimizer/lr/scheduler (D6), DPO averages over target positions (D7), DataLoader with 0
 workers (D12), strict checkpoint loading (D13), an exact resume (optimizer, scheduler, RNG, data
 position) instead of restarting the epoch and the learning-rate schedule.
+
+Run integrity: no silent random Qwen2 init (``--allow_random_init`` or the recipe's
+``allow_random_init`` to ask for it), ``--compile`` keeps the checkpoint keys, the logged loss is
+the step mean over micro-batches and ranks, the epoch's last batch closes its accumulation window,
+rank 0 alone writes the training state, resumes are checked against the run, and the data
+pipeline's drop/filter counters are reported per epoch (tag ``DATA``).
 """
 
 from __future__ import annotations
