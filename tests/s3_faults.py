@@ -30,7 +30,11 @@ ERRORS = {
 
 class FaultyS3:
     def __init__(self):
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            MotoRequestHandler,
+            create_backend_app,
+        )
 
         self.app = DomainDispatcherApplication(create_backend_app)
         self.plans: dict[str, tuple[list, int | None]] = {}
