@@ -1,0 +1,121 @@
+"""The stage table: one row per pipeline stage, naming its three faces.
+
+A stage is a library function first; the ``cosyvoice-pipeline`` subcommand and the Dagster asset
+are thin faces of it. This table is where a reader goes from any face to the others in one hop:
+
+    asset key  ->  library function  ->  CLI subcommand  ->  the one-line description all faces show
+
+The CLI takes each subcommand's help from here (:func:`command_help`), the assets take their
+descriptions from here (``description=STAGES["<asset>"].description``), the README's stage table is
+checked against it, and ``tests/test_stages.py`` fails when a stage lacks a face or when two faces
+call different functions (the CLI handler must dispatch to :attr:`Stage.function`; the asset body
+must call it). Subcommands that are not stages of the asset graph (corpus generators, inspection and
+maintenance tools) are listed in :data:`TOOLS`, so that every subcommand is accounted for.
+
+Importing this module is cheap (no torch, no dagster): a function is named ``module:attribute`` and
+imported on first use of :attr:`Stage.function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+def _resolve(target: str) -> Callable:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: ``name`` is the asset key, ``target`` the library function as ``module:attribute``,
+    ``command`` the ``cosyvoice-pipeline`` subcommand and ``description`` what every face shows."""
+
+    name: str
+    target: str
+    command: str
+    description: str
+
+    @property
+    def function(self) -> Callable:
+        """The library function itself (imported on first use)."""
+        return _resolve(self.target)
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A subcommand that is not a stage of the asset graph (it has no asset face)."""
+
+    command: str
+    target: str
+    description: str
+
+    @property
+    def function(self) -> Callable:
+        return _resolve(self.target)
+
+
+_ROWS = (
+    Stage("manifest", "cosyvoice.corpus.manifest:prepare_libritts", "prepare-libritts",
+          "one LibriTTS subset -> kaldi data dir (wav.scp, text, utt2spk, spk2utt), shard plan and quarantine"),
+    Stage("speaker_embeddings", "cosyvoice.features.stages:extract_embedding", "extract-embedding",
+          "CAM++ speaker embedding of every utterance (drop-in for tools/extract_embedding.py)"),
+    Stage("speech_tokens", "cosyvoice.features.stages:extract_speech_token", "extract-speech-token",
+          "S3 speech tokens of every utterance (drop-in for tools/extract_speech_token.py)"),
+    Stage("speaker_means", "cosyvoice.features.stages:reduce_speaker_means", "speaker-means",
+          "one vector per speaker of a subset: the plain mean of its utterance embeddings"),
+    Stage("upstream_feature_files", "cosyvoice.features.stages:export_upstream_features", "upstream-feature-files",
+          "utt2embedding.pt / spk2embedding.pt / utt2speech_token.pt of a subset, for the upstream tools"),
+    Stage("parquet_shards", "cosyvoice.shards.make_parquet:make_parquet", "make-parquet",
+          "parquet training shards in the upstream format (drop-in for tools/make_parquet_list.py)"),
+    Stage("training_data_lists", "cosyvoice.shards.lists:make_data_lists", "training-data-lists",
+          "train.data.list / cv.data.list over every prepared subset (and each subset's data.list)"),
+    Stage("llm_checkpoint", "cosyvoice.train.trainer:train", "train",
+          "train the CosyVoice2/3 LLM, SFT or DPO (flags of upstream cosyvoice/bin/train.py)"),
+    Stage("llm_averaged", "cosyvoice.train.checkpoint:average_checkpoints", "average-checkpoints",
+          "average the best checkpoints into llm.pt (upstream cosyvoice/bin/average_model.py)"),
+    Stage("hf_checkpoint", "cosyvoice.export.hf:export_hf", "export-hf",
+          "llm.pt -> HF Qwen2ForCausalLM with speech tokens (TensorRT-LLM/vLLM input)"),
+    Stage("trtllm_checkpoint", "cosyvoice.export.trtllm:convert_checkpoint", "convert-checkpoint",
+          "HF export -> TensorRT-LLM checkpoint, optionally quantized (drop-in for convert_checkpoint.py)"),
+    Stage("trtllm_engine", "cosyvoice.export.engine:build_engine", "build-engine",
+          "trtllm-build a TensorRT-LLM checkpoint into an engine (in the TensorRT-LLM container)"),
+    Stage("triton_model_repo", "cosyvoice.triton.publish:publish_triton_repo", "triton-publish",
+          "render, validate and load-test the Triton model repository, then publish it as a new version"),
+)
+
+#: the stages in graph order, by asset key
+STAGES: dict[str, Stage] = {s.name: s for s in _ROWS}
+#: the same stages by subcommand
+BY_COMMAND: dict[str, Stage] = {s.command: s for s in _ROWS}
+
+#: subcommands that are not stages of the asset graph
+TOOLS: dict[str, Tool] = {t.command: t for t in (
+    Tool("make-synthetic-corpus", "cosyvoice.corpus.synthetic:make_synthetic_corpus",
+         "a deterministic LibriTTS-shaped corpus"),
+    Tool("make-reference-models", "cosyvoice.features.reference_models:make_reference_models",
+         "seeded random-weight ONNX models with the upstream signatures"),
+    Tool("import-hf", "cosyvoice.export.hf:import_hf", "HF export -> llm.pt (exact for our exports)"),
+    Tool("triton-repo", "cosyvoice.triton.render:render_repo",
+         "render the CosyVoice2 Triton model repository (strict) and validate it"),
+    Tool("fill-template", "cosyvoice.triton.render:fill_template",
+         "upstream scripts/fill_template.py semantics (unknown ${...} left as is)"),
+    Tool("triton-validate", "cosyvoice.triton.validate:validate_repo",
+         "schema (ModelConfig protobuf) + semantic checks of a model repository"),
+    Tool("triton-pull", "cosyvoice.triton.publish:pull",
+         "download + verify a published version (default: the channel's pointer, LATEST) into a folder"),
+    Tool("triton-spk2info", "cosyvoice.triton.spk2info:build_spk2info",
+         "spk2info.pt speaker-prompt cache from chosen corpus speakers"),
+    Tool("triton-server-env", "cosyvoice.triton.server:build_server_env",
+         "build (once) the CPU tritonserver environment used by tests"),
+)}
+
+
+def command_help(command: str) -> str:
+    """The help line of a subcommand: its stage's description, or its tool's."""
+    row = BY_COMMAND.get(command) or TOOLS.get(command)
+    if row is None:
+        raise KeyError(f"{command!r} is neither a stage nor a tool in cosyvoice/stages.py: add it there")
+    return row.description
