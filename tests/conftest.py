@@ -98,6 +98,17 @@ def s3_server():
             os.environ[key] = value
 
 
+@pytest.fixture(scope="module")
+def faulty_s3(s3_server):
+    """An S3 endpoint in front of moto that answers chosen GETs with 5xx/throttling
+    (``tests.s3_faults.FaultyS3``), for the transient-fault tests."""
+    from tests.s3_faults import FaultyS3
+
+    server = FaultyS3()
+    yield server
+    server.stop()
+
+
 @pytest.fixture()
 def s3_bucket(s3_server, request) -> str:
     import s3fs
@@ -167,7 +178,7 @@ def training_list(clean_corpus, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = str(root / "data")
     prepare_libritts(os.path.join(clean_corpus, "dev-clean"), data)
-    extract_embedding(data, os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
-    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_embedding(data, os.path.join(tiny_models, "campplus.onnx"), num_workers=1)
+    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     make_parquet(data, str(root / "parquet"), num_utts_per_parquet=4)
     return str(root / "parquet" / "data.list")

@@ -10,16 +10,8 @@ import s3fs
 from cosyvoice import storage
 from cosyvoice.corpus.manifest import prepare_libritts
 from cosyvoice.shards.make_parquet import make_parquet
-from tests.s3_faults import FaultyS3
 
 BUCKET = "corpus-faults"
-
-
-@pytest.fixture(scope="module")
-def faulty_s3(s3_server):
-    server = FaultyS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,8 @@ import s3fs
 
 from cosyvoice import storage
 from cosyvoice.dataset.processors import UnreadableShardError, parquet_opener
-from tests.s3_faults import FaultyS3
 
 BUCKET = "shard-faults"
-
-
-@pytest.fixture(scope="module")
-def faulty_s3(s3_server):
-    server = FaultyS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,12 @@ import s3fs
 from cosyvoice import storage
 from cosyvoice.features import frontend
 from cosyvoice.features.extract import run_extraction
+from cosyvoice.features.options import OPTIONS_BY_KIND
 from cosyvoice.features.stages import extract_embedding
 from cosyvoice.features.store import load_pt
-from tests.s3_faults import FaultyS3
 
 MISSING = "1002_9_000000_000009"
 BUCKET = "transient-faults"
-
-
-@pytest.fixture(scope="module")
-def faulty_s3(s3_server):
-    server = FaultyS3()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def test_transient_s3_faults_leave_the_embeddings_equal_to_a_fault_free_run(s3_w
                                                                            monkeypatch):
     model = os.path.join(tiny_models, "campplus.onnx")
     clean = _data_dir(f"s3://{BUCKET}/clean", s3_wavs)
-    expected_report = extract_embedding(clean, model, num_thread=1)
+    expected_report = extract_embedding(clean, model, num_workers=1)
     expected = load_pt(f"{clean}/utt2embedding.pt")
     assert [(f.utt, f.reason) for f in expected_report.failures] == [(MISSING, "unreadable_file")]
 
@@ -62,7 +55,7 @@ def test_transient_s3_faults_leave_the_embeddings_equal_to_a_fault_free_run(s3_w
     faulty_s3.plan(f"wavs/{u2}.wav", [503, 503, 503])  # uses all three retries
     faulty_s3.plan(f"wavs/{u3}.wav", [500])
     data = _data_dir(f"s3://{BUCKET}/faulty", s3_wavs)  # worker processes get the endpoint via storage.environment()
-    report = extract_embedding(data, model, num_thread=2)
+    report = extract_embedding(data, model, num_workers=2)
 
     assert load_pt(f"{data}/utt2embedding.pt") == expected
     assert load_pt(f"{data}/spk2embedding.pt") == load_pt(f"{clean}/spk2embedding.pt")
@@ -79,7 +72,8 @@ def test_a_fault_that_outlasts_the_retries_fails_the_extraction_not_the_utteranc
     utt, _ = [item for item in s3_wavs if item[0] != MISSING][1]
     faulty_s3.plan(f"wavs/{utt}.wav", always=503)
     with pytest.raises(OSError) as raised:  # from the worker process where there is one
-        run_extraction(kind, s3_wavs, model, num_workers=workers, runtime=runtime)
+        run_extraction(s3_wavs, model, OPTIONS_BY_KIND[kind](num_workers=workers, **(
+            {"runtime": runtime} if kind == "speech_token" else {})))
     assert storage.is_transient(raised.value)  # so the asset's RetryPolicy retries the step
     assert faulty_s3.gets[f"wavs/{utt}.wav"] == 3  # the first try and two retries
 
