@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from cosyvoice import storage
+from cosyvoice.layout import DataLayout
 from pipelines.k8s import without_credentials
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,14 @@ class CorpusResource(dg.ConfigurableResource):
 
 
 class DataStore(dg.ConfigurableResource):
-    """The data root every stage writes below: ``<root>/<stage>/<partition>/...``."""
+    """The data root every stage writes below; :attr:`layout` names each location in it
+    (``store.layout.shard_file("speech_tokens", shard)``), so no asset spells a path."""
 
     root: str
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.root)
 
     def url(self, *parts: str) -> str:
         return storage.join(self.root, *parts)

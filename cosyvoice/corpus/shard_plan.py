@@ -1,25 +1,56 @@
 """The shard plan: utterances sorted by id, cut into consecutive shards of N.
 
 Shards are the partition unit of every downstream stage (features, tokens, parquet), so their
-keys are stable names: ``<subset>-<index:06d>``, e.g. ``train-clean-100-000012``.
+keys are stable names: ``<subset>-<index:06d>``, e.g. ``train-clean-100-000012``
+(:class:`ShardKey`). The plan is stored as ``shards.json`` in the subset's manifest folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+#: the plan's file name in the manifest folder; written last, so its presence marks a complete manifest
+PLAN_FILE = "shards.json"
+_KEY = re.compile(r"(?P<subset>.+)-(?P<index>[0-9]{6,})", re.ASCII)
+
+
+@dataclass(frozen=True, order=True)
+class ShardKey:
+    """One shard of a subset's plan; ``str(key)`` is the partition key ``<subset>-<index:06d>``."""
+
+    subset: str
+    index: int
+
+    def __post_init__(self):
+        if not self.subset or "/" in self.subset:
+            raise ValueError(f"{self.subset!r} is not a subset name for a shard key")
+        if self.index < 0:
+            raise ValueError(f"a shard index is >= 0, got {self.index}")
+
+    @classmethod
+    def parse(cls, key: str) -> ShardKey:
+        """``"dev-clean-000003"`` -> ``ShardKey("dev-clean", 3)``; anything that does not round-trip
+        through ``str`` (no index, an index of fewer than six digits) is refused."""
+        match = _KEY.fullmatch(key)
+        parsed = cls(match["subset"], int(match["index"])) if match else None
+        if parsed is None or str(parsed) != key:
+            raise ValueError(f"{key!r} is not a shard key (<subset>-<index:06d>, e.g. dev-clean-000003)")
+        return parsed
+
+    def __str__(self) -> str:
+        return f"{self.subset}-{self.index:06d}"
 
 
 def shard_key(subset: str, index: int) -> str:
-    return f"{subset}-{index:06d}"
+    return str(ShardKey(subset, index))
 
 
 def shard_subset(key: str) -> str:
     """The subset a shard key belongs to (``train-clean-100-000012`` -> ``train-clean-100``)."""
-    subset, _, index = key.rpartition("-")
-    if not subset or not index.isdigit():
-        raise ValueError(f"{key!r} is not a shard key (<subset>-<index>)")
-    return subset
+    return ShardKey.parse(key).subset
 
 
 def plan_shards(subset: str, utts: Iterable[str], utts_per_shard: int = 1000) -> dict[str, list[str]]:
@@ -41,5 +72,7 @@ def dumps_plan(plan: dict[str, list[str]]) -> str:
 def loads_plan(content: str) -> dict[str, list[str]]:
     plan = json.loads(content)
     if not isinstance(plan, dict) or not all(isinstance(v, list) for v in plan.values()):
-        raise ValueError("shards.json must map shard keys to lists of utterance ids")
+        raise ValueError(f"{PLAN_FILE} must map shard keys to lists of utterance ids")
+    for key in plan:
+        ShardKey.parse(key)  # raises, naming the key
     return plan

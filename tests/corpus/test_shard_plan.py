@@ -1,6 +1,6 @@
 import pytest
 
-from cosyvoice.corpus.shard_plan import dumps_plan, loads_plan, plan_shards, shard_key, shard_subset
+from cosyvoice.corpus.shard_plan import ShardKey, dumps_plan, loads_plan, plan_shards, shard_key
 
 
 def test_plan_sorts_ids_and_cuts_consecutive_shards_of_n():
@@ -10,9 +10,32 @@ def test_plan_sorts_ids_and_cuts_consecutive_shards_of_n():
 
 def test_keys_round_trip_to_their_subset():
     assert shard_key("train-clean-100", 12) == "train-clean-100-000012"
-    assert shard_subset("train-clean-100-000012") == "train-clean-100"
+    assert ShardKey.parse("train-clean-100-000012").subset == "train-clean-100"
     with pytest.raises(ValueError):
-        shard_subset("nodigits")
+        ShardKey.parse("nodigits")
+
+
+def test_a_shard_key_parses_into_subset_and_index_and_prints_back_unchanged():
+    key = ShardKey.parse("dev-clean-000003")
+    assert (key.subset, key.index) == ("dev-clean", 3) and key == ShardKey("dev-clean", 3)
+    assert str(key) == "dev-clean-000003" and str(ShardKey("dev-clean", 1234567)) == "dev-clean-1234567"
+    assert ShardKey.parse(str(ShardKey("train-other-500", 42))) == ShardKey("train-other-500", 42)
+    assert sorted([ShardKey("b", 0), ShardKey("a", 2), ShardKey("a", 1)]) == [ShardKey("a", 1), ShardKey("a", 2), ShardKey("b", 0)]
+    assert len({ShardKey("a", 1), ShardKey.parse("a-000001")}) == 1  # frozen: usable as a dict key
+
+
+@pytest.mark.parametrize("bad", ["dev-clean", "dev-clean-3", "dev-clean-0000003", "-000003", "dev-clean-00000x",
+                                 "dev-clean-\u0663\u0663\u0663\u0663\u0663\u0663", "a/b-000001"])
+def test_strings_that_do_not_round_trip_are_not_shard_keys(bad):
+    with pytest.raises(ValueError, match="not a"):
+        ShardKey.parse(bad)
+
+
+def test_a_shard_key_refuses_a_negative_index_or_an_empty_subset():
+    with pytest.raises(ValueError, match=">= 0"):
+        ShardKey("dev-clean", -1)
+    with pytest.raises(ValueError, match="subset"):
+        ShardKey("", 0)
 
 
 def test_empty_subset_has_no_shards_and_bad_arguments_raise():
@@ -28,3 +51,5 @@ def test_plan_json_round_trips_and_is_validated():
     assert loads_plan(dumps_plan(plan)) == plan
     with pytest.raises(ValueError):
         loads_plan('{"x-000000": "not a list"}')
+    with pytest.raises(ValueError, match="'x-1' is not a shard key"):
+        loads_plan('{"x-1": ["u1"]}')

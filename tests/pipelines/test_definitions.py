@@ -23,7 +23,7 @@ def test_distributed_deployment_reads_roots_from_the_environment(monkeypatch):
     monkeypatch.setenv("COSYVOICE_MODEL_ROOT", "s3://models/cosyvoice2")
     with dg.build_resources(resources_for("distributed")) as res:
         assert res.corpus.subset_url("dev-clean") == "s3://corpus/LibriTTS/dev-clean"
-        assert res.store.url("manifest", "dev-clean") == "s3://data/prefix/manifest/dev-clean"
+        assert res.store.layout.manifest_dir("dev-clean") == "s3://data/prefix/manifest/dev-clean"
         assert res.models.url(res.models.campplus) == "s3://models/cosyvoice2/campplus.onnx"
 
 
