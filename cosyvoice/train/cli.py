@@ -7,11 +7,10 @@ import json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cosyvoice.train.trainer import TrainOptions, train
+    from cosyvoice.train.options import TrainOptions
+    from cosyvoice.train.trainer import train
 
-    fields = TrainOptions.__dataclass_fields__
-    opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields})
-    report = train(opts)
+    report = train(TrainOptions.from_args(args))
     print(json.dumps({"model_dir": report.model_dir, "steps": report.steps, "checkpoint": report.final_checkpoint,
                       "cv_loss": report.cv_loss, "tokens_per_s": round(report.tokens_per_second, 1),
                       "mfu": report.mfu, "dpo_skipped": report.dpo_skipped, "data_stats": report.data_stats}))
@@ -29,8 +28,12 @@ def cmd_average_checkpoints(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
+    """``train`` parses into ``TrainOptions`` (``TrainOptions.to_argv`` writes the same flags back;
+    tests/train/test_train_options.py round-trips them through this parser)."""
+    from cosyvoice.train.options import BatchType, TrainEngine
+
     p = sub.add_parser("train", help="train the CosyVoice2/3 LLM (flags of upstream cosyvoice/bin/train.py; run under torchrun)")
-    p.add_argument("--train_engine", default="torch_ddp", choices=["torch_ddp", "deepspeed"])
+    p.add_argument("--train_engine", default=TrainEngine.torch_ddp.value, choices=[e.value for e in TrainEngine])
     p.add_argument("--model", required=True, help="llm (flow/hifigan are not trained by this pipeline)")
     p.add_argument("--config", required=True, help="recipe yaml: configs/cosyvoice2.yaml or an upstream recipe yaml")
     p.add_argument("--train_data", required=True)
@@ -53,7 +56,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--deepspeed.save_states", dest="save_states", default="model+optimizer",
                    choices=["model_only", "model+optimizer"])
     g = p.add_argument_group("cosyvoice-pipeline additions")
-    g.add_argument("--batch_type", choices=["dynamic", "token", "static"], help="override the recipe's batch type")
+    g.add_argument("--batch_type", choices=[b.value for b in BatchType], help="override the recipe's batch type")
     g.add_argument("--max_tokens_in_batch", type=int, help="real LLM tokens per batch for --batch_type token")
     g.add_argument("--max_frames_in_batch", type=int)
     g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,

@@ -48,53 +48,11 @@ from cosyvoice.train.engines import (
     deepspeed_dtype,
     load_deepspeed_config,
 )
+from cosyvoice.train.options import TrainOptions
 from cosyvoice.train.reporting import Reporter, peak_flops
 from cosyvoice.train.schedulers import build_scheduler
 
 log = logging.getLogger("cosyvoice.train")
-
-
-@dataclass
-class TrainOptions:
-    """The upstream ``train.py`` flags (same names) plus ours (after ``deepspeed_config``)."""
-
-    config: str
-    train_data: str
-    cv_data: str
-    model_dir: str
-    model: str = "llm"
-    train_engine: str = "torch_ddp"
-    checkpoint: str | None = None
-    qwen_pretrain_path: str | None = None
-    onnx_path: str | None = None
-    tensorboard_dir: str | None = "tensorboard"
-    dist_backend: str = "nccl"
-    num_workers: int = 0
-    prefetch: int = 100
-    pin_memory: bool = False
-    use_amp: bool = False
-    dpo: bool = False
-    ref_model: str | None = None
-    timeout: int = 60
-    deepspeed_config: str | None = None
-    save_states: str = "model+optimizer"
-    # ours
-    batch_type: str | None = None  # override the recipe: dynamic | token | static
-    max_tokens_in_batch: int | None = None
-    max_frames_in_batch: int | None = None
-    pack: bool | None = None  # packed sequences (default: on for token batches)
-    max_epoch: int | None = None
-    max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
-    save_per_step: int | None = None
-    log_interval: int | None = None
-    accum_grad: int | None = None
-    dpo_beta: float = 0.01
-    seed: int = 1986
-    peak_flops: float | None = None
-    compile: bool = False
-    attn_implementation: str | None = None  # sdpa | flash_attention_2 | flex_attention | eager (default: auto)
-    allow_random_init: bool = False  # train from a random Qwen2 body on purpose (also recipe key allow_random_init)
-    skip_unreadable_shards: bool = False  # skip (log + count) a shard that cannot be read instead of failing
 
 
 @dataclass
@@ -472,6 +430,7 @@ class Trainer:
         losses: list[float] = []
         data_stats: list[dict] = []
         last = os.path.join(o.model_dir, "init.pt")
+        evaluated_at: tuple[int, int] | None = None  # (epoch, step) of the last step checkpoint: CV'd and saved
         cv: dict[str, float] = {}
         window = {"tokens": 0, "time": time.perf_counter()}
         total_tokens, total_time = 0, 0.0
@@ -529,19 +488,20 @@ class Trainer:
                     cv = self.cross_validate(epoch)
                     self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
                     last = self._save(f"epoch_{epoch}_step_{step}", epoch, step, batch_idx + 1, "CV", cv)
+                    evaluated_at = (epoch, step)
                 if o.max_steps is not None and step >= o.max_steps:
                     stop = True
                     break
             data_stats.append({"epoch": epoch, **self._data_counts(counts)})
             self.reporter.log("DATA", step, data_stats[-1])
             if stop:
-                if not last.endswith(f"_step_{step}.pt"):
+                if evaluated_at != (epoch, step):
                     cv = self.cross_validate(epoch)
                     last = self._save(f"epoch_{epoch}_step_{step}", epoch, step, batch_idx + 1, "CV", cv)
                 break
             if self.world > 1:
                 dist.monitored_barrier(timeout=_timedelta(o.timeout)) if dist.get_backend() == "gloo" else dist.barrier()
-            if not last.endswith(f"epoch_{epoch}_step_{step}.pt"):  # else the same weights were just evaluated
+            if evaluated_at != (epoch, step):  # else the same weights were just evaluated
                 cv = self.cross_validate(epoch)
                 self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
             last = self._save(f"epoch_{epoch}_whole", epoch, step, batch_idx + 1, "CV", cv)
