@@ -3,11 +3,11 @@
 from cosyvoice.corpus.audio import AudioInfo, AudioProblem, probe_audio
 from cosyvoice.corpus.kaldi import DataDir, read_data_dir
 from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS, ManifestReport, prepare_libritts
-from cosyvoice.corpus.scan import QUARANTINE_REASONS, AudioPolicy, Quarantined, scan_subset
+from cosyvoice.corpus.scan import QUARANTINE_REASONS, AudioPolicy, scan_subset
 from cosyvoice.corpus.shard_plan import plan_shards, shard_key
 
 __all__ = [
     "AudioInfo", "AudioPolicy", "AudioProblem", "DataDir", "LIBRITTS_SUBSETS", "ManifestReport",
-    "QUARANTINE_REASONS", "Quarantined", "plan_shards", "prepare_libritts", "probe_audio",
+    "QUARANTINE_REASONS", "plan_shards", "prepare_libritts", "probe_audio",
     "read_data_dir", "scan_subset", "shard_key",
 ]

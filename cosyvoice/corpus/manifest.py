@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import DataDir, format_tsv, spk2utt_of
-from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, Quarantined, ScanResult, scan_subset
+from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, ScanResult, scan_subset
 from cosyvoice.corpus.shard_plan import dumps_plan, plan_shards
+from cosyvoice.problems import UtteranceProblem
 
 LIBRITTS_SUBSETS = (
     "dev-clean", "test-clean", "dev-other", "test-other",
@@ -46,7 +47,7 @@ class ManifestReport:
     utterances: int
     speakers: int
     audio_seconds: float
-    quarantined: list[Quarantined]
+    quarantined: list[UtteranceProblem]
     long_audio: list[tuple[str, float]]
     shard_keys: list[str]
     durations: list[float] = field(repr=False)

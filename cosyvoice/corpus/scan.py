@@ -66,14 +66,10 @@ class Utterance:
     audio: AudioInfo
 
 
-#: a file that was found but not kept
-Quarantined = UtteranceProblem
-
-
 @dataclass
 class ScanResult:
     kept: list[Utterance]
-    quarantined: list[Quarantined]
+    quarantined: list[UtteranceProblem]
     files_found: int
 
 
@@ -95,14 +91,14 @@ def first_line(raw: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n", 1)[0]
 
 
-def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utterance | Quarantined:
+def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utterance | UtteranceProblem:
     utt = utterance_id(path)
     try:
         text = first_line(storage.read_bytes(text_path))
     except UnicodeDecodeError as exc:
-        return Quarantined(utt, path, "text_not_utf8", f"{text_path} is not UTF-8 ({exc.reason} at byte {exc.start})")
+        return UtteranceProblem(utt, path, "text_not_utf8", f"{text_path} is not UTF-8 ({exc.reason} at byte {exc.start})")
     if not text.strip():
-        return Quarantined(utt, path, "empty_text", f"{text_path} has an empty first line")
+        return UtteranceProblem(utt, path, "empty_text", f"{text_path} has an empty first line")
 
     def read(nbytes: int | None) -> bytes:
         return storage.read_bytes(path) if nbytes is None else storage.read_head(path, nbytes)
@@ -110,21 +106,21 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
     try:
         info = probe_audio(read, size)
     except AudioProblem as problem:
-        return Quarantined(utt, path, problem.reason, problem.detail)
+        return UtteranceProblem(utt, path, problem.reason, problem.detail)
     except OSError as exc:
         if storage.is_transient(exc):  # retried by storage already: fail the stage, do not quarantine
             raise
-        return Quarantined(utt, path, "unreadable_header", f"cannot read the file: {exc}")
+        return UtteranceProblem(utt, path, "unreadable_header", f"cannot read the file: {exc}")
     if info.sample_rate < policy.min_sample_rate:
-        return Quarantined(utt, path, "low_sample_rate",
+        return UtteranceProblem(utt, path, "low_sample_rate",
                            f"{info.sample_rate} Hz is below the minimum of {policy.min_sample_rate} Hz")
     if info.channels > policy.max_channels:
-        return Quarantined(utt, path, "multichannel",
+        return UtteranceProblem(utt, path, "multichannel",
                            f"{info.channels} channels, at most {policy.max_channels} allowed")
     return Utterance(utt=utt, spk=utt.split("_")[0], path=path, text=text, audio=info)
 
 
-def _check_chunk(chunk: list[tuple[str, int, str]], policy: AudioPolicy) -> list[Utterance | Quarantined]:
+def _check_chunk(chunk: list[tuple[str, int, str]], policy: AudioPolicy) -> list[Utterance | UtteranceProblem]:
     return [_check_one(path, size, text_path, policy) for path, size, text_path in chunk]
 
 
@@ -142,7 +138,7 @@ def default_executor(src: str, num_files: int, num_workers: int) -> Executor | N
     return ThreadPoolExecutor(max_workers=max(1, num_workers))
 
 
-def _run_checks(candidates, policy, executor: Executor | None, workers: int) -> Iterator[Utterance | Quarantined]:
+def _run_checks(candidates, policy, executor: Executor | None, workers: int) -> Iterator[Utterance | UtteranceProblem]:
     if executor is None:
         for path, size, text_path in candidates:
             yield _check_one(path, size, text_path, policy)
@@ -171,7 +167,7 @@ def scan_subset(
     src = src.rstrip("/") if len(src) > 1 else src
     listing = storage.list_files(src)
     files = {url: size for url, size in listing}
-    quarantined: list[Quarantined] = []
+    quarantined: list[UtteranceProblem] = []
     candidates: list[tuple[str, int, str]] = []
     found = 0
     for url, size in listing:
@@ -182,19 +178,19 @@ def scan_subset(
         found += 1
         utt = utterance_id(url)
         if name.startswith("."):
-            quarantined.append(Quarantined(utt, url, "hidden_file", "hidden file (name starts with '.')"))
+            quarantined.append(UtteranceProblem(utt, url, "hidden_file", "hidden file (name starts with '.')"))
         elif len(parts) != 3:
-            quarantined.append(Quarantined(utt, url, "misplaced_file",
+            quarantined.append(UtteranceProblem(utt, url, "misplaced_file",
                                            "expected <speaker>/<chapter>/<utt>.wav below the subset folder"))
         elif not name.endswith(".wav"):
-            quarantined.append(Quarantined(utt, url, "bad_suffix", "name ends in 'wav' but not '.wav'"))
+            quarantined.append(UtteranceProblem(utt, url, "bad_suffix", "name ends in 'wav' but not '.wav'"))
         elif _WHITESPACE.search(url):
-            quarantined.append(Quarantined(utt, url, "whitespace_in_path",
+            quarantined.append(UtteranceProblem(utt, url, "whitespace_in_path",
                                            "path contains whitespace; kaldi files are whitespace separated"))
         else:
             text_path = url[: -len(".wav")] + TEXT_SUFFIX
             if text_path not in files:
-                quarantined.append(Quarantined(utt, url, "missing_text", f"{text_path} does not exist"))
+                quarantined.append(UtteranceProblem(utt, url, "missing_text", f"{text_path} does not exist"))
             else:
                 candidates.append((url, size, text_path))
 
@@ -212,10 +208,10 @@ def scan_subset(
     kept: list[Utterance] = []
     seen: dict[str, str] = {}
     for item in sorted(checked, key=lambda r: r.path):
-        if isinstance(item, Quarantined):
+        if isinstance(item, UtteranceProblem):
             quarantined.append(item)
         elif item.utt in seen:
-            quarantined.append(Quarantined(item.utt, item.path, "duplicate_utt_id",
+            quarantined.append(UtteranceProblem(item.utt, item.path, "duplicate_utt_id",
                                            f"utterance id already used by {seen[item.utt]}"))
         else:
             seen[item.utt] = item.path
