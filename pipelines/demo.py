@@ -1,4 +1,5 @@
-"""Materialize the whole asset graph for the demo subsets on the local instance (``make demo``).
+"""Materialize the data stages for the demo subsets on the local instance (``make demo``): from the
+manifest to the training data lists; training, export and serving are not run here.
 
 Runs land in ``$DAGSTER_HOME`` like UI-launched runs, so ``make ui`` shows their metadata, plots
 and checks afterwards. Order follows the graph: manifest -> per-shard features -> per-subset
