@@ -7,7 +7,7 @@ import os
 import pytest
 
 from cosyvoice.corpus.synthetic import make_synthetic_corpus
-from tests import leftovers
+from tests.support import leftovers
 
 
 def pytest_sessionstart(session):
@@ -101,8 +101,8 @@ def s3_server():
 @pytest.fixture(scope="module")
 def faulty_s3(s3_server):
     """An S3 endpoint in front of moto that answers chosen GETs with 5xx/throttling
-    (``tests.s3_faults.FaultyS3``), for the transient-fault tests."""
-    from tests.s3_faults import FaultyS3
+    (``tests.support.s3_faults.FaultyS3``), for the transient-fault tests."""
+    from tests.support.s3_faults import FaultyS3
 
     server = FaultyS3()
     yield server
