@@ -4,7 +4,9 @@ Everything that reads or writes stage inputs/outputs goes through here, so the r
 never knows whether it talks to a folder or an object store. Writes are atomic: local files are
 written to a temporary name in the same folder and renamed; objects are uploaded in one PUT
 (readers never see a partial object). Writing content identical to what is already stored is a
-no-op, so re-runs leave files (and their modification times) untouched.
+no-op, so re-runs leave files (and their modification times) untouched. Folders move file by
+file (``upload_dir`` / ``download_dir``, ``local_dir`` for tools that read only local files), each
+file with the same atomic, no-op-when-identical upload.
 
 S3 credentials come only from the environment (``AWS_ACCESS_KEY_ID`` etc.); an S3-compatible
 endpoint is taken from ``COSYVOICE_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``.
@@ -19,6 +21,7 @@ they never turn a transient fault into a permanent outcome.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -26,6 +29,7 @@ import os
 import posixpath
 import random
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ENDPOINT_VARS = ("COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_CHUNK = 8 << 20  # bytes per read when comparing files
 
 
 def environment() -> dict[str, str]:
@@ -375,3 +380,92 @@ def list_files(url: str) -> list[tuple[str, int]]:
     detail = fs.find(root, detail=True)
     return sorted((with_protocol(url, p), int(info.get("size") or 0)) for p, info in detail.items()
                   if info.get("type", "file") == "file")
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+def upload_file(local: str, url: str) -> WriteResult:
+    """Copy the local file ``local`` to ``url``, streamed (never read whole into memory) and atomic:
+    a staged copy renamed into place locally, one upload (visible only when complete) to object
+    stores. A no-op when ``url`` already holds the same bytes."""
+    size = os.path.getsize(local)
+    if _same_content(local, url, size):
+        return WriteResult(url, size, changed=False)
+    if is_local(url):
+        staged = staging_path(url)
+        try:
+            shutil.copyfile(local, staged)
+        except BaseException:
+            os.unlink(staged)
+            raise
+        publish(staged, url)
+    else:
+        filesystem(url).put_file(local, strip_protocol(url))
+    return WriteResult(url, size, changed=True)
+
+
+def _same_content(local: str, url: str, size: int) -> bool:
+    fs, path = filesystem(url), strip_protocol(url)
+    try:
+        if fs.size(path) != size:
+            return False
+        with open(local, "rb") as mine, fs.open(path, "rb") as theirs:
+            while block := mine.read(_CHUNK):
+                if theirs.read(len(block)) != block:
+                    return False
+        return True
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+
+
+@_retried
+def download_file(url: str, local: str) -> int:
+    """Copy the file at ``url`` to the local path ``local`` (its folder is created); returns its bytes."""
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    if is_local(url):
+        shutil.copyfile(strip_protocol(url), local)
+    else:
+        filesystem(url).get_file(strip_protocol(url), local)
+    return os.path.getsize(local)
+
+
+def upload_dir(local: str, url: str) -> dict[str, int]:
+    """Every file below the local folder ``local`` to ``url`` under the same relative names, each
+    with ``upload_file`` (atomic per file, identical files untouched); returns ``{relative name: bytes}``."""
+    if not os.path.isdir(local):
+        raise FileNotFoundError(f"{local}: no such directory")
+    sizes: dict[str, int] = {}
+    for folder, _, names in sorted(os.walk(local)):
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(folder, name), local).replace(os.sep, "/")
+            sizes[rel] = upload_file(os.path.join(folder, name), join(url, *rel.split("/"))).bytes
+    return sizes
+
+
+def download_dir(url: str, dest: str) -> dict[str, int]:
+    """Every file below the folder ``url`` into the local folder ``dest`` (created; files already
+    there are overwritten, others kept) under the same relative names; returns ``{relative name: bytes}``.
+    ``FileNotFoundError`` when ``url`` is not a folder."""
+    base = strip_protocol(url).rstrip("/")
+    files = list_files(url)
+    os.makedirs(dest, exist_ok=True)
+    sizes: dict[str, int] = {}
+    for file_url, _ in files:
+        rel = strip_protocol(file_url)[len(base) + 1:].replace(os.sep, "/")
+        sizes[rel] = download_file(file_url, os.path.join(dest, *rel.split("/")))
+    return sizes
+
+
+@contextlib.contextmanager
+def local_dir(url: str) -> Iterator[str]:
+    """A local folder holding the files of the folder ``url``: the folder itself when it is local
+    (no copy), else a temporary download removed on exit. For tools that only read local files."""
+    if is_local(url):
+        path = strip_protocol(url)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{url}: no such directory")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="cosyvoice-dir-") as tmp:
+        download_dir(url, tmp)
+        yield tmp

@@ -149,3 +149,58 @@ def test_reads_retry_transient_errors_where_they_happen(tmp_path, monkeypatch):
     failures[:] = [ConnectionResetError("reset")]
     with storage.open_read(str(path)) as f:
         assert f.read() == b"payload"
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(r, n), folder).replace(os.sep, "/"): open(os.path.join(r, n), "rb").read()
+            for r, _, names in os.walk(folder) for n in names}
+
+
+def _make_tree(folder) -> dict[str, bytes]:
+    files = {"config.json": b"{}", "rank0.engine": b"\0" * 1000, "sub/deeper/x.txt": b"hello"}
+    for rel, data in files.items():
+        os.makedirs(os.path.dirname(os.path.join(folder, rel)), exist_ok=True)
+        open(os.path.join(folder, rel), "wb").write(data)
+    return files
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_uploads_and_downloads_under_the_same_relative_names(tmp_path, where, request):
+    files = _make_tree(tmp_path / "src")
+    url = (str(tmp_path / "stored") if where == "local"
+           else f"s3://{request.getfixturevalue('s3_bucket')}/stored")
+    assert storage.upload_dir(str(tmp_path / "src"), url) == {k: len(v) for k, v in files.items()}
+    assert storage.download_dir(url, str(tmp_path / "back")) == {k: len(v) for k, v in files.items()}
+    assert _tree(tmp_path / "back") == files
+    with storage.local_dir(url) as folder:
+        assert _tree(folder) == files
+    assert storage.download_file(storage.join(url, "sub", "deeper", "x.txt"), str(tmp_path / "one" / "x.txt")) == 5
+    with pytest.raises(FileNotFoundError):
+        storage.download_dir(storage.join(url, "missing"), str(tmp_path / "never"))
+    with pytest.raises(FileNotFoundError):
+        storage.upload_dir(str(tmp_path / "missing"), url)
+
+
+def test_uploading_an_identical_file_is_a_noop_and_a_failed_upload_leaves_the_old_file(tmp_path, monkeypatch):
+    src, url = tmp_path / "engine", str(tmp_path / "stored" / "engine")
+    src.write_bytes(b"v1" * 100)
+    assert storage.upload_file(str(src), url).changed
+    mtime = os.stat(url).st_mtime_ns
+    assert not storage.upload_file(str(src), url).changed and os.stat(url).st_mtime_ns == mtime
+    src.write_bytes(b"v2" * 100)  # same size, other bytes
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        storage.upload_file(str(src), url)
+    monkeypatch.undo()
+    assert open(url, "rb").read() == b"v1" * 100 and os.listdir(tmp_path / "stored") == ["engine"]
+    assert storage.upload_file(str(src), url).changed and open(url, "rb").read() == b"v2" * 100
+
+
+def test_an_empty_folder_downloads_as_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert storage.download_dir(str(tmp_path / "empty"), str(tmp_path / "dest")) == {}
+    assert os.listdir(tmp_path / "dest") == []

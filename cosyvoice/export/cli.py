@@ -31,9 +31,9 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
                           calib_data=args.calib_data, calib_size=args.calib_size, calib_max_len=args.calib_max_len)
     print(convert_checkpoint(args.model_dir, args.output_dir, opts).summary())
     if args.verify_data:
-        from cosyvoice.export._io import local_dir
         from cosyvoice.export.quantize import calibration_sequences
         from cosyvoice.export.verify import verify_checkpoint
+        from cosyvoice.storage import local_dir
 
         with local_dir(args.model_dir) as folder:
             sequences = calibration_sequences(folder, args.verify_data, size=args.verify_size, max_len=args.calib_max_len)

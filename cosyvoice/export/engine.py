@@ -15,8 +15,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from cosyvoice.export._io import local_dir, publish_dir
 from cosyvoice.export.trtllm import CONTAINER_IMAGE
+from cosyvoice.storage import local_dir, upload_dir
 
 
 class EngineBuildUnavailable(RuntimeError):
@@ -74,6 +74,6 @@ def build_engine(checkpoint_dir: str, output_dir: str, *, max_batch_size: int = 
             absent = [e for e in ["config.json", *engines] if not os.path.exists(os.path.join(out, e))]
             if absent:
                 raise RuntimeError(f"trtllm-build exited 0 but did not write {absent} in its output folder")
-            sizes = publish_dir(out, output_dir)
+            sizes = upload_dir(out, output_dir)
     return EngineReport(output_dir=output_dir, command=cmd, engines=world, bytes=sum(sizes.values()),
                         seconds=time.perf_counter() - t0)

@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cosyvoice import storage
-from cosyvoice.export._io import local_dir, publish_dir
 from cosyvoice.export.recipe import qwen2_body_config
 from cosyvoice.export.tokenizer import text_tokenizer
+from cosyvoice.storage import local_dir, upload_dir
 
 SPEECH_TOKEN_SIZE = 6561
 EXTRAS_FILE = "cosyvoice_extras.safetensors"
@@ -254,7 +254,7 @@ def export_hf(llm_pt: str, out: str, *, tokenizer_dir: str, config=None, variant
         with open(os.path.join(tmp, EXPORT_INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
         tokenizer.save_pretrained(tmp)
-        sizes = publish_dir(tmp, out)
+        sizes = upload_dir(tmp, out)
     return HfExportReport(out=out, variant=variant, dtype=dtype_name, text_vocab_size=v0, vocab_size=vocab.vocab_size,
                           padded_vocab_size=padded, parameters=sum(t.numel() for t in tensors.values()),
                           bytes=sum(sizes.values()), seconds=time.perf_counter() - t0)

@@ -14,23 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 
-from cosyvoice.export._io import local_dir, publish_dir
+from cosyvoice.storage import download_dir, upload_dir
 
 
 def get(url: str, dest: str) -> int:
     """Copy the folder at ``url`` into the local folder ``dest``; returns the bytes copied."""
-    total = 0
-    with local_dir(url) as src:
-        for root, _, files in os.walk(src):
-            for name in files:
-                path = os.path.join(root, name)
-                target = os.path.join(dest, os.path.relpath(path, src))
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(path, target)
-                total += os.path.getsize(path)
+    total = sum(download_dir(url, dest).values())
     if total == 0:
         raise FileNotFoundError(f"{url}: nothing to copy")
     return total
@@ -51,7 +42,7 @@ def check_engine_dir(folder: str) -> int:
 
 def put(folder: str, url: str, *, pipes: bool = False) -> dict[str, int]:
     world = check_engine_dir(folder)
-    sizes = publish_dir(folder, url)
+    sizes = upload_dir(folder, url)
     if pipes:
         from dagster_pipes import open_dagster_pipes
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from cosyvoice.export._io import local_dir, publish_dir
+from cosyvoice.storage import local_dir, upload_dir
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHT_ONLY_ALGOS = {"int8": "W8A16", "int4": "W4A16"}
@@ -299,7 +299,7 @@ def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | N
                 save_file(tensors, os.path.join(tmp, f"rank{rank}.safetensors"))
             if os.path.exists(bias_src):
                 shutil.copy(bias_src, os.path.join(tmp, BIAS_FILE))
-            sizes = publish_dir(tmp, output_dir)
+            sizes = upload_dir(tmp, output_dir)
     q = cfg["quantization"]
     return ConvertReport(output_dir=output_dir, dtype=cfg["dtype"], quant_algo=q["quant_algo"],
                          kv_cache_quant_algo=q["kv_cache_quant_algo"], tp_size=opts.tp_size, pp_size=opts.pp_size,

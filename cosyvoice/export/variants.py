@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from cosyvoice import storage
-from cosyvoice.export._io import local_dir
 from cosyvoice.export.trtllm import ConvertOptions, ConvertReport, convert_checkpoint
 from cosyvoice.export.verify import VerifyReport, verify_checkpoint
+from cosyvoice.storage import local_dir
 
 #: quantization presets by name (combined with a dtype, alpha and tp size)
 PRESETS: dict[str, dict] = {

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from cosyvoice.export._io import local_dir
+from cosyvoice.storage import local_dir
 
 #: documented bounds on max |logit error| / std(baseline logits), measured on the tiny random model
 #: of the tests and the synthetic data (bench/quantization.md); argmax agreement lower bounds.

@@ -61,23 +61,6 @@ class PublishError(RuntimeError):
 
 # --- bundle ----------------------------------------------------------------------------------------
 
-def _fetch_tree(src: str, dest: str) -> None:
-    """Copy a folder (local path or URL) to a local folder."""
-    if storage.is_local(src):
-        path = storage.strip_protocol(src)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{src}: no such directory")
-        shutil.copytree(path, dest, dirs_exist_ok=True)
-        return
-    root = storage.strip_protocol(src).rstrip("/")
-    fs = storage.filesystem(src)
-    for url, _ in storage.list_files(src):
-        rel = storage.strip_protocol(url)[len(root) + 1:]
-        target = os.path.join(dest, rel)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fs.get_file(storage.strip_protocol(url), target)
-
-
 @dataclass
 class Bundle:
     path: str
@@ -96,7 +79,7 @@ def build_bundle(out: str, *, engine_dir: str, hf_dir: str, model_dir: str, moun
     for key, folder in BUNDLE_DIRS.items():
         if key == "engine_dir" and llm_backend == "python":
             continue  # the HF export in cosyvoice2_llm/ is what the python LLM model serves
-        _fetch_tree(sources[key], os.path.join(out, folder))
+        storage.download_dir(sources[key], os.path.join(out, folder))
     if spk2info:
         with open(os.path.join(out, BUNDLE_DIRS["model_dir"], "spk2info.pt"), "wb") as f:
             f.write(storage.read_bytes(spk2info))
@@ -143,15 +126,6 @@ def _sha256_url(url: str) -> str:
         while block := f.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _upload(local: str, url: str) -> None:
-    if storage.is_local(url):
-        staged = storage.staging_path(url)
-        shutil.copyfile(local, staged)
-        storage.publish(staged, url)
-    else:
-        storage.filesystem(url).put_file(local, storage.strip_protocol(url))
 
 
 def versions(root: str) -> dict[int, bool]:
@@ -329,7 +303,7 @@ def publish_bundle(bundle_dir: str, root: str, *, info: dict | None = None, chan
                 "total_bytes": sum(v["bytes"] for v in files.values()), "files": files, **(info or {}),
                 "channel": channel, "deployable": bool(promote)}
     for rel in files:
-        _upload(os.path.join(bundle_dir, rel), storage.join(prefix, *rel.split("/")))
+        storage.upload_file(os.path.join(bundle_dir, rel), storage.join(prefix, *rel.split("/")))
     storage.write_text(storage.join(prefix, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     problems = verify_version(root, version)
     if problems:
@@ -413,12 +387,8 @@ def pull(root: str, dest: str, *, version: int | None = None, channel: str = "gp
             target = os.path.join(tmp, *rel.split("/"))
             if os.path.commonpath([real_tmp, os.path.realpath(target)]) != real_tmp:  # read_manifest refuses these
                 raise PublishError(f"{root}: version {version}: {rel!r} leaves the destination")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
             url = storage.join(root, str(version), *rel.split("/"))
-            if storage.is_local(url):
-                shutil.copyfile(storage.strip_protocol(url), target)
-            else:
-                storage.filesystem(url).get_file(storage.strip_protocol(url), target)
+            storage.download_file(url, target)
             if _sha256_local(target) != info["sha256"]:
                 raise PublishError(f"{url}: sha256 differs from the manifest of version {version}")
         os.chmod(tmp, 0o755)

@@ -65,7 +65,7 @@ def test_versions_latest_rollback_and_pull_on_a_local_root(tmp_path, engine_dir,
 def test_an_interrupted_or_corrupted_version_is_never_pointed_at(tmp_path, engine_dir, hf_dir, model_dir, monkeypatch):
     root = str(tmp_path / "root")
     _publish(root, engine_dir, hf_dir, model_dir)
-    real_upload, calls = publish._upload, []
+    real_upload, calls = storage.upload_file, []
 
     def flaky(local, url):
         calls.append(url)
@@ -73,10 +73,10 @@ def test_an_interrupted_or_corrupted_version_is_never_pointed_at(tmp_path, engin
             raise ConnectionError("network dropped")
         real_upload(local, url)
 
-    monkeypatch.setattr(publish, "_upload", flaky)
+    monkeypatch.setattr(storage, "upload_file", flaky)
     with pytest.raises(ConnectionError):
         _publish(root, engine_dir, hf_dir, model_dir)
-    monkeypatch.setattr(publish, "_upload", real_upload)
+    monkeypatch.setattr(storage, "upload_file", real_upload)
     assert publish.latest(root) == 1 and publish.versions(root) == {1: True, 2: False}
     with pytest.raises(publish.PublishError, match="version 2 is not a complete version"):
         publish.rollback(root, to=2)
