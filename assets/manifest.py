@@ -6,7 +6,7 @@ from assets._metadata import histogram
 from cosyvoice.corpus.checks import check_data_dir
 from cosyvoice.corpus.manifest import prepare_libritts
 from cosyvoice.corpus.scan import AudioPolicy
-from cosyvoice.corpus.shard_plan import shard_subset
+from cosyvoice.corpus.shard_plan import ShardKey
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource, DataStore
 from pipelines.retries import retry_transient_only, transient_retry_policy
@@ -38,7 +38,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: 
              store: DataStore) -> dg.MaterializeResult:
     """wav.scp / text / utt2spk / spk2utt (+instruct), shards.json and quarantine.tsv for one subset."""
     subset = context.partition_key
-    dest = store.url("manifest", subset)
+    dest = store.layout.manifest_dir(subset)
     report = prepare_libritts(
         corpus.subset_url(subset), dest, instruct=config.instruct or None, utts_per_shard=config.utts_per_shard,
         num_workers=config.num_workers, subset=subset,
@@ -48,7 +48,7 @@ def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: 
         context.log.warning(str(item))
     known = set(context.instance.get_dynamic_partitions(SHARDS.name))
     context.instance.add_dynamic_partitions(SHARDS.name, [k for k in report.shard_keys if k not in known])
-    stale = sorted(k for k in known if shard_subset(k) == subset and k not in set(report.shard_keys))
+    stale = sorted(k for k in known if ShardKey.parse(k).subset == subset and k not in set(report.shard_keys))
     for key in stale:  # the plan shrank (fewer files or a larger utts_per_shard)
         context.instance.delete_dynamic_partition(SHARDS.name, key)
     if stale:

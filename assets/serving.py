@@ -56,8 +56,9 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     repository, ``LATEST-cpu`` for the python-backend fallback) switches only after the upload
     verifies and the load test passed (or ``load_test: skip`` was configured). Nothing is published
     when the repository is invalid or the load test fails."""
-    hf_dir = config.hf_dir or store.url("export", "hf")
-    engine_dir = config.engine_dir or store.url("export", "engine", config.engine_variant)
+    layout = store.layout
+    hf_dir = config.hf_dir or layout.export_dir("hf")
+    engine_dir = config.engine_dir or layout.export_dir("engine", config.engine_variant)
     model_dir = config.model_dir or models.root
     backend = config.llm_backend
     if backend == "auto":
@@ -65,11 +66,11 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
         if backend == "python":
             context.log.warning(f"no TensorRT-LLM engine in {engine_dir}: publishing the HF export on the python "
                                 "backend to the CPU channel (LATEST-cpu); the GPU LATEST is left as it is")
-    manifest_dir = store.url("manifest", config.spk2info_subset)
+    manifest_dir = layout.manifest_dir(config.spk2info_subset)
     speakers = config.spk2info_speakers or sorted(set(read_table(manifest_dir, "utt2spk").values()))[:1]
-    spk2info_url = store.url("triton", f"{config.name}-spk2info.pt")
+    spk2info_url = layout.spk2info(config.name)
     spk = build_spk2info(manifest_dir, model_dir, spk2info_url, speakers=speakers)
-    report = publish_triton_repo(store.url("triton", config.name), engine_dir=engine_dir, hf_dir=hf_dir,
+    report = publish_triton_repo(layout.triton_root(config.name), engine_dir=engine_dir, hf_dir=hf_dir,
                                  model_dir=model_dir, spk2info=spk2info_url, mount=config.mount,
                                  load_test=config.load_test, decoupled=config.decoupled,
                                  max_batch_size=config.max_batch_size, bls_instances=config.bls_instances,
@@ -84,7 +85,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     return dg.MaterializeResult(
         metadata={**report.as_metadata(), "llm_backend": backend, "spk2info_speakers": spk.speakers,
                   "model_bytes": report.manifest["model_bytes"],
-                  "pull": f"cosyvoice-pipeline triton-pull --root {store.url('triton', config.name)} --dest "
+                  "pull": f"cosyvoice-pipeline triton-pull --root {layout.triton_root(config.name)} --dest "
                           f"{config.mount}{channel_flag}"},
         check_results=[
             dg.AssetCheckResult(check_name="schema_valid", passed=bool(validation["schema_valid"])),

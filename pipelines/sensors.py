@@ -24,7 +24,7 @@ from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraph
 from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from cosyvoice import storage
-from cosyvoice.corpus.shard_plan import shard_subset
+from cosyvoice.corpus.shard_plan import ShardKey
 from pipelines.jobs import SHARD_ASSETS, SUBSET_ASSETS, prepare_subset
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource
@@ -115,7 +115,7 @@ def prepare_subset_shards(context: dg.SensorEvaluationContext) -> dg.SensorResul
         return dg.SensorResult(skip_reason=dg.SkipReason("no new successful prepare_subset runs"), cursor=context.cursor)
     shards_by_subset: dict[str, list[str]] = {}
     for key in context.instance.get_dynamic_partitions(SHARDS.name):
-        shards_by_subset.setdefault(shard_subset(key), []).append(key)
+        shards_by_subset.setdefault(ShardKey.parse(key).subset, []).append(key)
     requests = []
     for record in records:
         run = record.dagster_run
