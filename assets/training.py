@@ -1,11 +1,11 @@
 """``llm_checkpoint`` (the trainer, launched through Dagster Pipes) and ``llm_averaged``.
 
-Embedded deployment: ``PipesSubprocessClient`` runs ``torchrun ... cosyvoice-pipeline train`` on
-this machine. Distributed: ``PipesK8sClient`` runs the same command in a GPU pod
-(:func:`training_pod_spec`); the orchestrating step itself needs no GPU. Several nodes: that pod is
-node 0 and the others run as an Indexed Job next to it (``pipelines/multinode.py``). Rank 0 of the
-trainer streams one Pipes message per logged step (loss, lr, grad norm, tokens/s, MFU), which become
-the loss-curve plot, and reports the final metadata.
+The asset decides *what* is trained: the trainer's :class:`~cosyvoice.train.options.TrainOptions`
+(the run config's choices on the ``training`` resource's recipe, tokenizer and run dir). The
+deployment's ``train_launcher`` resource decides *how*: ``torchrun ... cosyvoice-pipeline train`` on
+this machine (embedded) or in GPU pods on Kubernetes, one pod per node (distributed; see
+``pipelines/launchers.py``). Rank 0 of the trainer streams one Pipes message per logged step (loss,
+lr, grad norm, tokens/s, MFU), which become the loss-curve plot, and reports the final metadata.
 
 Every run writes into its own ``<model_dir>/<run id>/`` (recorded as ``run_dir``). The blocking CV
 gate compares with the *released* checkpoint, the newest materialization whose gate passed, and only
@@ -15,113 +15,59 @@ on the same ``cv.data.list`` (``cv_list_sha256``); ``llm_averaged`` averages tha
 import hashlib
 import math
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import dagster as dg
+from pydantic import Field
 
 from assets._metadata import line_plot
 from assets.shards import training_data_lists
 from cosyvoice import storage
-from cosyvoice.train.checkpoint import average_checkpoints
-from pipelines.k8s import credentials_env_from, gpu_op_tags
-from pipelines.resources import PROJECT_ROOT, DataStore, TrainingResource
+from cosyvoice.train.checkpoint import average_checkpoints, read_checkpoint_yamls
+from cosyvoice.train.options import BatchType, TrainEngine, TrainOptions
+from pipelines.launchers import Launcher
+from pipelines.resources import DataStore, TrainingResource
 
 TRAIN_CHECK = "cv_loss_finite_and_not_worse"
 LLM_CHECKPOINT = dg.AssetKey("llm_checkpoint")
 
 
 class TrainConfig(dg.Config):
-    """Run configuration of one training run (Launchpad / schedule / CLI ``--config``)."""
+    """Run configuration of one training run (Launchpad / schedule / CLI ``--config``). Where the
+    processes run is the deployment's ``train_launcher`` resource; what the trainer reads and where it
+    writes is the ``training`` resource."""
 
-    engine: str = "torch_ddp"  # torch_ddp | deepspeed
-    gpus_per_node: int = 1
-    nodes: int = 1
-    rdzv_endpoint: str = ""  # host:port of node 0 for nodes > 1 (subprocess launcher; k8s makes its own)
-    max_epoch: int | None = None
-    dpo: bool = False
-    ref_model: str = ""
-    resume_from: str = ""  # a checkpoint .pt of an earlier run's dir (exact resume with its .state.pt)
-    use_amp: bool = True
-    batch_type: str = ""  # "" = the recipe's; "token" = token-budget packed batches
-    max_tokens_in_batch: int | None = None
-    num_workers: int = 2
-    extra_args: list[str] = []
-    cv_tolerance: float = 0.0  # allowed relative CV-loss increase over the last released checkpoint
-
-
-def train_command(config: TrainConfig, training: TrainingResource, train_list: str, cv_list: str, *,
-                  run_dir: str, rdzv_endpoint: str = "") -> list[str]:
-    """The trainer invocation of node 0, writing into ``run_dir`` (this run's own directory, see
-    :meth:`TrainingResource.run_dir`): plain ``python -m cosyvoice.cli train`` for one process,
-    ``torchrun --standalone`` for one node, and for several nodes torchrun's static rendezvous at
-    ``rdzv_endpoint`` (default: the config's) with ``--node_rank=0``. Static, not c10d: this is the
-    node Dagster listens to, so it must hold global rank 0, the rank that reports; the other
-    nodes run the same command with their own ``--node_rank``."""
-    if config.engine not in ("torch_ddp", "deepspeed"):
-        raise ValueError(f"engine must be torch_ddp or deepspeed, got {config.engine!r}")
-    rdzv_endpoint = rdzv_endpoint or config.rdzv_endpoint
-    if config.nodes > 1 and not rdzv_endpoint:
-        raise ValueError("nodes > 1 needs rdzv_endpoint (host:port of the first node)")
-    launcher = [training.python, "-m", "cosyvoice.cli"]
-    if config.gpus_per_node > 1 or config.nodes > 1:
-        launcher = [training.python, "-m", "torch.distributed.run", f"--nproc_per_node={config.gpus_per_node}",
-                    f"--nnodes={config.nodes}"]
-        if config.nodes > 1:
-            launcher += ["--rdzv_backend=static", f"--rdzv_endpoint={rdzv_endpoint}", "--node_rank=0",
-                         f"--rdzv_id={training.run_name}"]
-        else:
-            launcher += ["--standalone"]
-        launcher += ["-m", "cosyvoice.cli"]
-    args = ["train", "--model", "llm", "--train_engine", config.engine, "--config", training.recipe_path(),
-            "--train_data", train_list, "--cv_data", cv_list, "--model_dir", run_dir,
-            "--tensorboard_dir", os.path.join(run_dir, "tensorboard"),
-            "--num_workers", str(config.num_workers), "--prefetch", "8"]
-    if training.qwen_dir():
-        args += ["--qwen_pretrain_path", training.qwen_dir()]
-    if config.engine == "deepspeed":
-        args += ["--deepspeed_config", training.deepspeed_config_path()]
-    if config.use_amp:
-        args += ["--use_amp"]
-    if config.max_epoch is not None:
-        args += ["--max_epoch", str(config.max_epoch)]
-    if config.dpo:
-        args += ["--dpo"] + (["--ref_model", config.ref_model] if config.ref_model else [])
-    if config.resume_from:
-        args += ["--checkpoint", config.resume_from]
-    if config.batch_type:
-        args += ["--batch_type", config.batch_type]
-    if config.max_tokens_in_batch:
-        args += ["--max_tokens_in_batch", str(config.max_tokens_in_batch)]
-    return launcher + args + list(config.extra_args)
+    engine: TrainEngine = Field(default=TrainEngine.torch_ddp, description="torch_ddp or deepspeed "
+                                "(DeepSpeed uses the training resource's deepspeed_config)")
+    gpus_per_node: int = Field(default=1, description="trainer processes per node (torchrun --nproc_per_node)")
+    nodes: int = Field(default=1, description="nodes; > 1: torchrun's static rendezvous, this node is rank 0")
+    rdzv_endpoint: str = Field(default="", description="host:port of node 0 for nodes > 1 with the subprocess "
+                               "launcher (the Kubernetes launcher makes its own)")
+    max_epoch: int | None = Field(default=None, description="epochs (default: the recipe's)")
+    dpo: bool = Field(default=False, description="DPO instead of SFT")
+    ref_model: str = Field(default="", description="DPO reference model .pt (loaded strictly)")
+    resume_from: str = Field(default="", description="a checkpoint .pt of an earlier run's dir "
+                             "(exact resume with its .state.pt)")
+    use_amp: bool = Field(default=True, description="bf16 autocast")
+    batch_type: BatchType | None = Field(default=None, description="override the recipe's batch type "
+                                         "(token: token-budget packed batches); empty: the recipe's")
+    max_tokens_in_batch: int | None = Field(default=None, description="real LLM tokens per batch for batch_type token")
+    num_workers: int = Field(default=2, description="DataLoader workers per trainer process")
+    extra_args: list[str] = Field(default=[], description="further `cosyvoice-pipeline train` flags, appended as is")
+    cv_tolerance: float = Field(default=0.0, description="allowed relative CV-loss increase over the last "
+                                "released checkpoint")
 
 
-def training_pod_spec(gpus: int, *, node_selector: dict | None = None, shm_gi: int = 16,
-                      volume_claim: str = "", credentials_secret: str = "") -> dict:
-    """``base_pod_spec`` for ``PipesK8sClient``: GPUs requested and limited, the GPU-node
-    toleration, a memory-backed /dev/shm for DataLoader workers and NCCL, the model-dir volume, and
-    the storage credentials as a reference to the Secret ``credentials_secret`` (never as values)."""
-    container = {
-        "name": "dagster-pipes-execution",
-        "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus, "cpu": str(4 * gpus),
-                                                                      "memory": f"{32 * gpus}Gi"}},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
-    }
-    if credentials_secret:
-        container["envFrom"] = credentials_env_from(credentials_secret)
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gi}Gi"}}]
-    if volume_claim:
-        container["volumeMounts"].append({"name": "models", "mountPath": "/models"})
-        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": volume_claim}})
-    gpu = gpu_op_tags(gpus)["dagster-k8s/config"]["pod_spec_config"]  # the cluster's GPU node label and taint
-    return {
-        "restartPolicy": "Never",
-        "nodeSelector": node_selector or gpu["node_selector"],
-        "tolerations": gpu["tolerations"],
-        "containers": [container],
-        "volumes": volumes,
-    }
+def train_options(config: TrainConfig, training: TrainingResource, run_id: str, train_list: str,
+                  cv_list: str) -> TrainOptions:
+    """The trainer's options for run ``run_id``: the run config's choices on top of the training
+    resource's recipe, tokenizer and run dir (:meth:`TrainingResource.options`)."""
+    return training.options(run_id, train_list, cv_list, train_engine=config.engine, use_amp=config.use_amp,
+                            num_workers=config.num_workers, prefetch=8, max_epoch=config.max_epoch, dpo=config.dpo,
+                            ref_model=(config.ref_model or None) if config.dpo else None,
+                            checkpoint=config.resume_from or None,
+                            batch_type=config.batch_type, max_tokens_in_batch=config.max_tokens_in_batch or None)
 
 
 def cv_list_sha256(url: str) -> str:
@@ -214,32 +160,15 @@ def cv_gate(instance: dg.DagsterInstance, cv_loss: float | None, cv_sha256: str,
                                                "measured on the same cv.data.list")],
 )
 def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store: DataStore,
-                   training: TrainingResource) -> dg.MaterializeResult:
+                   training: TrainingResource, train_launcher: Launcher) -> dg.MaterializeResult:
     """Trains the CosyVoice2/3 LLM on ``train.data.list`` / ``cv.data.list`` (SFT, or DPO) and
     leaves the upstream checkpoint files in this run's own ``<model_dir>/<run id>/``."""
-    run_dir = training.run_dir(context.run.run_id)
-    cv_list = store.url("cv.data.list")
-    cv_sha256 = cv_list_sha256(cv_list)  # before training: the list the trainer evaluates on
-    if training.launcher == "k8s" and config.nodes > 1:
-        invocation = _run_multinode_on_k8s(context, config, training, store, run_dir)
-    elif training.launcher == "k8s":
-        from dagster_k8s import PipesK8sClient
-
-        command = train_command(config, training, store.url("train.data.list"), cv_list, run_dir=run_dir)
-        context.log.info("launching: %s", " ".join(command))
-        invocation = PipesK8sClient().run(
-            context=context, image=training.image, command=command, namespace=training.namespace or None,
-            base_pod_spec=training_pod_spec(config.gpus_per_node, volume_claim=training.volume_claim,
-                                            credentials_secret=training.credentials_secret),
-            env=training.pod_env())
-    else:
-        command = train_command(config, training, store.url("train.data.list"), cv_list, run_dir=run_dir)
-        context.log.info("launching: %s", " ".join(command))
-        if config.nodes > 1:
-            context.log.info("start nodes 1..%d with the same command and --node_rank=1..%d", config.nodes - 1,
-                             config.nodes - 1)
-        invocation = dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
-            context=context, command=command, env=training.forwarded_env())
+    layout = store.layout
+    cv_sha256 = cv_list_sha256(layout.cv_list())  # before training: the list the trainer evaluates on
+    options = train_options(config, training, context.run.run_id, layout.train_list(), layout.cv_list())
+    invocation = train_launcher.launch(context, [*options.to_argv(), *config.extra_args],
+                                       gpus_per_node=config.gpus_per_node, nodes=config.nodes,
+                                       rdzv_endpoint=config.rdzv_endpoint)
     steps = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("tag") == "TRAIN"]
     cvs = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and m.get("tag") == "CV"]
     reported = invocation.get_materialize_result()
@@ -252,37 +181,14 @@ def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store
         metadata["last_tokens_per_s"] = float(steps[-1].get("tokens_per_s", 0.0))
         if steps[-1].get("mfu") is not None:
             metadata["last_mfu"] = float(steps[-1]["mfu"])
-    metadata["run_dir"] = run_dir
+    metadata["run_dir"] = options.model_dir
     metadata["cv_list_sha256"] = cv_sha256
-    metadata["engine"] = config.engine
+    metadata["engine"] = config.engine.value
     metadata["gpus"] = config.gpus_per_node * config.nodes
     if config.resume_from:
         metadata["resumed_from"] = config.resume_from
     return dg.MaterializeResult(metadata=metadata,
                                 check_results=[cv_gate(context.instance, cv_loss, cv_sha256, config.cv_tolerance)])
-
-
-def _run_multinode_on_k8s(context: dg.AssetExecutionContext, config: TrainConfig, training: TrainingResource,
-                          store: DataStore, run_dir: str):
-    """Node 0 as the Pipes pod, nodes 1..N-1 as an Indexed Job, for the duration of the run."""
-    from dagster_k8s import PipesK8sClient
-
-    from pipelines.multinode import MultiNodeLayout, WorkerNodes, run_resource_name
-
-    layout = MultiNodeLayout(run_resource_name(context.run.run_id), config.nodes, training.namespace or "default")
-    command = train_command(config, training, store.url("train.data.list"), store.url("cv.data.list"),
-                            run_dir=run_dir, rdzv_endpoint=layout.rdzv_endpoint)
-    pod_spec = training_pod_spec(config.gpus_per_node, volume_claim=training.volume_claim,
-                                 credentials_secret=training.credentials_secret)
-    job = layout.worker_job(image=training.image, command=command, env=training.pod_env(), pod_spec=pod_spec)
-    context.log.info("launching node 0: %s", " ".join(command))
-    context.log.info("nodes 1..%d: Job %s/%s; rendezvous at %s", config.nodes - 1, layout.namespace, layout.name,
-                     layout.rdzv_endpoint)
-    with WorkerNodes(layout, job):
-        return PipesK8sClient().run(
-            context=context, image=training.image, command=command, namespace=layout.namespace,
-            base_pod_meta=layout.node0_pod_meta(), base_pod_spec=layout.node0_pod_spec(pod_spec),
-            env=training.pod_env())
 
 
 class AverageConfig(dg.Config):
@@ -291,8 +197,7 @@ class AverageConfig(dg.Config):
 
 
 @dg.asset(deps=[llm_checkpoint], group_name="training", kinds={"pytorch"})
-def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store: DataStore,
-                 training: TrainingResource) -> dg.MaterializeResult:
+def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store: DataStore) -> dg.MaterializeResult:
     """``<data root>/llm/llm.pt``: the average of the best (lowest CV loss) checkpoints of the
     released ``llm_checkpoint`` run (:func:`released_checkpoint`: the newest one whose CV gate
     passed), read from that run's own directory only; a plain state dict that loads strictly into
@@ -310,13 +215,12 @@ def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store
     run_dir = released.run_dir
     if not os.path.isdir(run_dir):
         raise dg.Failure(f"{run_dir}: the run dir of the released llm_checkpoint (run {released.run_id}) does not exist")
-    available = len([f for f in os.listdir(run_dir) if f.startswith("epoch_") and f.endswith(".yaml")])
-    num = min(config.num, available)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = average_checkpoints(run_dir, os.path.join(tmp, "llm.pt"), num=num, val_best=config.val_best)
+    num = min(config.num, len(read_checkpoint_yamls(run_dir)))
+    with tempfile.NamedTemporaryFile(suffix=".pt") as local:
+        report = average_checkpoints(run_dir, local.name, num=num, val_best=config.val_best)
         with open(report.dst_model, "rb") as f:
             data = f.read()
-    url = store.url("llm", "llm.pt")
+    url = store.layout.llm_model()
     storage.write_bytes(url, data)
     return dg.MaterializeResult(metadata={
         "path": url, "averaged": len(report.sources), "bytes": len(data),
@@ -325,6 +229,3 @@ def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store
         "cv_losses": dg.MetadataValue.json(report.losses),
     })
 
-
-def default_python() -> str:
-    return sys.executable

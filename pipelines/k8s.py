@@ -8,17 +8,26 @@ environment of the code server (JSON): ``COSYVOICE_GPU_NODE_SELECTOR`` (default
 ``COSYVOICE_GPU_IMAGE`` runs GPU steps from the GPU image (k8s/Dockerfile.gpu) instead of the
 run's CPU image.
 
+The pod specs of the Pipes launchers (``pipelines/launchers.py``) live here too: the trainer's
+(:func:`training_pod_spec`) and the TensorRT-LLM engine build's (:func:`engine_pod_spec`).
+
 Credentials never appear in a spec we generate: pods get them from a Kubernetes Secret
 (:func:`credentials_env_from`), and :func:`literal_env` refuses to write a credential as a value.
 """
 
+import copy
 import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
+
+import yaml
 
 DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+#: the engine build's Job; :func:`engine_pod_spec` launches its pod template through Pipes
+ENGINE_JOB_MANIFEST = Path(__file__).resolve().parents[1] / "k8s" / "trtllm-engine-job.yaml"
 
 
 def gpu_op_tags(gpus: int = 1, cpu: str = "8", memory: str = "32Gi") -> dict:
@@ -70,3 +79,56 @@ def credentials_env_from(secret: str) -> list[dict]:
     pod waits in ``CreateContainerConfigError`` (Dagster logs the message naming the Secret) instead of
     running without credentials."""
     return [{"secretRef": {"name": secret}}] if secret else []
+
+
+def training_pod_spec(gpus: int, *, node_selector: dict | None = None, shm_gi: int = 16,
+                      volume_claim: str = "", credentials_secret: str = "") -> dict:
+    """``base_pod_spec`` of the trainer's pod (``PipesK8sClient``; also the workers' Job template):
+    GPUs requested and limited, the GPU-node selector and toleration (:func:`gpu_op_tags`), a
+    memory-backed /dev/shm for DataLoader workers and NCCL, the model-dir volume ``volume_claim``
+    at ``/models``, and the storage credentials as a reference to the Secret ``credentials_secret``
+    (never as values)."""
+    container = {
+        "name": "dagster-pipes-execution",
+        "resources": {"limits": {"nvidia.com/gpu": gpus}, "requests": {"nvidia.com/gpu": gpus, "cpu": str(4 * gpus),
+                                                                      "memory": f"{32 * gpus}Gi"}},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if credentials_secret:
+        container["envFrom"] = credentials_env_from(credentials_secret)
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gi}Gi"}}]
+    if volume_claim:
+        container["volumeMounts"].append({"name": "models", "mountPath": "/models"})
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": volume_claim}})
+    gpu = gpu_op_tags(gpus)["dagster-k8s/config"]["pod_spec_config"]
+    return {
+        "restartPolicy": "Never",
+        "nodeSelector": node_selector or gpu["node_selector"],
+        "tolerations": gpu["tolerations"],
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def engine_pod_spec(checkpoint_url: str, *, trtllm_image: str, pipeline_image: str, env: Mapping[str, str],
+                    max_batch_size: int, max_num_tokens: int, gemm_plugin: str) -> dict:
+    """``base_pod_spec`` of the TensorRT-LLM engine build (``PipesK8sClient``): the pod template of
+    ``k8s/trtllm-engine-job.yaml`` with this run's checkpoint, ``trtllm-build`` flags and images;
+    the publishing container is the Pipes one. ``env``: literal, non-credential values only (the
+    template's containers get the credentials from its Secret)."""
+    from cosyvoice.export.engine import build_command
+
+    with open(ENGINE_JOB_MANIFEST) as f:
+        spec = copy.deepcopy(yaml.safe_load(f)["spec"]["template"]["spec"])
+    values = literal_env(env)
+    fetch, build = spec["initContainers"]
+    fetch["image"] = pipeline_image
+    fetch["env"] = [{"name": "CHECKPOINT_URL", "value": checkpoint_url}, *values]
+    build["image"] = trtllm_image
+    build["command"] = build_command("trtllm-build", "/work/checkpoint", "/work/engine", max_batch_size=max_batch_size,
+                                     max_num_tokens=max_num_tokens, gemm_plugin=gemm_plugin)
+    publish = spec["containers"][0]
+    publish["name"] = "dagster-pipes-execution"
+    publish.pop("command", None)
+    publish["env"] = values
+    return spec

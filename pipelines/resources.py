@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import dagster as dg
 
 from cosyvoice import storage
 from cosyvoice.layout import DataLayout
-from pipelines.k8s import without_credentials
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from cosyvoice.train.options import TrainEngine, TrainOptions
+from pipelines.launchers import (
+    PROJECT_ROOT,
+    K8sEngineBuilder,
+    K8sLauncher,
+    LocalEngineBuilder,
+    SubprocessLauncher,
+)
 
 
 class CorpusResource(dg.ConfigurableResource):
@@ -57,44 +61,29 @@ class ModelStore(dg.ConfigurableResource):
 
 
 class TrainingResource(dg.ConfigurableResource):
-    """How and where the LLM trainer runs: ``subprocess`` (this machine, embedded) or ``k8s`` (a GPU
-    pod through ``PipesK8sClient``, distributed). ``model_dir`` is the model root, a local or mounted
-    path (the trainer writes checkpoints with plain file I/O; on Kubernetes a PVC mounted at
-    ``/models``): every run writes into its own ``<model_dir>/<run id>/`` (:meth:`run_dir`).
-
-    Credentials: the subprocess launcher passes ``env_passthrough`` on to the trainer. The k8s
-    launcher writes only the non-credential part of it into the pod spec; the credentials reach the
-    pods from the Kubernetes Secret ``credentials_secret`` (``envFrom``, keys = variable names:
-    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY[, AWS_SESSION_TOKEN, COSYVOICE_S3_ENDPOINT_URL]);
-    ``""`` = no Secret (the pods get an identity another way, e.g. IRSA / workload identity)."""
+    """What the LLM trainer trains with and where it writes, whichever launcher runs it (the
+    deployment's ``train_launcher``, :mod:`pipelines.launchers`, decides where the processes run).
+    ``model_dir`` is the model root, a local or mounted path (the trainer writes checkpoints with
+    plain file I/O; on Kubernetes a PVC mounted at ``/models``): every run writes into its own
+    ``<model_dir>/<run id>/`` (:meth:`run_dir`). Relative ``recipe`` / ``deepspeed_config`` paths are
+    relative to the project root (the checkout, or the image's WORKDIR). ``bundled_tokenizer``:
+    without ``qwen_pretrain_path``, build a CosyVoice-BlankEN-equivalent tokenizer on this machine
+    (:func:`_default_qwen_dir`; only where the trainer runs here: a pod cannot see this cache)."""
 
     model_dir: str
     recipe: str = "configs/cosyvoice2.yaml"
     qwen_pretrain_path: str = ""
+    bundled_tokenizer: bool = False
     deepspeed_config: str = "configs/ds_stage2.json"
-    launcher: str = "subprocess"  # subprocess | k8s
-    python: str = "python"
-    image: str = ""
-    namespace: str = ""
-    volume_claim: str = ""
-    run_name: str = "cosyvoice-llm"
-    credentials_secret: str = "cosyvoice-s3"
-    env_passthrough: list[str] = ["COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE"]
-
-    def _in_project(self, path: str) -> str:
-        if self.launcher == "subprocess" and not os.path.isabs(path) and "://" not in path:
-            return str(PROJECT_ROOT / path)
-        return path
 
     def recipe_path(self) -> str:
-        return self._in_project(self.recipe)
+        return project_path(self.recipe)
 
     def deepspeed_config_path(self) -> str:
-        return self._in_project(self.deepspeed_config)
+        return project_path(self.deepspeed_config)
 
     def qwen_dir(self) -> str:
-        return self.qwen_pretrain_path or (_default_qwen_dir() if self.launcher == "subprocess" else "")
+        return self.qwen_pretrain_path or (_default_qwen_dir() if self.bundled_tokenizer else "")
 
     def run_dir(self, run_id: str) -> str:
         """Where the run ``run_id`` writes its checkpoints, logs and TensorBoard events."""
@@ -102,14 +91,22 @@ class TrainingResource(dg.ConfigurableResource):
             raise ValueError(f"{run_id!r} is not a run id")
         return os.path.join(self.model_dir, run_id)
 
-    def forwarded_env(self) -> dict[str, str]:
-        """``env_passthrough`` as set in this process: the trainer subprocess's environment."""
-        return {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
+    def options(self, run_id: str, train_data: str, cv_data: str, **choices) -> TrainOptions:
+        """The trainer's options for run ``run_id``: this resource's recipe, tokenizer, DeepSpeed
+        config (deepspeed engine only) and run dir (TensorBoard inside it), plus ``choices`` (the run
+        config's :class:`TrainOptions` fields)."""
+        run_dir = self.run_dir(run_id)
+        engine = TrainEngine(choices.get("train_engine", TrainEngine.torch_ddp))
+        return TrainOptions(config=self.recipe_path(), train_data=train_data, cv_data=cv_data, model_dir=run_dir,
+                            tensorboard_dir=os.path.join(run_dir, "tensorboard"),
+                            qwen_pretrain_path=self.qwen_dir() or None,
+                            deepspeed_config=self.deepspeed_config_path() if engine is TrainEngine.deepspeed else None,
+                            **choices)
 
-    def pod_env(self) -> dict[str, str]:
-        """What the k8s launcher writes into pod and Job specs: :meth:`forwarded_env` without any
-        credential (those come from ``credentials_secret``)."""
-        return without_credentials(self.forwarded_env())
+
+def project_path(path: str) -> str:
+    """``path`` as given when it is absolute or a URL, else below the project root."""
+    return path if os.path.isabs(path) or "://" in path else str(PROJECT_ROOT / path)
 
 
 def _default_qwen_dir() -> str:
@@ -137,29 +134,41 @@ def deployment() -> str:
     return name
 
 
+def from_env(name: str, default: str) -> str | dg.EnvVar:
+    """``dg.EnvVar(name)`` where the variable is set (Dagster resolves it when the resource is built and
+    shows the variable's name, not its value), else the deployment's default: one source per setting."""
+    return dg.EnvVar(name) if name in os.environ else default
+
+
 def resources_for(name: str) -> dict:
+    """The resources of deployment ``name``: where data lives, what training reads and writes, and
+    the launchers that run the trainer and the engine build (assets never branch on the deployment)."""
     if name == "distributed":
+        namespace = from_env("COSYVOICE_K8S_NAMESPACE", "")
         return {
             "corpus": CorpusResource(root=dg.EnvVar("COSYVOICE_CORPUS_ROOT")),
             "store": DataStore(root=dg.EnvVar("COSYVOICE_DATA_ROOT")),
             "models": ModelStore(root=dg.EnvVar("COSYVOICE_MODEL_ROOT")),
             "training": TrainingResource(
-                model_dir=os.environ.get("COSYVOICE_TRAIN_MODEL_DIR", "/models/llm"), launcher="k8s",
-                recipe=os.environ.get("COSYVOICE_TRAIN_RECIPE", "/app/configs/cosyvoice2.yaml"),
-                deepspeed_config="/app/configs/ds_stage2.json",
-                qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH", ""),
-                image=os.environ.get("COSYVOICE_GPU_IMAGE", "cosyvoice-pipeline-gpu:latest"),
-                namespace=os.environ.get("COSYVOICE_K8S_NAMESPACE", ""),
-                volume_claim=os.environ.get("COSYVOICE_MODELS_PVC", "cosyvoice-models"),
-                credentials_secret=os.environ.get("COSYVOICE_K8S_CREDENTIALS_SECRET", "cosyvoice-s3")),
+                model_dir=from_env("COSYVOICE_TRAIN_MODEL_DIR", "/models/llm"),
+                recipe=from_env("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"),
+                qwen_pretrain_path=from_env("COSYVOICE_QWEN_PRETRAIN_PATH", "")),
+            "train_launcher": K8sLauncher(
+                image=from_env("COSYVOICE_GPU_IMAGE", "cosyvoice-pipeline-gpu:latest"), namespace=namespace,
+                volume_claim=from_env("COSYVOICE_MODELS_PVC", "cosyvoice-models"),
+                credentials_secret=from_env("COSYVOICE_K8S_CREDENTIALS_SECRET", "cosyvoice-s3")),
+            "engine_builder": K8sEngineBuilder(
+                namespace=namespace, pipeline_image=from_env("COSYVOICE_PIPELINE_IMAGE", "cosyvoice-pipeline:latest")),
         }
-    data_root = os.environ.get("COSYVOICE_DATA_ROOT", str(PROJECT_ROOT / "data"))
+    data_root = os.environ.get("COSYVOICE_DATA_ROOT", str(PROJECT_ROOT / "data"))  # the defaults below derive from it
     return {
-        "corpus": CorpusResource(root=os.environ.get("COSYVOICE_CORPUS_ROOT", storage.join(data_root, "LibriTTS"))),
-        "store": DataStore(root=data_root),
-        "models": ModelStore(root=os.environ.get("COSYVOICE_MODEL_ROOT", storage.join(data_root, "models"))),
+        "corpus": CorpusResource(root=from_env("COSYVOICE_CORPUS_ROOT", storage.join(data_root, "LibriTTS"))),
+        "store": DataStore(root=from_env("COSYVOICE_DATA_ROOT", data_root)),
+        "models": ModelStore(root=from_env("COSYVOICE_MODEL_ROOT", storage.join(data_root, "models"))),
         "training": TrainingResource(
-            model_dir=os.environ.get("COSYVOICE_TRAIN_MODEL_DIR", storage.join(data_root, "train", "llm")),
-            recipe=os.environ.get("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"), python=sys.executable,
-            qwen_pretrain_path=os.environ.get("COSYVOICE_QWEN_PRETRAIN_PATH", "")),
+            model_dir=from_env("COSYVOICE_TRAIN_MODEL_DIR", storage.join(data_root, "train", "llm")),
+            recipe=from_env("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"),
+            qwen_pretrain_path=from_env("COSYVOICE_QWEN_PRETRAIN_PATH", ""), bundled_tokenizer=True),
+        "train_launcher": SubprocessLauncher(python=sys.executable),
+        "engine_builder": LocalEngineBuilder(),
     }

@@ -103,9 +103,10 @@ def test_k8s_engine_job_validates_and_builds_in_the_trtllm_image_on_a_gpu():
 def test_the_pipes_pod_spec_is_the_job_template_with_this_runs_checkpoint():
     import kubernetes_validate
 
-    from assets.export import EngineConfig, engine_pod_spec
+    from pipelines.launchers import K8sEngineBuilder
 
-    spec = engine_pod_spec(EngineConfig(max_batch_size=64), "s3://b/export/trtllm/bfloat16_none")
+    spec = K8sEngineBuilder().pod_spec("s3://b/export/trtllm/bfloat16_none", max_batch_size=64, max_num_tokens=32768,
+                                       gemm_plugin="bfloat16")
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
            "spec": {**spec, "containers": [{**spec["containers"][0], "image": "cosyvoice-pipeline:latest"}]}}
     kubernetes_validate.validate(pod, "1.33.0", strict=True)
@@ -138,7 +139,8 @@ def test_export_assets_materialize_with_verified_variants(tiny_llm_pt, calib_dat
         trtllm_checkpoint,
         trtllm_engine,
     )
-    from pipelines.resources import DataStore
+    from pipelines.launchers import LocalEngineBuilder
+    from pipelines.resources import DataStore, TrainingResource
 
     root = tmp_path / "data"
     (root / "llm").mkdir(parents=True)
@@ -146,14 +148,13 @@ def test_export_assets_materialize_with_verified_variants(tiny_llm_pt, calib_dat
     shutil.copy(calib_data_list, root / "train.data.list")
     shutil.copy(calib_data_list.replace("shard0", "shard1"), root / "cv.data.list")
     (tmp_path / "qwen.json").write_text(json.dumps(TINY_QWEN2))
-    monkeypatch.setenv("COSYVOICE_DEPLOYMENT", "embedded")
     monkeypatch.setenv("PATH", str(tmp_path))  # no trtllm-build here
     run_config = dg.RunConfig(ops={
         "hf_checkpoint": {"config": {"recipe": str(tmp_path / "qwen.json")}},
         "trtllm_checkpoint": {"config": {"variants": ["none", "smoothquant_per_channel_per_token"],
                                          "calib_size": 8, "verify_size": 2}}})
-    result = dg.materialize([hf_checkpoint, trtllm_checkpoint], resources={"store": DataStore(root=str(root))},
-                            run_config=run_config)
+    resources = {"store": DataStore(root=str(root)), "training": TrainingResource(model_dir=str(tmp_path / "models"))}
+    result = dg.materialize([hf_checkpoint, trtllm_checkpoint], resources=resources, run_config=run_config)
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [("reference_forward_verified", True)]
@@ -164,7 +165,8 @@ def test_export_assets_materialize_with_verified_variants(tiny_llm_pt, calib_dat
     assert all(v["passed"] and v["bytes"] > 0 for v in variants.values())
     assert sorted(os.listdir(root / "export" / "trtllm")) == sorted(variants)
 
-    engine = dg.materialize([trtllm_engine], resources={"store": DataStore(root=str(root))}, raise_on_error=False)
+    engine = dg.materialize([trtllm_engine], resources={"store": DataStore(root=str(root)),
+                                                        "engine_builder": LocalEngineBuilder()}, raise_on_error=False)
     assert not engine.success
     failure = engine.get_step_failure_events()[0].step_failure_data.error
     assert CONTAINER_IMAGE in str(failure)

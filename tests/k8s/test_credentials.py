@@ -71,6 +71,7 @@ def test_training_specs_reference_the_credentials_secret_and_hold_no_credential_
     from dagster_k8s import PipesK8sClient
 
     from assets.training import TrainConfig, llm_checkpoint
+    from pipelines.launchers import K8sLauncher
     from pipelines.resources import DataStore, TrainingResource
 
     fake = FakeKubernetes()
@@ -86,10 +87,11 @@ def test_training_specs_reference_the_credentials_secret_and_hold_no_credential_
     monkeypatch.setattr(PipesK8sClient, "run", run)
     for name in ("train.data.list", "cv.data.list"):
         (tmp_path / name).write_text("s3://bucket/shard-0.tar\n")
-    training = TrainingResource(model_dir="/models/llm", launcher="k8s", image="registry.example.com/gpu:1",
-                                namespace="cosyvoice", volume_claim="cosyvoice-models",
-                                credentials_secret="team-storage-credentials")
-    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=str(tmp_path)), "training": training},
+    launcher = K8sLauncher(image="registry.example.com/gpu:1", namespace="cosyvoice", volume_claim="cosyvoice-models",
+                           credentials_secret="team-storage-credentials")
+    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=str(tmp_path)),
+                                                         "training": TrainingResource(model_dir="/models/llm"),
+                                                         "train_launcher": launcher},
                             run_config=dg.RunConfig(ops={"llm_checkpoint": TrainConfig(nodes=nodes, gpus_per_node=2)}),
                             raise_on_error=False)
     assert not result.success and launched, "the asset did not reach the pod launch"
@@ -108,13 +110,14 @@ def test_training_specs_reference_the_credentials_secret_and_hold_no_credential_
 
 
 def test_without_a_secret_the_pod_gets_no_credentials_at_all(credentials_in_env):
-    from assets.training import training_pod_spec
-    from pipelines.resources import TrainingResource
+    from pipelines.k8s import training_pod_spec
+    from pipelines.launchers import K8sLauncher, SubprocessLauncher
 
-    training = TrainingResource(model_dir="/m", launcher="k8s", credentials_secret="")
-    assert "envFrom" not in training_pod_spec(1, credentials_secret=training.credentials_secret)["containers"][0]
-    assert training.pod_env() == {"AWS_DEFAULT_REGION": "eu-west-3", "COSYVOICE_S3_ENDPOINT_URL": "http://127.0.0.1:9000"}
-    assert set(FAKE) <= set(training.forwarded_env())  # the local trainer subprocess still gets them
+    launcher = K8sLauncher(image="registry.example.com/gpu:1", credentials_secret="")
+    assert "envFrom" not in training_pod_spec(1, credentials_secret=launcher.credentials_secret)["containers"][0]
+    assert "envFrom" not in launcher.pod_spec(1)["containers"][0]
+    assert launcher.pod_env() == {"AWS_DEFAULT_REGION": "eu-west-3", "COSYVOICE_S3_ENDPOINT_URL": "http://127.0.0.1:9000"}
+    assert set(FAKE) <= set(SubprocessLauncher().forwarded_env())  # the local trainer subprocess still gets them
 
 
 def test_a_credential_is_never_written_as_a_literal_value():
@@ -133,9 +136,10 @@ def test_a_credential_is_never_written_as_a_literal_value():
 
 
 def test_the_engine_pod_holds_no_credential_value(credentials_in_env):
-    from assets.export import EngineConfig, engine_pod_spec
+    from pipelines.launchers import K8sEngineBuilder
 
-    spec = engine_pod_spec(EngineConfig(), "s3://bucket/export/trtllm/bf16")
+    spec = K8sEngineBuilder().pod_spec("s3://bucket/export/trtllm/bf16", max_batch_size=16, max_num_tokens=32768,
+                                       gemm_plugin="bfloat16")
     assert_no_credential_values("trtllm_engine pod", spec)
     for container in spec["initContainers"] + spec["containers"]:
         if container.get("env"):

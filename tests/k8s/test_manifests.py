@@ -142,21 +142,12 @@ def test_gpu_node_selector_tolerations_and_image_come_from_the_environment(monke
 
 def pipes_pod_specs() -> list[tuple[str, dict]]:
     """``base_pod_spec``s our assets hand to PipesK8sClient (those that exist in this checkout)."""
-    specs = []
-    try:
-        from assets.training import training_pod_spec
+    from pipelines.k8s import training_pod_spec
+    from pipelines.launchers import K8sEngineBuilder
 
-        specs.append(("training", training_pod_spec(2, volume_claim="cosyvoice-models",
-                                                    credentials_secret="cosyvoice-s3")))
-    except ImportError:
-        pass
-    try:
-        from assets.export import EngineConfig, engine_pod_spec
-
-        specs.append(("trtllm_engine", engine_pod_spec(EngineConfig(), "s3://bucket/export/trtllm/bf16")))
-    except ImportError:
-        pass
-    return specs
+    return [("training", training_pod_spec(2, volume_claim="cosyvoice-models", credentials_secret="cosyvoice-s3")),
+            ("trtllm_engine", K8sEngineBuilder().pod_spec("s3://bucket/export/trtllm/bf16", max_batch_size=16,
+                                                           max_num_tokens=32768, gemm_plugin="bfloat16"))]
 
 
 @pytest.mark.parametrize("name,spec", pipes_pod_specs(), ids=[n for n, _ in pipes_pod_specs()])
@@ -274,18 +265,21 @@ def test_multi_node_training_manifests_validate_and_wire_node_0_to_the_workers(t
 
     from dagster_k8s.pipes import build_pod_body
 
-    from assets.training import TrainConfig, train_command, training_pod_spec
+    from assets.training import TrainConfig, train_options
+    from pipelines.k8s import training_pod_spec
+    from pipelines.launchers import K8sLauncher
     from pipelines.multinode import MultiNodeLayout
     from pipelines.resources import TrainingResource
 
     layout = MultiNodeLayout("cv-train-0123abcd", 4, "cosyvoice")
-    training = TrainingResource(model_dir="/models/llm", launcher="k8s", image="registry.example.com/gpu:1")
-    command = train_command(TrainConfig(nodes=4, gpus_per_node=8), training, "s3://b/train list", "s3://b/cv",
-                            run_dir=training.run_dir("0123abcd"), rdzv_endpoint=layout.rdzv_endpoint)
-    spec = training_pod_spec(8, volume_claim="cosyvoice-models", credentials_secret=training.credentials_secret)
-    service, job = layout.service(), layout.worker_job(image=training.image, command=command,
+    training = TrainingResource(model_dir="/models/llm")
+    launcher = K8sLauncher(image="registry.example.com/gpu:1")
+    options = train_options(TrainConfig(nodes=4, gpus_per_node=8), training, "0123abcd", "s3://b/train list", "s3://b/cv")
+    command = launcher.command(options.to_argv(), gpus_per_node=8, nodes=4, rdzv_endpoint=layout.rdzv_endpoint)
+    spec = training_pod_spec(8, volume_claim="cosyvoice-models", credentials_secret=launcher.credentials_secret)
+    service, job = layout.service(), layout.worker_job(image=launcher.image, command=command,
                                                        env={"AWS_DEFAULT_REGION": "x"}, pod_spec=spec)
-    pod = build_pod_body(pod_name="dagster-pipes-train", image=training.image, command=command,
+    pod = build_pod_body(pod_name="dagster-pipes-train", image=launcher.image, command=command,
                          env_vars={"DAGSTER_PIPES_CONTEXT": "e30="}, base_pod_meta=layout.node0_pod_meta(),
                          base_pod_spec=layout.node0_pod_spec(spec))
     pod = {"apiVersion": "v1", "kind": "Pod", **kubernetes.client.ApiClient().sanitize_for_serialization(pod)}
@@ -297,7 +291,7 @@ def test_multi_node_training_manifests_validate_and_wire_node_0_to_the_workers(t
     assert not service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
     worker = job["spec"]["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8 and worker["image"] == training.image
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 8 and worker["image"] == launcher.image
     assert worker["envFrom"] == pod["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "cosyvoice-s3"}}]
 
     # run the worker's command line through a real shell, with a stand-in for python that prints argv

@@ -439,19 +439,20 @@ def test_the_generated_multi_node_commands_train_like_one_node(ddp_run, training
     give the losses of the 2-process single-node run: same world, same ranks, same data."""
     import socket
 
-    from assets.training import TrainConfig, train_command
+    from assets.training import TrainConfig, train_options
+    from pipelines.launchers import SubprocessLauncher
     from pipelines.multinode import MultiNodeLayout
     from pipelines.resources import TrainingResource
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    training = TrainingResource(model_dir=str(tmp_path), recipe=TINY_RECIPE, qwen_pretrain_path=qwen_dir,
-                                python=sys.executable)
+    training = TrainingResource(model_dir=str(tmp_path), recipe=TINY_RECIPE, qwen_pretrain_path=qwen_dir)
     config = TrainConfig(nodes=2, gpus_per_node=1, use_amp=False, num_workers=0, max_epoch=1,
                          extra_args=["--ddp.dist_backend", "gloo", "--log_interval", "1"])
-    node0 = train_command(config, training, training_list, training_list, run_dir=str(tmp_path),
-                          rdzv_endpoint=f"127.0.0.1:{port}")
+    options = train_options(config, training, "run", training_list, training_list)
+    node0 = SubprocessLauncher(python=sys.executable).command([*options.to_argv(), *config.extra_args], nodes=2,
+                                                              rdzv_endpoint=f"127.0.0.1:{port}")
     job = MultiNodeLayout("cv-train-test", 2).worker_job(image="x", command=node0, env={}, pod_spec={
         "containers": [{"name": "c"}]})
     node1 = job["spec"]["template"]["spec"]["containers"][0]["command"]
@@ -460,5 +461,5 @@ def test_the_generated_multi_node_commands_train_like_one_node(ddp_run, training
              for cmd in (node0, node1)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    ours = [r["loss"] for r in read_log(tmp_path)]
+    ours = [r["loss"] for r in read_log(tmp_path / "run")]
     assert ours and ours == pytest.approx([r["loss"] for r in read_log(ddp_run)][:len(ours)], rel=1e-5)

@@ -1,4 +1,5 @@
-"""``llm_checkpoint`` through Dagster Pipes (subprocess), its blocking check, ``llm_averaged``, the GPU pod spec."""
+"""``llm_checkpoint`` through Dagster Pipes (subprocess), its blocking check, ``llm_averaged``, the GPU pod spec;
+the launcher is a resource, injected here as the deployments do."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import math
 import os
 import shutil
 import sys
+from typing import ClassVar
 
 import dagster as dg
 import pytest
 import torch
 
-from assets.training import TrainConfig, llm_averaged, llm_checkpoint, train_command, training_pod_spec
+from assets.training import TrainConfig, llm_averaged, llm_checkpoint, train_options
+from pipelines.k8s import training_pod_spec
+from pipelines.launchers import K8sLauncher, Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, TrainingResource
 
 from .conftest import TINY_RECIPE
@@ -28,8 +32,8 @@ def data_root(training_list, tmp_path_factory):
 
 def resources(data_root, model_dir, qwen_dir):
     return {"store": DataStore(root=data_root),
-            "training": TrainingResource(model_dir=str(model_dir), recipe=TINY_RECIPE, qwen_pretrain_path=qwen_dir,
-                                         python=sys.executable)}
+            "training": TrainingResource(model_dir=str(model_dir), recipe=TINY_RECIPE, qwen_pretrain_path=qwen_dir),
+            "train_launcher": SubprocessLauncher(python=sys.executable)}
 
 
 def run_config(**train):
@@ -92,35 +96,43 @@ def test_each_run_writes_its_own_dir_and_llm_averaged_averages_only_the_released
     load_recipe(TINY_RECIPE, training_overrides("llm"))["llm"].load_state_dict(sd, strict=True)
 
 
-class CannedTrainer:
-    """Stands in for the trainer process behind PipesSubprocessClient: reports a given CV loss."""
+class CannedInvocation:
+    def __init__(self, cv_loss: float):
+        self.cv_loss = cv_loss
 
-    def __init__(self, monkeypatch):
-        self.cv_loss = None
-        trainer = self
+    def get_custom_messages(self):
+        return []
 
-        class Invocation:
-            def get_custom_messages(self):
-                return []
+    def get_materialize_result(self):
+        return dg.MaterializeResult(metadata={"cv_loss": dg.MetadataValue.float(self.cv_loss),
+                                              "steps": dg.MetadataValue.int(1)})
 
-            def get_materialize_result(self):
-                return dg.MaterializeResult(metadata={"cv_loss": dg.MetadataValue.float(trainer.cv_loss),
-                                                      "steps": dg.MetadataValue.int(1)})
 
-        monkeypatch.setattr(dg.PipesSubprocessClient, "run", lambda self, **kwargs: Invocation())
+class CannedLauncher(Launcher):
+    """The train_launcher resource of this test: records what the asset launches and, instead of a
+    trainer, reports the CV loss it is told (``CannedLauncher.cv_loss``)."""
+
+    cv_loss: ClassVar[float | None] = None
+    launched: ClassVar[list[dict]] = []
+
+    def launch(self, context, cli_args, *, gpus_per_node=1, nodes=1, rdzv_endpoint=""):
+        CannedLauncher.launched.append({"cli_args": list(cli_args), "gpus_per_node": gpus_per_node, "nodes": nodes,
+                                        "rdzv_endpoint": rdzv_endpoint})
+        return CannedInvocation(CannedLauncher.cv_loss)
 
 
 def test_the_cv_gate_compares_with_the_last_passed_run_on_the_same_cv_list(tmp_path, monkeypatch):
     """good (released), worse (rejected), better than the rejected one but worse than the good one
     (still rejected: a rejected run is never the baseline); then a changed cv.data.list resets the
     baseline and the check says so; the real llm_checkpoint and its check on a real instance."""
-    trainer = CannedTrainer(monkeypatch)
+    monkeypatch.setattr(CannedLauncher, "launched", [])
     (tmp_path / "train.data.list").write_text("a.tar\n")
     (tmp_path / "cv.data.list").write_text("cv-1.tar\ncv-2.tar\n")
-    res = {"store": DataStore(root=str(tmp_path)), "training": TrainingResource(model_dir=str(tmp_path / "m"))}
+    res = {"store": DataStore(root=str(tmp_path)), "training": TrainingResource(model_dir=str(tmp_path / "m")),
+           "train_launcher": CannedLauncher()}
 
     def gate(cv_loss):
-        trainer.cv_loss = cv_loss
+        monkeypatch.setattr(CannedLauncher, "cv_loss", cv_loss)
         result = dg.materialize([llm_checkpoint], instance=instance, resources=res, raise_on_error=False)
         (evaluation,) = result.get_asset_check_evaluations()
         return result.run_id, evaluation
@@ -147,22 +159,53 @@ def test_the_cv_gate_compares_with_the_last_passed_run_on_the_same_cv_list(tmp_p
         assert not after.passed and after.metadata["baseline_cv_loss"].value == 9.0
 
 
+def test_the_asset_launches_the_options_argv_with_the_run_configs_topology(tmp_path, monkeypatch):
+    """What llm_checkpoint hands its launcher: the trainer argv of TrainOptions (parsed back by the
+    real CLI parser: this run's dir, the deepspeed config for the deepspeed engine), the extra
+    arguments after it, and the run config's node/GPU/rendezvous settings."""
+    from cosyvoice.cli import build_parser
+    from cosyvoice.train.options import TrainOptions
+
+    monkeypatch.setattr(CannedLauncher, "launched", [])
+    monkeypatch.setattr(CannedLauncher, "cv_loss", 1.0)
+    (tmp_path / "train.data.list").write_text("a.tar\n")
+    (tmp_path / "cv.data.list").write_text("cv.tar\n")
+    training = TrainingResource(model_dir=str(tmp_path / "m"), deepspeed_config="/cfg/ds.json")
+    config = TrainConfig(engine="deepspeed", nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400", batch_type="token",
+                         max_tokens_in_batch=2048, extra_args=["--log_interval", "1"])
+    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=str(tmp_path)), "training": training,
+                                                         "train_launcher": CannedLauncher()},
+                            run_config=dg.RunConfig(ops={"llm_checkpoint": config}))
+    (launched,) = CannedLauncher.launched
+    assert {k: launched[k] for k in ("gpus_per_node", "nodes", "rdzv_endpoint")} == {
+        "gpus_per_node": 4, "nodes": 2, "rdzv_endpoint": "node0:29400"}
+    assert launched["cli_args"][-2:] == ["--log_interval", "1"]
+    options = TrainOptions.from_args(build_parser().parse_args(launched["cli_args"][:-2]))
+    assert options.model_dir == str(tmp_path / "m" / result.run_id) and options.train_engine == "deepspeed"
+    assert options.deepspeed_config == "/cfg/ds.json" and options.batch_type == "token"
+    assert (options.train_data, options.cv_data) == (str(tmp_path / "train.data.list"), str(tmp_path / "cv.data.list"))
+    assert options.tensorboard_dir == str(tmp_path / "m" / result.run_id / "tensorboard")
+    meta = result.asset_materializations_for_node("llm_checkpoint")[0].metadata
+    assert meta["engine"].value == "deepspeed" and meta["gpus"].value == 8
+
+
 def test_the_gpu_training_pod_validates_and_requests_gpus():
     import kubernetes_validate
     from dagster_k8s.pipes import build_pod_body
 
-    training = TrainingResource(model_dir="/models/llm", launcher="k8s", recipe="/app/configs/cosyvoice2.yaml",
-                                deepspeed_config="/app/configs/ds_stage2.json", image="cosyvoice-pipeline-gpu:1",
-                                volume_claim="cosyvoice-models")
-    command = train_command(TrainConfig(gpus_per_node=8, engine="deepspeed"), training, "s3://b/train.data.list",
-                            "s3://b/cv.data.list", run_dir=training.run_dir("0123-abcd"))
+    training = TrainingResource(model_dir="/models/llm", recipe="/app/configs/cosyvoice2.yaml",
+                                deepspeed_config="/app/configs/ds_stage2.json")
+    launcher = K8sLauncher(image="cosyvoice-pipeline-gpu:1", volume_claim="cosyvoice-models")
+    options = train_options(TrainConfig(gpus_per_node=8, engine="deepspeed"), training, "0123-abcd",
+                            "s3://b/train.data.list", "s3://b/cv.data.list")
+    command = launcher.command(options.to_argv(), gpus_per_node=8)
     assert command[command.index("--model_dir") + 1] == "/models/llm/0123-abcd"
     assert command[:5] == ["python", "-m", "torch.distributed.run", "--nproc_per_node=8", "--nnodes=1"]
     assert "--deepspeed_config" in command and "/app/configs/ds_stage2.json" in command
-    pod = build_pod_body(pod_name="train-llm", image=training.image, command=command,
+    pod = build_pod_body(pod_name="train-llm", image=launcher.image, command=command,
                          env_vars={"DAGSTER_PIPES_CONTEXT": "x"},
                          base_pod_meta={"labels": {"app": "cosyvoice"}},
-                         base_pod_spec=training_pod_spec(8, volume_claim=training.volume_claim))
+                         base_pod_spec=training_pod_spec(8, volume_claim=launcher.volume_claim))
     from kubernetes.client import ApiClient
 
     manifest = {"apiVersion": "v1", "kind": "Pod", **ApiClient().sanitize_for_serialization(pod)}
@@ -170,20 +213,20 @@ def test_the_gpu_training_pod_validates_and_requests_gpus():
     limits = manifest["spec"]["containers"][0]["resources"]["limits"]
     assert str(limits["nvidia.com/gpu"]) == "8"
     assert manifest["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert launcher.pod_spec(8) == training_pod_spec(8, volume_claim="cosyvoice-models", credentials_secret="cosyvoice-s3")
 
 
 def test_multi_node_uses_a_static_rendezvous_with_this_node_as_rank_0():
-    training = TrainingResource(model_dir="/m", python="python")
+    launcher = SubprocessLauncher(python="python")
+    args = train_options(TrainConfig(nodes=2), TrainingResource(model_dir="/m"), "r", "a", "b").to_argv()
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        train_command(TrainConfig(nodes=2), training, "a", "b", run_dir="/m/r")
-    command = train_command(TrainConfig(nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400"), training, "a", "b",
-                            run_dir="/m/r")
-    launcher = command[:command.index("cosyvoice.cli")]
+        launcher.command(args, nodes=2)
+    command = launcher.command(args, nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400")
+    launcher_args = command[:command.index("cosyvoice.cli")]
     assert {"--rdzv_endpoint=node0:29400", "--rdzv_backend=static", "--node_rank=0", "--nnodes=2",
-            "--nproc_per_node=4"} <= set(launcher)
-    assert "--standalone" not in launcher
-    override = train_command(TrainConfig(nodes=2), training, "a", "b", run_dir="/m/r",
-                             rdzv_endpoint="node-0.svc:29400")
+            "--nproc_per_node=4"} <= set(launcher_args)
+    assert "--standalone" not in launcher_args
+    override = launcher.command(args, nodes=2, rdzv_endpoint="node-0.svc:29400")
     assert "--rdzv_endpoint=node-0.svc:29400" in override
 
 
@@ -225,9 +268,10 @@ def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_
         raise RuntimeError("pod failed")
 
     monkeypatch.setattr(PipesK8sClient, "run", run)
-    training = TrainingResource(model_dir="/models/llm", launcher="k8s", recipe="/app/configs/cosyvoice2.yaml",
-                                image="cosyvoice-pipeline-gpu:1", namespace="cosyvoice", volume_claim="models")
-    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=data_root), "training": training},
+    training = TrainingResource(model_dir="/models/llm", recipe="/app/configs/cosyvoice2.yaml")
+    launcher = K8sLauncher(image="cosyvoice-pipeline-gpu:1", namespace="cosyvoice", volume_claim="models")
+    result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=data_root), "training": training,
+                                                         "train_launcher": launcher},
                             run_config=dg.RunConfig(ops={"llm_checkpoint": TrainConfig(nodes=3, gpus_per_node=8)}),
                             raise_on_error=False)
     assert not result.success
