@@ -110,3 +110,22 @@ def test_the_blocker_refuses_dagster_and_the_source_check_sees_an_import():
     tree = ast.parse("import os\ndef f():\n    from dagster import asset\n    import dagster_k8s\n"
                      "    import dagster_pipes\n    importlib.import_module('dagster')\n")
     assert sorted(m for m in _imported_modules(tree) if _is_dagster(m)) == ["dagster", "dagster_k8s"]
+
+
+#: test folders that mirror something other than a ``cosyvoice`` subpackage
+OTHER_TEST_FOLDERS = {"assets": "assets/", "pipelines": "pipelines/", "k8s": "k8s/ manifests",
+                      "support": "helpers shared by the tests"}
+#: tests at the root that check the repository as a whole rather than one module
+REPOSITORY_TESTS = {"test_layering.py", "test_docs.py"}
+
+
+def test_the_test_folders_mirror_the_packages():
+    """``tests/<package>/`` for ``cosyvoice/<package>/`` (or a folder of OTHER_TEST_FOLDERS);
+    ``tests/test_<module>.py`` at the root only for a top-level ``cosyvoice/<module>.py``."""
+    tests = os.path.join(REPO, "tests")
+    packages = {m.name for m in pkgutil.iter_modules(cosyvoice.__path__) if m.ispkg}
+    modules = {m.name for m in pkgutil.iter_modules(cosyvoice.__path__) if not m.ispkg}
+    folders = {d for d in os.listdir(tests) if os.path.isfile(os.path.join(tests, d, "__init__.py"))}
+    assert folders - packages - set(OTHER_TEST_FOLDERS) == set()
+    at_root = {f for f in os.listdir(tests) if f.startswith("test_") and f.endswith(".py")}
+    assert {f for f in at_root - REPOSITORY_TESTS if f[len("test_"):-len(".py")] not in modules} == set()
