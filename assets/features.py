@@ -1,107 +1,99 @@
 """Feature assets, partitioned by shard: ``speaker_embeddings``, ``speech_tokens``; per subset:
-``speaker_means`` and ``upstream_feature_files`` (the ``.pt`` files the upstream tools read)."""
+``speaker_means`` and ``upstream_feature_files`` (the ``.pt`` files the upstream tools read).
+
+Each asset is a face of the library function the stage table names (``cosyvoice/stages.py``): the
+per-shard assets call ``extract_embedding`` / ``extract_speech_token`` with ``shard=`` and write the
+shard's parquet table; their run configuration is the stage's options object, field for field."""
+
+import functools
 
 import dagster as dg
 from pydantic import Field
 
-from assets.manifest import manifest
-from cosyvoice import storage
-from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION
-from cosyvoice.corpus.kaldi import read_table
-from cosyvoice.corpus.shard_plan import loads_plan, shard_subset
+from assets._per_shard import (
+    BACKFILL,
+    RETRY,
+    SHARDS_PER_RUN,  # noqa: F401  (re-exported: how many shards a backfill run takes)
+    budget_field,
+    check_result,
+    check_specs,
+    shard_report,
+)
+from cosyvoice.corpus.shard_plan import ShardKey
+from cosyvoice.features.options import (
+    Device,
+    EmbeddingOptions,
+    LongAudio,
+    Precision,
+    Runtime,
+    SpeechTokenOptions,
+    help_of,
+    options_from,
+)
 from cosyvoice.features.stages import (
     ShardSource,
     check_embedding_shard,
     check_token_shard,
     export_upstream_features,
-    extract_shard,
+    extract_embedding,
+    extract_speech_token,
     reduce_speaker_means,
 )
+from cosyvoice.stages import STAGES
 from pipelines.k8s import gpu_op_tags
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import DataStore, ModelStore
-from pipelines.retries import retry_transient_only, transient_retry_policy
+from pipelines.retries import retry_transient_only
 
-#: a backfill loads each model once per run of this many shards
-SHARDS_PER_RUN = 8
-RETRY = transient_retry_policy()  # bodies are wrapped in retry_transient_only: bad data is not retried
 GPU_K8S = gpu_op_tags()  # nvidia.com/gpu limit, GPU node selector and tolerations (pipelines/k8s.py)
 EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present", "failure_budget")
 TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present", "failure_budget")
-#: checks that fail the step (and so hold back what depends on it) when they fail
-BLOCKING_CHECKS = frozenset({"failure_budget"})
-#: quarantined utterances listed per shard in the metadata (all of them are in the shard's .failed.tsv)
-LISTED_PER_SHARD = 20
+MANIFEST = dg.AssetKey("manifest")
 
 
-def budget_field():
-    return Field(default=DEFAULT_MAX_FAILED_FRACTION, ge=0.0, le=1.0, description=(
-        "Failure budget: the blocking check `failure_budget` fails when more than this fraction of a "
-        "shard's utterances is missing from the output (quarantined with a reason or unaccounted). "
-        "0.01 = 1 %; 0 tolerates no failure."))
+class EmbeddingsConfig(dg.Config):
+    """Run configuration of ``speaker_embeddings``: :class:`EmbeddingOptions` plus the failure budget."""
 
-
-def shard_report(budget, failures_url: str, quarantined: list[str]) -> dict:
-    """Per-shard metadata: the counts the budget check measured and the first quarantined utterances."""
-    return {**budget.metadata, "quarantine_file": failures_url, "quarantined_utterances": quarantined[:LISTED_PER_SHARD]}
-
-
-def check_result(name: str, rows: list) -> dg.AssetCheckResult:
-    """One evaluation of ``name`` over the run's shards (``rows``: ``(shard, CheckOutcome)``)."""
-    metadata = {"failing_shards": dg.MetadataValue.json({s: r.detail for s, r in rows if not r.passed}),
-                "examples": dg.MetadataValue.json([e for _, r in rows for e in r.examples][:20])}
-    if name == "failure_budget":
-        metadata["per_shard"] = dg.MetadataValue.json({s: r.metadata for s, r in rows})
-    return dg.AssetCheckResult(check_name=name, passed=all(r.passed for _, r in rows), metadata=metadata)
-
-
-class ExtractionConfig(dg.Config):
-    num_workers: int = 0  # 0: one worker process per core
-    device: str = "cpu"  # speech tokens only: cpu | cuda
-    long_audio: str = "skip"  # speech tokens only: skip (upstream: []) | chunk
-    batch_size: int = 1  # speech tokens only: length-sorted padded batches
-    runtime: str = "onnxruntime"  # speech tokens only: onnxruntime | torch (log-mel on the device, bf16)
-    precision: str = "fp32"  # speech tokens, torch runtime: fp32 (upstream's tokens) | bf16 (agreement reported)
+    num_workers: int = Field(default=0, ge=0, description=help_of(EmbeddingOptions, "num_workers"))
     max_failed_fraction: float = budget_field()
 
 
-def shard_url(store: DataStore, stage: str, shard: str) -> str:
-    return store.url(stage, shard_subset(shard), f"{shard}.parquet")
+class SpeechTokensConfig(dg.Config):
+    """Run configuration of ``speech_tokens``: :class:`SpeechTokenOptions` plus the failure budget."""
+
+    num_workers: int = Field(default=0, ge=0, description=help_of(SpeechTokenOptions, "num_workers"))
+    device: Device = Field(default=Device.cpu, description=help_of(SpeechTokenOptions, "device"))
+    long_audio: LongAudio = Field(default=LongAudio.skip, description=help_of(SpeechTokenOptions, "long_audio"))
+    batch_size: int = Field(default=1, ge=1, description=help_of(SpeechTokenOptions, "batch_size"))
+    runtime: Runtime = Field(default=Runtime.onnxruntime, description=help_of(SpeechTokenOptions, "runtime"))
+    precision: Precision = Field(default=Precision.fp32, description=help_of(SpeechTokenOptions, "precision"))
+    agreement_sample: int = Field(default=64, ge=0, description=help_of(SpeechTokenOptions, "agreement_sample"))
+    max_failed_fraction: float = budget_field()
 
 
-def _shard_plan(store: DataStore, subset: str) -> dict[str, list[str]]:
-    return loads_plan(storage.read_text(store.url("manifest", subset, "shards.json")))
-
-
-def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks: tuple[str, ...],
-                config: ExtractionConfig, store: DataStore, models: ModelStore) -> dg.MaterializeResult:
-    from cosyvoice.problems import failures_next_to
-
-    model = models.url(models.campplus if kind == "embedding" else models.speech_tokenizer)
-    per_shard, failed, outcomes = {}, 0, {name: [] for name in checks}
+def _run_shards(context: dg.AssetExecutionContext, extract, options, check, budget: float, store: DataStore,
+                model: str) -> dg.MaterializeResult:
+    """``extract`` (the stage's library function) for every shard of the run, each into its own parquet
+    table, then the stage's ``check`` of every written shard."""
+    stage, layout = context.asset_key.path[-1], store.layout
+    per_shard, failed, outcomes = {}, 0, {}
     totals = {"utterances": 0, "audio_hours": 0.0, "wall_seconds": 0.0}
     sources: dict[str, ShardSource] = {}  # one read of wav.scp / shards.json per subset and run
     for shard in context.partition_keys:
-        subset = shard_subset(shard)
-        out = shard_url(store, stage, shard)
-        source = sources.setdefault(subset, ShardSource(store.url("manifest", subset)))
-        report = extract_shard(kind, source, shard, model, out,
-                               num_workers=config.num_workers or None, device=config.device,
-                               long_audio=config.long_audio, batch_size=config.batch_size,
-                               runtime=config.runtime, precision=config.precision)
+        subset = ShardKey.parse(shard).subset
+        out = layout.shard_file(stage, shard)
+        source = sources.setdefault(subset, ShardSource(layout.manifest_dir(subset)))
+        report = extract(source, model, options, shard=shard, parquet=out)
         for failure in report.failures:
             context.log.warning(str(failure))
         meta = report.as_metadata()
         failed += len(report.failures)
         for key in totals:
             totals[key] += meta[key]
-        expected = source.plan[shard]
-        budget = config.max_failed_fraction
-        results = (check_embedding_shard(out, expected, max_failed_fraction=budget) if kind == "embedding"
-                   else check_token_shard(out, expected, models.tokenizer_version, max_failed_fraction=budget))
+        results = check(out, source.plan[shard], max_failed_fraction=budget)
         for name, result in results.items():
-            outcomes[name].append((shard, result))
-        per_shard[shard] = {**meta, **shard_report(results["failure_budget"], failures_next_to(out),
+            outcomes.setdefault(name, []).append((shard, result))
+        per_shard[shard] = {**meta, **shard_report(results["failure_budget"], report.failures_url,
                                                    [f"{f.utt}: {f.reason}" for f in report.failures])}
     return dg.MaterializeResult(
         metadata={**totals, "shards": len(per_shard), "failed_utterances": failed,
@@ -113,67 +105,56 @@ def _run_shards(context: dg.AssetExecutionContext, kind: str, stage: str, checks
 
 def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
     """Shared decorator arguments of the per-shard feature assets."""
-    return dict(partitions_def=SHARDS, deps=[dg.AssetDep(manifest, partition_mapping=dg.AllPartitionMapping())],
-                group_name="features", kinds={"onnx"}, backfill_policy=dg.BackfillPolicy.multi_run(SHARDS_PER_RUN),
-                retry_policy=RETRY, check_specs=check_specs(name, checks), **extra)
-
-
-def check_specs(asset: str, checks: tuple[str, ...]) -> list[dg.AssetCheckSpec]:
-    return [dg.AssetCheckSpec(n, asset=asset, blocking=n in BLOCKING_CHECKS) for n in checks]
+    return dict(partitions_def=SHARDS, deps=[dg.AssetDep(MANIFEST, partition_mapping=dg.AllPartitionMapping())],
+                group_name="features", kinds={"onnx"}, backfill_policy=BACKFILL, retry_policy=RETRY,
+                check_specs=check_specs(name, checks), description=STAGES[name].description, **extra)
 
 
 @dg.asset(**_shard_asset("speaker_embeddings", EMBEDDING_CHECKS))
 @retry_transient_only
-def speaker_embeddings(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
+def speaker_embeddings(context: dg.AssetExecutionContext, config: EmbeddingsConfig, store: DataStore,
                        models: ModelStore) -> dg.MaterializeResult:
-    """CAM++ embeddings of one shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
-    return _run_shards(context, "embedding", "speaker_embeddings", EMBEDDING_CHECKS, config, store, models)
+    """CAM++ embeddings of each shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
+    return _run_shards(context, extract_embedding, options_from(EmbeddingOptions, config), check_embedding_shard,
+                       config.max_failed_fraction, store, models.url(models.campplus))
 
 
 @dg.asset(**_shard_asset("speech_tokens", TOKEN_CHECKS, pool="gpu", op_tags=GPU_K8S))
 @retry_transient_only
-def speech_tokens(context: dg.AssetExecutionContext, config: ExtractionConfig, store: DataStore,
+def speech_tokens(context: dg.AssetExecutionContext, config: SpeechTokensConfig, store: DataStore,
                   models: ModelStore) -> dg.MaterializeResult:
-    """S3 speech tokens of one shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""
-    return _run_shards(context, "speech_token", "speech_tokens", TOKEN_CHECKS, config, store, models)
+    """S3 speech tokens of each shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""
+    check = functools.partial(check_token_shard, version=models.tokenizer_version)
+    return _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,
+                       config.max_failed_fraction, store, models.url(models.speech_tokenizer))
 
 
 @dg.asset(
     partitions_def=SUBSETS, deps=[dg.AssetDep(speaker_embeddings, partition_mapping=dg.AllPartitionMapping())],
-    group_name="features",
+    group_name="features", description=STAGES["speaker_means"].description,
     check_specs=[dg.AssetCheckSpec("every_speaker_has_a_vector", asset="speaker_means")],
 )
 def speaker_means(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
     """Per-subset speaker vectors (plain mean of the utterance vectors) -> ``speaker_means/<subset>.parquet``."""
-    subset = context.partition_key
-    manifest_dir = store.url("manifest", subset)
-    shards = [shard_url(store, "speaker_embeddings", s) for s in _shard_plan(store, subset)]
-    missing = [s for s in shards if not storage.exists(s)]
-    if missing:
-        raise dg.Failure(f"{len(missing)} embedding shard(s) of {subset} are not materialized yet, e.g. {missing[0]}")
-    counts = reduce_speaker_means(manifest_dir, shards, store.url("speaker_means", f"{subset}.parquet"))
-    speakers = set(read_table(manifest_dir, "utt2spk").values())
-    without = sorted(speakers - set(counts))
+    try:
+        report = reduce_speaker_means(store.layout, context.partition_key)
+    except FileNotFoundError as exc:  # embedding shards still missing: say so, no retry can help
+        raise dg.Failure(str(exc)) from exc
     return dg.MaterializeResult(
-        metadata={"speakers": len(counts), "utterances": sum(counts.values())},
-        check_results=[dg.AssetCheckResult(check_name="every_speaker_has_a_vector", passed=not without,
-                                           metadata={"missing": dg.MetadataValue.json(without[:20])})])
+        metadata={"speakers": len(report.utterances), "utterances": sum(report.utterances.values()),
+                  "path": dg.MetadataValue.path(report.url)},
+        check_results=[dg.AssetCheckResult(check_name="every_speaker_has_a_vector", passed=not report.without_vector,
+                                           metadata={"missing": dg.MetadataValue.json(report.without_vector[:20])})])
 
 
 @dg.asset(
     partitions_def=SUBSETS,
     deps=[dg.AssetDep(speech_tokens, partition_mapping=dg.AllPartitionMapping()), speaker_means],
-    group_name="features",
+    group_name="features", description=STAGES["upstream_feature_files"].description,
 )
 def upstream_feature_files(context: dg.AssetExecutionContext, store: DataStore) -> dg.MaterializeResult:
     """``utt2embedding.pt`` / ``spk2embedding.pt`` / ``utt2speech_token.pt`` in the subset's manifest dir, for
     users of the upstream tools (``make_parquet_list.py``, ``train.py``)."""
-    subset = context.partition_key
-    plan = _shard_plan(store, subset)
-    written = export_upstream_features(
-        store.url("manifest", subset),
-        [shard_url(store, "speaker_embeddings", s) for s in plan],
-        [shard_url(store, "speech_tokens", s) for s in plan],
-        store.url("speaker_means", f"{subset}.parquet"),
-    )
-    return dg.MaterializeResult(metadata={**written, "path": dg.MetadataValue.path(store.url("manifest", subset))})
+    written = export_upstream_features(store.layout, context.partition_key)
+    return dg.MaterializeResult(metadata={
+        **written, "path": dg.MetadataValue.path(store.layout.manifest_dir(context.partition_key))})

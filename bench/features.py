@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cosyvoice.features.extract import run_extraction  # noqa: E402
+from cosyvoice.features.options import OPTIONS_BY_KIND, SpeechTokenOptions  # noqa: E402
 from tests.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
 
 MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onnx",
@@ -40,14 +41,14 @@ def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) 
     reference = upstream_run("speech_token", items, model)
     runs = [("batch 1 fp32", 1, "fp32"), (f"batch {args.batch_size} fp32", args.batch_size, "fp32"),
             (f"batch {args.batch_size} bf16", args.batch_size, "bf16")]
-    run_extraction("speech_token", items[:8], model, num_workers=args.workers, runtime="torch",
-                   device=args.device, batch_size=args.batch_size)  # warm-up: kernels, forkserver
+    run_extraction(items[:8], model, SpeechTokenOptions(num_workers=args.workers, runtime="torch", device=args.device,
+                                                        batch_size=args.batch_size))  # warm-up: kernels, forkserver
     base = None
     for label, batch, precision in runs:
         start = time.perf_counter()
-        report = run_extraction("speech_token", items, model, num_workers=args.workers, runtime="torch",
-                                device=args.device, batch_size=batch, precision=precision,
-                                agreement_sample=0)  # timed alone; compared with upstream below
+        report = run_extraction(items, model, SpeechTokenOptions(
+            num_workers=args.workers, runtime="torch", device=args.device, batch_size=batch, precision=precision,
+            agreement_sample=0))  # timed alone; compared with upstream below
         wall = time.perf_counter() - start
         base = base or wall
         same = sum(report.results[u] == v for u, v in reference.items())
@@ -124,12 +125,12 @@ def main() -> None:
             if kind == "speech_token_torch":
                 torch_runtime(items, model, audio, args)
                 continue
-            ours_model, batch = model, 1
+            ours_model, sizes = model, {}
             if kind == "speech_token" and args.onnx_batch_size > 1:  # ours through the batch-capable file
-                ours_model, batch = model.replace(".onnx", ".batch.onnx"), args.onnx_batch_size
-            run_extraction(kind, items[:4], ours_model, num_workers=args.workers, batch_size=batch)  # warm-up
+                ours_model, sizes = model.replace(".onnx", ".batch.onnx"), {"batch_size": args.onnx_batch_size}
+            run_extraction(items[:4], ours_model, OPTIONS_BY_KIND[kind](num_workers=args.workers, **sizes))  # warm-up
             start = time.perf_counter()
-            ours = run_extraction(kind, items, ours_model, num_workers=args.workers, batch_size=batch)
+            ours = run_extraction(items, ours_model, OPTIONS_BY_KIND[kind](num_workers=args.workers, **sizes))
             t_ours = time.perf_counter() - start
             start = time.perf_counter()
             theirs = upstream_run(kind, items, model)

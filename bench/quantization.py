@@ -54,7 +54,7 @@ def build_data(work: str, speakers: int, utts: int) -> tuple[str, str]:
     prepare_libritts(os.path.join(corpus, "dev-clean"), data)
     models = os.path.join(work, "models")
     make_reference_models(models, seed=0, size="tiny", models=["speech_tokenizer_v2"])
-    extract_speech_token(data, os.path.join(models, "speech_tokenizer_v2.onnx"), num_thread=2)
+    extract_speech_token(data, os.path.join(models, "speech_tokenizer_v2.onnx"), num_workers=2)
     shards = os.path.join(work, "parquet")
     n = speakers * utts
     make_parquet(data, shards, num_utts_per_parquet=(n + 1) // 2)

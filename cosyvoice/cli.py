@@ -77,23 +77,40 @@ def _print_extraction(report) -> None:
 
 
 def cmd_extract_embedding(args: argparse.Namespace) -> int:
+    from cosyvoice.features.options import EmbeddingOptions, options_from
     from cosyvoice.features.stages import extract_embedding
 
-    report = extract_embedding(args.dir, args.onnx_path, num_thread=args.num_thread, shard=args.shard,
-                               progress=_progress("embeddings"))
+    report = extract_embedding(args.dir, args.onnx_path, options_from(EmbeddingOptions, args), shard=args.shard,
+                               parquet=args.parquet, progress=_progress("embeddings"))
     _print_extraction(report)
     return 0
 
 
 def cmd_extract_speech_token(args: argparse.Namespace) -> int:
+    from cosyvoice.features.options import Precision, Runtime, SpeechTokenOptions, options_from
     from cosyvoice.features.stages import extract_speech_token
 
-    report = extract_speech_token(args.dir, args.onnx_path, num_thread=args.num_thread, device=args.device,
-                                  long_audio=args.long_audio, shard=args.shard, progress=_progress("tokens"),
-                                  batch_size=args.batch_size, runtime=args.runtime or
-                                  ("torch" if args.precision != "fp32" else "onnxruntime"),
-                                  precision=args.precision, agreement_sample=args.agreement_sample)
+    if args.runtime is None:  # bf16 needs the torch runtime: choose it rather than fail
+        args.runtime = Runtime.onnxruntime if args.precision is Precision.fp32 else Runtime.torch
+    report = extract_speech_token(args.dir, args.onnx_path, options_from(SpeechTokenOptions, args),
+                                  shard=args.shard, parquet=args.parquet, progress=_progress("tokens"))
     _print_extraction(report)
+    return 0
+
+
+def cmd_speaker_means(args: argparse.Namespace) -> int:
+    from cosyvoice.features.stages import reduce_speaker_means
+
+    report = reduce_speaker_means(_layout(args), args.subset)
+    print(report.summary())
+    return 0
+
+
+def cmd_upstream_feature_files(args: argparse.Namespace) -> int:
+    from cosyvoice.features.stages import export_upstream_features
+
+    report = export_upstream_features(_layout(args), args.subset)
+    print(report.summary())
     return 0
 
 
@@ -101,18 +118,51 @@ def cmd_make_parquet(args: argparse.Namespace) -> int:
     from cosyvoice.shards.make_parquet import make_parquet
 
     report = make_parquet(args.src_dir, args.des_dir, num_utts_per_parquet=args.num_utts_per_parquet,
-                          num_processes=args.num_processes, dpo=args.dpo)
+                          num_processes=args.num_processes, dpo=args.dpo, shard=args.shard)
     print(report.summary())
     for problem in report.skipped:
         print(f"  skipped ({problem.stage}): {problem}", file=sys.stderr)
     return 0
 
 
+def cmd_training_data_lists(args: argparse.Namespace) -> int:
+    from cosyvoice.shards.lists import make_data_lists
+
+    subsets = {k: _names(getattr(args, k)) for k in ("train_subsets", "cv_subsets") if getattr(args, k) is not None}
+    report = make_data_lists(_layout(args), **subsets)
+    print(report.summary())
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
+def _layout(args: argparse.Namespace):
+    from cosyvoice.layout import DataLayout
+
+    return DataLayout(args.data_root)
+
+
+def _shard_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
+    p.add_argument("--parquet", default=None, help="write one parquet table here instead of .pt files "
+                   "(the pipeline's per-shard form; failures in <name>.failed.tsv beside it)")
+
+
+def _pipeline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_root", required=True, help="the pipeline's data root (path or s3:// URL), "
+                   "laid out as cosyvoice/layout.py says")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from cosyvoice.features.options import EmbeddingOptions, SpeechTokenOptions, add_option_flags
+    from cosyvoice.stages import command_help
+
     parser = argparse.ArgumentParser(prog="cosyvoice-pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare-libritts", help="kaldi data dir + shard plan + quarantine for one LibriTTS subset")
+    p = sub.add_parser("prepare-libritts", help=command_help("prepare-libritts"))
     p.add_argument("--src_dir", required=True, help="one subset folder, e.g. LibriTTS/dev-clean (path or s3:// URL)")
     p.add_argument("--des_dir", required=True, help="output folder (path or s3:// URL)")
     p.add_argument("--instruct", default="", help="instruction written for every utterance (CosyVoice3)")
@@ -124,43 +174,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show_quarantined", type=int, default=20, help="how many quarantine entries to print")
     p.set_defaults(func=cmd_prepare_libritts)
 
-    p = sub.add_parser("extract-embedding", help="CAM++ speaker embeddings (drop-in for tools/extract_embedding.py)")
+    p = sub.add_parser("extract-embedding", help=command_help("extract-embedding"))
     p.add_argument("--dir", required=True, help="data dir with wav.scp and utt2spk")
     p.add_argument("--onnx_path", required=True, help="campplus.onnx")
-    p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
+    add_option_flags(p, EmbeddingOptions, flags={"num_workers": "--num_thread"})
+    _shard_flags(p)
     p.set_defaults(func=cmd_extract_embedding)
 
-    p = sub.add_parser("extract-speech-token", help="S3 speech tokens (drop-in for tools/extract_speech_token.py)")
+    p = sub.add_parser("extract-speech-token", help=command_help("extract-speech-token"))
     p.add_argument("--dir", required=True, help="data dir with wav.scp")
     p.add_argument("--onnx_path", required=True, help="speech_tokenizer_v1/v2/v3.onnx")
-    p.add_argument("--num_thread", type=int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch_size", type=int, default=1,
-                   help="length-sorted padded batches (onnxruntime needs a batch-capable model, e.g. "
-                        "speech_tokenizer_v2.batch.onnx; the torch runtime batches any tokenizer file)")
-    p.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None,
-                   help="onnxruntime (default, as upstream) or the torch module built from the same .onnx "
-                        "(log-mel on the device; needed for bf16)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16 (torch runtime) is faster on GPUs but flips a few %% of tokens; "
-                        "the agreement with fp32 is measured and printed")
-    p.add_argument("--agreement_sample", type=int, default=64,
-                   help="utterances also run in fp32 to measure the bf16 agreement")
-    p.add_argument("--long_audio", choices=("skip", "chunk"), default="skip",
-                   help="audio > 30 s: skip (write [], as upstream) or tokenize consecutive <= 30 s windows")
-    p.add_argument("--shard", default=None, help="only this shard of shards.json; writes below DIR/shards/KEY/")
+    add_option_flags(p, SpeechTokenOptions, flags={"num_workers": "--num_thread"},
+                     defaults={"runtime": None})  # None: torch with --precision bf16, else onnxruntime
+    _shard_flags(p)
     p.set_defaults(func=cmd_extract_speech_token)
 
-    p = sub.add_parser("make-parquet", help="parquet training shards (drop-in for tools/make_parquet_list.py)")
+    p = sub.add_parser("speaker-means", help=command_help("speaker-means"))
+    _pipeline_flags(p)
+    p.add_argument("--subset", required=True, help="e.g. dev-clean (its embedding shards must all exist)")
+    p.set_defaults(func=cmd_speaker_means)
+
+    p = sub.add_parser("upstream-feature-files", help=command_help("upstream-feature-files"))
+    _pipeline_flags(p)
+    p.add_argument("--subset", required=True, help="e.g. dev-clean: the .pt files go into its manifest dir")
+    p.set_defaults(func=cmd_upstream_feature_files)
+
+    p = sub.add_parser("make-parquet", help=command_help("make-parquet"))
     p.add_argument("--src_dir", required=True, help="data dir (wav.scp, text, utt2spk [, instruct, *.pt])")
     p.add_argument("--des_dir", required=True)
     p.add_argument("--num_utts_per_parquet", type=int, default=1000)
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--dpo", action="store_true", help="add reject_speech_token from <src_dir>_reject/utt2speech_token.pt")
+    p.add_argument("--shard", default=None, help="only this shard of <src_dir>/shards.json: parquet_<index>.tar "
+                   "and its .failed.tsv (no data.list)")
     p.set_defaults(func=cmd_make_parquet)
 
-    p = sub.add_parser("make-synthetic-corpus", help="a deterministic LibriTTS-shaped corpus")
+    p = sub.add_parser("training-data-lists", help=command_help("training-data-lists"))
+    _pipeline_flags(p)
+    p.add_argument("--train_subsets", default=None, help="comma-separated (default: every train-* subset)")
+    p.add_argument("--cv_subsets", default=None, help="comma-separated (default: every dev-* subset)")
+    p.set_defaults(func=cmd_training_data_lists)
+
+    p = sub.add_parser("make-synthetic-corpus", help=command_help("make-synthetic-corpus"))
     p.add_argument("--out", required=True)
     p.add_argument("--subsets", default="dev-clean")
     p.add_argument("--speakers", type=int, default=4)
@@ -171,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthesiser", choices=("auto", "espeak", "formant"), default="auto")
     p.set_defaults(func=cmd_make_synthetic_corpus)
 
-    p = sub.add_parser("make-reference-models", help="seeded random-weight ONNX models with the upstream signatures")
+    p = sub.add_parser("make-reference-models", help=command_help("make-reference-models"))
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("full", "tiny"), default="full",

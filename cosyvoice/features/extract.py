@@ -15,16 +15,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+from cosyvoice.features.options import EmbeddingOptions, SpeechTokenOptions
 from cosyvoice.problems import UtteranceProblem
 
 EMBEDDING_DIM = 192
 #: the stage name each kind's failures are attributed to (and its ``failed_<stage>.tsv``)
-STAGES = {"embedding": "extract_embedding", "speech_token": "extract_speech_token"}
+FAILURE_STAGE = {"embedding": "extract_embedding", "speech_token": "extract_speech_token"}
 _STATE: dict = {}  # per-process: kind, session, options
-
-
-#: an utterance whose features could not be computed
-Failure = UtteranceProblem
 
 
 @dataclass
@@ -33,7 +30,7 @@ class ExtractionReport:
     requested: int
     results: dict = field(repr=False)  # utt -> list[float] | list[int]
     durations: dict[str, float] = field(repr=False)
-    failures: list[Failure]
+    failures: list[UtteranceProblem]
     wall_seconds: float
     model_seconds: float
     long_skipped: list[str] = field(default_factory=list)
@@ -96,7 +93,7 @@ def batch_capable(session) -> bool:
 
 
 def _process(item: tuple[str, str]) -> tuple:
-    """-> (utt, value | Failure, audio_seconds, model_seconds, long_status)."""
+    """-> (utt, value | UtteranceProblem, audio_seconds, model_seconds, long_status)."""
     import numpy as np
 
     from cosyvoice.features import frontend
@@ -106,7 +103,7 @@ def _process(item: tuple[str, str]) -> tuple:
     try:
         audio, rate = frontend.load_audio(path)
     except frontend.AudioDecodeError as exc:
-        return utt, Failure(utt, path, exc.reason, str(exc)), 0.0, 0.0, None
+        return utt, UtteranceProblem(utt, path, exc.reason, str(exc)), 0.0, 0.0, None
     seconds = audio.shape[1] / rate
     embedding = _STATE["kind"] == "embedding"
     try:  # e.g. audio shorter than one analysis window
@@ -116,7 +113,7 @@ def _process(item: tuple[str, str]) -> tuple:
             windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
             feats = [frontend.whisper_input(w) for w in windows]
     except Exception as exc:
-        return utt, Failure.from_exception(utt, path, "feature_error", exc), seconds, 0.0, None
+        return utt, UtteranceProblem.from_exception(utt, path, "feature_error", exc), seconds, 0.0, None
     names = [i.name for i in session.get_inputs()]
     try:
         start = time.perf_counter()
@@ -124,7 +121,7 @@ def _process(item: tuple[str, str]) -> tuple:
             vector = session.run(None, {names[0]: feats[0]})[0].flatten()
             model = time.perf_counter() - start
             if vector.shape != (EMBEDDING_DIM,):
-                return utt, Failure(utt, path, "bad_model_output", f"embedding shape {vector.shape}"), seconds, model, None
+                return utt, UtteranceProblem(utt, path, "bad_model_output", f"embedding shape {vector.shape}"), seconds, model, None
             return utt, vector.tolist(), seconds, model, None
         tokens: list[int] = []
         for mel in feats:
@@ -133,7 +130,7 @@ def _process(item: tuple[str, str]) -> tuple:
         status = None if len(feats) == 1 else ("skipped" if not feats else "chunked")
         return utt, tokens, seconds, time.perf_counter() - start, status
     except Exception as exc:  # a bad utterance (e.g. too short for the model) must not stop the shard
-        return utt, Failure.from_exception(utt, path, "model_error", exc), seconds, 0.0, None
+        return utt, UtteranceProblem.from_exception(utt, path, "model_error", exc), seconds, 0.0, None
 
 
 def _process_chunk(items: list[tuple[str, str]]) -> list[tuple]:
@@ -157,7 +154,7 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
         try:
             audio, rate = frontend.load_audio(path)
         except frontend.AudioDecodeError as exc:
-            out.append((utt, Failure(utt, path, exc.reason, str(exc)), 0.0, 0.0, None))
+            out.append((utt, UtteranceProblem(utt, path, exc.reason, str(exc)), 0.0, 0.0, None))
             continue
         windows = frontend.tokenizer_windows(frontend.mono_16k(audio, rate), _STATE["long_audio"])
         if len(windows) != 1:
@@ -166,7 +163,7 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
         try:
             ready.append((utt, path, audio.shape[1] / rate, frontend.whisper_input(windows[0])[0]))
         except Exception as exc:  # e.g. audio shorter than one STFT window
-            out.append((utt, Failure.from_exception(utt, path, "feature_error", exc), audio.shape[1] / rate, 0.0, None))
+            out.append((utt, UtteranceProblem.from_exception(utt, path, "feature_error", exc), audio.shape[1] / rate, 0.0, None))
     ready.sort(key=lambda r: r[3].shape[1])
     for start in range(0, len(ready), size):
         group = ready[start:start + size]
@@ -188,34 +185,24 @@ def _tokens_batched(items: list[tuple[str, str]]) -> list[tuple]:
 
 
 def run_extraction(
-    kind: str,
     items: Sequence[tuple[str, str]],
     model_path: str,
+    options: EmbeddingOptions | SpeechTokenOptions,
     *,
-    num_workers: int = 2,
-    device: str = "cpu",
-    long_audio: str = "skip",
     progress: Callable[[Iterable], Iterable] | None = None,
-    batch_size: int = 1,
-    runtime: str = "onnxruntime",
-    precision: str = "fp32",
-    agreement_sample: int = 64,
 ) -> ExtractionReport:
-    """Extract ``kind`` (``"embedding"`` or ``"speech_token"``) for every ``(utt, path)``.
+    """Extract ``options.kind`` (embeddings for :class:`EmbeddingOptions`, speech tokens for
+    :class:`SpeechTokenOptions`) for every ``(utt, path)``.
 
     Speech tokens run on onnxruntime (default; the upstream tool's runtime) or, with
-    ``runtime="torch"``, on the torch module built from the same ONNX file (mel on the device,
-    ``precision="bf16"`` possible, agreement with fp32 measured on ``agreement_sample`` utterances)."""
-    if kind not in ("embedding", "speech_token"):
-        raise ValueError(f"kind must be 'embedding' or 'speech_token', got {kind!r}")
-    if long_audio not in ("skip", "chunk"):
-        raise ValueError(f"long_audio must be 'skip' or 'chunk', got {long_audio!r}")
-    if runtime not in ("onnxruntime", "torch"):
-        raise ValueError(f"runtime must be 'onnxruntime' or 'torch', got {runtime!r}")
-    if precision != "fp32" and runtime != "torch":
-        raise ValueError(f"precision {precision!r} needs runtime='torch' (onnxruntime runs the fp32 graph)")
-    if runtime == "torch" and kind != "speech_token":
-        raise ValueError("runtime='torch' is for speech tokens; embeddings run on onnxruntime")
+    ``Runtime.torch``, on the torch module built from the same ONNX file (mel on the device,
+    ``Precision.bf16`` possible, agreement with fp32 measured on ``agreement_sample`` utterances).
+    The options validated themselves when they were built."""
+    kind = options.kind
+    num_workers = options.num_workers or default_workers()
+    tokens = options if isinstance(options, SpeechTokenOptions) else SpeechTokenOptions()
+    device, long_audio, batch_size = tokens.device.value, tokens.long_audio.value, tokens.batch_size
+    runtime, precision = tokens.runtime.value, tokens.precision.value
     started = time.perf_counter()
     items = sorted(items)
     if runtime == "torch":
@@ -223,8 +210,8 @@ def run_extraction(
 
         collected, agreed, agreement_utts = run_torch_tokens(
             items, model_path, num_workers=max(0, min(num_workers, len(items))), device=device,
-            long_audio=long_audio, batch_size=max(1, batch_size), precision=precision,
-            agreement_sample=agreement_sample, progress=progress)
+            long_audio=long_audio, batch_size=batch_size, precision=precision,
+            agreement_sample=tokens.agreement_sample, progress=progress)
         return _report(kind, items, collected, started, runtime=runtime, precision=precision,
                        agreement=agreed, agreement_utterances=agreement_utts)
     workers = max(1, min(num_workers, len(items)))
@@ -262,8 +249,8 @@ def _report(kind: str, items: list, collected: list[tuple], started: float, **ex
     skipped, chunked = [], []
     for utt, value, seconds, model, status in sorted(collected, key=lambda r: r[0]):
         model_total += model
-        if isinstance(value, Failure):
-            failures.append(value.at(STAGES[kind]))
+        if isinstance(value, UtteranceProblem):
+            failures.append(value.at(FAILURE_STAGE[kind]))
             continue
         results[utt], durations[utt] = value, seconds
         if status == "skipped":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from cosyvoice import storage
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
+from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, loads_plan
 from cosyvoice.problems import (
     UtteranceProblem,
     failures_name,
@@ -151,6 +152,11 @@ class MakeParquetReport:
     skipped: list[UtteranceProblem] = field(default_factory=list)
     seconds: float = 0.0
     failures_url: str = ""
+    planned: list[str] = field(default_factory=list)  # one shard: the utterances its plan lists
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(s.audio_seconds for s in self.shards)
 
     @property
     def rows(self) -> int:
@@ -194,15 +200,28 @@ def load_features(src_dir: str, dpo: bool) -> Features:
 
 
 def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000, num_processes: int = 1,
-                 dpo: bool = False) -> MakeParquetReport:
-    """Write the shard set of one data dir. Shards are written in parallel; any failure raises.
-    Utterances left out are stored in ``<des_dir>/failed_make_parquet.tsv`` (replaced on every run)."""
+                 dpo: bool = False, shard: str | None = None, features: Features | None = None,
+                 kaldi: dict[str, dict[str, str]] | None = None) -> MakeParquetReport:
+    """Write the shard set of one data dir, or only one planned ``shard`` of its ``shards.json``.
+
+    Whole dir (upstream ``make_parquet_list.py``): shards of ``num_utts_per_parquet`` in ``wav.scp``
+    order, written in parallel (any failure raises), plus ``data.list`` / ``utt2data.list`` /
+    ``spk2data.list``; utterances left out go to ``<des_dir>/failed_make_parquet.tsv`` (replaced on
+    every run). One shard (the pipeline's partition): ``parquet_{index:09d}.tar`` + its JSON files
+    for exactly the planned utterances, the ones left out in ``parquet_{index:09d}.failed.tsv``; the
+    lists are then written by the training-lists stage.
+
+    ``features`` defaults to the ``.pt`` files of ``src_dir`` (``dpo``: the reject tokens of
+    ``<src_dir>_reject``); the pipeline passes one shard's features (:func:`shard_features`).
+    ``kaldi`` may carry the data dir's tables already read (:func:`read_kaldi_tables`)."""
     if num_utts_per_parquet < 1:
         raise ValueError(f"num_utts_per_parquet must be >= 1, got {num_utts_per_parquet}")
     started = time.perf_counter()
-    kaldi = read_kaldi_tables(src_dir)
+    kaldi = kaldi or read_kaldi_tables(src_dir)
+    features = features if features is not None else load_features(src_dir, dpo)
+    if shard is not None:
+        return _make_one_shard(src_dir, des_dir, shard, features, kaldi, started)
     wav, text, utt2spk = kaldi["wav"], kaldi["text"], kaldi["utt2spk"]
-    features = load_features(src_dir, dpo)
     columns = features.columns()
     utts = list(wav)
     starts = range(0, len(utts), num_utts_per_parquet)
@@ -235,6 +254,24 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
                              seconds=time.perf_counter() - started, failures_url=failures_url)
 
 
+def _make_one_shard(src_dir: str, des_dir: str, shard: str, features: Features, kaldi: dict[str, dict[str, str]],
+                    started: float) -> MakeParquetReport:
+    """The planned utterances of ``shard`` -> its parquet file and ``.failed.tsv`` (every planned
+    utterance that is not a row, with the feature stage's reason when that stage failed it)."""
+    plan_url = storage.join(src_dir, PLAN_FILE)
+    if not storage.exists(plan_url):
+        raise FileNotFoundError(f"{plan_url} does not exist: --shard needs a manifest written by prepare-libritts")
+    plan = loads_plan(storage.read_text(plan_url))
+    if shard not in plan:
+        raise ValueError(f"shard {shard!r} is not in {plan_url} (it has {len(plan)} shards, e.g. {next(iter(plan), '-')})")
+    rows, missing = build_rows(plan[shard], kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)
+    written = write_shard_set(des_dir, ShardKey.parse(shard).index, rows, features.columns())
+    skipped = sorted(missing + written.skipped, key=lambda p: p.utt)
+    failures_url = write_failures(failures_next_to(written.url), skipped).url
+    return MakeParquetReport(des_dir=des_dir, shards=[written], skipped=skipped,
+                             seconds=time.perf_counter() - started, failures_url=failures_url, planned=plan[shard])
+
+
 # --- per-shard form used by the pipeline -------------------------------------------------------
 
 def shard_features(embedding_url: str | None, speaker_means_url: str | None, token_url: str | None,
@@ -260,33 +297,6 @@ def shard_features(embedding_url: str | None, speaker_means_url: str | None, tok
                            for stage, url in (("extract_embedding", embedding_url), ("extract_speech_token", token_url))
                            if url is not None},
     )
-
-
-@dataclass
-class ShardSetReport:
-    shard: ShardReport
-    planned: int
-    missing_features: list[UtteranceProblem]
-    failures_url: str = ""
-
-    @property
-    def skipped(self) -> list[UtteranceProblem]:
-        return sorted(self.missing_features + self.shard.skipped, key=lambda p: p.utt)
-
-
-def write_pipeline_shard(des_dir: str, index: int, utts: list[str], data_dir: str, features: Features,
-                         kaldi: dict[str, dict[str, str]] | None = None) -> ShardSetReport:
-    """One planned shard of a manifest -> ``parquet_{index:09d}.tar`` + its JSON files in ``des_dir``, and
-    ``parquet_{index:09d}.failed.tsv`` listing every planned utterance that is not in it (with the
-    feature stage's reason when that stage failed it). ``kaldi`` may carry the already-read
-    wav/text/utt2spk tables of the data dir."""
-    kaldi = kaldi or read_kaldi_tables(data_dir)
-    rows, missing = build_rows(utts, kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)
-    report = write_shard_set(des_dir, index, rows, features.columns())
-    result = ShardSetReport(shard=report, planned=len(utts), missing_features=missing,
-                            failures_url=failures_next_to(report.url))
-    write_failures(result.failures_url, result.skipped)
-    return result
 
 
 def read_kaldi_tables(data_dir: str) -> dict[str, dict[str, str]]:

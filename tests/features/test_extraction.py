@@ -18,7 +18,7 @@ def wavs(data_dir):
 
 @pytest.fixture(scope="module")
 def embeddings(feature_dir, tiny_models):
-    report = extract_embedding(feature_dir, os.path.join(tiny_models, "campplus.onnx"), num_thread=2)
+    report = extract_embedding(feature_dir, os.path.join(tiny_models, "campplus.onnx"), num_workers=2)
     return report, load_pt(os.path.join(feature_dir, "utt2embedding.pt")), load_pt(os.path.join(feature_dir, "spk2embedding.pt"))
 
 
@@ -54,7 +54,7 @@ def test_tokens_equal_the_upstream_recipe_exactly(feature_dir, tiny_models, tmp_
     data = tmp_path / "d"
     shutil.copytree(feature_dir, data)
     model = os.path.join(tiny_models, f"speech_tokenizer_{version}.onnx")
-    report = extract_speech_token(str(data), model, num_thread=2)
+    report = extract_speech_token(str(data), model, num_workers=2)
     tokens = load_pt(str(data / "utt2speech_token.pt"))
     session = upstream_session(model)
     expected = {u: upstream_speech_token(p, session) for u, p in wavs(feature_dir).items() if u != BAD}
@@ -76,7 +76,7 @@ def test_batched_tokens_equal_the_upstream_recipe_exactly(feature_dir, tiny_mode
     data = tmp_path / "d"
     shutil.copytree(feature_dir, data)
     report = extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.batch.onnx"),
-                                  num_thread=workers, batch_size=3)
+                                  num_workers=workers, batch_size=3)
     tokens = load_pt(str(data / "utt2speech_token.pt"))
     session = upstream_session(os.path.join(tiny_models, "speech_tokenizer_v2.onnx"))
     expected = {u: upstream_speech_token(p, session) for u, p in wavs(feature_dir).items() if u != BAD}
@@ -86,7 +86,7 @@ def test_batched_tokens_equal_the_upstream_recipe_exactly(feature_dir, tiny_mode
 
 def test_batch_size_needs_a_batch_capable_model(feature_dir, tiny_models):
     with pytest.raises(ValueError, match="batch dimension"):
-        extract_speech_token(feature_dir, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1,
+        extract_speech_token(feature_dir, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1,
                              batch_size=4)
 
 
@@ -96,7 +96,7 @@ def test_long_audio_chunk_mode_tokenizes_30_second_windows(feature_dir, tiny_mod
     data = tmp_path / "d"
     shutil.copytree(feature_dir, data)
     report = extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"),
-                                  num_thread=1, long_audio="chunk")
+                                  num_workers=1, long_audio="chunk")
     codes = load_pt(str(data / "utt2speech_token.pt"))[LONG]
     assert report.long_chunked == [LONG] and report.long_skipped == []
     assert abs(len(codes) - 25 * 31) <= 2 * 2  # two windows, each within 1 token of 25 Hz
@@ -107,7 +107,7 @@ def test_one_shard_is_extracted_into_its_own_folder(feature_dir, tiny_models, cl
 
     dest = tmp_path / "m"
     prepare_libritts(os.path.join(clean_corpus, "dev-clean"), str(dest), utts_per_shard=4)
-    report = extract_embedding(str(dest), os.path.join(tiny_models, "campplus.onnx"), num_thread=1,
+    report = extract_embedding(str(dest), os.path.join(tiny_models, "campplus.onnx"), num_workers=1,
                                shard="dev-clean-000001")
     assert len(report.results) == 4
     saved = load_pt(str(dest / "shards" / "dev-clean-000001" / "utt2embedding.pt"))
@@ -127,9 +127,9 @@ def test_an_unreadable_model_fails_fast_instead_of_hanging(feature_dir, tmp_path
     broken = tmp_path / "campplus.onnx"
     broken.write_bytes(b"not an onnx model")
     with pytest.raises(BrokenProcessPool):
-        extract_embedding(feature_dir, str(broken), num_thread=2)
+        extract_embedding(feature_dir, str(broken), num_workers=2)
     with pytest.raises(InvalidProtobuf):
-        extract_embedding(feature_dir, str(broken), num_thread=1)
+        extract_embedding(feature_dir, str(broken), num_workers=1)
 
 
 def test_an_utterance_without_a_speaker_is_reported_before_any_work(feature_dir, tiny_models, tmp_path):
@@ -142,7 +142,7 @@ def test_an_utterance_without_a_speaker_is_reported_before_any_work(feature_dir,
     lines = (data / "utt2spk").read_text().splitlines()
     (data / "utt2spk").write_text("\n".join(lines[1:]) + "\n")
     with pytest.raises(ValueError, match="no speaker in utt2spk, e.g. " + lines[0].split()[0]):
-        extract_embedding(str(data), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
+        extract_embedding(str(data), os.path.join(tiny_models, "campplus.onnx"), num_workers=1)
     assert not (data / "utt2embedding.pt").exists()
 
 
@@ -159,6 +159,7 @@ def test_audio_too_short_for_the_features_is_reported_and_the_rest_extracted(fea
     import soundfile as sf
 
     from cosyvoice.features.extract import run_extraction
+    from cosyvoice.features.options import OPTIONS_BY_KIND
 
     tiny = tmp_path / "tiny.wav"
     sf.write(tiny, np.zeros(80, dtype=np.float32), 16000, subtype="PCM_16")
@@ -166,7 +167,7 @@ def test_audio_too_short_for_the_features_is_reported_and_the_rest_extracted(fea
     options = dict(options)
     model = os.path.join(tiny_models, options.pop("model", "campplus.onnx" if kind == "embedding"
                                                    else "speech_tokenizer_v2.onnx"))
-    report = run_extraction(kind, good + [("0000_tiny", str(tiny))], model, num_workers=1, **options)
+    report = run_extraction(good + [("0000_tiny", str(tiny))], model, OPTIONS_BY_KIND[kind](num_workers=1, **options))
     assert sorted(report.results) == sorted(u for u, _ in good)
     assert [f.utt for f in report.failures] == ["0000_tiny"]
     assert report.failures[0].reason == "feature_error"
@@ -186,7 +187,7 @@ def test_each_stage_stores_its_failures_sorted_with_a_header(feature_dir, tiny_m
 
     data = tmp_path / "d"
     shutil.copytree(feature_dir, data)
-    extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     text = (data / "failed_extract_speech_token.tsv").read_text()
     assert text.splitlines()[0] == "utt\tpath\tstage\treason\tdetail"
     assert [line.split("\t")[:4] for line in text.splitlines()[1:]] == [

@@ -118,7 +118,7 @@ def test_a_file_that_is_not_a_tokenizer_is_refused(tiny_models):
 @pytest.mark.parametrize("version,workers,batch", [("v1", 1, 3), ("v2", 2, 3), ("v2", 1, 1)])
 def test_torch_runtime_fp32_equals_the_upstream_recipe_exactly(feature_dir, tiny_models, data, version, workers, batch):
     model = os.path.join(tiny_models, f"speech_tokenizer_{version}.onnx")
-    report = extract_speech_token(data, model, num_thread=workers, batch_size=batch, runtime="torch")
+    report = extract_speech_token(data, model, num_workers=workers, batch_size=batch, runtime="torch")
     assert load_pt(os.path.join(data, "utt2speech_token.pt")) == expected_tokens(feature_dir, model)
     assert report.long_skipped == [LONG] and [(f.utt, f.reason) for f in report.failures] == [(BAD, "undecodable_audio")]
     assert report.as_metadata()["runtime"] == "torch" and report.agreement is None
@@ -129,15 +129,15 @@ def test_torch_runtime_chunks_long_audio_like_the_onnxruntime_path(feature_dir, 
     model = os.path.join(tiny_models, "speech_tokenizer_v2.onnx")
     other = tmp_path / "ort"
     shutil.copytree(feature_dir, other)
-    extract_speech_token(str(other), model, num_thread=1, long_audio="chunk")
-    report = extract_speech_token(data, model, num_thread=1, long_audio="chunk", runtime="torch", batch_size=4)
+    extract_speech_token(str(other), model, num_workers=1, long_audio="chunk")
+    report = extract_speech_token(data, model, num_workers=1, long_audio="chunk", runtime="torch", batch_size=4)
     assert report.long_chunked == [LONG]
     assert load_pt(os.path.join(data, "utt2speech_token.pt")) == load_pt(str(other / "utt2speech_token.pt"))
 
 
 def test_bf16_reports_its_agreement_with_fp32_on_a_sample(feature_dir, tiny_models, data):
     model = os.path.join(tiny_models, "speech_tokenizer_v2.onnx")
-    report = extract_speech_token(data, model, num_thread=1, batch_size=4, runtime="torch", precision="bf16",
+    report = extract_speech_token(data, model, num_workers=1, batch_size=4, runtime="torch", precision="bf16",
                                   agreement_sample=3)
     reference = expected_tokens(feature_dir, model)
     tokens = load_pt(os.path.join(data, "utt2speech_token.pt"))
@@ -172,7 +172,7 @@ def test_cli_bf16_selects_the_torch_runtime_and_prints_the_agreement(tiny_models
 @pytest.mark.gpu
 def test_gpu_torch_runtime_fp32_equals_the_upstream_recipe(feature_dir, tiny_models, data):
     model = os.path.join(tiny_models, "speech_tokenizer_v2.onnx")
-    report = extract_speech_token(data, model, num_thread=2, batch_size=8, runtime="torch", device="cuda")
+    report = extract_speech_token(data, model, num_workers=2, batch_size=8, runtime="torch", device="cuda")
     assert load_pt(os.path.join(data, "utt2speech_token.pt")) == expected_tokens(feature_dir, model)
     assert report.failures[0].utt == BAD
 

@@ -72,8 +72,8 @@ def test_upstream_pt_files_equal_the_cli_drop_in(pipeline_run, tiny_models, tmp_
     shutil.copytree(manifest_dir, direct)
     for name in ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt"):
         (direct / name).unlink()
-    extract_embedding(str(direct), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
-    extract_speech_token(str(direct), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_embedding(str(direct), os.path.join(tiny_models, "campplus.onnx"), num_workers=1)
+    extract_speech_token(str(direct), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     assert load_pt(str(manifest_dir / "utt2speech_token.pt")) == load_pt(str(direct / "utt2speech_token.pt"))
     ours, theirs = load_pt(str(manifest_dir / "utt2embedding.pt")), load_pt(str(direct / "utt2embedding.pt"))
     assert ours == theirs

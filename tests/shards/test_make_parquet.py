@@ -19,8 +19,8 @@ def data_dir(clean_corpus, tiny_models, tmp_path_factory):
     """A manifest with instruct and all three upstream feature files."""
     dest = str(tmp_path_factory.mktemp("shards") / "dev-clean")
     prepare_libritts(os.path.join(clean_corpus, "dev-clean"), dest, instruct=INSTRUCT)
-    extract_embedding(dest, os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
-    extract_speech_token(dest, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_embedding(dest, os.path.join(tiny_models, "campplus.onnx"), num_workers=1)
+    extract_speech_token(dest, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     return dest
 
 

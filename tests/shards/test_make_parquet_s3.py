@@ -14,15 +14,15 @@ def test_corpus_features_and_shards_all_on_s3_match_a_local_run(clean_corpus, ti
     fs.put(os.path.join(tiny_models, "campplus.onnx"), f"{s3_bucket}/models/campplus.onnx")
     src, data = f"s3://{s3_bucket}/LibriTTS/dev-clean", f"s3://{s3_bucket}/data/dev-clean"
     prepare_libritts(src, data)
-    extract_embedding(data, f"s3://{s3_bucket}/models/campplus.onnx", num_thread=2)
-    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_embedding(data, f"s3://{s3_bucket}/models/campplus.onnx", num_workers=2)
+    extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     report = make_parquet(data, f"{data}/parquet", num_utts_per_parquet=8, num_processes=2)
     assert report.rows == 15 and len(report.shards) == 2
 
     local = tmp_path / "dev-clean"
     prepare_libritts(os.path.join(clean_corpus, "dev-clean"), str(local))
-    extract_embedding(str(local), os.path.join(tiny_models, "campplus.onnx"), num_thread=1)
-    extract_speech_token(str(local), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1)
+    extract_embedding(str(local), os.path.join(tiny_models, "campplus.onnx"), num_workers=1)
+    extract_speech_token(str(local), os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     make_parquet(str(local), str(local / "parquet"), num_utts_per_parquet=8)
 
     listed = fs.cat_file(f"{s3_bucket}/data/dev-clean/parquet/data.list").decode().splitlines()

@@ -102,8 +102,8 @@ def test_speaker_embedding_and_audio_tokenizer_equal_the_offline_extraction(clie
 
     work = str(tmp_path / "data")
     shutil.copytree(data_dir, work)
-    embeddings = extract_embedding(work, os.path.join(model_dir, "campplus.onnx"), num_thread=1).results
-    tokens = extract_speech_token(work, os.path.join(model_dir, "speech_tokenizer_v2.onnx"), num_thread=1).results
+    embeddings = extract_embedding(work, os.path.join(model_dir, "campplus.onnx"), num_workers=1).results
+    tokens = extract_speech_token(work, os.path.join(model_dir, "speech_tokenizer_v2.onnx"), num_workers=1).results
     wavs = read_table(work, "wav.scp")
     utts = sorted(wavs)[:4]
     for utt in utts:

@@ -27,8 +27,8 @@ def test_spk2info_holds_speaker_001_with_the_offline_tokens_embedding_and_mel(da
     assert report.speakers["001"] == report.speakers[speakers[1]]
     work = str(tmp_path / "data")
     shutil.copytree(data_dir, work)
-    tokens = extract_speech_token(work, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_thread=1).results
-    embeddings = extract_embedding(work, os.path.join(tiny_models, "campplus.onnx"), num_thread=1).results
+    tokens = extract_speech_token(work, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1).results
+    embeddings = extract_embedding(work, os.path.join(tiny_models, "campplus.onnx"), num_workers=1).results
     texts, wavs = read_table(data_dir, "text", joined=True), read_table(data_dir, "wav.scp")
     for spk in speakers[:2]:
         entry, utt = info[spk], report.speakers[spk]

@@ -1,0 +1,42 @@
+"""What the per-shard assets (``speaker_embeddings``, ``speech_tokens``, ``parquet_shards``) share:
+multi-shard backfill runs, transient-only retries, the failure budget and per-run check results."""
+
+import dagster as dg
+from pydantic import Field
+
+from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION
+from pipelines.retries import transient_retry_policy
+
+#: a backfill loads each model once per run of this many shards
+SHARDS_PER_RUN = 8
+BACKFILL = dg.BackfillPolicy.multi_run(SHARDS_PER_RUN)
+RETRY = transient_retry_policy()  # bodies are wrapped in retry_transient_only: bad data is not retried
+#: checks that fail the step (and so hold back what depends on it) when they fail
+BLOCKING_CHECKS = frozenset({"failure_budget"})
+#: quarantined utterances listed per shard in the metadata (all of them are in the shard's .failed.tsv)
+LISTED_PER_SHARD = 20
+
+
+def budget_field():
+    return Field(default=DEFAULT_MAX_FAILED_FRACTION, ge=0.0, le=1.0, description=(
+        "Failure budget: the blocking check `failure_budget` fails when more than this fraction of a "
+        "shard's utterances is missing from the output (quarantined with a reason or unaccounted). "
+        "0.01 = 1 %; 0 tolerates no failure."))
+
+
+def shard_report(budget, failures_url: str, quarantined: list[str]) -> dict:
+    """Per-shard metadata: the counts the budget check measured and the first quarantined utterances."""
+    return {**budget.metadata, "quarantine_file": failures_url, "quarantined_utterances": quarantined[:LISTED_PER_SHARD]}
+
+
+def check_specs(asset: str, checks: tuple[str, ...]) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(n, asset=asset, blocking=n in BLOCKING_CHECKS) for n in checks]
+
+
+def check_result(name: str, rows: list) -> dg.AssetCheckResult:
+    """One evaluation of ``name`` over the run's shards (``rows``: ``(shard, CheckOutcome)``)."""
+    metadata = {"failing_shards": dg.MetadataValue.json({s: r.detail for s, r in rows if not r.passed}),
+                "examples": dg.MetadataValue.json([e for _, r in rows for e in r.examples][:20])}
+    if name == "failure_budget":
+        metadata["per_shard"] = dg.MetadataValue.json({s: r.metadata for s, r in rows})
+    return dg.AssetCheckResult(check_name=name, passed=all(r.passed for _, r in rows), metadata=metadata)
