@@ -7,7 +7,7 @@ import dagster as dg
 from assets.manifest import manifest
 from pipelines.definitions import defs
 from pipelines.partitions import SHARDS, SUBSETS
-from pipelines.resources import CorpusResource, DataStore, resources_for
+from pipelines.resources import PROJECT_ROOT, CorpusResource, DataStore, resources_for
 
 
 def test_definitions_load_and_the_manifest_is_partitioned_by_the_seven_subsets():
@@ -90,3 +90,39 @@ def test_dagster_cli_materializes_a_partition_like_the_readme_says(broken_corpus
     assert (tmp_path / "data" / "manifest" / "dev-clean" / "wav.scp").read_text().count("\n") == 13
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_dynamic_partitions("shards") == ["dev-clean-000000"]
+
+
+def test_each_deployment_chooses_its_launchers_and_reads_each_setting_from_one_environment_variable(monkeypatch):
+    """Launchers are resources chosen per deployment (assets never branch on it); a setting from the
+    environment is a dg.EnvVar of the resource, and the recipe has one default in both deployments:
+    the project's configs/cosyvoice2.yaml (the checkout, or the images' WORKDIR)."""
+    from pipelines.launchers import K8sEngineBuilder, K8sLauncher, LocalEngineBuilder, SubprocessLauncher
+
+    for name in ("COSYVOICE_TRAIN_RECIPE", "COSYVOICE_K8S_NAMESPACE", "COSYVOICE_GPU_IMAGE", "COSYVOICE_QWEN_PRETRAIN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COSYVOICE_CORPUS_ROOT", "s3://corpus/LibriTTS")
+    monkeypatch.setenv("COSYVOICE_DATA_ROOT", "s3://data/prefix")
+    monkeypatch.setenv("COSYVOICE_MODEL_ROOT", "s3://models/cosyvoice2")
+    distributed, embedded = resources_for("distributed"), resources_for("embedded")
+    assert isinstance(distributed["train_launcher"], K8sLauncher)
+    assert isinstance(distributed["engine_builder"], K8sEngineBuilder)
+    assert isinstance(embedded["train_launcher"], SubprocessLauncher)
+    assert isinstance(embedded["engine_builder"], LocalEngineBuilder)
+    for resources in (distributed, embedded):
+        with dg.build_resources(resources) as res:
+            assert res.training.recipe_path() == os.path.join(PROJECT_ROOT, "configs", "cosyvoice2.yaml")
+            assert os.path.exists(res.training.recipe_path())
+    with dg.build_resources(embedded) as res:
+        assert res.training.bundled_tokenizer and res.train_launcher.python == sys.executable
+
+    monkeypatch.setenv("COSYVOICE_TRAIN_RECIPE", "/etc/cosyvoice/recipe.yaml")
+    monkeypatch.setenv("COSYVOICE_K8S_NAMESPACE", "team-a")
+    monkeypatch.setenv("COSYVOICE_GPU_IMAGE", "registry.example.com/gpu:2")
+    distributed = resources_for("distributed")
+    monkeypatch.setenv("COSYVOICE_K8S_NAMESPACE", "team-b")  # read when the resources are built, not at import
+    with dg.build_resources(distributed) as res:
+        assert res.training.recipe_path() == "/etc/cosyvoice/recipe.yaml"
+        assert res.train_launcher.namespace == res.engine_builder.namespace == "team-b"
+        assert res.train_launcher.image == "registry.example.com/gpu:2"
+    with dg.build_resources(resources_for("embedded")) as res:
+        assert res.training.recipe_path() == "/etc/cosyvoice/recipe.yaml"
