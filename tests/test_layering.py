@@ -16,9 +16,8 @@ import subprocess
 import sys
 
 import cosyvoice
+from tests.support.source_tree import REPO, library_sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = os.path.dirname(os.path.abspath(cosyvoice.__file__))
 TRITON_ONLY = "triton_python_backend_utils"
 ALLOWED = {"dagster_pipes"}
 
@@ -50,14 +49,7 @@ def _imported_modules(tree: ast.AST) -> set[str]:
 
 def _sources() -> dict[str, set[str]]:
     """Every ``.py`` file below ``cosyvoice/`` (Triton templates included) -> the modules it imports."""
-    found = {}
-    for root, _, files in os.walk(LIBRARY):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(root, name)
-                with open(path, encoding="utf-8") as f:
-                    found[os.path.relpath(path, REPO)] = _imported_modules(ast.parse(f.read(), path))
-    return found
+    return {path: _imported_modules(ast.parse(text, path)) for path, text in library_sources().items()}
 
 
 def library_modules() -> list[str]:

@@ -5,11 +5,8 @@ next to Dagster's ``dg.Failure`` in an asset module and reads as that)."""
 from __future__ import annotations
 
 import ast
-import os
 
-import cosyvoice
-
-LIBRARY = os.path.dirname(os.path.abspath(cosyvoice.__file__))
+from tests.support.source_tree import library_sources
 
 
 def aliases_of(name: str, source: str) -> list[str]:
@@ -24,15 +21,7 @@ def aliases_of(name: str, source: str) -> list[str]:
 
 
 def test_utterance_problem_has_no_alias_in_the_library():
-    aliases = {}
-    for root, _, files in os.walk(LIBRARY):
-        for name in files:
-            if name.endswith(".py"):
-                path = os.path.join(root, name)
-                with open(path, encoding="utf-8") as f:
-                    found = aliases_of("UtteranceProblem", f.read())
-                if found:
-                    aliases[os.path.relpath(path, LIBRARY)] = found
+    aliases = {path: found for path, text in library_sources().items() if (found := aliases_of("UtteranceProblem", text))}
     assert aliases == {}, "use UtteranceProblem by its name"
 
 
