@@ -5,6 +5,7 @@ import sys
 import dagster as dg
 
 from assets.manifest import manifest
+from cosyvoice.layout import DataLayout
 from pipelines.definitions import defs
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import PROJECT_ROOT, CorpusResource, DataStore, resources_for
@@ -39,13 +40,15 @@ def test_materializing_a_subset_writes_the_manifest_registers_shards_and_passes_
         meta = {k: v.value for k, v in mat.metadata.items()}
         assert meta["utterances"] == 13 and meta["speakers"] == 4 and meta["quarantined"] == 10
         assert meta["quarantined_by_reason"]["truncated_audio"] == 1
-        assert meta["audio_hours"] > 0 and meta["path"] == str(tmp_path / "manifest" / "train-clean-100")
+        layout = DataLayout(str(tmp_path))
+        assert meta["audio_hours"] > 0 and meta["path"] == layout.manifest_dir("train-clean-100")
         assert "data:image/png;base64," in meta["duration_histogram"]
         checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
         assert checks == {"unique_utt_ids": True, "wavs_exist": True, "text_non_empty": True}
         assert instance.get_dynamic_partitions(SHARDS.name) == [
             "train-clean-100-000000", "train-clean-100-000001", "train-clean-100-000002"]
-        assert os.path.exists(tmp_path / "manifest" / "train-clean-100" / "shards.json")
+        assert os.path.exists(layout.shard_plan_file("train-clean-100"))
+        assert [len(utts) for utts in layout.shard_plan("train-clean-100").values()] == [5, 5, 3]  # 13 kept, 5 a shard
         instance.add_dynamic_partitions(SHARDS.name, ["dev-clean-000000"])
         dg.materialize(
             [manifest], partition_key="train-clean-100", instance=instance,
