@@ -15,7 +15,7 @@ import dagster as dg
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
 from assets.shards import parquet_shards, training_data_lists
-from cosyvoice.corpus.shard_plan import shard_subset
+from cosyvoice.corpus.shard_plan import ShardKey
 from pipelines.definitions import defs
 
 DEMO_SUBSETS = ("dev-clean", "train-clean-100")
@@ -36,7 +36,7 @@ def main(subsets: tuple[str, ...] = DEMO_SUBSETS) -> None:
     with dg.DagsterInstance.get() as instance:
         for subset in subsets:
             _run([manifest], instance, partition_key=subset)
-        shards = [k for k in instance.get_dynamic_partitions("shards") if shard_subset(k) in subsets]
+        shards = [k for k in instance.get_dynamic_partitions("shards") if ShardKey.parse(k).subset in subsets]
         for shard in shards:
             _run([speaker_embeddings, speech_tokens], instance, partition_key=shard)
         for subset in subsets:

@@ -44,9 +44,6 @@ class DataStore(dg.ConfigurableResource):
     def layout(self) -> DataLayout:
         return DataLayout(self.root)
 
-    def url(self, *parts: str) -> str:
-        return storage.join(self.root, *parts)
-
 
 class ModelStore(dg.ConfigurableResource):
     """Where the ONNX models live (the released files, or the reference models of ``make demo``)."""

@@ -48,11 +48,6 @@ def shard_key(subset: str, index: int) -> str:
     return str(ShardKey(subset, index))
 
 
-def shard_subset(key: str) -> str:
-    """The subset a shard key belongs to (``train-clean-100-000012`` -> ``train-clean-100``)."""
-    return ShardKey.parse(key).subset
-
-
 def plan_shards(subset: str, utts: Iterable[str], utts_per_shard: int = 1000) -> dict[str, list[str]]:
     if utts_per_shard < 1:
         raise ValueError(f"utts_per_shard must be >= 1, got {utts_per_shard}")
