@@ -14,6 +14,7 @@ import dagster as dg
 from cosyvoice.export.hf import export_hf
 from cosyvoice.export.trtllm import CONTAINER_IMAGE
 from cosyvoice.export.variants import convert_variants, variant_name, variant_options
+from cosyvoice.stages import STAGES
 from pipelines.launchers import EngineBuilder
 from pipelines.resources import DataStore, TrainingResource, project_path
 
@@ -34,7 +35,8 @@ class HfExportConfig(dg.Config):
     dtype: str = "auto"
 
 
-@dg.asset(deps=[dg.AssetKey("llm_averaged")], group_name="export", kinds={"pytorch"})
+@dg.asset(deps=[dg.AssetKey("llm_averaged")], group_name="export", kinds={"pytorch"},
+          description=STAGES["hf_checkpoint"].description)
 def hf_checkpoint(context: dg.AssetExecutionContext, config: HfExportConfig, store: DataStore,
                   training: TrainingResource) -> dg.MaterializeResult:
     """``<data root>/export/hf``: the averaged LLM as an HF ``Qwen2ForCausalLM`` with speech tokens."""
@@ -68,7 +70,8 @@ class TrtllmCheckpointConfig(dg.Config):
 @dg.asset(deps=[hf_checkpoint, dg.AssetKey("training_data_lists")], group_name="export", kinds={"tensorrt"},
           check_specs=[dg.AssetCheckSpec(VERIFY_CHECK, asset="trtllm_checkpoint",
                                          description="the reference forward of every written variant reproduces the "
-                                                     "HF model's logits within the variant's error bound")])
+                                                     "HF model's logits within the variant's error bound")],
+          description=STAGES["trtllm_checkpoint"].description)
 def trtllm_checkpoint(context: dg.AssetExecutionContext, config: TrtllmCheckpointConfig,
                       store: DataStore) -> dg.MaterializeResult:
     """TensorRT-LLM checkpoints (config.json + rank*.safetensors) of ``hf_checkpoint``."""
@@ -102,7 +105,7 @@ class EngineConfig(dg.Config):
 
 
 @dg.asset(deps=[trtllm_checkpoint], group_name="export", kinds={"tensorrt", "kubernetes"}, pool="gpu",
-          description="TensorRT-LLM engine (trtllm-build) of one checkpoint variant. " + ENGINE_EXCLUDED_REASON)
+          description=f"{STAGES['trtllm_engine'].description}\n\n{ENGINE_EXCLUDED_REASON}")
 def trtllm_engine(context: dg.AssetExecutionContext, config: EngineConfig, store: DataStore,
                   engine_builder: EngineBuilder) -> dg.MaterializeResult:
     """``export/engine/<variant>``: config.json + rank*.engine (the Triton ``gpt_model_path``)."""

@@ -7,6 +7,7 @@ from cosyvoice.corpus.checks import check_data_dir
 from cosyvoice.corpus.manifest import prepare_libritts
 from cosyvoice.corpus.scan import AudioPolicy
 from cosyvoice.corpus.shard_plan import ShardKey
+from cosyvoice.stages import STAGES
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource, DataStore
 from pipelines.retries import retry_transient_only, transient_retry_policy
@@ -32,6 +33,7 @@ class ManifestConfig(dg.Config):
     kinds={"python"},
     retry_policy=transient_retry_policy(),
     check_specs=[dg.AssetCheckSpec(name, asset="manifest", description=d) for name, d in CHECKS.items()],
+    description=STAGES["manifest"].description,
 )
 @retry_transient_only
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: CorpusResource,

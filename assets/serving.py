@@ -4,6 +4,7 @@ import dagster as dg
 
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import read_table
+from cosyvoice.stages import STAGES
 from cosyvoice.triton.publish import DEFAULT_MOUNT, publish_triton_repo
 from cosyvoice.triton.spk2info import build_spk2info
 from pipelines.resources import DataStore, ModelStore
@@ -48,6 +49,7 @@ def _has_engine(url: str) -> bool:
     deps=[dg.AssetKey("hf_checkpoint"), dg.AssetKey("trtllm_engine")],
     group_name="serving", kinds={"triton"},
     check_specs=[dg.AssetCheckSpec(n, asset="triton_model_repo", blocking=True) for n in SERVING_CHECKS],
+    description=STAGES["triton_model_repo"].description,
 )
 def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfig, store: DataStore,
                       models: ModelStore) -> dg.MaterializeResult:

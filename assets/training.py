@@ -24,6 +24,7 @@ from pydantic import Field
 from assets._metadata import line_plot
 from assets.shards import training_data_lists
 from cosyvoice import storage
+from cosyvoice.stages import STAGES
 from cosyvoice.train.checkpoint import average_checkpoints, read_checkpoint_yamls
 from cosyvoice.train.options import BatchType, TrainEngine, TrainOptions
 from pipelines.launchers import Launcher
@@ -158,6 +159,7 @@ def cv_gate(instance: dg.DagsterInstance, cv_loss: float | None, cv_sha256: str,
     check_specs=[dg.AssetCheckSpec(TRAIN_CHECK, asset="llm_checkpoint", blocking=True,
                                    description="CV loss finite and not worse than the last released checkpoint "
                                                "measured on the same cv.data.list")],
+    description=STAGES["llm_checkpoint"].description,
 )
 def llm_checkpoint(context: dg.AssetExecutionContext, config: TrainConfig, store: DataStore,
                    training: TrainingResource, train_launcher: Launcher) -> dg.MaterializeResult:
@@ -196,7 +198,8 @@ class AverageConfig(dg.Config):
     val_best: bool = True
 
 
-@dg.asset(deps=[llm_checkpoint], group_name="training", kinds={"pytorch"})
+@dg.asset(deps=[llm_checkpoint], group_name="training", kinds={"pytorch"},
+          description=STAGES["llm_averaged"].description)
 def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store: DataStore) -> dg.MaterializeResult:
     """``<data root>/llm/llm.pt``: the average of the best (lowest CV loss) checkpoints of the
     released ``llm_checkpoint`` run (:func:`released_checkpoint`: the newest one whose CV gate

@@ -53,7 +53,9 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("export-hf", help="llm.pt -> HF Qwen2ForCausalLM with speech tokens (TRT-LLM/vLLM input)")
+    from cosyvoice.stages import command_help
+
+    p = sub.add_parser("export-hf", help=command_help("export-hf"))
     p.add_argument("--llm_pt", required=True, help="CosyVoice2/3 llm.pt (path or s3:// URL)")
     p.add_argument("--config", default=None,
                    help="the Qwen2 body: recipe yaml, CosyVoice-BlankEN folder or its config.json (default: Qwen2-0.5B "
@@ -65,12 +67,12 @@ def add_subcommands(sub) -> None:
                    help="auto keeps llm.pt's dtype (exact round trip); upstream writes bfloat16")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("import-hf", help="HF export -> llm.pt (exact for our exports)")
+    p = sub.add_parser("import-hf", help=command_help("import-hf"))
     p.add_argument("--hf_dir", required=True)
     p.add_argument("--out", required=True, help="llm.pt to write")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("convert-checkpoint", help="HF folder -> TensorRT-LLM checkpoint (drop-in for convert_checkpoint.py)")
+    p = sub.add_parser("convert-checkpoint", help=command_help("convert-checkpoint"))
     p.add_argument("--model_dir", required=True, help="HF folder from export-hf")
     p.add_argument("--output_dir", default="tllm_checkpoint")
     p.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto")
@@ -89,7 +91,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--verify_size", type=int, default=16)
     p.set_defaults(func=cmd_convert_checkpoint)
 
-    p = sub.add_parser("build-engine", help="trtllm-build a checkpoint (in the TensorRT-LLM container)")
+    p = sub.add_parser("build-engine", help=command_help("build-engine"))
     p.add_argument("--checkpoint_dir", required=True)
     p.add_argument("--output_dir", required=True)
     p.add_argument("--max_batch_size", type=int, default=16)

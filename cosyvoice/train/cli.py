@@ -30,9 +30,10 @@ def cmd_average_checkpoints(args: argparse.Namespace) -> int:
 def add_subcommands(sub) -> None:
     """``train`` parses into ``TrainOptions`` (``TrainOptions.to_argv`` writes the same flags back;
     tests/train/test_train_options.py round-trips them through this parser)."""
+    from cosyvoice.stages import command_help
     from cosyvoice.train.options import BatchType, TrainEngine
 
-    p = sub.add_parser("train", help="train the CosyVoice2/3 LLM (flags of upstream cosyvoice/bin/train.py; run under torchrun)")
+    p = sub.add_parser("train", help=command_help("train"))
     p.add_argument("--train_engine", default=TrainEngine.torch_ddp.value, choices=[e.value for e in TrainEngine])
     p.add_argument("--model", required=True, help="llm (flow/hifigan are not trained by this pipeline)")
     p.add_argument("--config", required=True, help="recipe yaml: configs/cosyvoice2.yaml or an upstream recipe yaml")
@@ -80,7 +81,7 @@ def add_subcommands(sub) -> None:
                    help="attention kernel (default: flash_attention_2 for packed batches on GPU when installed, else sdpa)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("average-checkpoints", help="average checkpoints (upstream cosyvoice/bin/average_model.py)")
+    p = sub.add_parser("average-checkpoints", help=command_help("average-checkpoints"))
     p.add_argument("--src_path", required=True)
     p.add_argument("--dst_model", required=True)
     p.add_argument("--num", type=int, default=5)

@@ -129,7 +129,9 @@ def _repo_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_subcommands(sub) -> None:
-    p = sub.add_parser("triton-repo", help="render the CosyVoice2 Triton model repository (strict) and validate it")
+    from cosyvoice.stages import command_help
+
+    p = sub.add_parser("triton-repo", help=command_help("triton-repo"))
     _repo_flags(p, required=True)
     p.add_argument("--out", required=True, help="the model repository folder to write")
     p.add_argument("--spk2info_only", action="store_true",
@@ -137,19 +139,19 @@ def add_subcommands(sub) -> None:
     p.add_argument("--no_validate", action="store_true")
     p.set_defaults(func=cmd_triton_repo)
 
-    p = sub.add_parser("fill-template", help="upstream scripts/fill_template.py semantics (unknown ${...} left as is)")
+    p = sub.add_parser("fill-template", help=command_help("fill-template"))
     p.add_argument("file_path")
     p.add_argument("substitutions", help="key:value,key:value ('\\' escapes ',' and ':')")
     p.add_argument("-i", "--in_place", action="store_true")
     p.set_defaults(func=cmd_fill_template)
 
-    p = sub.add_parser("triton-validate", help="schema (ModelConfig protobuf) + semantic checks of a model repository")
+    p = sub.add_parser("triton-validate", help=command_help("triton-validate"))
     p.add_argument("repo")
     p.add_argument("--base_dir", default=None, help="where relative parameter paths resolve (tritonserver's cwd)")
     p.add_argument("--spk2info_only", action="store_true")
     p.set_defaults(func=cmd_triton_validate)
 
-    p = sub.add_parser("triton-publish", help="publish a new verified version (its channel's pointer switches last), or --rollback")
+    p = sub.add_parser("triton-publish", help=command_help("triton-publish"))
     p.add_argument("--root", required=True, help="e.g. <data root>/triton/cosyvoice2 (path or s3:// URL)")
     p.add_argument("--rollback", action="store_true",
                    help="point the channel's pointer at its previous complete deployable version")
@@ -165,8 +167,7 @@ def add_subcommands(sub) -> None:
                    "require: then nothing is uploaded; skip: publish untested, on purpose")
     p.set_defaults(func=cmd_triton_publish)
 
-    p = sub.add_parser("triton-pull", help="download + verify a published version (default: the channel's "
-                       "pointer, LATEST) into a folder")
+    p = sub.add_parser("triton-pull", help=command_help("triton-pull"))
     p.add_argument("--root", required=True)
     p.add_argument("--dest", required=True)
     p.add_argument("--version", type=int, default=None, help="a version of --channel (default: its pointer)")
@@ -176,13 +177,13 @@ def add_subcommands(sub) -> None:
                    help="also pull a version that was never promoted (its load test did not run), for inspection")
     p.set_defaults(func=cmd_triton_pull)
 
-    p = sub.add_parser("triton-spk2info", help="spk2info.pt speaker-prompt cache from chosen corpus speakers")
+    p = sub.add_parser("triton-spk2info", help=command_help("triton-spk2info"))
     p.add_argument("--dir", required=True, help="data dir (wav.scp, text, utt2spk)")
     p.add_argument("--model_dir", required=True, help="folder with campplus.onnx and speech_tokenizer_v2.onnx")
     p.add_argument("--out", required=True, help=".../spk2info.pt (path or URL)")
     p.add_argument("--speakers", required=True, help="comma-separated speaker ids; the first is also '001'")
     p.set_defaults(func=cmd_triton_spk2info)
 
-    p = sub.add_parser("triton-server-env", help="build (once) the CPU tritonserver environment used by tests")
+    p = sub.add_parser("triton-server-env", help=command_help("triton-server-env"))
     p.add_argument("--dir", default=None, help="default: $COSYVOICE_TRITON_ENV or <venv>/triton-server")
     p.set_defaults(func=cmd_triton_server_env)
