@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cosyvoice import storage
-from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, loads_plan
+from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, read_plan
 from cosyvoice.problems import failures_next_to
 from cosyvoice.shards.make_parquet import parquet_name
 
@@ -71,16 +71,7 @@ class DataLayout:
 
     def shard_plan(self, subset: str) -> dict[str, list[str]]:
         """The subset's shard plan ``{shard key: [utt, ...]}``, read and validated."""
-        url = self.shard_plan_file(subset)
-        try:
-            text = storage.read_text(url)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{url}: no shard plan for {subset}; materialize the manifest of "
-                                    f"{subset} first") from exc
-        try:
-            return loads_plan(text)
-        except ValueError as exc:
-            raise ValueError(f"{url}: {exc}") from exc
+        return read_plan(self.shard_plan_file(subset))
 
     # --- per-shard outputs ---------------------------------------------------------------------
 

@@ -70,5 +70,5 @@ def test_shard_plan_on_s3(s3_bucket):
     layout = DataLayout(f"s3://{s3_bucket}/data")
     storage.write_text(layout.shard_plan_file("dev-clean"), dumps_plan({"dev-clean-000000": ["u1"]}))
     assert layout.shard_plan("dev-clean") == {"dev-clean-000000": ["u1"]}
-    with pytest.raises(FileNotFoundError, match="no shard plan for test-clean"):
+    with pytest.raises(FileNotFoundError, match="manifest/test-clean/shards.json: no shard plan"):
         layout.shard_plan("test-clean")

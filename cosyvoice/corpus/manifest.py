@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import DataDir, format_tsv, spk2utt_of
 from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, ScanResult, scan_subset
-from cosyvoice.corpus.shard_plan import dumps_plan, plan_shards
+from cosyvoice.corpus.shard_plan import PLAN_FILE, dumps_plan, plan_shards
 from cosyvoice.problems import UtteranceProblem
 
 LIBRITTS_SUBSETS = (
@@ -135,7 +135,7 @@ def prepare_libritts(
     outputs = data.files()
     outputs["quarantine.tsv"] = format_tsv((q.utt, q.path, q.reason) for q in scan.quarantined)
     outputs["long_audio.tsv"] = format_tsv((utt, path, f"{secs:.4f}") for utt, path, secs in long_audio)
-    outputs["shards.json"] = dumps_plan(plan)  # last: its presence marks a complete manifest
+    outputs[PLAN_FILE] = dumps_plan(plan)  # last: its presence marks a complete manifest
     storage.makedirs(dest)
     written = {name: storage.write_text(storage.join(dest, name), content).changed
                for name, content in outputs.items()}

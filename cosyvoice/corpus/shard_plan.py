@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cosyvoice import storage
+
 #: the plan's file name in the manifest folder; written last, so its presence marks a complete manifest
 PLAN_FILE = "shards.json"
 _KEY = re.compile(r"(?P<subset>.+)-(?P<index>[0-9]{6,})", re.ASCII)
@@ -71,3 +73,17 @@ def loads_plan(content: str) -> dict[str, list[str]]:
     for key in plan:
         ShardKey.parse(key)  # raises, naming the key
     return plan
+
+
+def read_plan(url: str) -> dict[str, list[str]]:
+    """The shard plan stored at ``url`` (a manifest's ``shards.json``), validated; the errors name
+    the file and, for a missing one, what writes it."""
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{url}: no shard plan; the manifest writes it last, so materialize the manifest "
+                                "(prepare-libritts) of this subset first") from exc
+    try:
+        return loads_plan(text)
+    except ValueError as exc:
+        raise ValueError(f"{url}: {exc}") from exc

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from cosyvoice import storage
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
-from cosyvoice.corpus.shard_plan import loads_plan
+from cosyvoice.corpus.shard_plan import PLAN_FILE, read_plan
 from cosyvoice.features.extract import FAILURE_STAGE, ExtractionReport, run_extraction, speaker_means
 from cosyvoice.features.options import EmbeddingOptions, SpeechTokenOptions, with_overrides
 from cosyvoice.features.store import (
@@ -35,15 +35,13 @@ class ShardSource:
     def __init__(self, data_dir: str):
         self.data_dir = data_dir
         self.wavs = read_table(data_dir, "wav.scp")
-        self.plan_url = storage.join(data_dir, "shards.json")
+        self.plan_url = storage.join(data_dir, PLAN_FILE)
         self._plan: dict[str, list[str]] | None = None
 
     @property
     def plan(self) -> dict[str, list[str]]:
         if self._plan is None:
-            if not storage.exists(self.plan_url):
-                raise FileNotFoundError(f"{self.plan_url} does not exist: shards need a manifest written by prepare-libritts")
-            self._plan = loads_plan(storage.read_text(self.plan_url))
+            self._plan = read_plan(self.plan_url)
         return self._plan
 
     def items(self, shard: str | None) -> list[tuple[str, str]]:

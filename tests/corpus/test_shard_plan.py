@@ -53,3 +53,18 @@ def test_plan_json_round_trips_and_is_validated():
         loads_plan('{"x-000000": "not a list"}')
     with pytest.raises(ValueError, match="'x-1' is not a shard key"):
         loads_plan('{"x-1": ["u1"]}')
+
+
+def test_a_stored_plan_is_read_back_and_a_missing_or_broken_one_names_the_file(tmp_path):
+    from cosyvoice import storage
+    from cosyvoice.corpus.shard_plan import PLAN_FILE, read_plan
+
+    url = str(tmp_path / PLAN_FILE)
+    with pytest.raises(FileNotFoundError, match=f"{url}: no shard plan.*prepare-libritts"):
+        read_plan(url)
+    plan = plan_shards("dev-clean", ["b", "a", "c"], utts_per_shard=2)
+    storage.write_text(url, dumps_plan(plan))
+    assert read_plan(url) == plan
+    storage.write_text(url, '{"dev-clean-7": ["a"]}')
+    with pytest.raises(ValueError, match=f"{url}: 'dev-clean-7' is not a shard key"):
+        read_plan(url)
