@@ -2,10 +2,9 @@
 
 import dagster as dg
 
-from cosyvoice import storage
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.stages import STAGES
-from cosyvoice.triton.publish import DEFAULT_MOUNT, publish_triton_repo
+from cosyvoice.triton.publish import DEFAULT_MOUNT, has_engine, publish_triton_repo
 from cosyvoice.triton.spk2info import build_spk2info
 from pipelines.resources import DataStore, ModelStore
 
@@ -37,14 +36,6 @@ class TritonRepoConfig(dg.Config):
     bls_instances: int = 4
 
 
-def _has_engine(url: str) -> bool:
-    try:
-        names = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(url)]
-    except FileNotFoundError:
-        return False
-    return "config.json" in names and any(n.startswith("rank") and n.endswith(".engine") for n in names)
-
-
 @dg.asset(
     deps=[dg.AssetKey("hf_checkpoint"), dg.AssetKey("trtllm_engine")],
     group_name="serving", kinds={"triton"},
@@ -64,7 +55,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     model_dir = config.model_dir or models.root
     backend = config.llm_backend
     if backend == "auto":
-        backend = "tensorrtllm" if _has_engine(engine_dir) else "python"
+        backend = "tensorrtllm" if has_engine(engine_dir) else "python"
         if backend == "python":
             context.log.warning(f"no TensorRT-LLM engine in {engine_dir}: publishing the HF export on the python "
                                 "backend to the CPU channel (LATEST-cpu); the GPU LATEST is left as it is")

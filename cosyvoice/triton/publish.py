@@ -438,11 +438,19 @@ def _server_env():
     return server_env()
 
 
+def has_engine(url: str) -> bool:
+    """The folder ``url`` (local or object store) holds a TensorRT-LLM engine: ``config.json`` and at
+    least one ``rank<N>.engine``. A missing folder has none."""
+    try:
+        names = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(url)]
+    except FileNotFoundError:
+        return False
+    return "config.json" in names and any(n.startswith("rank") and n.endswith(".engine") for n in names)
+
+
 def engine_present(bundle_dir: str) -> bool:
     """The bundle carries a TensorRT-LLM engine (``config.json`` + ``rank<N>.engine``)."""
-    folder = os.path.join(bundle_dir, BUNDLE_DIRS["engine_dir"])
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return "config.json" in names and any(n.startswith("rank") and n.endswith(".engine") for n in names)
+    return has_engine(os.path.join(bundle_dir, BUNDLE_DIRS["engine_dir"]))
 
 
 def publish_triton_repo(root: str, *, engine_dir: str, hf_dir: str, model_dir: str, spk2info: str | None = None,

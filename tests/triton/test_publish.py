@@ -309,3 +309,17 @@ def test_pull_from_s3_refuses_a_traversing_manifest(s3_bucket, tmp_path):
     with pytest.raises(publish.PublishError, match=r"'\.\./\.\./escape\.txt' \('\.', '\.\.'"):
         publish.pull(root, str(dest))
     assert os.listdir(tmp_path) == []
+
+
+def test_an_engine_is_a_folder_with_config_json_and_a_rank_engine_on_any_storage(tmp_path, s3_bucket):
+    folder = tmp_path / "engine"
+    assert not publish.has_engine(str(folder))  # missing folder: no engine
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not publish.has_engine(str(folder))
+    (folder / "rank0.engine").write_bytes(b"\0")
+    assert publish.has_engine(str(folder))
+    url = f"s3://{s3_bucket}/export/engine/bfloat16_none"
+    assert not publish.has_engine(url)
+    storage.upload_dir(str(folder), url)
+    assert publish.has_engine(url)
