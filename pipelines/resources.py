@@ -4,6 +4,10 @@
   with ``COSYVOICE_CORPUS_ROOT`` / ``COSYVOICE_DATA_ROOT``).
 * ``distributed``: both roots must come from the environment (typically ``s3://`` URLs; the S3
   endpoint and credentials are read by ``cosyvoice.storage`` from the environment too).
+
+Each deployment also picks its launchers (``pipelines/launchers.py``): ``train_launcher`` (trainer
+subprocess here / GPU pods on Kubernetes) and ``engine_builder`` (``trtllm-build`` here / a pod). A
+setting that comes from the environment is a ``dg.EnvVar`` of exactly one resource (:func:`from_env`).
 """
 
 from __future__ import annotations
