@@ -75,6 +75,7 @@ class Launcher(dg.ConfigurableResource):
 
     def launch(self, context: dg.AssetExecutionContext, cli_args: Sequence[str], *, gpus_per_node: int = 1,
                nodes: int = 1, rdzv_endpoint: str = "") -> dg.PipesClientCompletedInvocation:
+        """Implemented by each deployment's launcher (:class:`SubprocessLauncher`, :class:`K8sLauncher`)."""
         raise NotImplementedError(f"{type(self).__name__} is not a launcher")
 
 
