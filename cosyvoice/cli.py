@@ -109,8 +109,9 @@ def cmd_speaker_means(args: argparse.Namespace) -> int:
 def cmd_upstream_feature_files(args: argparse.Namespace) -> int:
     from cosyvoice.features.stages import export_upstream_features
 
-    report = export_upstream_features(_layout(args), args.subset)
-    print(report.summary())
+    layout = _layout(args)
+    for name, entries in export_upstream_features(layout, args.subset).items():
+        print(f"{layout.manifest_dir(args.subset)}: {name} ({entries} entries)")
     return 0
 
 

@@ -260,3 +260,43 @@ def test_one_bad_clip_within_the_budget_is_quarantined_and_does_not_hold_retrain
         assert meta["rows"].value == 4 and meta["quarantined_utterances"].value == 1
         failing, verdict = _gate(instance)
         assert failing == {} and isinstance(verdict, dg.RunRequest)
+
+
+def test_the_cli_faces_write_what_the_assets_write(pipeline_run, tiny_models, tmp_path):
+    """Each asset and its subcommand call one function (cosyvoice/stages.py), so the subcommands run
+    shard by shard on a copy of the manifest write the assets' files: the per-shard feature tables,
+    the speaker means, the upstream .pt files, the training shards and the lists."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from cosyvoice.cli import main
+    from cosyvoice.layout import DataLayout
+
+    root = pipeline_run[0]
+    ours, theirs = DataLayout(str(root)), DataLayout(str(tmp_path / "cli"))
+    manifest_dir = theirs.manifest_dir("dev-clean")
+    shutil.copytree(ours.manifest_dir("dev-clean"), manifest_dir,
+                    ignore=shutil.ignore_patterns("*.pt", "failed_*.tsv", "shards"))
+    for shard in SHARDS:
+        for command, model, stage in (("extract-embedding", "campplus.onnx", "speaker_embeddings"),
+                                      ("extract-speech-token", "speech_tokenizer_v2.onnx", "speech_tokens")):
+            assert main([command, "--dir", manifest_dir, "--onnx_path", os.path.join(tiny_models, model),
+                         "--num_thread", "1", "--shard", shard, "--parquet", theirs.shard_file(stage, shard)]) == 0
+            assert read_parquet(theirs.shard_file(stage, shard)).equals(read_parquet(ours.shard_file(stage, shard)))
+    pipeline_flags = ["--data_root", theirs.root, "--subset", "dev-clean"]
+    assert main(["speaker-means", *pipeline_flags]) == 0
+    assert read_parquet(theirs.speaker_means("dev-clean")).equals(read_parquet(ours.speaker_means("dev-clean")))
+    assert main(["upstream-feature-files", *pipeline_flags]) == 0
+    for name in ("utt2embedding.pt", "spk2embedding.pt", "utt2speech_token.pt"):
+        assert load_pt(os.path.join(manifest_dir, name)) == load_pt(os.path.join(ours.manifest_dir("dev-clean"), name))
+    for shard in SHARDS:
+        assert main(["make-parquet", "--src_dir", manifest_dir, "--des_dir", theirs.parquet_dir("dev-clean"),
+                     "--shard", shard]) == 0
+        assert pq.read_table(theirs.shard_file("parquet_shards", shard)).equals(
+            pq.read_table(ours.shard_file("parquet_shards", shard)))
+    assert main(["training-data-lists", "--data_root", theirs.root, "--cv_subsets", "dev-clean"]) == 0
+    with open(theirs.cv_list()) as f:
+        assert f.read().splitlines() == [theirs.shard_file("parquet_shards", s) for s in SHARDS]
+    with open(theirs.train_list()) as f:
+        assert f.read() == ""
