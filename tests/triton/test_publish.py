@@ -11,6 +11,7 @@ import pytest
 
 from cosyvoice import storage
 from cosyvoice.cli import main
+from cosyvoice.layout import DataLayout
 from cosyvoice.triton import publish
 from cosyvoice.triton.validate import validate_repo
 
@@ -131,24 +132,25 @@ def test_triton_model_repo_asset_load_tests_and_publishes(tmp_path, data_dir, hf
     from assets.serving import triton_model_repo
     from pipelines.resources import DataStore, ModelStore
 
-    root = tmp_path / "data"
-    shutil.copytree(data_dir, root / "manifest" / "dev-clean")
-    shutil.copytree(hf_dir, root / "export" / "hf")  # where hf_checkpoint writes; no engine (CPU)
-    result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=str(root)),
+    layout = DataLayout(str(tmp_path / "data"))
+    shutil.copytree(data_dir, layout.manifest_dir("dev-clean"))
+    shutil.copytree(hf_dir, layout.export_dir("hf"))  # where hf_checkpoint writes; no engine (CPU)
+    result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=layout.root),
                                                             "models": ModelStore(root=tiny_models)})
     assert result.success
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     assert meta["version"].value == 1 and meta["llm_backend"].value == "python" and meta["channel"].value == "cpu"
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"schema_valid": True, "semantics_valid": True, "server_load_test": True}
-    manifest = publish.read_manifest(str(root / "triton" / "cosyvoice2"), 1)
+    repo = layout.triton_root("cosyvoice2")
+    manifest = publish.read_manifest(repo, 1)
     load = manifest["server_load_test"]
     assert load["passed"] and sorted(load["loaded"]) == ["audio_tokenizer", "cosyvoice2", "speaker_embedding",
                                                          "tensorrt_llm"]
     assert "token2wav" in load["not_tested"]
-    assert publish.latest(str(root / "triton" / "cosyvoice2"), "cpu") == 1
-    assert publish.latest(str(root / "triton" / "cosyvoice2")) is None  # the CPU fallback is not the GPU LATEST
-    assert os.path.exists(root / "triton" / "cosyvoice2" / "1" / "cosyvoice2_model" / "spk2info.pt")
+    assert publish.latest(repo, "cpu") == 1
+    assert publish.latest(repo) is None  # the CPU fallback is not the GPU LATEST
+    assert os.path.exists(os.path.join(repo, "1", "cosyvoice2_model", "spk2info.pt"))
 
 
 # --- channels: what a version serves, and who may deploy it ------------------------------------------
@@ -234,16 +236,16 @@ def _asset_run(tmp_path, data_dir, hf_dir, tiny_models, **config):
     from assets.serving import triton_model_repo
     from pipelines.resources import DataStore, ModelStore
 
-    root = tmp_path / "data"
-    if not root.exists():
-        shutil.copytree(data_dir, root / "manifest" / "dev-clean")
-        shutil.copytree(hf_dir, root / "export" / "hf")  # no engine: llm_backend auto -> python
-    result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=str(root)),
+    layout = DataLayout(str(tmp_path / "data"))
+    if not os.path.exists(layout.root):
+        shutil.copytree(data_dir, layout.manifest_dir("dev-clean"))
+        shutil.copytree(hf_dir, layout.export_dir("hf"))  # no engine: llm_backend auto -> python
+    result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=layout.root),
                                                             "models": ModelStore(root=tiny_models)},
                             run_config={"ops": {"triton_model_repo": {"config": {"bls_instances": 1, **config}}}},
                             raise_on_error=False)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    return str(root / "triton" / "cosyvoice2"), result, checks
+    return layout.triton_root("cosyvoice2"), result, checks
 
 
 def test_the_asset_fails_its_blocking_check_when_the_load_test_did_not_run_unless_skip_is_configured(
