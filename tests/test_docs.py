@@ -1,6 +1,6 @@
-"""The docs say only what is true: the README's stage table is the stage table, its account of
-``make demo`` names the assets ``pipelines/demo.py`` materializes, and every file of this repository
-the docs cite exists (nothing outside it is cited)."""
+"""The docs say only what is true: the README's stage table is the stage table (and docs/stages.md
+lists its tools), the README's account of ``make demo`` names the assets ``pipelines/demo.py``
+materializes, and every file of this repository the docs cite exists (nothing outside it is cited)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import re
 import subprocess
 
-from cosyvoice.stages import STAGES
+from cosyvoice.stages import STAGES, TOOLS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
@@ -23,7 +23,7 @@ def _read(path: str) -> str:
 
 def _between(text: str, marker: str) -> str:
     match = re.search(rf"<!-- {marker}: begin[^>]*-->\n?(.*?)\n?<!-- {marker}: end -->", text, re.S)
-    assert match, f"README.md has no '<!-- {marker}: begin -->' ... '<!-- {marker}: end -->' block"
+    assert match, f"no '<!-- {marker}: begin -->' ... '<!-- {marker}: end -->' block"
     return match.group(1)
 
 
@@ -53,6 +53,12 @@ def test_the_readme_names_exactly_the_assets_make_demo_materializes():
     assert said == materialized
     assert "llm_checkpoint" not in materialized and "stops at the training lists" in _read(README)
     assert "pipelines.demo" in _read(os.path.join(REPO, "Makefile"))
+
+
+def test_docs_stages_lists_exactly_the_tools_of_the_stage_table():
+    block = _between(_read(os.path.join(REPO, "docs", "stages.md")), "tools")
+    listed = [re.findall(r"`([^`]+)`", line)[0] for line in block.splitlines()[2:]]
+    assert listed == list(TOOLS)
 
 
 def _tracked_top_level() -> set[str]:
