@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cosyvoice import storage
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, failure_checks
 from cosyvoice.corpus.kaldi import read_table
-from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, loads_plan
+from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, read_plan
 from cosyvoice.problems import (
     UtteranceProblem,
     failures_name,
@@ -259,9 +259,7 @@ def _make_one_shard(src_dir: str, des_dir: str, shard: str, features: Features, 
     """The planned utterances of ``shard`` -> its parquet file and ``.failed.tsv`` (every planned
     utterance that is not a row, with the feature stage's reason when that stage failed it)."""
     plan_url = storage.join(src_dir, PLAN_FILE)
-    if not storage.exists(plan_url):
-        raise FileNotFoundError(f"{plan_url} does not exist: --shard needs a manifest written by prepare-libritts")
-    plan = loads_plan(storage.read_text(plan_url))
+    plan = read_plan(plan_url)
     if shard not in plan:
         raise ValueError(f"shard {shard!r} is not in {plan_url} (it has {len(plan)} shards, e.g. {next(iter(plan), '-')})")
     rows, missing = build_rows(plan[shard], kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)

@@ -185,3 +185,18 @@ def test_a_feature_stage_failure_is_carried_with_its_stage_not_reported_again(da
     write_failures(str(src / "failed_extract_embedding.tsv"), [])
     assert make_parquet(str(src), str(des), num_utts_per_parquet=4).skipped == []
     assert (des / "failed_make_parquet.tsv").read_text() == "utt\tpath\tstage\treason\tdetail\n"
+
+
+def test_one_planned_shard_is_written_with_its_failure_list_and_no_lists(data_dir, tmp_path):
+    """``shard=``: the pipeline's per-shard form of the same function: exactly the planned utterances,
+    ``parquet_<index>.failed.tsv`` beside the file, the lists left to the training-lists stage."""
+    plan = json.load(open(os.path.join(data_dir, "shards.json")))
+    (shard, planned), = plan.items()
+    report = make_parquet(data_dir, str(tmp_path), shard=shard)
+    assert report.planned == planned and report.rows == len(planned) and report.skipped == []
+    assert pq.read_table(str(tmp_path / "parquet_000000000.tar")).column("utt").to_pylist() == planned
+    assert report.failures_url == str(tmp_path / "parquet_000000000.failed.tsv")
+    assert (tmp_path / "parquet_000000000.failed.tsv").read_text() == "utt\tpath\tstage\treason\tdetail\n"
+    assert not (tmp_path / "data.list").exists()
+    with pytest.raises(ValueError, match="'dev-clean-000009' is not in"):
+        make_parquet(data_dir, str(tmp_path), shard="dev-clean-000009")
