@@ -78,7 +78,7 @@ _ROWS = (
           "average the best checkpoints into llm.pt (upstream cosyvoice/bin/average_model.py)"),
     Stage("hf_checkpoint", "cosyvoice.export.hf:export_hf", "export-hf",
           "llm.pt -> HF Qwen2ForCausalLM with speech tokens (TensorRT-LLM/vLLM input)"),
-    Stage("trtllm_checkpoint", "cosyvoice.export.trtllm:convert_checkpoint", "convert-checkpoint",
+    Stage("trtllm_checkpoint", "cosyvoice.export.variants:convert_variants", "convert-checkpoint",
           "HF export -> TensorRT-LLM checkpoint, optionally quantized (drop-in for convert_checkpoint.py)"),
     Stage("trtllm_engine", "cosyvoice.export.engine:build_engine", "build-engine",
           "trtllm-build a TensorRT-LLM checkpoint into an engine (in the TensorRT-LLM container)"),

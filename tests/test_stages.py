@@ -16,14 +16,6 @@ from cosyvoice.stages import BY_COMMAND, STAGES, TOOLS
 #: stages whose asset hands the work to a launcher resource (pipelines/launchers.py) by design:
 #: checked by their own tests below instead of by the asset body's names
 LAUNCHED = {"llm_checkpoint", "trtllm_engine"}
-#: stages whose asset does not call the table's function, and why (strict xfail: the test starts
-#: failing, and must be updated, the day the gap is closed)
-ASSET_GAPS = {
-    "trtllm_checkpoint": "the asset calls convert_variants (several presets + verification), which calls "
-                         "convert_checkpoint per variant; `convert-checkpoint` calls convert_checkpoint",
-}
-
-
 def subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return action
@@ -120,9 +112,7 @@ def called_names(function, seen: set) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ASSET_GAPS[n])) if n in ASSET_GAPS else n
-    for n in STAGES if n not in LAUNCHED])
+@pytest.mark.parametrize("name", [n for n in STAGES if n not in LAUNCHED])
 def test_each_asset_body_calls_its_table_function(defs, name):
     import dagster as dg
 

@@ -23,24 +23,18 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
-    from cosyvoice.export.trtllm import ConvertOptions, convert_checkpoint
+    from cosyvoice.export.trtllm import ConvertOptions
+    from cosyvoice.export.variants import convert_variants
 
     opts = ConvertOptions(dtype=args.dtype, tp_size=args.tp_size, pp_size=args.pp_size, use_weight_only=args.use_weight_only,
                           weight_only_precision=args.weight_only_precision, smoothquant=args.smoothquant,
                           per_channel=args.per_channel, per_token=args.per_token, int8_kv_cache=args.int8_kv_cache,
                           calib_data=args.calib_data, calib_size=args.calib_size, calib_max_len=args.calib_max_len)
-    print(convert_checkpoint(args.model_dir, args.output_dir, opts).summary())
-    if args.verify_data:
-        from cosyvoice.export.quantize import calibration_sequences
-        from cosyvoice.export.verify import verify_checkpoint
-        from cosyvoice.storage import local_dir
-
-        with local_dir(args.model_dir) as folder:
-            sequences = calibration_sequences(folder, args.verify_data, size=args.verify_size, max_len=args.calib_max_len)
-        report = verify_checkpoint(args.model_dir, args.output_dir, sequences)
-        print(report.summary())
-        return 0 if report.passed else 1
-    return 0
+    report = convert_variants(args.model_dir, args.output_dir, {"": opts}, calib_data=args.calib_data,
+                              verify_data=args.verify_data, calib_size=args.calib_size, verify_size=args.verify_size,
+                              max_len=args.calib_max_len)
+    print(report.summary())
+    return 0 if report.passed else 1
 
 
 def cmd_build_engine(args: argparse.Namespace) -> int:

@@ -1,6 +1,8 @@
-"""Several TensorRT-LLM checkpoint variants of one HF export: one calibration pass shared by the
-quantized ones, each verified by the reference forward on held-out sequences (what the
-``trtllm_checkpoint`` asset and ``bench/quantization.py`` run)."""
+"""TensorRT-LLM checkpoint variants of one HF export: one calibration pass shared by the quantized
+ones, each verified by the reference forward on held-out sequences. ``convert_variants`` is the
+stage's one entry point: the ``trtllm_checkpoint`` asset runs several named presets,
+``cosyvoice-pipeline convert-checkpoint`` one unnamed variant written to ``--output_dir`` itself, and
+``bench/quantization.py`` the table of presets."""
 
 from __future__ import annotations
 
@@ -42,12 +44,18 @@ def variant_name(preset: str, dtype: str, tp_size: int = 1) -> str:
 class VariantResult:
     name: str
     convert: ConvertReport
-    verify: VerifyReport
+    verify: VerifyReport | None  # None: no held-out data was given, nothing was verified
 
     def as_metadata(self) -> dict:
+        verified = {k: v for k, v in asdict(self.verify).items() if k != "mode"} if self.verify else {}
         return {"name": self.name, "path": self.convert.output_dir, "quant_algo": self.convert.quant_algo,
-                "kv_cache_quant_algo": self.convert.kv_cache_quant_algo, "bytes": self.convert.bytes,
-                **{k: v for k, v in asdict(self.verify).items() if k != "mode"}}
+                "kv_cache_quant_algo": self.convert.kv_cache_quant_algo, "bytes": self.convert.bytes, **verified}
+
+    def summary(self) -> str:
+        lines = [self.convert.summary()]
+        if self.verify is not None:
+            lines.append(self.verify.summary())
+        return "\n".join(lines)
 
 
 @dataclass
@@ -57,16 +65,19 @@ class VariantsReport:
 
     @property
     def passed(self) -> bool:
-        return all(r.verify.passed for r in self.results)
+        """No variant failed its verification (unverified variants do not fail)."""
+        return all(r.verify is None or r.verify.passed for r in self.results)
 
     def summary(self) -> str:
-        return "\n".join(f"{r.name}: {r.convert.bytes / 1e6:.1f} MB; {r.verify.summary()}" for r in self.results)
+        return "\n".join((f"{r.name}: " if r.name else "") + r.summary().replace("\n", "; ") for r in self.results)
 
 
-def convert_variants(hf_dir: str, out_root: str, variants: dict[str, ConvertOptions], *, calib_data: str,
-                     verify_data: str, calib_size: int = 64, verify_size: int = 16, max_len: int = 512) -> VariantsReport:
-    """Write ``out_root/<name>`` for every variant, then verify each on ``verify_size`` sequences of
-    ``verify_data`` (held out from ``calib_data``)."""
+def convert_variants(hf_dir: str, out_root: str, variants: dict[str, ConvertOptions], *,
+                     calib_data: str | None = None, verify_data: str | None = None, calib_size: int = 64,
+                     verify_size: int = 16, max_len: int = 512) -> VariantsReport:
+    """Write ``out_root/<name>`` for every variant (the variant named ``""`` is ``out_root`` itself),
+    then, given ``verify_data`` (held out from ``calib_data``), verify each on ``verify_size`` of its
+    sequences. ``calib_data`` is needed only when a variant is calibrated (SmoothQuant, int8 KV)."""
     from cosyvoice.export.quantize import calibrate, calibration_sequences
     from cosyvoice.export.verify import baseline_model
 
@@ -74,14 +85,18 @@ def convert_variants(hf_dir: str, out_root: str, variants: dict[str, ConvertOpti
     with local_dir(hf_dir) as folder:
         calibration = None
         if any(o.needs_calibration for o in variants.values()):
+            if not calib_data:
+                raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
             calibration = calibrate(folder, calib_data, size=calib_size, max_len=max_len)
-        held_out = calibration_sequences(folder, verify_data, size=verify_size, max_len=max_len)
+        held_out = calibration_sequences(folder, verify_data, size=verify_size, max_len=max_len) if verify_data else None
         baselines: dict[str, object] = {}
         for name, opts in variants.items():
-            out = storage.join(out_root, name)
+            out = storage.join(out_root, name) if name else out_root
             report = convert_checkpoint(folder, out, opts, calibration=calibration if opts.needs_calibration else None)
-            if report.dtype not in baselines:
-                baselines[report.dtype] = baseline_model(folder, report.dtype)
-            verified = verify_checkpoint(folder, out, held_out, baseline=baselines[report.dtype])
+            verified = None
+            if held_out is not None:
+                if report.dtype not in baselines:
+                    baselines[report.dtype] = baseline_model(folder, report.dtype)
+                verified = verify_checkpoint(folder, out, held_out, baseline=baselines[report.dtype])
             results.append(VariantResult(name, report, verified))
     return VariantsReport(results, calibration[1] if calibration else {})
