@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cosyvoice.features.extract import run_extraction  # noqa: E402
 from cosyvoice.features.options import OPTIONS_BY_KIND, SpeechTokenOptions  # noqa: E402
-from tests.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
+from tests.support.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
 
 MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onnx",
           "speech_token_torch": "speech_tokenizer_v2.onnx"}

@@ -19,9 +19,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The upstream algorithm written plainly (tests/upstream.py, shared with the tests), in a fresh process.
+# The upstream algorithm written plainly (tests/support/upstream.py, shared with the tests), in a fresh process.
 UPSTREAM = (
-    "import sys; sys.path.insert(0, sys.argv[3]); from tests.upstream import upstream_prepare_data;"
+    "import sys; sys.path.insert(0, sys.argv[3]); from tests.support.upstream import upstream_prepare_data;"
     "upstream_prepare_data(sys.argv[1], sys.argv[2])"
 )
 

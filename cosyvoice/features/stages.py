@@ -17,8 +17,7 @@ from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION, CheckOutcome, f
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.corpus.shard_plan import PLAN_FILE, read_plan
 from cosyvoice.features.extract import FAILURE_STAGE, ExtractionReport, run_extraction, speaker_means
-from cosyvoice.features.options import EmbeddingOptions, SpeechTokenOptions, with_overrides
-from cosyvoice.features.store import (
+from cosyvoice.features.feature_files import (
     embedding_table,
     read_parquet,
     save_pt,
@@ -26,6 +25,7 @@ from cosyvoice.features.store import (
     token_table,
     write_parquet,
 )
+from cosyvoice.features.options import EmbeddingOptions, SpeechTokenOptions, with_overrides
 from cosyvoice.problems import failures_name, failures_next_to, read_failures, write_failures
 
 

@@ -278,7 +278,7 @@ def shard_features(embedding_url: str | None, speaker_means_url: str | None, tok
     failures the feature stages listed beside them."""
     import numpy as np
 
-    from cosyvoice.features.store import read_parquet
+    from cosyvoice.features.feature_files import read_parquet
 
     def column_map(url: str | None, key: str, column: str, dtype: str) -> dict | None:
         if url is None:

@@ -6,7 +6,7 @@ import pytest
 
 from cosyvoice.corpus import QUARANTINE_REASONS, prepare_libritts, read_data_dir
 from cosyvoice.corpus.checks import check_data_dir
-from tests.upstream import upstream_prepare_data
+from tests.support.upstream import upstream_prepare_data
 
 #: the generator's broken files and the reason each must be quarantined with
 EXPECTED_QUARANTINE = {

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from cosyvoice.features.feature_files import load_pt
 from cosyvoice.features.stages import extract_embedding, extract_speech_token
-from cosyvoice.features.store import load_pt
-from tests.upstream import upstream_embedding, upstream_session, upstream_speech_token
+from tests.support.upstream import upstream_embedding, upstream_session, upstream_speech_token
 
 BAD = "9004_1_000000_000001"
 LONG = "9003_1_000000_000001"

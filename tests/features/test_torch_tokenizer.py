@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
+from cosyvoice.features.feature_files import load_pt
 from cosyvoice.features.stages import extract_speech_token
-from cosyvoice.features.store import load_pt
 from cosyvoice.features.torch_tokenizer import agreement, build_module, read_weights
-from tests.upstream import upstream_session, upstream_speech_token
+from tests.support.upstream import upstream_session, upstream_speech_token
 
 BAD = "9004_1_000000_000001"
 LONG = "9003_1_000000_000001"

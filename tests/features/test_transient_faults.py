@@ -10,9 +10,9 @@ import s3fs
 from cosyvoice import storage
 from cosyvoice.features import frontend
 from cosyvoice.features.extract import run_extraction
+from cosyvoice.features.feature_files import load_pt
 from cosyvoice.features.options import OPTIONS_BY_KIND
 from cosyvoice.features.stages import extract_embedding
-from cosyvoice.features.store import load_pt
 
 MISSING = "1002_9_000000_000009"
 BUCKET = "transient-faults"

@@ -11,7 +11,7 @@ import pytest
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
 from assets.shards import parquet_shards, training_data_lists
-from cosyvoice.features.store import load_pt, read_parquet
+from cosyvoice.features.feature_files import load_pt, read_parquet
 from pipelines.resources import CorpusResource, DataStore, ModelStore
 
 SHARDS = ["dev-clean-000000", "dev-clean-000001", "dev-clean-000002"]

@@ -13,7 +13,7 @@ import s3fs
 from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
 from assets.manifest import manifest
 from assets.shards import parquet_shards, training_data_lists
-from cosyvoice.features.store import load_pt
+from cosyvoice.features.feature_files import load_pt
 from pipelines.resources import CorpusResource, DataStore, ModelStore
 
 SHARDS = ("dev-clean-000000", "dev-clean-000002")  # 15 utterances, 5 per shard
