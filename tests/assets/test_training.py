@@ -18,8 +18,7 @@ from assets.training import TrainConfig, llm_averaged, llm_checkpoint, train_opt
 from pipelines.k8s import training_pod_spec
 from pipelines.launchers import K8sLauncher, Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, TrainingResource
-
-from .conftest import TINY_RECIPE
+from tests.train.conftest import TINY_RECIPE
 
 
 @pytest.fixture(scope="module")
