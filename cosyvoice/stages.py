@@ -28,15 +28,10 @@ def _resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), attribute)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage: ``name`` is the asset key, ``target`` the library function as ``module:attribute``,
-    ``command`` the ``cosyvoice-pipeline`` subcommand and ``description`` what every face shows."""
+class _Row:
+    """A row of either table: ``target`` names the library function as ``module:attribute``."""
 
-    name: str
     target: str
-    command: str
-    description: str
 
     @property
     def function(self) -> Callable:
@@ -45,16 +40,23 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Tool:
+class Stage(_Row):
+    """One stage: ``name`` is the asset key, ``target`` the library function, ``command`` the
+    ``cosyvoice-pipeline`` subcommand and ``description`` what every face shows."""
+
+    name: str
+    target: str
+    command: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Tool(_Row):
     """A subcommand that is not a stage of the asset graph (it has no asset face)."""
 
     command: str
     target: str
     description: str
-
-    @property
-    def function(self) -> Callable:
-        return _resolve(self.target)
 
 
 _ROWS = (

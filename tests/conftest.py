@@ -182,3 +182,17 @@ def training_list(clean_corpus, tiny_models, tmp_path_factory):
     extract_speech_token(data, os.path.join(tiny_models, "speech_tokenizer_v2.onnx"), num_workers=1)
     make_parquet(data, str(root / "parquet"), num_utts_per_parquet=4)
     return str(root / "parquet" / "data.list")
+
+
+@pytest.fixture
+def fake_kubernetes(monkeypatch):
+    """The kubernetes client's in-cluster config and API classes replaced by one recording fake."""
+    import kubernetes
+
+    from tests.support.fake_k8s import FakeKubernetes
+
+    fake = FakeKubernetes()
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda: fake)
+    monkeypatch.setattr(kubernetes.client, "BatchV1Api", lambda: fake)
+    return fake

@@ -229,37 +229,13 @@ def test_multi_node_uses_a_static_rendezvous_with_this_node_as_rank_0():
     assert "--rdzv_endpoint=node-0.svc:29400" in override
 
 
-class FakeKubernetes:
-    """Records the calls WorkerNodes makes (no cluster here)."""
-
-    def __init__(self, fail_job=False):
-        self.calls, self.fail_job = [], fail_job
-
-    def create_namespaced_service(self, namespace, body):
-        self.calls.append(("create service", namespace, body["metadata"]["name"]))
-
-    def create_namespaced_job(self, namespace, body):
-        if self.fail_job:
-            raise RuntimeError("quota exceeded")
-        self.calls.append(("create job", namespace, body["metadata"]["name"]))
-
-    def delete_namespaced_job(self, name, namespace, propagation_policy=None):
-        self.calls.append(("delete job", namespace, name))
-
-    def delete_namespaced_service(self, name, namespace):
-        self.calls.append(("delete service", namespace, name))
-
-
-def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_them(data_root, monkeypatch):
+def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_them(data_root, monkeypatch,
+                                                                                     fake_kubernetes):
     """llm_checkpoint with nodes: 3 on the k8s launcher: Service + Indexed Job before the Pipes pod,
     node 0's pod resolvable at the rendezvous endpoint, both deleted although the pod failed."""
-    import kubernetes
     from dagster_k8s import PipesK8sClient
 
-    fake = FakeKubernetes()
-    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda: fake)
-    monkeypatch.setattr(kubernetes.client, "BatchV1Api", lambda: fake)
+    fake = fake_kubernetes
     launched = {}
 
     def run(self, **kwargs):
@@ -285,6 +261,7 @@ def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_
 
 def test_worker_nodes_clean_up_the_service_when_the_job_cannot_be_created():
     from pipelines.multinode import MultiNodeLayout, WorkerNodes
+    from tests.support.fake_k8s import FakeKubernetes
 
     fake = FakeKubernetes(fail_job=True)
     layout = MultiNodeLayout("cv-train-x", 2, "ns")

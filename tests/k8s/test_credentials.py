@@ -45,26 +45,9 @@ def pipes_pod(kwargs: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", **kubernetes.client.ApiClient().sanitize_for_serialization(pod)}
 
 
-class FakeKubernetes:
-    def __init__(self):
-        self.created = []
-
-    def create_namespaced_service(self, namespace, body):
-        self.created.append(body)
-
-    def create_namespaced_job(self, namespace, body):
-        self.created.append(body)
-
-    def delete_namespaced_job(self, name, namespace, propagation_policy=None):
-        pass
-
-    def delete_namespaced_service(self, name, namespace):
-        pass
-
-
 @pytest.mark.parametrize("nodes", [1, 3])
 def test_training_specs_reference_the_credentials_secret_and_hold_no_credential_value(
-        nodes, credentials_in_env, monkeypatch, tmp_path):
+        nodes, credentials_in_env, monkeypatch, tmp_path, fake_kubernetes):
     """llm_checkpoint on the k8s launcher, with credentials in the orchestrator's environment: every
     object it creates (Pipes pod; for several nodes also the Service and the workers' Job) is valid,
     gets the credentials by reference to the configured Secret and contains none of their values."""
@@ -74,10 +57,7 @@ def test_training_specs_reference_the_credentials_secret_and_hold_no_credential_
     from pipelines.launchers import K8sLauncher
     from pipelines.resources import DataStore, TrainingResource
 
-    fake = FakeKubernetes()
-    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(kubernetes.client, "CoreV1Api", lambda: fake)
-    monkeypatch.setattr(kubernetes.client, "BatchV1Api", lambda: fake)
+    fake = fake_kubernetes
     launched = {}
 
     def run(self, **kwargs):
