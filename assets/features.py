@@ -116,7 +116,7 @@ def speaker_embeddings(context: dg.AssetExecutionContext, config: EmbeddingsConf
                        models: ModelStore) -> dg.MaterializeResult:
     """CAM++ embeddings of each shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
     return _run_shards(context, extract_embedding, options_from(EmbeddingOptions, config), check_embedding_shard,
-                       config.max_failed_fraction, store, models.url(models.campplus))
+                       config.max_failed_fraction, store, models.campplus_url())
 
 
 @dg.asset(**_shard_asset("speech_tokens", TOKEN_CHECKS, pool="gpu", op_tags=GPU_K8S))
@@ -126,7 +126,7 @@ def speech_tokens(context: dg.AssetExecutionContext, config: SpeechTokensConfig,
     """S3 speech tokens of each shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""
     check = functools.partial(check_token_shard, version=models.tokenizer_version)
     return _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,
-                       config.max_failed_fraction, store, models.url(models.speech_tokenizer))
+                       config.max_failed_fraction, store, models.speech_tokenizer_url())
 
 
 @dg.asset(

@@ -57,8 +57,13 @@ class ModelStore(dg.ConfigurableResource):
     speech_tokenizer: str = "speech_tokenizer_v2.onnx"
     tokenizer_version: str = "v2"  # v1: 50 Hz, < 4096; v2/v3: 25 Hz, < 6561 (used by the checks)
 
-    def url(self, name: str) -> str:
-        return storage.join(self.root, name)
+    def campplus_url(self) -> str:
+        """The CAM++ speaker-embedding model."""
+        return storage.join(self.root, self.campplus)
+
+    def speech_tokenizer_url(self) -> str:
+        """The S3 speech-tokenizer model."""
+        return storage.join(self.root, self.speech_tokenizer)
 
 
 class TrainingResource(dg.ConfigurableResource):

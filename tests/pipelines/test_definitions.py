@@ -25,7 +25,7 @@ def test_distributed_deployment_reads_roots_from_the_environment(monkeypatch):
     with dg.build_resources(resources_for("distributed")) as res:
         assert res.corpus.subset_url("dev-clean") == "s3://corpus/LibriTTS/dev-clean"
         assert res.store.layout.manifest_dir("dev-clean") == "s3://data/prefix/manifest/dev-clean"
-        assert res.models.url(res.models.campplus) == "s3://models/cosyvoice2/campplus.onnx"
+        assert res.models.campplus_url() == "s3://models/cosyvoice2/campplus.onnx"
 
 
 def test_materializing_a_subset_writes_the_manifest_registers_shards_and_passes_checks(broken_corpus, tmp_path):
