@@ -15,7 +15,6 @@ Credentials never appear in a spec we generate: pods get them from a Kubernetes 
 (:func:`credentials_env_from`), and :func:`literal_env` refuses to write a credential as a value.
 """
 
-import copy
 import json
 import os
 import re
@@ -119,7 +118,7 @@ def engine_pod_spec(checkpoint_url: str, *, trtllm_image: str, pipeline_image: s
     from cosyvoice.export.engine import build_command
 
     with open(ENGINE_JOB_MANIFEST) as f:
-        spec = copy.deepcopy(yaml.safe_load(f)["spec"]["template"]["spec"])
+        spec = yaml.safe_load(f)["spec"]["template"]["spec"]  # parsed afresh: ours to modify
     values = literal_env(env)
     fetch, build = spec["initContainers"]
     fetch["image"] = pipeline_image
