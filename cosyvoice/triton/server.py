@@ -170,14 +170,7 @@ def _group_members(pgids: set[int], roots: list[int]) -> dict[int, psutil.Proces
                 found[p.pid] = p
         except (OSError, psutil.Error):
             pass
-    alive = {}
-    for pid, p in found.items():
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive[pid] = p
-        except psutil.Error:
-            pass
-    return alive
+    return {pid: p for pid, p in found.items() if _alive(p)}
 
 
 def _signal_all(members: dict[int, psutil.Process], pgids: set[int], sig: int) -> None:
