@@ -310,16 +310,6 @@ def read_kaldi_tables(data_dir: str) -> dict[str, dict[str, str]]:
     return tables
 
 
-def check_shard_schema(url: str, columns: Columns) -> tuple[bool, str]:
-    """The written file's columns and Arrow types against the contract for this column set."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    with pq.ParquetFile(io.BytesIO(storage.read_bytes(url))) as f:
-        return _schema_matches(f.schema_arrow, columns)
-
-
 def _schema_matches(actual, columns: Columns) -> tuple[bool, str]:
     expected = columns.schema()
     same = actual.names == expected.names and all(
@@ -332,13 +322,14 @@ def check_pipeline_shard(url: str, columns: Columns, planned: list[str], *,
                          max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION) -> dict[str, CheckOutcome]:
     """The stored shard and its ``.failed.tsv``: ``row_count`` (every planned utterance is a row or
     listed with a reason), ``failure_budget`` and ``schema_matches_contract``."""
-    import io
-
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(io.BytesIO(storage.read_bytes(url))) as f:
-        same, detail = _schema_matches(f.schema_arrow, columns)
-        utts = f.read(columns=["utt"]).column("utt").to_pylist()
+    def footer_and_utts(url: str) -> tuple[tuple[bool, str], list[str]]:
+        # the footer and the utt column only: the audio column is never downloaded
+        with storage.open_read(url, retry=False) as handle, pq.ParquetFile(handle) as f:
+            return _schema_matches(f.schema_arrow, columns), f.read(columns=["utt"]).column("utt").to_pylist()
+
+    (same, detail), utts = storage.retrying(footer_and_utts, url, what=f"check {url}")
     checks = failure_checks(planned, utts, read_failures(failures_next_to(url)) or [], max_failed_fraction)
     return {"row_count": checks["all_utterances_present"], "failure_budget": checks["failure_budget"],
             "schema_matches_contract": CheckOutcome(same, detail)}
