@@ -9,6 +9,7 @@ Those files are written before the features, so visible features always have the
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -192,7 +193,8 @@ def reduce_speaker_means(layout, subset: str) -> SpeakerMeansReport:
         table = read_parquet(url)
         utt2embedding.update(zip(table.column("utt").to_pylist(), table.column("embedding").to_pylist()))
     means = speaker_means(utt2embedding, utt2spk)
-    counts = {spk: sum(1 for u in utt2embedding if utt2spk[u] == spk) for spk in means}
+    per_speaker = Counter(utt2spk[u] for u in utt2embedding)  # one pass, not one per speaker
+    counts = {spk: per_speaker[spk] for spk in means}
     out = layout.speaker_means(subset)
     write_parquet(out, speaker_table(means, counts))
     return SpeakerMeansReport(out, counts, sorted(set(utt2spk.values()) - set(counts)))
