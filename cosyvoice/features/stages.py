@@ -230,7 +230,6 @@ def export_upstream_features(layout, subset: str) -> dict[str, int]:
         utt2embedding = gather(embedding_shards, "embedding")
         save_pt(storage.join(dest_dir, "utt2embedding.pt"), utt2embedding)
         written["utt2embedding.pt"] = len(utt2embedding)
-    if embedding_shards:
         table = read_parquet(layout.speaker_means(subset))
         spk2embedding = dict(zip(table.column("spk").to_pylist(), table.column("embedding").to_pylist()))
         save_pt(storage.join(dest_dir, "spk2embedding.pt"), spk2embedding)
