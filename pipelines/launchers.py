@@ -34,6 +34,11 @@ TRAINER_ENV = ["COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_
                "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE"]
 
 
+def environ_subset(names: Sequence[str]) -> dict[str, str]:
+    """The variables ``names`` as set in this process (unset ones left out)."""
+    return {k: os.environ[k] for k in names if k in os.environ}
+
+
 def torchrun_command(python: str, cli_args: Sequence[str], *, gpus_per_node: int = 1, nodes: int = 1,
                      rdzv_endpoint: str = "", rdzv_id: str = "cosyvoice-llm") -> list[str]:
     """``cosyvoice-pipeline <cli_args>`` as node 0 runs it: plain ``python -m cosyvoice.cli`` for one
@@ -65,7 +70,7 @@ class Launcher(dg.ConfigurableResource):
 
     def forwarded_env(self) -> dict[str, str]:
         """``env_passthrough`` as set in this process."""
-        return {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
+        return environ_subset(self.env_passthrough)
 
     def command(self, cli_args: Sequence[str], *, gpus_per_node: int = 1, nodes: int = 1,
                 rdzv_endpoint: str = "") -> list[str]:
@@ -184,9 +189,8 @@ class K8sEngineBuilder(EngineBuilder):
     env_passthrough: list[str] = ["COSYVOICE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"]
 
     def pod_spec(self, checkpoint: str, *, max_batch_size: int, max_num_tokens: int, gemm_plugin: str) -> dict:
-        env = {k: os.environ[k] for k in self.env_passthrough if k in os.environ}
         return engine_pod_spec(checkpoint, trtllm_image=self.trtllm_image, pipeline_image=self.pipeline_image,
-                               env=env, max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
+                               env=environ_subset(self.env_passthrough), max_batch_size=max_batch_size, max_num_tokens=max_num_tokens,
                                gemm_plugin=gemm_plugin)
 
     def build(self, context, checkpoint, out, *, max_batch_size, max_num_tokens, gemm_plugin):
