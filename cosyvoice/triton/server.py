@@ -81,14 +81,17 @@ def _wanted() -> dict:
             "project_site": sysconfig.get_paths()["purelib"]}
 
 
-def _missing_libpython(env: ServerEnv) -> str | None:
+def _require_libpython(env: ServerEnv, note: str = "") -> None:
     """The stub links ``libpython3.X.so.1.0``: it must be in the interpreter's LIBDIR or on the system
-    library path (Debian: package ``libpython3.X``). Returns the missing soname, or None."""
+    library path (Debian: package ``libpython3.X``). Raises ``ServerEnvMissing`` with the command
+    that installs it (and ``note``) when it is in neither."""
     soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{_pyver()}.so.1.0"
     if any(os.path.exists(os.path.join(d, soname)) for d in env.lib_dirs):
-        return None
+        return
     listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
-    return None if soname in listing else soname
+    if soname not in listing:
+        raise ServerEnvMissing(f"the python backend stub needs {soname}: run  sudo apt-get install -y libpython{_pyver()}"
+                               + note)
 
 
 def server_env(root: str | None = None) -> ServerEnv:
@@ -104,9 +107,7 @@ def server_env(root: str | None = None) -> ServerEnv:
         built = json.load(f)
     if built != _wanted():
         raise ServerEnvMissing(f"the tritonserver environment in {root} was built for {built}, not {_wanted()}: {how}")
-    soname = _missing_libpython(env)
-    if soname:
-        raise ServerEnvMissing(f"the python backend stub needs {soname}: run  sudo apt-get install -y libpython{_pyver()}")
+    _require_libpython(env)
     return env
 
 
@@ -120,10 +121,7 @@ def build_server_env(root: str | None = None, *, log=print) -> ServerEnv:
     except ServerEnvMissing:
         pass
     env = _env_from(root)
-    soname = _missing_libpython(env)
-    if soname:
-        raise ServerEnvMissing(f"the python backend stub needs {soname}: run  sudo apt-get install -y libpython{_pyver()}"
-                               "  (make triton-server does this when run as root)")
+    _require_libpython(env, "  (make triton-server does this when run as root)")
     wanted = _wanted()
     stamp = os.path.join(root, _STAMP)
     base = getattr(sys, "_base_executable", sys.executable)
