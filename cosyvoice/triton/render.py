@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 
+import psutil
+
 MODELS = ("cosyvoice2", "tensorrt_llm", "token2wav", "audio_tokenizer", "speaker_embedding")
 #: the models ``run.sh`` leaves out when the speaker-info cache replaces reference audio
 REFERENCE_AUDIO_MODELS = ("audio_tokenizer", "speaker_embedding")
@@ -267,18 +269,9 @@ def _remove_stale_renders(parent: str, base: str) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- upstream scripts/fill_template.py semantics ---------------------------------------------------
