@@ -25,7 +25,7 @@ from assets._metadata import line_plot
 from assets.shards import training_data_lists
 from cosyvoice import storage
 from cosyvoice.stages import STAGES
-from cosyvoice.train.checkpoint import average_checkpoints, read_checkpoint_yamls
+from cosyvoice.train.checkpoint import average_checkpoints
 from cosyvoice.train.options import BatchType, TrainEngine, TrainOptions
 from pipelines.launchers import Launcher
 from pipelines.resources import DataStore, TrainingResource
@@ -218,9 +218,8 @@ def llm_averaged(context: dg.AssetExecutionContext, config: AverageConfig, store
     run_dir = released.run_dir
     if not os.path.isdir(run_dir):
         raise dg.Failure(f"{run_dir}: the run dir of the released llm_checkpoint (run {released.run_id}) does not exist")
-    num = min(config.num, len(read_checkpoint_yamls(run_dir)))
     with tempfile.NamedTemporaryFile(suffix=".pt") as local:
-        report = average_checkpoints(run_dir, local.name, num=num, val_best=config.val_best)
+        report = average_checkpoints(run_dir, local.name, num=config.num, val_best=config.val_best, allow_fewer=True)
         with open(report.dst_model, "rb") as f:
             data = f.read()
     url = store.layout.llm_model()

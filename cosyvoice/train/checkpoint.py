@@ -216,12 +216,14 @@ class AverageReport:
     losses: list[float]
 
 
-def average_checkpoints(src_path: str, dst_model: str, num: int = 5, val_best: bool = True) -> AverageReport:
+def average_checkpoints(src_path: str, dst_model: str, num: int = 5, val_best: bool = True, *,
+                        allow_fewer: bool = False) -> AverageReport:
     """Average ``num`` checkpoints of ``src_path`` into a plain state dict at ``dst_model``.
 
     ``val_best``: the ``num`` lowest CV losses (each yaml maps to its own ``.pt`` when it exists,
     else to its epoch's ``epoch_{E}_whole.pt`` as upstream); otherwise the ``num`` most recent
-    (by epoch, step). Duplicates are removed. DeepSpeed runs write the same flat ``.pt`` files."""
+    (by epoch, step). Duplicates are removed. DeepSpeed runs write the same flat ``.pt`` files.
+    Fewer than ``num`` distinct checkpoints is an error unless ``allow_fewer`` (a short run)."""
     entries = read_checkpoint_yamls(src_path)
     if val_best:
         entries.sort(key=lambda e: e["loss"])
@@ -239,7 +241,7 @@ def average_checkpoints(src_path: str, dst_model: str, num: int = 5, val_best: b
             break
     if not paths:
         raise FileNotFoundError(f"{src_path}: no checkpoints with a CV loss in their .yaml to average")
-    if len(paths) < num:
+    if len(paths) < num and not allow_fewer:
         raise ValueError(f"{src_path}: asked to average {num} checkpoints but only {len(paths)} exist: {paths}")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}

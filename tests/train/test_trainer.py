@@ -99,6 +99,8 @@ def test_averaging_takes_the_best_cv_checkpoints(full_run, tmp_path):
     assert torch.allclose(avg[key], (a[key] + b[key]) / 2)
     with pytest.raises(ValueError, match="only"):
         average_checkpoints(str(model_dir), str(out), num=50)
+    everything = average_checkpoints(str(model_dir), str(tmp_path / "all.pt"), num=50, allow_fewer=True)
+    assert len(everything.sources) == len(set(everything.sources)) < 50
     cli = subprocess.run([sys.executable, "-m", "cosyvoice.cli", "average-checkpoints", "--src_path", str(model_dir),
                           "--dst_model", str(tmp_path / "cli.pt"), "--num", "2"], capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
