@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.triton.render import MODELS, render_repo, repo_values, swap_into_place
+from cosyvoice.triton.render import MODELS, render_repo, replacing_dir, repo_values
 from cosyvoice.triton.validate import ValidationReport, validate_repo
 
 MANIFEST = "manifest.json"
@@ -378,11 +378,8 @@ def pull(root: str, dest: str, *, version: int | None = None, channel: str = "gp
     manifest = read_manifest(root, version)
     if manifest_channel(manifest) != channel or not allow_undeployable:
         _check_servable(root, version, manifest, channel)
-    parent = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".pull-", dir=parent)
-    real_tmp = os.path.realpath(tmp)
-    try:
+    with replacing_dir(dest, prefix=".pull-") as tmp:
+        real_tmp = os.path.realpath(tmp)
         for rel, info in manifest["files"].items():
             target = os.path.join(tmp, *rel.split("/"))
             if os.path.commonpath([real_tmp, os.path.realpath(target)]) != real_tmp:  # read_manifest refuses these
@@ -391,11 +388,6 @@ def pull(root: str, dest: str, *, version: int | None = None, channel: str = "gp
             storage.download_file(url, target)
             if _sha256_local(target) != info["sha256"]:
                 raise PublishError(f"{url}: sha256 differs from the manifest of version {version}")
-        os.chmod(tmp, 0o755)
-        target = os.path.realpath(dest) if os.path.islink(dest) else os.path.abspath(dest)
-        swap_into_place(tmp, target)  # tmp now holds the previous folder, if any
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return version
 
 

@@ -13,6 +13,7 @@ uses its own default instead of parsing a literal ``${x}``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -20,6 +21,7 @@ import re
 import shutil
 import string
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -184,20 +186,15 @@ def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend:
     if problems:
         raise RenderError("; ".join(problems))
     report = RenderReport(out=out, models=list(models), values=values)
-    target = os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+    target = dir_target(out)
     if os.path.exists(target) and not os.path.isdir(target):
         raise RenderError(f"{out}: exists and is not a directory")
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_renders(parent, base)
-    staged = tempfile.mkdtemp(prefix=f".{base}.render-{os.getpid()}-", dir=parent)
-    try:
+    with replacing_dir(target, prefix=f".{base}.render-{os.getpid()}-") as staged:
         for model in models:
             _render_model(model, os.path.join(staged, model), values, llm_backend, report)
-        os.chmod(staged, 0o755)
-        swap_into_place(staged, target)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)  # the failed render, or the previous repository
     return report
 
 
@@ -237,6 +234,29 @@ def _exchange(a: str, b: str) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
         return False
     raise OSError(code, f"renameat2({a!r}, {b!r}, RENAME_EXCHANGE): {os.strerror(code)}")
+
+
+def dir_target(out: str) -> str:
+    """The folder that replacing ``out`` replaces: a symlink's target, else ``out`` made absolute."""
+    return os.path.realpath(out) if os.path.islink(out) else os.path.abspath(out)
+
+
+@contextlib.contextmanager
+def replacing_dir(out: str, *, prefix: str) -> Iterator[str]:
+    """A fresh folder (``prefix*``) beside the folder ``out`` stands for (``dir_target``), to be filled
+    by the ``with`` body; when the body succeeds it becomes ``out`` as a whole (``swap_into_place``),
+    when it raises ``out`` is left untouched. The staging folder (the failed content, or the previous
+    ``out``) is removed either way."""
+    target = dir_target(out)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield staged
+        os.chmod(staged, 0o755)
+        swap_into_place(staged, target)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def swap_into_place(staged: str, target: str) -> None:
