@@ -82,7 +82,9 @@ def _run_shards(context: dg.AssetExecutionContext, extract, options, check, budg
     for shard in context.partition_keys:
         subset = ShardKey.parse(shard).subset
         out = layout.shard_file(stage, shard)
-        source = sources.setdefault(subset, ShardSource(layout.manifest_dir(subset)))
+        if subset not in sources:  # (setdefault would build, i.e. read, a new one for every shard)
+            sources[subset] = ShardSource(layout.manifest_dir(subset))
+        source = sources[subset]
         report = extract(source, model, options, shard=shard, parquet=out)
         for failure in report.failures:
             context.log.warning(str(failure))

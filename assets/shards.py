@@ -40,15 +40,20 @@ def parquet_shards(context: dg.AssetExecutionContext, config: ParquetShardsConfi
     built from this shard's embeddings and tokens only; ``parquet_{i:09d}.failed.tsv`` lists the planned
     utterances it lacks, with the feature stage's reason where a feature stage failed them."""
     layout = store.layout
-    kaldi_cache: dict[str, dict] = {}  # one read of the subset's kaldi files per run
+    kaldi_cache: dict[str, dict] = {}  # one read of the subset's kaldi files and shard plan per run
+    plan_cache: dict[str, dict] = {}
     per_shard, outcomes = {}, {name: [] for name in SHARD_CHECKS}
     for shard in context.partition_keys:
         subset = ShardKey.parse(shard).subset
         manifest_dir = layout.manifest_dir(subset)
-        kaldi = kaldi_cache.setdefault(subset, read_kaldi_tables(manifest_dir))
+        if subset not in kaldi_cache:  # (setdefault would read them again for every shard)
+            kaldi_cache[subset] = read_kaldi_tables(manifest_dir)
+            plan_cache[subset] = layout.shard_plan(subset)
+        kaldi, plan = kaldi_cache[subset], plan_cache[subset]
         features = shard_features(layout.shard_file("speaker_embeddings", shard), layout.speaker_means(subset),
                                   layout.shard_file("speech_tokens", shard), kaldi.get("instruct"))
-        report = make_parquet(manifest_dir, layout.parquet_dir(subset), shard=shard, features=features, kaldi=kaldi)
+        report = make_parquet(manifest_dir, layout.parquet_dir(subset), shard=shard, features=features, kaldi=kaldi,
+                              plan=plan)
         for problem in report.skipped:
             context.log.warning(f"{shard}: ({problem.stage}) {problem}")
         results = check_pipeline_shard(layout.shard_file("parquet_shards", shard), features.columns(),

@@ -201,7 +201,8 @@ def load_features(src_dir: str, dpo: bool) -> Features:
 
 def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000, num_processes: int = 1,
                  dpo: bool = False, shard: str | None = None, features: Features | None = None,
-                 kaldi: dict[str, dict[str, str]] | None = None) -> MakeParquetReport:
+                 kaldi: dict[str, dict[str, str]] | None = None,
+                 plan: dict[str, list[str]] | None = None) -> MakeParquetReport:
     """Write the shard set of one data dir, or only one planned ``shard`` of its ``shards.json``.
 
     Whole dir (upstream ``make_parquet_list.py``): shards of ``num_utts_per_parquet`` in ``wav.scp``
@@ -213,14 +214,15 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
 
     ``features`` defaults to the ``.pt`` files of ``src_dir`` (``dpo``: the reject tokens of
     ``<src_dir>_reject``); the pipeline passes one shard's features (:func:`shard_features`).
-    ``kaldi`` may carry the data dir's tables already read (:func:`read_kaldi_tables`)."""
+    ``kaldi`` and ``plan`` may carry the data dir's tables and shard plan already read
+    (:func:`read_kaldi_tables`, :func:`read_plan`), so a run over several shards reads them once."""
     if num_utts_per_parquet < 1:
         raise ValueError(f"num_utts_per_parquet must be >= 1, got {num_utts_per_parquet}")
     started = time.perf_counter()
     kaldi = kaldi or read_kaldi_tables(src_dir)
     features = features if features is not None else load_features(src_dir, dpo)
     if shard is not None:
-        return _make_one_shard(src_dir, des_dir, shard, features, kaldi, started)
+        return _make_one_shard(src_dir, des_dir, shard, features, kaldi, plan, started)
     wav, text, utt2spk = kaldi["wav"], kaldi["text"], kaldi["utt2spk"]
     columns = features.columns()
     utts = list(wav)
@@ -255,11 +257,11 @@ def make_parquet(src_dir: str, des_dir: str, *, num_utts_per_parquet: int = 1000
 
 
 def _make_one_shard(src_dir: str, des_dir: str, shard: str, features: Features, kaldi: dict[str, dict[str, str]],
-                    started: float) -> MakeParquetReport:
+                    plan: dict[str, list[str]] | None, started: float) -> MakeParquetReport:
     """The planned utterances of ``shard`` -> its parquet file and ``.failed.tsv`` (every planned
     utterance that is not a row, with the feature stage's reason when that stage failed it)."""
     plan_url = storage.join(src_dir, PLAN_FILE)
-    plan = read_plan(plan_url)
+    plan = plan if plan is not None else read_plan(plan_url)
     if shard not in plan:
         raise ValueError(f"shard {shard!r} is not in {plan_url} (it has {len(plan)} shards, e.g. {next(iter(plan), '-')})")
     rows, missing = build_rows(plan[shard], kaldi["wav"], kaldi["text"], kaldi["utt2spk"], features)
