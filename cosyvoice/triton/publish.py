@@ -335,8 +335,7 @@ def rollback(root: str, *, to: int | None = None, channel: str = "gpu") -> tuple
     current = latest(root, channel)
     complete = sorted(v for v, done in versions(root).items() if done)
     if to is None:
-        older = []
-        for v in complete:
+        for v in reversed(complete):  # the newest match: read manifests only down to it
             if current is not None and v >= current:
                 continue
             try:
@@ -344,10 +343,10 @@ def rollback(root: str, *, to: int | None = None, channel: str = "gpu") -> tuple
             except PublishError:
                 continue
             if manifest_channel(manifest) == channel and manifest_deployable(manifest):
-                older.append(v)
-        if not older:
+                to = v
+                break
+        else:
             raise PublishError(f"{root}: no complete deployable {channel} version older than {current} to roll back to")
-        to = older[-1]
     elif to not in complete:
         raise PublishError(f"{root}: version {to} is not a complete version (have {complete})")
     else:
