@@ -76,7 +76,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     load_ok = load["status"] in ("passed", "skipped")
     channel_flag = "" if report.channel == "gpu" else f" --channel {report.channel}"
     return dg.MaterializeResult(
-        metadata={**report.as_metadata(), "llm_backend": backend, "spk2info_speakers": spk.speakers,
+        metadata={**report.as_metadata(), "spk2info_speakers": spk.speakers,
                   "model_bytes": report.manifest["model_bytes"],
                   "pull": f"cosyvoice-pipeline triton-pull --root {layout.triton_root(config.name)} --dest "
                           f"{config.mount}{channel_flag}"},
