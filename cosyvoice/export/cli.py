@@ -28,8 +28,7 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 
     opts = ConvertOptions(dtype=args.dtype, tp_size=args.tp_size, pp_size=args.pp_size, use_weight_only=args.use_weight_only,
                           weight_only_precision=args.weight_only_precision, smoothquant=args.smoothquant,
-                          per_channel=args.per_channel, per_token=args.per_token, int8_kv_cache=args.int8_kv_cache,
-                          calib_data=args.calib_data, calib_size=args.calib_size, calib_max_len=args.calib_max_len)
+                          per_channel=args.per_channel, per_token=args.per_token, int8_kv_cache=args.int8_kv_cache)
     report = convert_variants(args.model_dir, args.output_dir, {"": opts}, calib_data=args.calib_data,
                               verify_data=args.verify_data, calib_size=args.calib_size, verify_size=args.verify_size,
                               max_len=args.calib_max_len)

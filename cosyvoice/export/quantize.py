@@ -74,9 +74,12 @@ def activation_ranges(model, sequences: list[list[int]]) -> dict[str, dict[str, 
     return ranges
 
 
-def calibrate(model_dir: str, data_list: str, *, size: int = 64, max_len: int = 512) -> tuple[dict, dict]:
+def calibrate(model_dir: str, data_list: str | None, *, size: int = 64, max_len: int = 512) -> tuple[dict, dict]:
     """Activation ranges of the (local) HF model folder on ``size`` sequences of ``data_list``."""
     from cosyvoice.export.hf import load_hf_model
+
+    if not data_list:
+        raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
 
     sequences = calibration_sequences(model_dir, data_list, size=size, max_len=max_len)
     model = load_hf_model(model_dir)

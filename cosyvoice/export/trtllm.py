@@ -273,8 +273,6 @@ def convert_checkpoint(model_dir: str, output_dir: str, opts: ConvertOptions | N
             from cosyvoice.export.quantize import calibrate, quantize_smoothquant
 
             if calibration is None:
-                if not opts.calib_data:
-                    raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
                 calibration = calibrate(folder, opts.calib_data, size=opts.calib_size, max_len=opts.calib_max_len)
             ranges, calibration = calibration
             full = full_tensors(weights, cfg, dtype)

@@ -85,8 +85,6 @@ def convert_variants(hf_dir: str, out_root: str, variants: dict[str, ConvertOpti
     with local_dir(hf_dir) as folder:
         calibration = None
         if any(o.needs_calibration for o in variants.values()):
-            if not calib_data:
-                raise ValueError("--smoothquant / --int8_kv_cache need --calib_data (a data.list of our parquet shards)")
             calibration = calibrate(folder, calib_data, size=calib_size, max_len=max_len)
         held_out = calibration_sequences(folder, verify_data, size=verify_size, max_len=max_len) if verify_data else None
         baselines: dict[str, object] = {}
