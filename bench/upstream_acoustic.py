@@ -97,34 +97,31 @@ class UpstreamToken2Wav:
 
     def synthesize(self, tokens, prompt_tokens, prompt_feat, embedding, *, token_offset, finalize, request_id,
                    return_mel=False):
-        """Same protocol as ours; ``return_mel`` is upstream's flow output sliced as token2wav slices it."""
+        """Same protocol as ours (``return_mel``: the mel handed to the vocoder)."""
         m = self.model
         tokens, prompt_tokens, prompt_feat, embedding = self._inputs(tokens, prompt_tokens, prompt_feat, embedding)
         if request_id not in m.hift_cache_dict:
             m.hift_cache_dict[request_id] = None
         stream = token_offset is not None
         mels = []
-        if return_mel:
-            original = m.flow.inference
+        if return_mel:  # the mel upstream hands to its vocoder (hift cache frames included)
+            original = m.hift.inference
 
-            def capture(*args, **kwargs):
-                mel, cache = original(*args, **kwargs)
-                mels.append(mel)
-                return mel, cache
-            m.flow.inference = capture
+            def capture(speech_feat, *args, **kwargs):
+                mels.append(speech_feat.clone())
+                return original(speech_feat, *args, **kwargs)
+            m.hift.inference = capture
         try:
             with torch.inference_mode():
                 wav = m.token2wav(tokens, prompt_tokens, prompt_feat, embedding, token_offset or 0, request_id,
                                   stream=stream and not finalize, finalize=finalize)
         finally:
             if return_mel:
-                m.flow.inference = original
+                m.hift.inference = original
         if finalize:
             m.hift_cache_dict.pop(request_id, None)
         wav = wav.reshape(-1).numpy()
-        if return_mel:
-            return wav, mels[0][:, :, (token_offset or 0) * 2:].numpy()
-        return wav
+        return (wav, mels[0]) if return_mel else wav
 
     def release(self, request_id):
         self.model.hift_cache_dict.pop(request_id, None)

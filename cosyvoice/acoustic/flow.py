@@ -243,3 +243,17 @@ def token_tensor(tokens, vocab_size: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: ids must lie in [0, {vocab_size - 1}]; got {int(array[bad][0])} at position "
                          f"{int(np.flatnonzero(bad)[0])}")
     return torch.from_numpy(array)[None]
+
+
+def load_flow(source, config: FlowConfig | None = None) -> FlowModel:
+    """A :class:`FlowModel` from a released ``flow.pt`` (path, bytes or state dict), strictly, in eval mode.
+
+    The file is upstream's plain state dict (no ``flow.`` prefix); every key and shape must match.
+    """
+    from cosyvoice.acoustic.checkpoint import check_state, read_state_dict
+
+    state, where = read_state_dict(source, "flow")
+    model = FlowModel(config)
+    check_state(state, model.state_dict(), where)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

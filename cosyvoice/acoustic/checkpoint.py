@@ -1,0 +1,60 @@
+"""Strict loading of released acoustic checkpoints (``flow.pt``, ``hift.pt``).
+
+Upstream loads them with ``strict=True``; a file from another model version must fail loudly with
+the keys that differ, never load half a model. Files are plain tensor state dicts, read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | bytes
+
+
+def read_state_dict(source: StateSource, what: str) -> tuple[dict[str, Any], str]:
+    """(state dict, where it came from) of a path, bytes or mapping; a clear error for anything else."""
+    if isinstance(source, Mapping):
+        return dict(source), f"{what} state dict"
+    if isinstance(source, bytes):
+        where, handle = f"{what} bytes", io.BytesIO(source)
+    else:
+        where = handle = os.fspath(source)
+        if not os.path.isfile(where):
+            raise FileNotFoundError(f"{where}: no such {what} checkpoint")
+    try:
+        obj = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors name the offending global
+        raise ValueError(f"{where}: not a plain tensor state dict loadable with weights_only=True ({exc})") from exc
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state dict (mapping of tensors), got {type(obj).__name__}")
+    return dict(obj), where
+
+
+def describe_keys(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(keys)}: {shown}{more}"
+
+
+def check_state(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError naming missing / unexpected keys and shape mismatches (none tolerated)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+                  for k in sorted(set(state) & set(expected))
+                  if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {describe_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {describe_keys(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {describe_keys(mismatched)}")
+    if problems:
+        raise ValueError(f"{where} does not match the model: " + "; ".join(problems))
