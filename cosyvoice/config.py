@@ -51,6 +51,14 @@ ALIASES: dict[str, str] = {
     "cosyvoice.dataset.processor.sort": "cosyvoice.dataset.processors.sort",
     "cosyvoice.dataset.processor.batch": "cosyvoice.dataset.processors.batch",
     "cosyvoice.dataset.processor.padding": "cosyvoice.dataset.processors.padding",
+    # the acoustic sections are read as settings records (cosyvoice.acoustic.recipe), never built
+    "cosyvoice.flow.flow.CausalMaskedDiffWithXvec": "cosyvoice.acoustic.recipe.FlowRecord",
+    "cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder": "cosyvoice.acoustic.recipe.EncoderRecord",
+    "cosyvoice.flow.flow_matching.CausalConditionalCFM": "cosyvoice.acoustic.recipe.CFMRecord",
+    "omegaconf.DictConfig": "cosyvoice.acoustic.recipe.CFMParamsRecord",
+    "cosyvoice.flow.decoder.CausalConditionalDecoder": "cosyvoice.acoustic.recipe.EstimatorRecord",
+    "cosyvoice.hifigan.generator.HiFTGenerator": "cosyvoice.acoustic.recipe.HiFTRecord",
+    "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor": "cosyvoice.acoustic.recipe.F0PredictorRecord",
 }
 
 #: upstream namespaces whose unimplemented functions may be *named* (not built) by a recipe
@@ -58,7 +66,7 @@ UPSTREAM_NAMESPACES = ("cosyvoice.", "matcha.")
 NOT_IMPLEMENTED = "cosyvoice.config.not_implemented"
 
 ALLOWED_MODULES = ("cosyvoice.llm", "cosyvoice.dataset.processors", "cosyvoice.dataset.mel", "cosyvoice.dataset.text",
-                   "cosyvoice.config", "torch.optim", "torch.nn")
+                   "cosyvoice.config", "cosyvoice.acoustic.recipe", "torch.optim", "torch.nn")
 ALLOWED_APPLY = {"random.seed", "numpy.random.seed", "torch.manual_seed", "torch.cuda.manual_seed_all"}
 PLAIN_TAGS = {"!ref", "!copy", "!tuple"}
 _TAG = re.compile(r"^!(new|name|apply):(.+)$")

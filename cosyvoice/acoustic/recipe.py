@@ -1,0 +1,324 @@
+"""The ``flow`` and ``hift`` sections of a CosyVoice2 recipe, read as settings, never as modules.
+
+A released model dir's ``cosyvoice2.yaml`` (and upstream's ``examples/libritts/cosyvoice2`` recipe)
+describes the acoustic models as HyperPyYAML ``!new:`` nodes of upstream classes. They are read
+through the project's safe loader (:func:`cosyvoice.config.load_recipe`): every tag is checked,
+and the upstream class paths are mapped (``cosyvoice.config.ALIASES``) to the small record classes
+below, which keep the keyword settings they are given and build nothing. Every other top-level
+key of the file (``llm``, ``hifigan``, the data processors, the seed calls, ...) is overridden with
+``None``, so it is neither checked nor built nor run; only the plain values the two sections
+``!ref`` (``sample_rate``, ``chunk_size``, ...) are kept.
+
+The records are then turned into :class:`~cosyvoice.acoustic.flow.FlowConfig` and
+:class:`~cosyvoice.acoustic.hift.HiFTConfig`. A setting our implementation would not honour
+(another flow or vocoder class, solver, time schedule, input layer, a convolution module ...)
+raises ``ValueError`` naming it; settings that only matter for training (dropout, loss options)
+are accepted and ignored. Upstream's constructor defaults apply to settings a file leaves out, as
+they would upstream (so a section that omits ``macaron_style`` asks for upstream's ``True``).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import yaml
+
+from cosyvoice.acoustic.flow import MEL_BINS, FlowConfig
+from cosyvoice.acoustic.hift import HiFTConfig
+
+__all__ = ["acoustic_configs", "RECORDS"]
+
+_REQUIRED = object()  # marks an upstream constructor argument without a default
+
+#: top-level classes of other model generations, named in the error that refuses them
+_OTHER_GENERATIONS = {
+    "cosyvoice.flow.flow.MaskedDiffWithXvec": "the CosyVoice 1 flow (non-causal, length regulator)",
+    "cosyvoice.flow.flow.CausalMaskedDiffWithDiT": "the CosyVoice 3 flow (DiT estimator)",
+    "cosyvoice.hifigan.generator.CausalHiFTGenerator": "the CosyVoice 3 causal vocoder",
+}
+_FLOW_CLASS = "cosyvoice.flow.flow.CausalMaskedDiffWithXvec"
+_HIFT_CLASS = "cosyvoice.hifigan.generator.HiFTGenerator"
+
+
+class _Record:
+    """Keeps the keyword settings of one upstream constructor call (upstream's defaults filled in)."""
+
+    upstream: ClassVar[str]
+    signature: ClassVar[dict[str, Any]]  # upstream's keyword arguments and their defaults
+
+    def __init__(self, *args, **settings):
+        if args:
+            raise ValueError(f"{self.upstream}: give its settings as a mapping of keywords, not a list {list(args)!r}")
+        unknown = sorted(set(settings) - set(self.signature))
+        if unknown:
+            raise ValueError(f"{self.upstream}: unknown setting(s) {unknown}; it takes {sorted(self.signature)}")
+        missing = sorted(k for k, v in self.signature.items() if v is _REQUIRED and k not in settings)
+        if missing:
+            raise ValueError(f"{self.upstream}: required setting(s) {missing} missing")
+        self.settings: dict[str, Any] = {**self.signature, **settings}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.settings[key]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.settings!r})"
+
+
+class FlowRecord(_Record):
+    upstream = _FLOW_CLASS
+    signature = {"input_size": 512, "output_size": 80, "spk_embed_dim": 192, "output_type": "mel",
+                 "vocab_size": 4096, "input_frame_rate": 50, "only_mask_loss": True, "token_mel_ratio": 2,
+                 "pre_lookahead_len": 3, "encoder": None, "decoder": None, "decoder_conf": None}
+
+
+class EncoderRecord(_Record):
+    upstream = "cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder"
+    signature = {"input_size": _REQUIRED, "output_size": 256, "attention_heads": 4, "linear_units": 2048,
+                 "num_blocks": 6, "dropout_rate": 0.1, "positional_dropout_rate": 0.1,
+                 "attention_dropout_rate": 0.0, "input_layer": "conv2d", "pos_enc_layer_type": "rel_pos",
+                 "normalize_before": True, "static_chunk_size": 0, "use_dynamic_chunk": False,
+                 "global_cmvn": None, "use_dynamic_left_chunk": False, "positionwise_conv_kernel_size": 1,
+                 "macaron_style": True, "selfattention_layer_type": "rel_selfattn", "activation_type": "swish",
+                 "use_cnn_module": True, "cnn_module_kernel": 15, "causal": False, "cnn_module_norm": "batch_norm",
+                 "key_bias": True, "gradient_checkpointing": False}
+
+
+class CFMRecord(_Record):
+    upstream = "cosyvoice.flow.flow_matching.CausalConditionalCFM"
+    signature = {"in_channels": _REQUIRED, "cfm_params": _REQUIRED, "n_spks": 1, "spk_emb_dim": 64,
+                 "estimator": None}
+
+
+class CFMParamsRecord(_Record):
+    """``omegaconf.DictConfig(content=...)``: the solver settings of the CFM."""
+
+    upstream = "omegaconf.DictConfig"
+    signature = {"content": _REQUIRED}
+
+
+class EstimatorRecord(_Record):
+    upstream = "cosyvoice.flow.decoder.CausalConditionalDecoder"
+    signature = {"in_channels": _REQUIRED, "out_channels": _REQUIRED, "channels": (256, 256), "dropout": 0.05,
+                 "attention_head_dim": 64, "n_blocks": 1, "num_mid_blocks": 2, "num_heads": 4, "act_fn": "snake",
+                 "static_chunk_size": 50, "num_decoding_left_chunks": 2}
+
+
+class HiFTRecord(_Record):
+    upstream = _HIFT_CLASS
+    signature = {"in_channels": 80, "base_channels": 512, "nb_harmonics": 8, "sampling_rate": 22050,
+                 "nsf_alpha": 0.1, "nsf_sigma": 0.003, "nsf_voiced_threshold": 10, "upsample_rates": [8, 8],
+                 "upsample_kernel_sizes": [16, 16], "istft_params": {"n_fft": 16, "hop_len": 4},
+                 "resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3,
+                 "source_resblock_kernel_sizes": [7, 11], "source_resblock_dilation_sizes": [[1, 3, 5]] * 2,
+                 "lrelu_slope": 0.1, "audio_limit": 0.99, "f0_predictor": None}
+
+
+class F0PredictorRecord(_Record):
+    upstream = "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor"
+    signature = {"num_class": 1, "in_channels": 80, "cond_channels": 512}
+
+
+#: upstream class path -> the record class that stands in for it (``cosyvoice.config.ALIASES``)
+RECORDS: dict[str, type[_Record]] = {cls.upstream: cls for cls in (
+    FlowRecord, EncoderRecord, CFMRecord, CFMParamsRecord, EstimatorRecord, HiFTRecord, F0PredictorRecord)}
+
+_CFM_PARAMS = {"sigma_min", "solver", "t_scheduler", "training_cfg_rate", "inference_cfg_rate", "reg_loss_type"}
+
+
+class _Checker:
+    """Collects every unsupported setting of a section, so one error lists them all."""
+
+    def __init__(self, section: str):
+        self.section, self.problems = section, []
+
+    def equal(self, where: str, value: Any, wanted: Any, why: str = "") -> None:
+        if value != wanted:
+            self.problems.append(f"{where} = {value!r} (only {wanted!r} is supported{': ' + why if why else ''})")
+
+    def record(self, where: str, value: Any, cls: type[_Record]) -> _Record | None:
+        if not isinstance(value, cls):
+            self.problems.append(f"{where} must be `!new:{cls.upstream}`, got {value!r}")
+            return None
+        return value
+
+    def fail_if_any(self, source: str) -> None:
+        if self.problems:
+            raise ValueError(f"{source}: the `{self.section}` section asks for what cosyvoice.acoustic does not "
+                             "implement:\n  " + "\n  ".join(self.problems))
+
+
+def _flow_config(flow: Any, source: str) -> FlowConfig:
+    check = _Checker("flow")
+    if not isinstance(flow, FlowRecord):
+        raise ValueError(f"{source}: `flow` must be `!new:{_FLOW_CLASS}`, got {flow!r}")
+    dim = flow["input_size"]
+    check.equal("flow.output_size", flow["output_size"], MEL_BINS)
+    check.equal("flow.output_type", flow["output_type"], "mel")
+    check.equal("flow.pre_lookahead_len", flow["pre_lookahead_len"], 3, "upstream's encoder hard-codes a 3-token look-ahead layer")
+    check.equal("flow.input_size", dim, 512, "upstream's encoder hard-codes 512 channels in its look-ahead and upsampling layers")
+    ratio = flow["token_mel_ratio"]
+    if flow["input_frame_rate"] * ratio != 50:
+        check.problems.append(f"flow.input_frame_rate {flow['input_frame_rate']} x token_mel_ratio {ratio} must be "
+                              "50 mel frames per second (24 kHz, hop 480)")
+    enc = check.record("flow.encoder", flow["encoder"], EncoderRecord)
+    cfm = check.record("flow.decoder", flow["decoder"], CFMRecord)
+    est = params = None
+    if cfm is not None:
+        check.equal("flow.decoder.n_spks", cfm["n_spks"], 1)
+        check.equal("flow.decoder.spk_emb_dim", cfm["spk_emb_dim"], MEL_BINS, "the speaker projection gives 80 channels")
+        est = check.record("flow.decoder.estimator", cfm["estimator"], EstimatorRecord)
+        record = check.record("flow.decoder.cfm_params", cfm["cfm_params"], CFMParamsRecord)
+        if record is not None:
+            params = record["content"]
+            if not isinstance(params, Mapping):
+                check.problems.append(f"flow.decoder.cfm_params.content must be a mapping, got {params!r}")
+                params = None
+    if params is not None:
+        unknown = sorted(set(params) - _CFM_PARAMS)
+        if unknown:
+            check.problems.append(f"flow.decoder.cfm_params: unknown setting(s) {unknown}")
+        for key in ("solver", "t_scheduler", "inference_cfg_rate"):
+            if key not in params:
+                check.problems.append(f"flow.decoder.cfm_params.{key} is missing (upstream requires it)")
+        check.equal("flow.decoder.cfm_params.solver", params.get("solver", "euler"), "euler")
+        check.equal("flow.decoder.cfm_params.t_scheduler", params.get("t_scheduler", "cosine"), "cosine")
+    if enc is not None:
+        check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
+        check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
+        for key, wanted in (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
+                            ("selfattention_layer_type", "rel_selfattn"), ("activation_type", "swish"),
+                            ("normalize_before", True), ("macaron_style", False), ("use_cnn_module", False),
+                            ("global_cmvn", None), ("key_bias", True)):
+            check.equal(f"flow.encoder.{key}", enc[key], wanted)
+        if not (isinstance(enc["static_chunk_size"], int) and enc["static_chunk_size"] > 0):
+            check.problems.append(f"flow.encoder.static_chunk_size = {enc['static_chunk_size']!r} (a positive "
+                                  "token count is needed for streaming)")
+    if est is not None:
+        check.equal("flow.decoder.estimator.in_channels", est["in_channels"], 4 * MEL_BINS, "x, mu, speaker, prompt")
+        check.equal("flow.decoder.estimator.out_channels", est["out_channels"], MEL_BINS)
+        check.equal("flow.decoder.estimator.act_fn", est["act_fn"], "gelu")
+        channels = est["channels"]
+        if not (isinstance(channels, (list, tuple)) and len(channels) == 1):
+            check.problems.append(f"flow.decoder.estimator.channels = {channels!r} (one U-Net level, e.g. [256])")
+        if enc is not None:
+            check.equal("flow.decoder.estimator.static_chunk_size", est["static_chunk_size"],
+                        enc["static_chunk_size"] * ratio if isinstance(enc["static_chunk_size"], int) else None,
+                        "the encoder's chunk in mel frames")
+        # num_decoding_left_chunks is stored but never used by upstream (its masks keep every left chunk)
+    check.fail_if_any(source)
+    try:
+        return FlowConfig(
+            vocab_size=int(flow["vocab_size"]), dim=int(dim), spk_embed_dim=int(flow["spk_embed_dim"]),
+            token_mel_ratio=int(ratio), lookahead=int(flow["pre_lookahead_len"]),
+            encoder_heads=int(enc["attention_heads"]), encoder_hidden=int(enc["linear_units"]),
+            encoder_blocks=int(enc["num_blocks"]), token_chunk=int(enc["static_chunk_size"]),
+            estimator_channels=int(est["channels"][0]), estimator_head_dim=int(est["attention_head_dim"]),
+            estimator_heads=int(est["num_heads"]), estimator_blocks=int(est["n_blocks"]),
+            estimator_mid_blocks=int(est["num_mid_blocks"]), cfg_rate=float(params["inference_cfg_rate"]))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: the `flow` section: {exc}") from exc
+
+
+def _int_tuple(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{where} must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
+def _hift_config(hift: Any, source: str) -> HiFTConfig:
+    if not isinstance(hift, HiFTRecord):
+        raise ValueError(f"{source}: `hift` must be `!new:{_HIFT_CLASS}`, got {hift!r}")
+    check = _Checker("hift")
+    f0 = check.record("hift.f0_predictor", hift["f0_predictor"], F0PredictorRecord)
+    istft = hift["istft_params"]
+    if not (isinstance(istft, Mapping) and set(istft) == {"n_fft", "hop_len"}):
+        check.problems.append(f"hift.istft_params = {istft!r} (a mapping of exactly n_fft and hop_len)")
+    if f0 is not None:
+        check.equal("hift.f0_predictor.num_class", f0["num_class"], 1)
+        check.equal("hift.f0_predictor.in_channels", f0["in_channels"], hift["in_channels"], "it must equal hift.in_channels")
+    check.fail_if_any(source)
+    try:
+        return HiFTConfig(
+            in_channels=hift["in_channels"], base_channels=hift["base_channels"], nb_harmonics=hift["nb_harmonics"],
+            sampling_rate=hift["sampling_rate"], nsf_alpha=float(hift["nsf_alpha"]), nsf_sigma=float(hift["nsf_sigma"]),
+            nsf_voiced_threshold=hift["nsf_voiced_threshold"],
+            upsample_rates=_int_tuple(hift["upsample_rates"], "hift.upsample_rates"),
+            upsample_kernel_sizes=_int_tuple(hift["upsample_kernel_sizes"], "hift.upsample_kernel_sizes"),
+            n_fft=istft["n_fft"], hop_len=istft["hop_len"],
+            resblock_kernel_sizes=_int_tuple(hift["resblock_kernel_sizes"], "hift.resblock_kernel_sizes"),
+            resblock_dilation_sizes=tuple(_int_tuple(d, "hift.resblock_dilation_sizes[]")
+                                          for d in hift["resblock_dilation_sizes"]),
+            source_resblock_kernel_sizes=_int_tuple(hift["source_resblock_kernel_sizes"],
+                                                    "hift.source_resblock_kernel_sizes"),
+            source_resblock_dilation_sizes=tuple(_int_tuple(d, "hift.source_resblock_dilation_sizes[]")
+                                                 for d in hift["source_resblock_dilation_sizes"]),
+            lrelu_slope=float(hift["lrelu_slope"]), audio_limit=float(hift["audio_limit"]),
+            f0_cond_channels=f0["cond_channels"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: the `hift` section: {exc}") from exc
+
+
+_REF = re.compile(r"<([^<>\[\]]+)")  # the top-level key of each <key> / <key[sub]> of a !ref / !copy
+
+
+def _kept_keys(root: yaml.MappingNode) -> set[str]:
+    """``flow``, ``hift`` and the top-level keys they reference, transitively."""
+    nodes = {str(k.value): v for k, v in root.value}
+
+    def refs(node: yaml.Node) -> set[str]:
+        found = set()
+        if isinstance(node, yaml.ScalarNode) and node.tag in ("!ref", "!copy"):
+            found |= {m.strip() for m in _REF.findall(str(node.value))}
+        elif isinstance(node, yaml.MappingNode):
+            for _, value in node.value:
+                found |= refs(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for value in node.value:
+                found |= refs(value)
+        return found
+
+    kept, todo = set(), ["flow", "hift"]
+    while todo:
+        key = todo.pop()
+        if key in kept or key not in nodes:
+            continue
+        kept.add(key)
+        todo.extend(refs(nodes[key]))
+    return kept
+
+
+def _section_class(node: yaml.Node) -> str:
+    tag = node.tag or ""
+    return tag.split(":", 1)[1] if tag.startswith("!new:") else tag
+
+
+def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
+    """(FlowConfig, HiFTConfig) of a CosyVoice2 recipe or model-dir yaml (a path/URL or the text itself)."""
+    from cosyvoice import storage
+    from cosyvoice.config import UnsafeConfigError, load_recipe
+
+    is_text = "\n" in yaml_url_or_text
+    source = "recipe text" if is_text else yaml_url_or_text
+    text = yaml_url_or_text if is_text else storage.read_text(yaml_url_or_text)
+    root = yaml.compose(io.StringIO(text), Loader=yaml.SafeLoader)
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"{source}: a recipe must be a mapping at the top level")
+    nodes = {str(k.value): v for k, v in root.value}
+    for section, wanted in (("flow", _FLOW_CLASS), ("hift", _HIFT_CLASS)):
+        if section not in nodes:
+            raise ValueError(f"{source}: no `{section}` section (a CosyVoice2 recipe or model-dir cosyvoice2.yaml has one)")
+        found = _section_class(nodes[section])
+        if found in _OTHER_GENERATIONS:
+            raise ValueError(f"{source}: `{section}` is {found}, {_OTHER_GENERATIONS[found]}; cosyvoice.acoustic "
+                             f"implements CosyVoice2's {wanted} only")
+    kept = _kept_keys(root)
+    try:
+        configs = load_recipe(text, {key: None for key in nodes if key not in kept})
+    except UnsafeConfigError:
+        raise
+    except ValueError as exc:  # a record refusing its settings
+        raise ValueError(f"{source}: {exc}") from exc
+    return _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
