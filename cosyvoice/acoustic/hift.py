@@ -156,7 +156,7 @@ class _SnakeResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for c1, c2, a1, a2 in zip(self.convs1, self.convs2, self.activations1, self.activations2):
-            x = c2(a2(c1(a1(x)))) + x
+            x = c2(a2(c1(a1(x)))).add_(x)
         return x
 
 
