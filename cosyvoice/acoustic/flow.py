@@ -111,9 +111,6 @@ class FlowMatching(nn.Module):
         dtype = next(self.estimator.parameters()).dtype
         steps = self.time_steps().to(mu.device)
         noise = noise_table(self.config.noise_frames, self.config.noise_seed)
-        if run.end > noise.shape[2]:
-            raise ValueError(f"{run.end} mel frames exceed the flow's noise table of {noise.shape[2]} frames "
-                             f"({noise.shape[2] // 50} s including the prompt)")
         x = noise[:, :, run.start:run.end].to(mu.device, torch.float32)
         zeros = torch.zeros_like
         mu_in = torch.cat([mu, zeros(mu)]).to(dtype)
@@ -181,6 +178,9 @@ class FlowModel(nn.Module):
         if length <= 0:
             raise ValueError(f"{tokens.shape[1]} tokens leave nothing to synthesize before the {n_context} "
                              "look-ahead tokens")
+        if length * cfg.token_mel_ratio > cfg.noise_frames:
+            raise ValueError(f"{length * cfg.token_mel_ratio} mel frames exceed the flow's noise table of "
+                             f"{cfg.noise_frames} frames ({cfg.noise_frames // 50} s including the prompt)")
         prompt_frames = prompt_feat.shape[1]
         if prompt_frames != prompt_tokens.shape[1] * cfg.token_mel_ratio:
             raise ValueError(f"prompt_feat has {prompt_frames} frames for {prompt_tokens.shape[1]} prompt tokens; "
