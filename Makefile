@@ -53,7 +53,8 @@ demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	@echo
 	@echo "Outputs:"
 	@echo "  corpus            $(DATA)/LibriTTS/{dev-clean,train-clean-100}"
-	@echo "  reference models  $(DATA)/models/{campplus,speech_tokenizer_v1,speech_tokenizer_v2,speech_tokenizer_v2.batch}.onnx"
+	@echo "  reference models  $(DATA)/models/{campplus,speech_tokenizer_v1,speech_tokenizer_v2,speech_tokenizer_v2.batch}.onnx,"
+	@echo "                    $(DATA)/models/{flow.pt,hift.pt,cosyvoice2.yaml} (the acoustic model dir)"
 	@echo "  manifests         $(DATA)/manifest/<subset>/{wav.scp,text,utt2spk,spk2utt,shards.json,quarantine.tsv,*.pt}"
 	@echo "  features          $(DATA)/{speaker_embeddings,speech_tokens}/<subset>/<shard>.parquet, $(DATA)/speaker_means/"
 	@echo "  training shards   $(DATA)/parquet/<subset>/parquet_*.tar, $(DATA)/{train,cv}.data.list"

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("full", "tiny"), default="full",
                    help="full: the released architectures; tiny: same signatures, few layers (fast tests)")
-    p.add_argument("--models", default="campplus,speech_tokenizer_v1,speech_tokenizer_v2,speech_tokenizer_v2.batch")
+    p.add_argument("--models", default="campplus,speech_tokenizer_v1,speech_tokenizer_v2,speech_tokenizer_v2.batch,flow,hift",
+                   help="comma-separated; flow/hift also write the model dir's cosyvoice2.yaml")
     p.add_argument("--force", action="store_true", help="rebuild even if identical models are present")
     p.set_defaults(func=cmd_make_reference_models)
 

@@ -22,6 +22,12 @@ The ``.batch`` model has the v2 model's weights (same seed) and masks the paddin
 valid tokens equal the single-utterance model's; upstream uses such a file for online training
 features (``speech_tokenizer_v2.batch.onnx``) and it enables batched GPU extraction.
 
+``flow`` and ``hift`` are the acoustic models of a CosyVoice2 model dir (``flow.pt``, ``hift.pt`` in
+the released layout, written by :func:`cosyvoice.acoustic.reference.write_acoustic_models`); with
+either, the dir also gets the matching ``cosyvoice2.yaml``, so ``out`` is the model dir the Triton
+repository expects (``cosyvoice2.yaml``, ``flow.pt``, ``hift.pt``, ``campplus.onnx``,
+``speech_tokenizer_v2.onnx``).
+
 Needs the ``dev`` extra (torch, onnx, onnxscript, s3tokenizer, speakerlab-slim).
 """
 
@@ -36,9 +42,13 @@ from dataclasses import dataclass
 
 from cosyvoice import storage
 
-MODEL_NAMES = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2", "speech_tokenizer_v2.batch")
+ONNX_MODELS = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2", "speech_tokenizer_v2.batch")
+ACOUSTIC_MODELS = ("flow", "hift")
+MODEL_NAMES = ONNX_MODELS + ACOUSTIC_MODELS
+ACOUSTIC_CONFIG = "cosyvoice2.yaml"  # written (and recorded) with the acoustic models
 SPEC_FILE = "reference_models.json"
 FORMAT_VERSION = 1  # bump when the export recipe changes, so stale models are rebuilt
+ACOUSTIC_FORMAT_VERSION = 1  # the same for flow.pt / hift.pt / cosyvoice2.yaml
 
 
 @dataclass(frozen=True)
@@ -159,12 +169,42 @@ _BUILDERS = {"campplus": _build_campplus, "speech_tokenizer_v1": _build_v1, "spe
              "speech_tokenizer_v2.batch": _build_v2_batch}
 
 
+def _file_of(name: str) -> str:
+    from cosyvoice.acoustic.reference import FILES
+
+    if name == ACOUSTIC_CONFIG:
+        return FILES["config"]
+    return FILES[name] if name in ACOUSTIC_MODELS else f"{name}.onnx"
+
+
+def _up_to_date(out: str, name: str, wanted: dict, previous: dict) -> bool:
+    url = storage.join(out, _file_of(name))
+    if {k: previous.get(k) for k in wanted} != wanted or not storage.exists(url):
+        return False
+    return hashlib.sha256(storage.read_bytes(url)).hexdigest() == previous.get("sha256")
+
+
+def _build_onnx(name: str, size: str, seed: int) -> bytes:
+    import torch
+
+    torch.manual_seed(seed)
+    model = _BUILDERS[name](size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{name}.onnx")
+        _export(name, model, path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
 def make_reference_models(out: str, *, seed: int = 0, size: str = "full",
                           models: list[str] | tuple[str, ...] = MODEL_NAMES, force: bool = False) -> dict:
-    """Write ``<name>.onnx`` files to ``out``; skip a model whose recorded spec and bytes match.
+    """Write ``<name>.onnx`` files (and ``flow.pt`` / ``hift.pt`` / ``cosyvoice2.yaml``) to ``out``;
+    skip a file whose recorded spec and bytes match.
 
     Deterministic: the same seed and size give the same weights (and the same outputs).
     """
+    from cosyvoice.acoustic.reference import part_bytes
+
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
         raise ValueError(f"unknown reference model(s) {unknown}; choose from {list(MODEL_NAMES)}")
@@ -173,25 +213,23 @@ def make_reference_models(out: str, *, seed: int = 0, size: str = "full",
     spec_url = storage.join(out, SPEC_FILE)
     recorded = json.loads(storage.read_text(spec_url)) if storage.exists(spec_url) else {}
     report: dict[str, dict] = {}
-    for name in models:
-        url = storage.join(out, f"{name}.onnx")
-        wanted = {"seed": seed, "size": size, "format": FORMAT_VERSION}
+    names = list(models) + ([ACOUSTIC_CONFIG] if set(models) & set(ACOUSTIC_MODELS) else [])
+    for name in names:
+        if name in ONNX_MODELS:
+            wanted = {"seed": seed, "size": size, "format": FORMAT_VERSION}
+        elif name == ACOUSTIC_CONFIG:  # depends on the size only
+            wanted = {"size": size, "format": ACOUSTIC_FORMAT_VERSION}
+        else:
+            wanted = {"seed": seed, "size": size, "format": ACOUSTIC_FORMAT_VERSION}
         previous = recorded.get(name, {})
-        if not force and {k: previous.get(k) for k in wanted} == wanted and storage.exists(url):
-            data = storage.read_bytes(url)
-            if hashlib.sha256(data).hexdigest() == previous.get("sha256"):
-                report[name] = {**previous, "status": "up to date"}
-                continue
-        import torch
-
-        torch.manual_seed(seed)
-        model = _BUILDERS[name](size)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{name}.onnx")
-            _export(name, model, path)
-            with open(path, "rb") as f:
-                data = f.read()
-        storage.write_bytes(url, data)
+        if not force and _up_to_date(out, name, wanted, previous):
+            report[name] = {**previous, "status": "up to date"}
+            continue
+        if name in ONNX_MODELS:
+            data = _build_onnx(name, size, seed)
+        else:
+            data = part_bytes("config" if name == ACOUSTIC_CONFIG else name, seed=seed, size=size)
+        storage.write_bytes(storage.join(out, _file_of(name)), data)
         recorded[name] = {**wanted, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         report[name] = {**recorded[name], "status": "built"}
         storage.write_text(spec_url, json.dumps(recorded, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,128 @@
+"""Seeded random-weight acoustic models in the released model-dir layout.
+
+The released ``flow.pt`` / ``hift.pt`` cannot be downloaded here, so tests, the demo and the
+benchmarks use files with the same keys, shapes and format (plain state dicts written with
+``torch.save``; HiFT's weight-normed convolutions as ``weight_g`` / ``weight_v``) and seeded random
+values, plus the ``cosyvoice2.yaml`` that describes them (a copy of ``configs/cosyvoice2.yaml`` or
+``configs/cosyvoice2-tiny.yaml``). A user points the pipeline at a released model dir and nothing
+else changes.
+
+Weights: PyTorch's default initialisation drawn from ``seed`` (in a forked RNG, so the caller's
+global generator is untouched), then every parameter that initialisation leaves constant (norm
+gains and biases, Snake ``alpha``, the attention position biases) is moved by a small seeded
+perturbation, so no tensor of a reference file is trivially uniform. Same seed and size, same
+bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+from cosyvoice import storage
+
+SIZES = ("full", "tiny")
+PARTS = ("flow", "hift", "config")
+FILES = {"flow": "flow.pt", "hift": "hift.pt", "config": "cosyvoice2.yaml"}
+CONFIG_FILES = {"full": "cosyvoice2.yaml", "tiny": "cosyvoice2-tiny.yaml"}
+PERTURBATION = 0.1  # std of the noise added to parameters the default initialisation leaves constant
+
+
+def configs_dir() -> str:
+    """The project's ``configs/`` folder: next to the package in a checkout, else in the working
+    directory (the images copy it to their WORKDIR)."""
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    for folder in (beside, os.path.abspath("configs")):
+        if os.path.isfile(os.path.join(folder, CONFIG_FILES["full"])):
+            return folder
+    raise FileNotFoundError(f"no configs/{CONFIG_FILES['full']} in {beside} or the working directory "
+                            f"{os.getcwd()}; run from the project checkout (or its image's WORKDIR)")
+
+
+def config_text(size: str) -> str:
+    """The recipe text a ``size`` model dir carries as its ``cosyvoice2.yaml``."""
+    _check_size(size)
+    with open(os.path.join(configs_dir(), CONFIG_FILES[size]), encoding="utf-8") as f:
+        return f.read()
+
+
+def _check_size(size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+
+
+def _perturb_constant_parameters(model, torch) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            flat = param.detach().reshape(-1)
+            if flat.numel() and bool((flat == flat[0]).all()):
+                param.add_(torch.randn_like(param) * PERTURBATION)
+
+
+def _seeded(build, seed: int):
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+        _perturb_constant_parameters(model, torch)
+    return model.eval()
+
+
+def flow_state(seed: int, size: str) -> dict:
+    """The seeded random flow's state dict, in the released ``flow.pt`` layout (a plain dict)."""
+    from cosyvoice.acoustic.flow import FlowConfig, FlowModel
+
+    _check_size(size)
+    config = FlowConfig.full() if size == "full" else FlowConfig.tiny()
+    model = _seeded(lambda: FlowModel(config), seed)
+    return {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
+
+
+def hift_state(seed: int, size: str) -> dict:
+    """The seeded random vocoder's tensors in the released ``hift.pt`` naming (``weight_g``/``weight_v``)."""
+    from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, hift_state_dict
+
+    _check_size(size)
+    config = HiFTConfig.full() if size == "full" else HiFTConfig.tiny()
+    return dict(hift_state_dict(_seeded(lambda: HiFTGenerator(config), seed)))
+
+
+def _tensor_bytes(state: dict) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def part_bytes(part: str, *, seed: int, size: str) -> bytes:
+    """The bytes of one model-dir file (``flow``, ``hift`` or ``config``)."""
+    if part == "flow":
+        return _tensor_bytes(flow_state(seed, size))
+    if part == "hift":
+        return _tensor_bytes(hift_state(seed, size))
+    if part == "config":
+        return config_text(size).encode("utf-8")
+    raise ValueError(f"unknown acoustic model part {part!r}; choose from {PARTS}")
+
+
+def write_acoustic_models(out: str, *, seed: int = 0, size: str = "full",
+                          parts: tuple[str, ...] | list[str] = PARTS) -> dict[str, dict]:
+    """Write ``flow.pt``, ``hift.pt`` and ``cosyvoice2.yaml`` (or the ``parts`` asked for) into ``out``.
+
+    Each file is written atomically (and left alone when identical bytes are there). Returns, per
+    part, ``{"file", "sha256", "bytes", "changed"}``.
+    """
+    _check_size(size)
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown acoustic model part(s) {unknown}; choose from {list(PARTS)}")
+    report: dict[str, dict] = {}
+    for part in parts:
+        data = part_bytes(part, seed=seed, size=size)
+        written = storage.write_bytes(storage.join(out, FILES[part]), data)
+        report[part] = {"file": FILES[part], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "changed": written.changed}
+    return report
