@@ -88,13 +88,17 @@ class Token2Wav:
 
     ``model_dir`` holds ``cosyvoice2.yaml`` (its ``flow``/``hift`` sections say the sizes; the
     released defaults when absent), ``flow.pt`` and ``hift.pt``, loaded strictly.
+
+    ``seed`` makes every call's vocoder noise reproducible (a generator seeded with it per call,
+    unless the call passes its own); by default the noise comes from torch's global generator, as
+    upstream's does.
     """
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model_dir: str, *, device: str | None = None, stream_cache: bool = True,
                  chunk_causal_final: bool = False, estimator_dtype: str = "fp32",
-                 max_stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES):
+                 max_stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, seed: int | None = None):
         if estimator_dtype not in DTYPES:
             raise ValueError(f"estimator_dtype must be one of {sorted(DTYPES)}, got {estimator_dtype!r}")
         self.model_dir = model_dir
@@ -105,6 +109,7 @@ class Token2Wav:
         self.flow.decoder.estimator.to(DTYPES[estimator_dtype])
         self.stream_cache, self.chunk_causal_final = stream_cache, chunk_causal_final
         self.max_stream_cache_bytes = max_stream_cache_bytes
+        self.seed = seed
         self.window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).to(self.device)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -161,6 +166,8 @@ class Token2Wav:
         ``generator`` is the vocoder's noise source (torch's global generator when None).
         """
         tokens, prompt, feat, emb = self._inputs(tokens, prompt_tokens, prompt_feat, embedding)
+        if generator is None and self.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(self.seed)
         if token_offset is None:
             if not finalize:
                 raise ValueError("an offline call (token_offset None) is always final")
