@@ -77,7 +77,7 @@ def flow_state(seed: int, size: str) -> dict:
     _check_size(size)
     config = FlowConfig.full() if size == "full" else FlowConfig.tiny()
     model = _seeded(lambda: FlowModel(config), seed)
-    return {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
+    return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
 
 
 def hift_state(seed: int, size: str) -> dict:
