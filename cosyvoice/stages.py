@@ -112,6 +112,8 @@ TOOLS: dict[str, Tool] = {t.command: t for t in (
          "spk2info.pt speaker-prompt cache from chosen corpus speakers"),
     Tool("triton-server-env", "cosyvoice.triton.server:build_server_env",
          "build (once) the CPU tritonserver environment used by tests"),
+    Tool("synthesize", "cosyvoice.acoustic.synthesis:synthesize",
+         "speech tokens (or text, through the HF export of the LLM) -> 24 kHz WAV with the model dir's flow + HiFT"),
 )}
 
 
