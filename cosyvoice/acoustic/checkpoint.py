@@ -42,11 +42,15 @@ def describe_keys(keys: list[str], limit: int = 8) -> str:
     return f"{len(keys)}: {shown}{more}"
 
 
+def _shape(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"{type(value).__name__} (not a tensor)"
+
+
 def check_state(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], where: str) -> None:
     """Raise ValueError naming missing / unexpected keys and shape mismatches (none tolerated)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
+    mismatched = [f"{k}: file {_shape(state[k])}, model {tuple(expected[k].shape)}"
                   for k in sorted(set(state) & set(expected))
                   if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
     problems = []
