@@ -23,16 +23,15 @@ parametrization naming) and ``hift_state_dict`` writes the released naming back.
 """
 from __future__ import annotations
 
-import io
 import math
-import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cosyvoice.acoustic.checkpoint import StateSource, describe_keys, read_state_dict
 
 __all__ = ["HiFTConfig", "HiFTGenerator", "load_hift", "hift_state_dict", "weight_normed_modules"]
 
@@ -392,33 +391,8 @@ def hift_state_dict(model: HiFTGenerator) -> dict[str, torch.Tensor]:
     return out
 
 
-def _describe(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"{len(keys)}: {shown}{more}"
-
-
-def _read_state(source: str | os.PathLike | Mapping[str, torch.Tensor] | bytes) -> tuple[dict[str, Any], str]:
-    if isinstance(source, Mapping):
-        return dict(source), "state dict"
-    if isinstance(source, bytes):
-        obj = torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
-        where = "hift checkpoint bytes"
-    else:
-        where = os.fspath(source)
-        if not os.path.isfile(where):
-            raise FileNotFoundError(f"{where}: no such HiFT checkpoint")
-        try:
-            obj = torch.load(where, map_location="cpu", weights_only=True)
-        except Exception as exc:  # unpickling errors name the offending global
-            raise ValueError(f"{where}: not a plain tensor state dict loadable with weights_only=True ({exc})") from exc
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: expected a state dict (mapping of tensors), got {type(obj).__name__}")
-    return dict(obj), where
-
-
 def load_hift(
-    source: str | os.PathLike | Mapping[str, torch.Tensor] | bytes,
+    source: StateSource,
     config: HiFTConfig | None = None,
 ) -> HiFTGenerator:
     """Build a vocoder from a ``hift.pt`` (path, bytes or state dict), strictly, in eval mode.
@@ -429,7 +403,7 @@ def load_hift(
     or unexpected key, or a shape mismatch, raises ``ValueError`` naming them.
     """
     cfg = config or HiFTConfig.full()
-    state, where = _read_state(source)
+    state, where = read_state_dict(source, "HiFT")
     model = HiFTGenerator(cfg)
     expected = model.state_dict()
     normed = set(weight_normed_modules(cfg))
@@ -480,11 +454,11 @@ def load_hift(
     if missing or unexpected or mismatched:
         lines = [f"{where}: not a HiFT state dict for this config ({'full' if cfg == HiFTConfig.full() else cfg})"]
         if missing:
-            lines.append("missing keys " + _describe(missing))
+            lines.append("missing keys " + describe_keys(missing))
         if unexpected:
-            lines.append("unexpected keys " + _describe(unexpected))
+            lines.append("unexpected keys " + describe_keys(unexpected))
         if mismatched:
-            lines.append("shape mismatches " + _describe(mismatched))
+            lines.append("shape mismatches " + describe_keys(mismatched))
         raise ValueError("; ".join(lines))
 
     model.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
