@@ -30,12 +30,11 @@ def import_upstream(src: str) -> None:
 
 def build_flow(config: dict):
     """Upstream CausalMaskedDiffWithXvec with the settings of our ``FlowConfig.to_dict()``."""
-    from omegaconf import DictConfig
-
     from cosyvoice.flow.decoder import CausalConditionalDecoder
     from cosyvoice.flow.flow import CausalMaskedDiffWithXvec
     from cosyvoice.flow.flow_matching import CausalConditionalCFM
     from cosyvoice.transformer.upsample_encoder import UpsampleConformerEncoder
+    from omegaconf import DictConfig
 
     c = config
     encoder = UpsampleConformerEncoder(

@@ -55,7 +55,7 @@ class Pass:
     def __init__(self, state: ChunkState | None, start: int, end: int, commit: int, step: int | str = 0):
         self.state, self.start, self.end, self.commit, self.step = state, start, end, commit, step
 
-    def at_step(self, step) -> "Pass":
+    def at_step(self, step) -> Pass:
         return Pass(self.state, self.start, self.end, self.commit, step)
 
     def _key(self, module: torch.nn.Module, kind: str):

@@ -56,11 +56,11 @@ class FlowConfig:
     noise_seed: int = 0
 
     @classmethod
-    def full(cls) -> "FlowConfig":
+    def full(cls) -> FlowConfig:
         return cls()
 
     @classmethod
-    def tiny(cls) -> "FlowConfig":
+    def tiny(cls) -> FlowConfig:
         # dim 512 and 4 up-blocks stay: upstream's pre-lookahead and upsampling layers hard-code them
         return cls(encoder_heads=4, encoder_hidden=256, encoder_blocks=2, estimator_channels=64,
                    estimator_head_dim=16, estimator_heads=2, estimator_blocks=1, estimator_mid_blocks=2)
