@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.triton.render import MODELS, render_repo, replacing_dir, repo_values
-from cosyvoice.triton.validate import ValidationReport, validate_repo
+from cosyvoice.triton.validate import ACOUSTIC_FILES, ValidationReport, validate_repo
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -395,9 +395,11 @@ def pull(root: str, dest: str, *, version: int | None = None, channel: str = "gp
 def server_load_test(bundle: Bundle, work: str) -> dict:
     """Load the bundle's models in a real tritonserver (explicit mode) on this machine.
 
-    Loaded: every python model whose runtime is importable here. Not tested (and said so):
-    ``tensorrt_llm`` on the tensorrtllm backend (no TensorRT-LLM here) and ``token2wav`` when its
-    acoustic runtime is not installed. A model that should load and does not fails the test."""
+    Loaded: every python model whose runtime is importable here, ``token2wav`` with its acoustic
+    runtime (by default ``Token2Wav`` on the bundle's ``flow.pt``/``hift.pt``). Not tested (and said
+    so): ``tensorrt_llm`` on the tensorrtllm backend (no TensorRT-LLM here), and ``token2wav`` when
+    its acoustic runtime is not installed or, for the default runtime, the model dir lacks the
+    acoustic model files. A model that should load and does not fails the test."""
     from cosyvoice.triton import runtime
     from cosyvoice.triton.server import TritonServer
 
@@ -407,11 +409,16 @@ def server_load_test(bundle: Bundle, work: str) -> dict:
     if bundle.values.get("triton_backend", "tensorrtllm") == "tensorrtllm" and "tensorrt_llm" in present:
         not_tested["tensorrt_llm"] = "tensorrtllm backend not available in the CPU tritonserver"
     if "token2wav" in present:
-        spec = bundle.values.get("token2wav_runtime") or "cosyvoice.acoustic.token2wav:Token2Wav"
+        spec = bundle.values.get("token2wav_runtime") or runtime.DEFAULT_TOKEN2WAV_RUNTIME
+        model_dir = os.path.join(bundle.path, BUNDLE_DIRS["model_dir"])
+        absent = [f for f in ACOUSTIC_FILES if not os.path.exists(os.path.join(model_dir, f))]
         try:
             runtime.load_object(spec)
         except (ImportError, AttributeError, ValueError) as exc:
             not_tested["token2wav"] = f"acoustic runtime {spec!r} not importable: {exc}"
+        else:
+            if spec == runtime.DEFAULT_TOKEN2WAV_RUNTIME and absent:
+                not_tested["token2wav"] = f"model_dir lacks the acoustic model files {absent}"
     to_load = [m for m in present if m not in not_tested]
     started = time.monotonic()
     with TritonServer(repo, log_path=os.path.join(work, "tritonserver.log")) as server:

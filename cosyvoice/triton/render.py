@@ -5,7 +5,8 @@ variables (``runtime/triton_trtllm/model_repo``). Unlike upstream ``fill_templat
 an unknown ``${...}`` in the file, rendering fails and lists every unknown key and every variable
 left unfilled. The one exception is a ``parameters:`` line whose only placeholder is an
 *optional* variable (most TensorRT-LLM backend knobs, ``dynamic_chunk_strategy``,
-``token2wav_runtime``): when the variable is not given the whole line is dropped, so the backend
+``token2wav_runtime`` and the acoustic runtime's options ``token2wav_seed``, ``token2wav_device``,
+...): when the variable is not given the whole line is dropped, so the backend (or the runtime)
 uses its own default instead of parsing a literal ``${x}``.
 
 ``fill_template`` keeps upstream's semantics exactly, for users of upstream templates.

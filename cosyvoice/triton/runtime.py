@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -252,6 +253,95 @@ def positive_parameter(params: dict[str, str], key: str, default: float, cast=fl
     if value is None or not value > 0:
         raise ValueError(f"parameter {key}={raw!r}: expected a positive {cast.__name__}")
     return value
+
+
+#: the acoustic runtime the ``token2wav`` model serves when its ``token2wav_runtime`` parameter is not set
+DEFAULT_TOKEN2WAV_RUNTIME = "cosyvoice.acoustic.token2wav:Token2Wav"
+#: token2wav's output rate (its ``sample_rate`` parameter); the model refuses a runtime producing another
+TOKEN2WAV_SAMPLE_RATE = 24000
+#: the estimator precisions ``Token2Wav`` offers (its ``estimator_dtype``)
+ESTIMATOR_DTYPES = ("fp32", "bf16", "fp16")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def _given(params: dict[str, str], key: str) -> str | None:
+    """A parameter's text, or None when unset (missing, empty or an unfilled ``${...}``)."""
+    raw = (params.get(key) or "").strip()
+    return None if not raw or raw.startswith("${") else raw
+
+
+def _flag(raw: str, key: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"parameter {key}={raw!r}: expected true or false")
+
+
+def _whole(raw: str, key: str, low: int, what: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or value >= 2**64:
+        raise ValueError(f"parameter {key}={raw!r}: expected {what}")
+    return value
+
+
+def _device(raw: str, key: str) -> str:
+    if not _DEVICE.match(raw):
+        raise ValueError(f"parameter {key}={raw!r}: expected cpu, cuda or cuda:<index>")
+    return raw
+
+
+def _dtype(raw: str, key: str) -> str:
+    if raw not in ESTIMATOR_DTYPES:
+        raise ValueError(f"parameter {key}={raw!r}: expected one of {', '.join(ESTIMATOR_DTYPES)}")
+    return raw
+
+
+#: token2wav's parameters that become keyword arguments of the acoustic runtime's factory, each with
+#: the parser of its text (the keys are the keyword names; the template variables add ``token2wav_``)
+TOKEN2WAV_OPTIONS = {
+    "device": _device,
+    "stream_cache": _flag,
+    "chunk_causal_final": _flag,
+    "estimator_dtype": _dtype,
+    "seed": lambda raw, key: _whole(raw, key, 0, "an integer from 0 to 2**64 - 1"),
+    "max_stream_cache_bytes": lambda raw, key: _whole(raw, key, 1, "a positive number of bytes"),
+}
+
+
+def token2wav_options(params: dict[str, str]) -> dict:
+    """The runtime options a ``token2wav`` config sets, parsed: ``{keyword: value}`` with only the
+    parameters that are set (an unset one is left to the runtime's own default, so a factory
+    taking only ``model_dir`` still works when none is set). One ``ValueError`` names every bad
+    value. Only the form is checked here; whether a CUDA device is there is ``check_device``'s
+    business (a repository is validated on machines without the serving GPU)."""
+    options, problems = {}, []
+    for key, parse in TOKEN2WAV_OPTIONS.items():
+        raw = _given(params, key)
+        if raw is not None:
+            try:
+                options[key] = parse(raw, key)
+            except ValueError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return options
+
+
+def check_device(device: str) -> None:
+    """``RuntimeError`` when ``device`` names a CUDA device this process cannot use."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"token2wav: device {device!r} asked for, but no CUDA device is visible to this process")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise RuntimeError(f"token2wav: device {device!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                           "device(s) are visible")
 
 
 class StreamRefused(Exception):

@@ -44,7 +44,13 @@ TRTLLM_NO_FALLBACK_PARAMETERS = ("gpt_model_type", "tokenizer_dir", "guided_deco
                                  "xgrammar_tokenizer_info_path")
 #: files a model opens below its model_dir (contract 13)
 MODEL_DIR_FILES = {"speaker_embedding": ("campplus.onnx",), "audio_tokenizer": ("speech_tokenizer_v2.onnx",)}
-ACOUSTIC_FILES = ("cosyvoice2.yaml", "flow.pt", "hift.pt", "flow.decoder.estimator.fp32.onnx", "CosyVoice-BlankEN")
+#: what the default acoustic runtime (``cosyvoice.acoustic.token2wav:Token2Wav``) loads from model_dir
+ACOUSTIC_FILES = ("flow.pt", "hift.pt")
+#: the recipe saying the flow/hift sizes; without it the runtime assumes the released (full-size) ones
+ACOUSTIC_CONFIG = "cosyvoice2.yaml"
+#: opened by upstream's own token2wav runtime only (its TensorRT estimator's ONNX export and the LLM
+#: tokenizer folder); ours needs neither, so their absence is not reported
+UPSTREAM_ONLY_ACOUSTIC_FILES = ("flow.decoder.estimator.fp32.onnx", "CosyVoice-BlankEN")
 
 
 @dataclass
@@ -190,9 +196,29 @@ def _check_model(repo: str, name: str, base_dir: str, path_map: dict[str, str]) 
                                               and any(f.startswith("rank") and f.endswith(".engine") for f in os.listdir(engine))):
                 errors.append(f"gpt_model_path {params['gpt_model_path']!r} holds no TensorRT-LLM engine "
                               "(config.json + rank<N>.engine from trtllm-build)")
+    if name == "token2wav":
+        _check_token2wav_parameters(params, errors)
     if "llm_tokenizer_dir" in params:
         _check_tokenizer(_resolve(params["llm_tokenizer_dir"], base_dir, path_map), errors)
     return check, config
+
+
+def _check_token2wav_parameters(params: dict[str, str], errors: list[str]) -> None:
+    """The values the token2wav model parses at load time (so a bad one fails here, not on the server)."""
+    from cosyvoice.triton import runtime
+
+    checks = [lambda: runtime.token2wav_options(params),
+              lambda: runtime.positive_parameter(params, "idle_timeout_s", runtime.IDLE_TIMEOUT_S),
+              lambda: runtime.positive_parameter(params, "max_live_requests", runtime.MAX_LIVE_REQUESTS, cast=int)]
+    for check in checks:
+        try:
+            check()
+        except ValueError as exc:
+            errors.append(str(exc))
+    rate = params.get("sample_rate")
+    if rate is not None and rate != str(runtime.TOKEN2WAV_SAMPLE_RATE):
+        errors.append(f"parameter sample_rate={rate!r}: the CosyVoice2 acoustic models produce "
+                      f"{runtime.TOKEN2WAV_SAMPLE_RATE} Hz")
 
 
 def _check_tokenizer(folder: str, errors: list[str]) -> None:
@@ -207,6 +233,25 @@ def _check_tokenizer(folder: str, errors: list[str]) -> None:
     missing = [t for t in TOKENIZER_TOKENS if json.dumps(t) not in text]
     if missing:
         errors.append(f"LLM tokenizer {folder} lacks {', '.join(missing)} (not a CosyVoice2 HF export)")
+
+
+def _acoustic_warnings(params: dict[str, str], folder: str) -> list[str]:
+    """What token2wav's default runtime will miss in ``folder``; nothing for another runtime (it
+    decides what it needs)."""
+    from cosyvoice.triton.runtime import DEFAULT_TOKEN2WAV_RUNTIME
+
+    spec = params.get("token2wav_runtime") or DEFAULT_TOKEN2WAV_RUNTIME
+    if spec != DEFAULT_TOKEN2WAV_RUNTIME:
+        return []
+    absent = [f for f in ACOUSTIC_FILES if not os.path.exists(os.path.join(folder, f))]
+    if absent:
+        return [f"token2wav: model_dir lacks the acoustic model files {absent} that the default runtime "
+                f"({spec}) loads; token2wav will not load until they are there (make-reference-models writes "
+                "random-weight ones)"]
+    if not os.path.isfile(os.path.join(folder, ACOUSTIC_CONFIG)):
+        return [f"token2wav: model_dir has no {ACOUSTIC_CONFIG}; the runtime assumes the released (full-size) flow "
+                "and HiFT settings, so flow.pt/hift.pt of another size will not load"]
+    return []
 
 
 def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str, str] | None = None,
@@ -264,8 +309,5 @@ def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str,
             except Exception as exc:  # not loadable with weights_only, or no speaker "001"
                 checks[name].errors.append(f"spk2info.pt unusable: {exc}")
         if name == "token2wav":
-            absent = [f for f in ACOUSTIC_FILES if not os.path.exists(os.path.join(folder, f))]
-            if absent:
-                warnings.append(f"token2wav: model_dir lacks the acoustic model files {absent}; it will not load "
-                                "until they (and the acoustic runtime) are there")
+            warnings.extend(_acoustic_warnings(params, folder))
     return ValidationReport(repo=repo, models=checks, errors=errors, warnings=warnings)

@@ -1,4 +1,6 @@
-"""Test doubles for the Triton tests: an echo acoustic runtime (there is no acoustic model yet)."""
+"""Test doubles for the Triton tests: an echo acoustic runtime that shows what the token2wav adapter
+hands its runtime (the real one, ``cosyvoice.acoustic.token2wav:Token2Wav``, is what the served
+repository runs), and a variant recording the factory's keyword options."""
 
 from __future__ import annotations
 
@@ -39,3 +41,19 @@ class EchoToken2Wav:
 
     def release(self, request_id):
         self.next_offset.pop(request_id, None)
+
+
+class OptionsEchoToken2Wav(EchoToken2Wav):
+    """The echo runtime whose factory also takes keyword options, recorded in ``options``."""
+
+    sample_rate = 24000
+
+    def __init__(self, model_dir: str, **options):
+        super().__init__(model_dir)
+        self.options = options
+
+
+class SixteenKilohertzToken2Wav(EchoToken2Wav):
+    """A runtime producing another rate than the 24 kHz the token2wav config declares."""
+
+    sample_rate = 16000

@@ -145,12 +145,54 @@ def test_triton_model_repo_asset_load_tests_and_publishes(tmp_path, data_dir, hf
     repo = layout.triton_root("cosyvoice2")
     manifest = publish.read_manifest(repo, 1)
     load = manifest["server_load_test"]
+    # the tiny reference model dir has flow.pt/hift.pt/cosyvoice2.yaml: token2wav loads the real runtime
     assert load["passed"] and sorted(load["loaded"]) == ["audio_tokenizer", "cosyvoice2", "speaker_embedding",
-                                                         "tensorrt_llm"]
-    assert "token2wav" in load["not_tested"]
+                                                         "tensorrt_llm", "token2wav"]
+    assert load["not_tested"] == {}
     assert publish.latest(repo, "cpu") == 1
     assert publish.latest(repo) is None  # the CPU fallback is not the GPU LATEST
     assert os.path.exists(os.path.join(repo, "1", "cosyvoice2_model", "spk2info.pt"))
+
+
+def test_the_load_test_loads_token2wav_exactly_when_its_runtime_has_what_it_needs(tmp_path, hf_dir, model_dir,
+                                                                                  monkeypatch):
+    from cosyvoice.triton import server
+
+    loaded = []
+
+    class Server:  # records what the load test asks a tritonserver to load
+        def __init__(self, repo, **kw):
+            self.repo = repo
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def load(self, *models):
+            loaded.append(sorted(models))
+
+        def ready(self):
+            return True
+
+    monkeypatch.setattr(server, "TritonServer", Server)
+    bare = str(tmp_path / "bare_model")
+    shutil.copytree(model_dir, bare, ignore=shutil.ignore_patterns("flow.pt", "hift.pt"))
+    everything = ["audio_tokenizer", "cosyvoice2", "speaker_embedding", "tensorrt_llm", "token2wav"]
+    cases = [(model_dir, None, {}),
+             (bare, None, {"token2wav": "model_dir lacks the acoustic model files ['flow.pt', 'hift.pt']"}),
+             (bare, os.path.join(os.path.dirname(__file__), "helpers.py") + ":EchoToken2Wav", {}),
+             (model_dir, "no_such_package.acoustic:Runtime", {"token2wav": "acoustic runtime "
+                                                              "'no_such_package.acoustic:Runtime' not importable: "
+                                                              "No module named 'no_such_package'"})]
+    for n, (folder, spec, not_tested) in enumerate(cases):
+        overrides = {"token2wav_runtime": spec} if spec else None
+        bundle = publish.build_bundle(str(tmp_path / f"bundle{n}"), engine_dir=hf_dir, hf_dir=hf_dir, model_dir=folder,
+                                      bls_instances=1, llm_backend="python", overrides=overrides)
+        result = publish.server_load_test(bundle, str(tmp_path / f"work{n}"))
+        assert result["not_tested"] == not_tested, n
+        assert result["loaded"] == loaded[-1] == [m for m in everything if m not in not_tested], n
 
 
 # --- channels: what a version serves, and who may deploy it ------------------------------------------

@@ -303,7 +303,63 @@ def test_validation_needs_an_engine_a_cosyvoice_tokenizer_and_the_model_files(tm
     assert any("lacks speech_tokenizer_v2.onnx" in p for p in problems)
     assert any(p.startswith("cosyvoice2: spk2info.pt unusable") for p in problems)
     assert len(problems) == 6  # speaker_embedding + engine + tokenizer + model.py + onnx + spk2info
-    assert "acoustic model files ['cosyvoice2.yaml', 'flow.pt'" in validate.validate_repo(repo).warnings[0]
+    assert validate.validate_repo(repo).warnings == [
+        "token2wav: model_dir lacks the acoustic model files ['flow.pt', 'hift.pt'] that the default runtime "
+        "(cosyvoice.acoustic.token2wav:Token2Wav) loads; token2wav will not load until they are there "
+        "(make-reference-models writes random-weight ones)"]
+
+
+def test_acoustic_file_warnings_name_what_our_runtime_loads_not_upstreams_files(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    render_repo(repo, repo_values(**dirs))
+    for name in ("flow.pt", "hift.pt"):
+        (tmp_path / "model" / name).write_bytes(b"weights")
+    warnings = validate.validate_repo(repo).warnings
+    assert warnings == ["token2wav: model_dir has no cosyvoice2.yaml; the runtime assumes the released (full-size) "
+                        "flow and HiFT settings, so flow.pt/hift.pt of another size will not load"]
+    (tmp_path / "model" / "cosyvoice2.yaml").write_text("flow: {}\n")
+    # no flow.decoder.estimator.fp32.onnx / CosyVoice-BlankEN: upstream's runtime opens them, ours does not
+    assert set(validate.UPSTREAM_ONLY_ACOUSTIC_FILES).isdisjoint(os.listdir(tmp_path / "model"))
+    assert validate.validate_repo(repo).warnings == []
+    for name in ("flow.pt", "hift.pt", "cosyvoice2.yaml"):
+        (tmp_path / "model" / name).unlink()
+    custom = repo_values(**dirs, overrides={"token2wav_runtime": "my_tts.runtime:Acoustic"})
+    render_repo(repo, custom)  # another runtime decides what it needs
+    assert validate.validate_repo(repo).warnings == []
+
+
+def test_token2wav_runtime_options_are_rendered_when_given_dropped_otherwise_and_validated(tmp_path, dirs):
+    repo = str(tmp_path / "repo")
+    report = render_repo(repo, repo_values(**dirs))
+    base = {"model_dir": dirs["model_dir"], "sample_rate": "24000"}
+    assert {k: v.string_value for k, v in _config(repo, "token2wav").parameters.items()} == base
+    options = {"token2wav_runtime", "token2wav_idle_timeout_s", "token2wav_max_live_requests", "token2wav_device",
+               "token2wav_stream_cache", "token2wav_chunk_causal_final", "token2wav_estimator_dtype",
+               "token2wav_seed", "token2wav_max_stream_cache_bytes"}
+    assert render.template_variables("token2wav")[1] == options
+    assert set(report.dropped_optional["token2wav"]) == options
+    given = {"token2wav_seed": "3", "token2wav_stream_cache": "false", "token2wav_chunk_causal_final": "true",
+             "token2wav_estimator_dtype": "fp16", "token2wav_device": "cuda:0",
+             "token2wav_max_stream_cache_bytes": "1000000", "token2wav_idle_timeout_s": "30"}
+    report = render_repo(repo, repo_values(**dirs, overrides=given))
+    params = {k: v.string_value for k, v in _config(repo, "token2wav").parameters.items()}
+    assert params == {**base, "seed": "3", "stream_cache": "false", "chunk_causal_final": "true",
+                      "estimator_dtype": "fp16", "device": "cuda:0", "max_stream_cache_bytes": "1000000",
+                      "idle_timeout_s": "30"}
+    assert set(report.dropped_optional["token2wav"]) == {"token2wav_runtime", "token2wav_max_live_requests"}
+    assert runtime.token2wav_options(params) == {"seed": 3, "stream_cache": False, "chunk_causal_final": True,
+                                                 "estimator_dtype": "fp16", "device": "cuda:0",
+                                                 "max_stream_cache_bytes": 1000000}
+    assert validate.validate_repo(repo).ok  # a CUDA device is the serving machine's business, not checked here
+    render_repo(repo, repo_values(**dirs, overrides={"token2wav_seed": "x", "token2wav_estimator_dtype": "int8",
+                                                     "token2wav_max_live_requests": "0"}))
+    _break(repo, "token2wav", 'string_value: "24000"', 'string_value: "22050"')
+    problems = validate.validate_repo(repo).problems()
+    assert sorted(problems) == [
+        "token2wav: parameter estimator_dtype='int8': expected one of fp32, bf16, fp16; "
+        "parameter seed='x': expected an integer from 0 to 2**64 - 1",
+        "token2wav: parameter max_live_requests='0': expected a positive int",
+        "token2wav: parameter sample_rate='22050': the CosyVoice2 acoustic models produce 24000 Hz"]
 
 
 def test_triton_repo_cli_renders_validates_and_reports(tmp_path, dirs, capsys):

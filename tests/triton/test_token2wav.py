@@ -1,7 +1,9 @@
 """The token2wav python model, in-process with a stand-in ``triton_python_backend_utils``: input
 checks (speech-token range, offsets) and the bounds on per-stream caches (finalize, error,
-cancellation, idle timeout, live-stream limit). The acoustic runtime is the echo runtime, whose
-``next_offset`` dict is the per-request cache being bounded."""
+cancellation, idle timeout, live-stream limit) with the echo runtime, whose ``next_offset`` dict is
+the per-request cache being bounded and which checks that a stream's chunks are contiguous; the
+runtime options the config passes to the factory; and the real ``Token2Wav`` behind the adapter
+(offline and streamed audio equal to the library's own for the same seed)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from cosyvoice.triton import runtime
 from tests.triton.helpers import ORIGINAL_VOCAB_SIZE
 
 MODEL_PY = os.path.join(os.path.dirname(runtime.__file__), "templates", "token2wav", "1", "model.py")
-ECHO_RUNTIME = os.path.join(os.path.dirname(__file__), "helpers.py") + ":EchoToken2Wav"
+HELPERS = os.path.join(os.path.dirname(__file__), "helpers.py")
+ECHO_RUNTIME = HELPERS + ":EchoToken2Wav"
+OPTIONS_RUNTIME = HELPERS + ":OptionsEchoToken2Wav"
 
 
 class _Tensor:
@@ -79,11 +83,11 @@ def make_model(monkeypatch):
     spec.loader.exec_module(module)
     models = []
 
-    def make(**params):
+    def make(instance=None, **params):
         config = {"parameters": {k: {"string_value": str(v)} for k, v in
                                  {"model_dir": "/nonexistent", "token2wav_runtime": ECHO_RUNTIME, **params}.items()}}
         model = module.TritonPythonModel()
-        model.initialize({"model_config": json.dumps(config)})
+        model.initialize({"model_config": json.dumps(config), **(instance or {})})
         model.streams.clock = _Clock()
         models.append(model)
         return model
@@ -205,3 +209,84 @@ def test_bad_cache_parameters_fail_the_model_load(make_model, params, problem):
 def test_unset_cache_parameters_take_the_defaults(make_model):
     model = make_model(idle_timeout_s="${token2wav_idle_timeout_s}")
     assert (model.streams.idle_timeout_s, model.streams.max_live) == (runtime.IDLE_TIMEOUT_S, runtime.MAX_LIVE_REQUESTS)
+
+
+# --- the acoustic runtime's options ------------------------------------------------------------
+
+def test_runtime_options_reach_the_factory_as_keywords_only_when_set(make_model):
+    model = make_model(token2wav_runtime=OPTIONS_RUNTIME, seed="7", stream_cache="False", chunk_causal_final="yes",
+                       estimator_dtype="bf16", device="cpu", max_stream_cache_bytes="1048576")
+    assert model.runtime.options == {"seed": 7, "stream_cache": False, "chunk_causal_final": True,
+                                     "estimator_dtype": "bf16", "device": "cpu", "max_stream_cache_bytes": 1 << 20}
+    unset = make_model(token2wav_runtime=OPTIONS_RUNTIME, seed="${token2wav_seed}", device="", stream_cache=" ")
+    assert unset.runtime.options == {}
+    # a runtime whose factory takes model_dir alone serves as long as no option is set ...
+    assert _result(make_model().execute([_Request("a", target_speech_tokens=_ids([4, 2]))])[0]) == [4.0, 2.0]
+    # ... and says which parameters to drop when one is
+    with pytest.raises(RuntimeError, match=r"parameters seed are options of cosyvoice\.acoustic\.token2wav:Token2Wav"):
+        make_model(seed="1")
+
+
+@pytest.mark.parametrize("params, problem", [
+    ({"seed": "-1"}, r"seed='-1': expected an integer from 0"),
+    ({"seed": "1.5"}, r"seed='1.5'"),
+    ({"stream_cache": "maybe"}, r"stream_cache='maybe': expected true or false"),
+    ({"chunk_causal_final": "2"}, r"chunk_causal_final='2'"),
+    ({"estimator_dtype": "fp8"}, r"estimator_dtype='fp8': expected one of fp32, bf16, fp16"),
+    ({"device": "gpu0"}, r"device='gpu0': expected cpu, cuda or cuda:<index>"),
+    ({"max_stream_cache_bytes": "0"}, r"max_stream_cache_bytes='0': expected a positive number of bytes"),
+])
+def test_bad_runtime_options_fail_the_model_load_naming_the_parameter(make_model, params, problem):
+    with pytest.raises(ValueError, match=problem):
+        make_model(token2wav_runtime=OPTIONS_RUNTIME, **params)
+
+
+def test_a_gpu_instance_runs_on_its_own_gpu_and_a_missing_cuda_device_is_a_clear_error(make_model, monkeypatch):
+    gpu_instance = {"model_instance_kind": "GPU", "model_instance_device_id": "1"}
+    checked = []
+    monkeypatch.setattr(runtime, "check_device", checked.append)
+    model = make_model(instance=gpu_instance, token2wav_runtime=OPTIONS_RUNTIME)
+    assert model.runtime.options == {"device": "cuda:1"} and checked == ["cuda:1"]
+    explicit = make_model(instance=gpu_instance, token2wav_runtime=OPTIONS_RUNTIME, device="cpu")
+    assert explicit.runtime.options == {"device": "cpu"}
+    cpu_instance = make_model(instance={"model_instance_kind": "CPU"}, token2wav_runtime=OPTIONS_RUNTIME)
+    assert cpu_instance.runtime.options == {}
+    monkeypatch.undo()
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"device 'cuda:3' asked for, but no CUDA device is visible"):
+        runtime.check_device("cuda:3")
+    runtime.check_device("cpu")
+
+
+def test_a_runtime_producing_another_rate_than_the_declared_one_fails_the_load(make_model):
+    assert make_model(token2wav_runtime=OPTIONS_RUNTIME, sample_rate="24000").runtime.sample_rate == 24000
+    with pytest.raises(RuntimeError, match="produces 16000 Hz but the model declares sample_rate 24000"):
+        make_model(token2wav_runtime=HELPERS + ":SixteenKilohertzToken2Wav", sample_rate="24000")
+
+
+def test_the_real_runtime_behind_the_adapter_gives_the_librarys_audio(make_model, tiny_models):
+    """Token2Wav (the default runtime) on the tiny reference models: offline and streamed audio
+    through the adapter equal the library's for the same seed; the stream is released when final."""
+    from cosyvoice.acoustic.token2wav import Token2Wav
+
+    model = make_model(model_dir=tiny_models, token2wav_runtime="", seed="11", device="cpu")
+    assert isinstance(model.runtime, Token2Wav) and model.runtime.seed == 11
+    rng = np.random.default_rng(0)
+    tokens, prompt = rng.integers(0, 6561, 40), rng.integers(0, 6561, 6)
+    feat = rng.normal(size=(12, 80)).astype(np.float16)  # what the BLS sends (FP16)
+    embedding = rng.normal(size=192).astype(np.float16)
+    prompt_inputs = {"prompt_speech_tokens": _ids(prompt), "prompt_speech_feat": feat[None],
+                     "prompt_spk_embedding": embedding[None]}
+    offline = model.execute([_Request("off", target_speech_tokens=_ids(tokens), **prompt_inputs)])[0]
+    wav = offline.output_tensors[0].as_numpy().reshape(-1)
+    library = Token2Wav(tiny_models, seed=11, device="cpu")
+    args = (prompt, feat.astype(np.float32), embedding.astype(np.float32))
+    np.testing.assert_array_equal(wav, library.synthesize(tokens, *args))
+    assert len(wav) == 480 * 2 * len(tokens) and np.isfinite(wav).all() and np.abs(wav).max() <= 0.99
+    chunks = [_result(r) for r in (model.execute([_chunk("s", tokens[:18], 0, False, **prompt_inputs)])
+                                   + model.execute([_chunk("s", tokens, 15, True, **prompt_inputs)]))]
+    assert len(model.streams) == 0 and model.runtime.live_streams == 0
+    expected = list(library.stream(tokens, *args, ends=[15]))
+    assert [len(c) for c in chunks] == [len(c) for c in expected] == [960 * 15 - 3840, 960 * 25 + 3840]
+    for got, want in zip(chunks, expected):
+        np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), want)

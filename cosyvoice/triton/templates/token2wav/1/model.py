@@ -2,10 +2,16 @@
 
 This adapter owns the Triton protocol (optional prompt inputs, the 151663 id offset,
 ``token_offset``/``finalize`` streaming, per-request cache release). The acoustic model itself
-(flow matching + HiFT on ``model_dir``'s ``flow.pt``/``hift.pt``) is a runtime object named by
-the ``token2wav_runtime`` parameter ("module:attribute" or "/path/file.py:attribute"), a factory
-``(model_dir) -> runtime`` whose runtime has ``synthesize(tokens, prompt_tokens, prompt_feat,
+(flow matching + HiFT on ``model_dir``'s ``flow.pt``/``hift.pt``) is a runtime object made by a
+factory named by the ``token2wav_runtime`` parameter ("module:attribute" or
+"/path/file.py:attribute"; by default ``cosyvoice.acoustic.token2wav:Token2Wav``), called as
+``factory(model_dir, **options)``; the runtime has ``synthesize(tokens, prompt_tokens, prompt_feat,
 embedding, *, token_offset, finalize, request_id) -> float32 samples`` and ``release(request_id)``.
+``options`` are the runtime parameters the config sets (``device``, ``stream_cache``,
+``chunk_causal_final``, ``estimator_dtype``, ``seed``, ``max_stream_cache_bytes``; see
+``runtime.token2wav_options``), only those that are set; on a ``KIND_GPU`` instance without a
+``device`` parameter the instance's GPU is the device. The output rate is the config's
+``sample_rate`` (24000): a runtime whose ``sample_rate`` differs fails the model load.
 
 Inputs are checked before the runtime sees them: every id must be a speech token (151663 +
 0..6560), ``token_offset`` must lie within the tokens; a bad request gets an error response, the
@@ -23,7 +29,7 @@ import triton_python_backend_utils as pb_utils
 
 from cosyvoice.triton import runtime
 
-DEFAULT_RUNTIME = "cosyvoice.acoustic.token2wav:Token2Wav"
+DEFAULT_RUNTIME = runtime.DEFAULT_TOKEN2WAV_RUNTIME
 
 
 def _optional(request, name):
@@ -54,7 +60,7 @@ class TritonPythonModel:
         except (ImportError, AttributeError) as exc:
             raise RuntimeError(f"token2wav: acoustic runtime {spec!r} is not available ({exc}); install the package "
                                "providing it or set the token2wav_runtime parameter") from exc
-        self.runtime = factory(params["model_dir"])
+        self.runtime = self._make_runtime(factory, spec, params, args)
         self.streams = runtime.StreamCache(self.runtime.release, idle_timeout_s=idle, max_live=max_live,
                                            log=pb_utils.Logger.log_warn)
         # idle streams are released even while no request arrives
@@ -62,6 +68,29 @@ class TritonPythonModel:
         self._sweeper = threading.Thread(target=self._sweep_loop, args=(min(idle / 2, 5.0),), daemon=True,
                                          name="token2wav-stream-sweeper")
         self._sweeper.start()
+
+    @staticmethod
+    def _make_runtime(factory, spec, params, args):
+        """``factory(model_dir, **options)``, its output rate checked against the config's."""
+        options = runtime.token2wav_options(params)
+        if "device" not in options and args.get("model_instance_kind") == "GPU":
+            options["device"] = f"cuda:{args.get('model_instance_device_id') or 0}"
+        if "device" in options:
+            runtime.check_device(options["device"])
+        try:
+            made = factory(params["model_dir"], **options)
+        except TypeError as exc:
+            if not options:
+                raise
+            raise RuntimeError(f"token2wav: {spec}({params['model_dir']!r}, **{options}) failed ({exc}); the parameters "
+                               f"{', '.join(sorted(options))} are options of {DEFAULT_RUNTIME}: leave them unset for a "
+                               "runtime that does not take them") from exc
+        declared = runtime.positive_parameter(params, "sample_rate", runtime.TOKEN2WAV_SAMPLE_RATE, cast=int)
+        rate = getattr(made, "sample_rate", None)
+        if rate is not None and int(rate) != declared:
+            raise RuntimeError(f"token2wav: runtime {spec!r} produces {rate} Hz but the model declares sample_rate "
+                               f"{declared} (what clients are told)")
+        return made
 
     def _sweep_loop(self, interval):
         while not self._stop.wait(interval):
