@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from cosyvoice.acoustic.preview import sample_preview
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.stages import STAGES
 from cosyvoice.triton.publish import DEFAULT_MOUNT, has_engine, publish_triton_repo
@@ -48,7 +49,8 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     ``<data root>/triton/<name>/<version>/``; the channel's pointer (``LATEST`` for the TensorRT-LLM
     repository, ``LATEST-cpu`` for the python-backend fallback) switches only after the upload
     verifies and the load test passed (or ``load_test: skip`` was configured). Nothing is published
-    when the repository is invalid or the load test fails."""
+    when the repository is invalid or the load test fails. The metadata shows ~2 s the published
+    acoustic models speak for the default speaker (``sample``: waveform + spectrogram)."""
     layout = store.layout
     hf_dir = config.hf_dir or layout.export_dir("hf")
     engine_dir = config.engine_dir or layout.export_dir("engine", config.engine_variant)
@@ -70,6 +72,9 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
                                  llm_backend=backend)
     if not report.promoted:
         context.log.error(report.summary())
+    sample = sample_preview(model_dir, spk2info_url, utterance=spk.speakers["001"])
+    if sample.status != "rendered":
+        context.log.warning(f"no spoken sample of {model_dir}: {sample.reason}")
     validation = report.manifest["validation"]
     load = report.manifest["server_load_test"]
     # a load test that did not run passes only when skipped on purpose ("skipped" means load_test: skip)
@@ -78,6 +83,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     return dg.MaterializeResult(
         metadata={**report.as_metadata(), "spk2info_speakers": spk.speakers,
                   "model_bytes": report.manifest["model_bytes"],
+                  **sample.as_metadata(), "sample": dg.MetadataValue.md(sample.markdown()),
                   "pull": f"cosyvoice-pipeline triton-pull --root {layout.triton_root(config.name)} --dest "
                           f"{config.mount}{channel_flag}"},
         check_results=[

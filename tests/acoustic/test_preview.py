@@ -65,7 +65,7 @@ def test_the_sample_is_two_seconds_of_the_default_speakers_tokens(tiny_models, s
     assert _image(preview.png).shape[:2] == (360, 630)
     markdown = preview.markdown()
     assert markdown.startswith("![sample: 2.00 s, speaker 001](data:image/png;base64,")
-    assert base64.b64decode(markdown.split(",", 1)[1].rstrip(")")) == preview.png
+    assert base64.b64decode(markdown.split("base64,", 1)[1].rstrip(")")) == preview.png
     meta = preview.as_metadata()
     assert meta["sample_status"] == "rendered" and meta["sample_seconds"] == 2.0 and meta["sample_utterance"] == "u1"
     # the picture is of what Token2Wav says for those tokens and that speaker, with the seeded noise
