@@ -46,5 +46,6 @@ def add_subcommands(sub) -> None:
     p.add_argument("--chunk_causal_final", action="store_true",
                    help="keep the final chunk chunk-causal too (a stream costs about one offline pass)")
     p.add_argument("--seed", type=int, default=0, help="LLM sampling and vocoder noise (same seed, same bytes)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="token2wav's device: cpu, cuda, cuda:1 ... (default: cuda when available; "
+                   "the LLM of --text runs on the CPU, as the Triton HF stand-in does)")
     p.set_defaults(func=cmd_synthesize)

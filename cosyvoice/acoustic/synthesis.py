@@ -193,10 +193,11 @@ def prompt_from_wav(model_dir: str, wav_url: str, text: str = "") -> Prompt:
 
 
 def text_to_tokens(llm_dir: str, text: str, *, prompt: Prompt | None = None, seed: int = 0,
-                   max_new_tokens: int | None = None, device: str | None = None) -> np.ndarray:
+                   max_new_tokens: int | None = None) -> np.ndarray:
     """Speech tokens the LLM (an HF export: ``Qwen2ForCausalLM`` + tokenizer [+ embedding_bias])
     samples for ``text``, as the BLS asks ``tensorrt_llm`` for them (its prompt, its sampling
-    settings with ``seed``, stop at ``<|eos1|>``)."""
+    settings with ``seed``, stop at ``<|eos1|>``). Runs on the CPU: it is the Triton HF stand-in's
+    sampler (``runtime.sample_stream``), which decodes there."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,15 +214,14 @@ def text_to_tokens(llm_dir: str, text: str, *, prompt: Prompt | None = None, see
         raise ValueError(f"{llm_dir}: no <|eos1|> token (not a CosyVoice2 HF export)")
     prompt_ids = np.zeros(0, dtype=np.int64) if prompt is None else prompt.tokens + runtime.ORIGINAL_VOCAB_SIZE
     input_ids = runtime.prompt_ids(tokenizer, prompt.text if prompt else "", text, prompt_ids)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     bias = runtime.load_embedding_bias(llm_dir)
     sampling = runtime.SAMPLING
     ids = list(runtime.sample_stream(
-        model, torch.from_numpy(input_ids.astype(np.int64)).to(dev), end_id=eos,
+        model, torch.from_numpy(input_ids.astype(np.int64)), end_id=eos,
         max_new_tokens=max_new_tokens or runtime.MAX_NEW_TOKENS, temperature=sampling["temperature"],
         top_k=sampling["top_k"], top_p=sampling["top_p"], repetition_penalty=sampling["repetition_penalty"],
-        seed=seed, embedding_bias=None if bias is None else torch.from_numpy(bias).to(dev)))
+        seed=seed, embedding_bias=None if bias is None else torch.from_numpy(bias)))
     if not ids:
         raise ValueError(f"{llm_dir}: the LLM generated no speech tokens for {text[:60]!r}")
     return runtime.speech_tokens_from_llm_ids(ids, "LLM output")
@@ -285,8 +285,7 @@ def synthesize(model_dir: str, out: str, *, tokens: str | None = None, utt: str 
     llm_seconds = None
     if text is not None:
         llm_started = time.perf_counter()
-        speech = text_to_tokens(llm_dir, text, prompt=prompt, seed=seed, max_new_tokens=max_new_tokens,
-                                device=device)
+        speech = text_to_tokens(llm_dir, text, prompt=prompt, seed=seed, max_new_tokens=max_new_tokens)
         llm_seconds = time.perf_counter() - llm_started
     load_started = time.perf_counter()
     model = Token2Wav(model_dir, device=device, chunk_causal_final=chunk_causal_final, seed=seed)
