@@ -177,12 +177,13 @@ class Token2Wav:
             return self._out(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
-        held = 0 if finalize else self.flow.config.lookahead
-        if not 0 <= int(token_offset) <= tokens.shape[1] - held:
-            raise ValueError(f"token_offset {token_offset} outside the {tokens.shape[1] - held} tokens this call covers")
         with self._lock:
             stream = self._streams.setdefault(request_id, _Stream(cached=self.stream_cache))
         try:
+            held = 0 if finalize else self.flow.config.lookahead
+            if not 0 <= int(token_offset) <= tokens.shape[1] - held:
+                raise ValueError(f"token_offset {token_offset} outside the {tokens.shape[1] - held} tokens this "
+                                 "call covers")
             with torch.inference_mode():
                 wav, mel = self._chunk(stream, tokens, prompt, feat, emb, int(token_offset), finalize, generator)
         except BaseException:
