@@ -154,14 +154,18 @@ def read_speech_tokens(url: str, utt: str | None = None) -> np.ndarray:
         except ValueError as exc:
             raise ValueError(f"{url}: not a plain .npy array ({exc})") from None
         return check_token_ids(array, url)
-    words = storage.read_text(url).replace(",", " ").split()
     try:
-        tokens = np.array([int(w) for w in words], dtype=np.int64)
-    except ValueError:
-        first = next(w for w in words if not w.lstrip("-").isdigit())
-        raise ValueError(f"{url}: expected integer speech-token ids separated by spaces, commas or newlines; "
-                         f"found {first[:40]!r}") from None
-    return check_token_ids(tokens, url)
+        text = storage.read_text(url)
+    except UnicodeDecodeError:
+        raise ValueError(f"{url}: not a text file of token ids (nor .npy/.pt/.parquet by its suffix)") from None
+    ids = []
+    for word in text.replace(",", " ").split():
+        try:
+            ids.append(int(word))
+        except ValueError:
+            raise ValueError(f"{url}: expected integer speech-token ids separated by spaces, commas or newlines; "
+                             f"found {word[:40]!r}") from None
+    return check_token_ids(np.array(ids, dtype=np.int64), url)
 
 
 def missing_files(model_dir: str, names: Iterable[str]) -> list[str]:

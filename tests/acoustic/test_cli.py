@@ -190,6 +190,7 @@ def _error_cases(tmp_path, tiny_models, no_flow_dir):
     (tmp_path / "big.txt").write_text("1 2 6561 4")
     (tmp_path / "negative.txt").write_text("1 -2")
     (tmp_path / "words.txt").write_text("1 2 three")
+    (tmp_path / "binary.bin").write_bytes(b"\x89PNG\xff\xfe")
     torch.save({"a": [1], "b": [2]}, tmp_path / "two.pt")
     model = ["--model_dir", tiny_models]
     return [
@@ -198,6 +199,7 @@ def _error_cases(tmp_path, tiny_models, no_flow_dir):
         (model + ["--tokens", str(tmp_path / "big.txt")], "1 of 4 ids outside the speech tokens 0..6560; first: 6561 at position 2"),
         (model + ["--tokens", str(tmp_path / "negative.txt")], "first: -2 at position 1"),
         (model + ["--tokens", str(tmp_path / "words.txt")], "found 'three'"),
+        (model + ["--tokens", str(tmp_path / "binary.bin")], "binary.bin: not a text file of token ids"),
         (model + ["--tokens", str(tmp_path / "two.pt")], "two.pt: holds 2 utterances; choose one with utt (--utt)"),
         (model + ["--tokens", str(tmp_path / "two.pt"), "--utt", "c"], "no utterance 'c'"),
         (model + ["--tokens", good, "--utt", "a"], "utt is only for .pt dicts and parquet shards"),
