@@ -1,11 +1,13 @@
-"""The rendered repository served by a real tritonserver (CPU, python backend) on 127.0.0.1.
+"""The rendered repository served by a real tritonserver (CPU, python backend) on 127.0.0.1, end to end.
 
 ``speaker_embedding`` and ``audio_tokenizer`` run the reference ONNX models and must return what
 the offline extraction stage computes. ``tensorrt_llm`` is served by our HF runner behind the
-identical 60-input/19-output config (``llm_backend="python"``), so the decoupled ``cosyvoice2``
-BLS streams through the real Triton machinery. There is no acoustic model yet (issue: acoustic
-model / token2wav): ``token2wav`` runs our real adapter with an echo runtime whose "waveform" is the
-speech tokens of each chunk, so these tests stop at streamed speech tokens.
+identical 60-input/19-output config (``llm_backend="python"``), so the ``cosyvoice2`` BLS streams
+through the real Triton machinery; ``token2wav`` runs the default acoustic runtime
+(``cosyvoice.acoustic.token2wav:Token2Wav``) on the tiny reference ``flow.pt``/``hift.pt``. Text
+goes in, 24 kHz audio comes out: streamed by the decoupled repository, in one piece by a
+non-decoupled one, each equal to what the library computes for the LLM's tokens (vocoder noise
+seeded by the ``token2wav_seed`` parameter), and the stream close to the offline waveform.
 """
 
 from __future__ import annotations
@@ -23,20 +25,43 @@ from cosyvoice.features import frontend
 from cosyvoice.triton import runtime
 from cosyvoice.triton.render import render_repo, repo_values
 from cosyvoice.triton.server import TritonServer
-from tests.triton.helpers import EOS1, ORIGINAL_VOCAB_SIZE, SPEECH_TOKENS
+from tests.triton.helpers import EOS1, ORIGINAL_VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
-ECHO_RUNTIME = os.path.join(os.path.dirname(__file__), "helpers.py") + ":EchoToken2Wav"
+ALL_MODELS = ("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
+SEED = 1234  # token2wav_seed: every token2wav call's vocoder noise, reproducible in the library
+SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples (24 kHz) per frame
+HELD_BACK = 3840  # samples a non-final chunk holds back for the cross-fade with the next one
+#: documented tolerance (docs): relative RMS difference of the concatenated stream to the offline
+#: waveform with seeded vocoder noise (chunk-causal flow, per-chunk noise, cross-fades)
+STREAM_REL_RMS = 0.25
+TARGET_TEXT = "the quick brown fox jumps over the lazy dog"
+
+
+def _serve(triton_env, hf_dir, model_dir, out, *, decoupled):
+    values = repo_values(engine_dir=hf_dir, hf_dir=hf_dir, model_dir=model_dir, bls_instances=1, decoupled=decoupled,
+                         overrides={"token2wav_seed": str(SEED), "token2wav_device": "cpu"})
+    render_repo(out, values, llm_backend="python")
+    return TritonServer(out, env=triton_env)
 
 
 @pytest.fixture(scope="module")
 def server(triton_env, hf_dir, model_dir, tmp_path_factory):
-    repo = str(tmp_path_factory.mktemp("served") / "model_repo")
-    values = repo_values(engine_dir=hf_dir, hf_dir=hf_dir, model_dir=model_dir, bls_instances=1,
-                         overrides={"token2wav_runtime": ECHO_RUNTIME})
-    render_repo(repo, values, llm_backend="python")
-    with TritonServer(repo, env=triton_env) as srv:
-        srv.load("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
+    """The decoupled (streaming) repository, as published."""
+    with _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served") / "model_repo"),
+                decoupled=True) as srv:
+        srv.load(*ALL_MODELS)
+        assert srv.ready()
+        yield srv
+    assert srv.process is None
+
+
+@pytest.fixture(scope="module")
+def offline_server(triton_env, hf_dir, model_dir, tmp_path_factory):
+    """The same models, not decoupled: one waveform per request."""
+    with _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served_offline") / "model_repo"),
+                decoupled=False) as srv:
+        srv.load(*ALL_MODELS)
         assert srv.ready()
         yield srv
     assert srv.process is None
@@ -127,23 +152,102 @@ def _prompt_tokens(model_dir, wav):
     return tokens
 
 
-def test_decoupled_bls_streams_the_llm_tokens_in_upstream_chunks(client, data_dir, hf_dir, model_dir):
+@pytest.fixture(scope="module")
+def utterance(data_dir):
+    """Reference audio (16 kHz) and its transcript: the prompt of the end-to-end requests."""
     texts, wavs = read_table(data_dir, "text", joined=True), read_table(data_dir, "wav.scp")
     utt = sorted(wavs)[0]
-    wav = _wav16k(wavs[utt])
-    target = "the quick brown fox jumps over the lazy dog"
-    inputs = [_input("reference_wav", wav[None], "FP32"),
-              _input("reference_wav_len", np.array([[len(wav)]], np.int32), "INT32"),
-              _input("reference_text", np.array([[texts[utt]]], dtype=object), "BYTES"),
-              _input("target_text", np.array([[target]], dtype=object), "BYTES")]
-    chunks, error = _stream(client, inputs, "with-reference")
+    return _wav16k(wavs[utt]), texts[utt]
+
+
+def _reference_inputs(wav, text, target=TARGET_TEXT):
+    return [_input("reference_wav", wav[None], "FP32"),
+            _input("reference_wav_len", np.array([[len(wav)]], np.int32), "INT32"),
+            _input("reference_text", np.array([[text]], dtype=object), "BYTES"),
+            _input("target_text", np.array([[target]], dtype=object), "BYTES")]
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(utterance, hf_dir, model_dir):
+    """The speech tokens the LLM stand-in generates for the request (what token2wav must voice)."""
+    wav, text = utterance
+    tokens = _expected_tokens(hf_dir, text, TARGET_TEXT, _prompt_tokens(model_dir, wav))
+    assert len(tokens) >= 18 + 25  # long enough for two streamed chunks before the final one
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def library(utterance, model_dir):
+    """The acoustic runtime in this process, seeded like the served one, with the prompt the BLS
+    sends token2wav (prompt tokens aligned 1 : 2 to the 24 kHz mel, mel and embedding as FP16)."""
+    from cosyvoice.acoustic.token2wav import Token2Wav
+
+    wav, _ = utterance
+    tokens = _prompt_tokens(model_dir, wav)
+    feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav))[1]
+    campplus = runtime.onnx_session(os.path.join(model_dir, "campplus.onnx"))
+    embedding = runtime.speaker_embedding(campplus, wav)
+    prompt = (tokens, feat.astype(np.float16).astype(np.float32), embedding.astype(np.float16).astype(np.float32))
+    return Token2Wav(model_dir, seed=SEED, device="cpu"), prompt
+
+
+@pytest.fixture(scope="module")
+def streamed(client, utterance):
+    chunks, error = _stream(client, _reference_inputs(*utterance), "with-reference")
     assert error is None
-    expected = _expected_tokens(hf_dir, texts[utt], target, _prompt_tokens(model_dir, wav))
-    assert len(expected) >= 18 + 25  # long enough for two streamed chunks before the final one
-    streamed = [int(t) for c in chunks for t in c]
-    assert streamed == expected and all(0 <= t < SPEECH_TOKENS for t in streamed)
-    assert [len(c) for c in chunks] == _chunk_sizes(len(expected))
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def offline(offline_server, utterance):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(offline_server.grpc_url)
+    assert not client.get_model_config("cosyvoice2").config.model_transaction_policy.decoupled
+    return client.infer("cosyvoice2", _reference_inputs(*utterance), client_timeout=600).as_numpy("waveform").reshape(-1)
+
+
+def _is_audio(wav):
+    return wav.dtype == np.float32 and bool(np.isfinite(wav).all()) and float(np.abs(wav).max()) <= 0.99
+
+
+def test_the_served_rate_is_24_khz(client):
+    config = client.get_model_config("token2wav").config
+    assert config.parameters["sample_rate"].string_value == "24000"  # the model refuses a runtime producing another
+    assert config.parameters["seed"].string_value == str(SEED)
+
+
+def test_decoupled_bls_streams_the_speech_of_the_llm_tokens_in_upstream_chunks(streamed, expected_tokens, library):
+    sizes = _chunk_sizes(len(expected_tokens))
+    assert len(streamed) == len(sizes) >= 3
+    # chunk k voices its tokens; the first holds back the cross-fade tail, the final one releases it
+    lengths = [SAMPLES_PER_TOKEN * n for n in sizes]
+    lengths[0] -= HELD_BACK
+    lengths[-1] += HELD_BACK
+    assert [len(c) for c in streamed] == lengths
+    assert sum(lengths) == SAMPLES_PER_TOKEN * len(expected_tokens)
+    assert all(_is_audio(c) for c in streamed)
+    # the audio of exactly the LLM's tokens, cut where the BLS cut them: the library's stream, chunk by chunk
+    runtime_, prompt = library
+    ends = list(np.cumsum(sizes[:-1]))
+    local = list(runtime_.stream(np.asarray(expected_tokens), *prompt, ends=ends))
+    for k, (got, want) in enumerate(zip(streamed, local)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"chunk {k}")
     assert _chunk_sizes(750) == [15, 25, 50, 100, 200, 360]  # 15 + 3 first, then 25 * 2^k, the rest last
+
+
+def test_offline_bls_returns_the_utterance_and_the_stream_agrees_with_it(offline, streamed, expected_tokens, library,
+                                                                        record_property):
+    n = len(expected_tokens)
+    assert len(offline) == SAMPLES_PER_TOKEN * n and _is_audio(offline)
+    runtime_, prompt = library
+    np.testing.assert_allclose(offline, runtime_.synthesize(np.asarray(expected_tokens), *prompt), rtol=0, atol=1e-5)
+    joined = np.concatenate(streamed)
+    assert len(joined) == len(offline)
+    rel_rms = float(np.sqrt(np.mean((joined - offline) ** 2)) / np.sqrt(np.mean(offline ** 2)))
+    record_property("stream_vs_offline_rel_rms", rel_rms)
+    print(f"stream vs offline: relative RMS {rel_rms:.4f} over {n} tokens, {len(streamed)} chunks")
+    assert rel_rms <= STREAM_REL_RMS
 
 
 def _chunk_sizes(total: int) -> list[int]:
@@ -156,6 +260,8 @@ def _chunk_sizes(total: int) -> list[int]:
 
 
 def test_bls_without_reference_audio_prompts_with_the_spk2info_cache(client, hf_dir, model_dir):
+    from cosyvoice.acoustic.token2wav import Token2Wav
+
     missing_text = [_input("reference_wav", np.zeros((1, 16000), np.float32), "FP32"),
                     _input("reference_wav_len", np.array([[16000]], np.int32), "INT32"),
                     _input("target_text", np.array([["hello"]], dtype=object), "BYTES")]
@@ -165,8 +271,13 @@ def test_bls_without_reference_audio_prompts_with_the_spk2info_cache(client, hf_
     cached = runtime.load_spk2info(os.path.join(model_dir, "spk2info.pt"))["001"]
     target = "good morning"
     chunks, error = _stream(client, [_input("target_text", np.array([[target]], dtype=object), "BYTES")],
-                            "cached-speaker", max_chunks=1)
-    assert error is None and len(chunks) == 1 and len(chunks[0]) == 15
+                            "cached-speaker", max_chunks=1)  # then cancelled: the server releases the stream
+    assert error is None and len(chunks) == 1 and len(chunks[0]) == SAMPLES_PER_TOKEN * 15 - HELD_BACK
     expected = _expected_tokens(hf_dir, cached["prompt_text"], target, cached["speech_token"].reshape(-1).numpy(),
-                                max_new_tokens=15)
-    assert chunks[0].astype(int).tolist() == expected
+                                max_new_tokens=18)
+    prompt = (cached["speech_token"].reshape(-1).numpy(),
+              cached["speech_feat"].reshape(-1, 80).numpy().astype(np.float16).astype(np.float32),
+              cached["embedding"].reshape(-1).numpy().astype(np.float16).astype(np.float32))
+    first = Token2Wav(model_dir, seed=SEED, device="cpu").synthesize(
+        np.asarray(expected), *prompt, token_offset=0, finalize=False, request_id="first")
+    np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)
