@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -50,17 +51,6 @@ def server(triton_env, hf_dir, model_dir, tmp_path_factory):
     """The decoupled (streaming) repository, as published."""
     with _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served") / "model_repo"),
                 decoupled=True) as srv:
-        srv.load(*ALL_MODELS)
-        assert srv.ready()
-        yield srv
-    assert srv.process is None
-
-
-@pytest.fixture(scope="module")
-def offline_server(triton_env, hf_dir, model_dir, tmp_path_factory):
-    """The same models, not decoupled: one waveform per request."""
-    with _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served_offline") / "model_repo"),
-                decoupled=False) as srv:
         srv.load(*ALL_MODELS)
         assert srv.ready()
         yield srv
@@ -199,12 +189,24 @@ def streamed(client, utterance):
 
 
 @pytest.fixture(scope="module")
-def offline(offline_server, utterance):
+def offline(triton_env, hf_dir, model_dir, tmp_path_factory, utterance):
+    """The waveform of the same request from the same models, not decoupled (one waveform per
+    request). That server is stopped in the background as soon as it answered (stopping waits
+    for its backend stubs; the other tests run meanwhile)."""
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(offline_server.grpc_url)
-    assert not client.get_model_config("cosyvoice2").config.model_transaction_policy.decoupled
-    return client.infer("cosyvoice2", _reference_inputs(*utterance), client_timeout=600).as_numpy("waveform").reshape(-1)
+    srv = _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served_offline") / "model_repo"),
+                 decoupled=False)
+    with srv:
+        srv.load(*ALL_MODELS)
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        assert not client.get_model_config("cosyvoice2").config.model_transaction_policy.decoupled
+        result = client.infer("cosyvoice2", _reference_inputs(*utterance), client_timeout=600)
+        stopping = threading.Thread(target=srv.stop, name="stop-offline-tritonserver")
+        stopping.start()
+        yield result.as_numpy("waveform").reshape(-1)
+        stopping.join()
+    assert srv.process is None
 
 
 def _is_audio(wav):
