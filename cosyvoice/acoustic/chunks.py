@@ -88,3 +88,7 @@ class Pass:
         if self.state is not None:
             self.state.store[self._key(module, "kv")] = (k[:, :, :self.commit], v[:, :, :self.commit])
         return k, v
+
+
+#: a plain pass (nothing cached, full attention): what the compiled estimator is traced with
+PLAIN = Pass(None, 0, 0, 0)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.acoustic.chunks import ChunkState, Pass
+from cosyvoice.acoustic.chunks import PLAIN, ChunkState, Pass
 from cosyvoice.acoustic.encoder import UpsampleConformerEncoder
 from cosyvoice.acoustic.estimator import CausalConditionalDecoder
 
@@ -98,6 +98,17 @@ class FlowMatching(nn.Module):
             head_dim=config.estimator_head_dim, blocks=config.estimator_blocks,
             mid_blocks=config.estimator_mid_blocks, heads=config.estimator_heads, chunk=config.frame_chunk)
 
+        self._compiled = None
+
+    def compile_estimator(self) -> None:
+        """Run plain passes (offline calls, upstream-exact final chunks) through ``torch.compile``.
+
+        Chunked passes stay eager: their positions and caches change every call. Compiling takes
+        minutes on a CPU (once per process and shape family, ``dynamic=True``), then the fused
+        kernels run several times faster.
+        """
+        self._compiled = torch.compile(self.estimator, dynamic=True)
+
     def time_steps(self) -> torch.Tensor:
         span = torch.linspace(0, 1, self.config.n_timesteps + 1, dtype=torch.float32)
         return 1 - torch.cos(span * 0.5 * torch.pi)
@@ -118,9 +129,11 @@ class FlowMatching(nn.Module):
         cond_in = torch.cat([cond, zeros(cond)]).to(dtype)
         t, dt = steps[0:1], steps[1] - steps[0]
         rate = self.config.cfg_rate
+        compiled = self._compiled is not None and run.state is None and not chunked
+        estimator = self._compiled if compiled else self.estimator
         for step in range(1, len(steps)):
-            v = self.estimator(torch.cat([x, x]).to(dtype), mu_in, t.expand(2).to(dtype), spks_in, cond_in,
-                               run.at_step(step), chunked).float()
+            v = estimator(torch.cat([x, x]).to(dtype), mu_in, t.expand(2).to(dtype), spks_in, cond_in,
+                          PLAIN if compiled else run.at_step(step), chunked).float()
             x = x + dt * ((1.0 + rate) * v[:1] - rate * v[1:])
             t = t + dt
             if step < len(steps) - 1:

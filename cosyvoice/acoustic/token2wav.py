@@ -54,6 +54,7 @@ class _Stream:
     mel: torch.Tensor | None = None  # last MEL_CACHE_FRAMES frames handed to the vocoder
     source: torch.Tensor | None = None  # last SOURCE_CACHE_SAMPLES of the excitation
     speech: torch.Tensor | None = None  # held-back last SOURCE_CACHE_SAMPLES of the waveform
+    next_offset: int = 0  # where the next chunk must start
 
 
 def stream_hops(n_tokens: int, prompt_tokens: int = 0, lookahead: int = 3, hop: int = TOKEN_HOP,
@@ -90,15 +91,21 @@ class Token2Wav:
     released defaults when absent), ``flow.pt`` and ``hift.pt``, loaded strictly.
 
     ``seed`` makes every call's vocoder noise reproducible (a generator seeded with it per call,
-    unless the call passes its own); by default the noise comes from torch's global generator, as
-    upstream's does.
+    so every chunk of a stream starts from the seed, unless the call passes its own); by default the
+    noise comes from torch's global generator, as upstream's does. ``compile`` runs the estimator's
+    plain passes (offline calls and upstream-exact final chunks) through ``torch.compile``: minutes
+    of compiling at construction, then several times faster on a CPU.
+
+    A stream's chunks must be contiguous: the first at ``token_offset`` 0, each next one where the
+    previous ended (upstream does not check; a skipped chunk would silently give wrong audio).
     """
 
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model_dir: str, *, device: str | None = None, stream_cache: bool = True,
                  chunk_causal_final: bool = False, estimator_dtype: str = "fp32",
-                 max_stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, seed: int | None = None):
+                 max_stream_cache_bytes: int = DEFAULT_STREAM_CACHE_BYTES, seed: int | None = None,
+                 compile: bool = False):
         if estimator_dtype not in DTYPES:
             raise ValueError(f"estimator_dtype must be one of {sorted(DTYPES)}, got {estimator_dtype!r}")
         self.model_dir = model_dir
@@ -110,6 +117,9 @@ class Token2Wav:
         self.stream_cache, self.chunk_causal_final = stream_cache, chunk_causal_final
         self.max_stream_cache_bytes = max_stream_cache_bytes
         self.seed = seed
+        if compile:
+            self.flow.decoder.compile_estimator()
+            self.synthesize(np.zeros(30, dtype=np.int64))  # compile now, not in the first request
         self.window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).to(self.device)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -184,6 +194,10 @@ class Token2Wav:
             if not 0 <= int(token_offset) <= tokens.shape[1] - held:
                 raise ValueError(f"token_offset {token_offset} outside the {tokens.shape[1] - held} tokens this "
                                  "call covers")
+            if int(token_offset) != stream.next_offset:
+                raise ValueError(f"request {request_id!r}: chunk at token_offset {token_offset}, but the stream "
+                                 f"continues at {stream.next_offset} (chunks must be contiguous; start again at 0)")
+            stream.next_offset = tokens.shape[1] - held
             with torch.inference_mode():
                 wav, mel = self._chunk(stream, tokens, prompt, feat, emb, int(token_offset), finalize, generator)
         except BaseException:

@@ -129,3 +129,17 @@ def test_token_ids_are_checked():
         token_tensor([-1], 6561, "tokens")
     with pytest.raises(ValueError, match="integers"):
         token_tensor([1.5], 6561, "tokens")
+
+
+def test_compiled_estimator_matches_eager(inputs):
+    """The opt-in torch.compile path (offline / upstream-exact final passes) computes the same mel."""
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = FlowModel(MICRO).eval()
+    eager = _mel(model, inputs, 40, finalize=True, chunked=False)
+    chunked = _mel(model, inputs, 40, finalize=False, chunked=True)
+    model.decoder.compile_estimator()
+    assert (_mel(model, inputs, 40, finalize=True, chunked=False) - eager).abs().max() < 1e-4
+    assert model.decoder._compiled is not None
+    # chunked passes keep running eagerly (their positions and caches change every call)
+    assert (_mel(model, inputs, 40, finalize=False, chunked=True, stream=FlowStream()) - chunked).abs().max() < 1e-5

@@ -131,3 +131,13 @@ def test_bad_input_is_refused_and_releases_the_stream(runtime, inputs):
 def test_missing_model_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="flow.pt"):
         Token2Wav(str(tmp_path), device="cpu")
+
+
+def test_stream_chunks_must_be_contiguous(runtime, inputs):
+    tokens = inputs[0]
+    with pytest.raises(ValueError, match="continues at 0"):
+        runtime.synthesize(tokens[:20], token_offset=5, finalize=False, request_id="gap")
+    runtime.synthesize(tokens[:18], token_offset=0, finalize=False, request_id="gap")
+    with pytest.raises(ValueError, match="chunk at token_offset 20, but the stream continues at 15"):
+        runtime.synthesize(tokens[:43], token_offset=20, finalize=False, request_id="gap")
+    assert runtime.live_streams == 0
