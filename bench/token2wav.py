@@ -71,6 +71,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--estimator_dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--model_dir", help="reuse a model dir with flow.pt/hift.pt/cosyvoice2.yaml (else written)")
+    ap.add_argument("--compile", action="store_true",
+                    help="then also measure ours with the opt-in torch.compile estimator (offline, exact streaming)")
     args = ap.parse_args()
 
     import torch
@@ -98,6 +100,9 @@ def main() -> int:
     upstream = upstream_acoustic.UpstreamToken2Wav(configs[0].to_dict(), configs[1].upstream_kwargs(),
                                                    os.path.join(model_dir, "flow.pt"),
                                                    os.path.join(model_dir, "hift.pt"))
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)  # upstream's modules configure DEBUG logging on import
     if args.device != "cpu":
         upstream.model.flow.to(args.device)
         upstream.model.hift.to(args.device)
@@ -108,6 +113,7 @@ def main() -> int:
     for model in (upstream, ours):  # warm-up (allocator, oneDNN primitives)
         model.synthesize(warm, None, None, EMBEDDING, token_offset=None, finalize=True, request_id="warm")
 
+    offline_times = []
     for seconds in [float(s) for s in args.seconds.split(",")]:
         n = int(round(seconds * 25))
         tokens = rng.randint(0, 6561, n)
@@ -115,6 +121,7 @@ def main() -> int:
         (up_wav, up_mel), up_off = run_offline(upstream, tokens, 0)
         (our_wav, our_mel), our_off = run_offline(ours, tokens, 0)
         audio = len(up_wav) / 24000
+        offline_times.append((seconds, up_off))
         up_chunks, up_total, up_first = run_stream(upstream, tokens, ends, "u", 100)
         our_chunks, our_total, our_first = run_stream(ours, tokens, ends, "e", 100)
         _, causal_total, causal_first = run_stream(causal, tokens, ends, "c", 100)
@@ -129,6 +136,20 @@ def main() -> int:
               f"chunk-causal {causal_first:6.2f} s")
         print(f"  agreement  offline mel {float((up_mel - our_mel).abs().max()):.1e}, "
               f"wav {float(np.abs(up_wav - our_wav).max()):.1e}; streaming wav (max over chunks) {stream_diff:.1e}")
+    if args.compile:
+        start = time.perf_counter()
+        ours.flow.decoder.compile_estimator()
+        ours.synthesize(warm, None, None, EMBEDDING)
+        print(f"\ncompiled estimator (torch.compile, dynamic shapes): compiling took {time.perf_counter() - start:.0f} s")
+        rng = np.random.RandomState(0)
+        rng.randint(0, 6561, 30)
+        for seconds, up_off in offline_times:
+            tokens = rng.randint(0, 6561, int(round(seconds * 25)))
+            (_, mel), our_off = run_offline(ours, tokens, 0)
+            _, our_total, our_first = run_stream(ours, tokens, stream_hops(len(tokens), 0), "k", 100)
+            print(f"  {seconds:g} s: offline {our_off:7.2f} s (RTF {our_off / seconds:.2f}, {up_off / our_off:.2f}x "
+                  f"upstream's offline above); exact streaming {our_total:7.2f} s = {our_total / our_off:.2f}x, "
+                  f"first chunk {our_first:.2f} s")
     if tmp is not None:
         tmp.cleanup()
     return 0
