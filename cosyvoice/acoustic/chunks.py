@@ -23,9 +23,10 @@ import torch
 def chunk_mask(q_start: int, q_end: int, k_end: int, chunk: int, device=None) -> torch.Tensor | None:
     """Boolean (queries, keys) mask: query ``i`` in ``[q_start, q_end)`` sees keys ``j < (i//chunk+1)*chunk``.
 
-    ``chunk <= 0`` means full attention (no mask, returned as None). Keys are ``[0, k_end)``.
+    ``chunk <= 0`` means full attention (no mask, returned as None). Keys are ``[0, k_end)``. None
+    too when every query sees every key (all in one chunk), so attention takes its unmasked kernels.
     """
-    if chunk <= 0:
+    if chunk <= 0 or k_end <= (q_start // chunk + 1) * chunk:
         return None
     q = torch.arange(q_start, q_end, device=device)
     limit = (torch.div(q, chunk, rounding_mode="floor") + 1) * chunk

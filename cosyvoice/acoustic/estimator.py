@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosyvoice.acoustic.chunks import Pass, chunk_mask
+from cosyvoice.acoustic.packing import PackedLinear
 
 
 def timestep_features(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
@@ -89,7 +90,13 @@ class _Projection(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
     def forward(self, x):
+        if isinstance(self.proj, PackedLinear):
+            return self.proj(x, activation="gelu")
         return F.gelu(self.proj(x))
+
+
+#: up to this many keys attention runs as plain matmul + softmax (faster than the CPU flash kernel)
+SMALL_ATTENTION = 128
 
 
 class SelfAttention(nn.Module):
@@ -109,7 +116,13 @@ class SelfAttention(nn.Module):
         q = self._split(self.to_q(x))
         k, v = run.keys_values(self, self._split(self.to_k(x)), self._split(self.to_v(x)))
         mask = chunk_mask(run.start, run.end, k.shape[2], chunk, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if k.shape[2] <= SMALL_ATTENTION:  # plain products beat the flash kernel's setup on a few frames
+            scores = torch.matmul(q, k.transpose(-2, -1)) * (self.head_dim ** -0.5)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.head_dim))
 
 

@@ -31,6 +31,7 @@ import torch
 
 from cosyvoice.acoustic.flow import FlowConfig, FlowModel, FlowStream, load_flow, token_tensor
 from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, load_hift
+from cosyvoice.acoustic.packing import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ class Token2Wav:
         self.flow: FlowModel = load_flow(os.path.join(model_dir, "flow.pt"), flow_config).to(self.device)
         self.hift: HiFTGenerator = load_hift(os.path.join(model_dir, "hift.pt"), hift_config).to(self.device)
         self.flow.decoder.estimator.to(DTYPES[estimator_dtype])
+        if self.device.type == "cpu":
+            pack_linears(self.flow)
         self.stream_cache, self.chunk_causal_final = stream_cache, chunk_causal_final
         self.max_stream_cache_bytes = max_stream_cache_bytes
         self.seed = seed
