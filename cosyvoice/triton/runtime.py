@@ -310,6 +310,7 @@ TOKEN2WAV_OPTIONS = {
     "estimator_dtype": _dtype,
     "seed": lambda raw, key: _whole(raw, key, 0, "an integer from 0 to 2**64 - 1"),
     "max_stream_cache_bytes": lambda raw, key: _whole(raw, key, 1, "a positive number of bytes"),
+    "compile": _flag,
 }
 
 

@@ -335,7 +335,7 @@ def test_token2wav_runtime_options_are_rendered_when_given_dropped_otherwise_and
     assert {k: v.string_value for k, v in _config(repo, "token2wav").parameters.items()} == base
     options = {"token2wav_runtime", "token2wav_idle_timeout_s", "token2wav_max_live_requests", "token2wav_device",
                "token2wav_stream_cache", "token2wav_chunk_causal_final", "token2wav_estimator_dtype",
-               "token2wav_seed", "token2wav_max_stream_cache_bytes"}
+               "token2wav_seed", "token2wav_max_stream_cache_bytes", "token2wav_compile"}
     assert render.template_variables("token2wav")[1] == options
     assert set(report.dropped_optional["token2wav"]) == options
     given = {"token2wav_seed": "3", "token2wav_stream_cache": "false", "token2wav_chunk_causal_final": "true",
@@ -346,7 +346,8 @@ def test_token2wav_runtime_options_are_rendered_when_given_dropped_otherwise_and
     assert params == {**base, "seed": "3", "stream_cache": "false", "chunk_causal_final": "true",
                       "estimator_dtype": "fp16", "device": "cuda:0", "max_stream_cache_bytes": "1000000",
                       "idle_timeout_s": "30"}
-    assert set(report.dropped_optional["token2wav"]) == {"token2wav_runtime", "token2wav_max_live_requests"}
+    assert set(report.dropped_optional["token2wav"]) == {"token2wav_runtime", "token2wav_max_live_requests",
+                                                         "token2wav_compile"}
     assert runtime.token2wav_options(params) == {"seed": 3, "stream_cache": False, "chunk_causal_final": True,
                                                  "estimator_dtype": "fp16", "device": "cuda:0",
                                                  "max_stream_cache_bytes": 1000000}
