@@ -62,6 +62,10 @@ def run_stream(model, tokens, ends, request_id, seed):
 EMBEDDING = np.random.RandomState(1).randn(192).astype(np.float32)
 
 
+def relative_rms(x: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((x - reference) ** 2)) / np.sqrt(np.mean(reference ** 2)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream_src", required=True, help="CosyVoice source checkout (with third_party/Matcha-TTS)")
@@ -125,7 +129,7 @@ def main() -> int:
         offline_times.append((seconds, up_off))
         up_chunks, up_total, up_first = run_stream(upstream, tokens, ends, "u", 100)
         our_chunks, our_total, our_first = run_stream(ours, tokens, ends, "e", 100)
-        _, causal_total, causal_first = run_stream(causal, tokens, ends, "c", 100)
+        causal_chunks, causal_total, causal_first = run_stream(causal, tokens, ends, "c", 100)
         stream_diff = max(float(np.abs(a - b).max()) for a, b in zip(up_chunks, our_chunks))
         print(f"\n{seconds:g} s of audio ({n} tokens, {len(ends) + 1} stream chunks at {ends})")
         print(f"  offline    upstream {up_off:7.2f} s (RTF {up_off / audio:.2f})   ours {our_off:7.2f} s "
@@ -137,6 +141,11 @@ def main() -> int:
               f"chunk-causal {causal_first:6.2f} s")
         print(f"  agreement  offline mel {float((up_mel - our_mel).abs().max()):.1e}, "
               f"wav {float(np.abs(up_wav - our_wav).max()):.1e}; streaming wav (max over chunks) {stream_diff:.1e}")
+        joined_up, joined_causal = np.concatenate(up_chunks), np.concatenate(causal_chunks)
+        last = len(up_chunks[-1])
+        print(f"  chunk-causal final vs upstream's stream: max |wav| diff {np.abs(joined_up - joined_causal).max():.1e}, "
+              f"relative RMS {relative_rms(joined_causal, joined_up):.4f} (final chunk alone "
+              f"{relative_rms(causal_chunks[-1], up_chunks[-1]):.4f}, {last / 24000:.1f} s)")
     if args.compile:
         start = time.perf_counter()
         ours.flow.decoder.compile_estimator()

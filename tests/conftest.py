@@ -119,6 +119,17 @@ def s3_bucket(s3_server, request) -> str:
     return name
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """2 shared cores: one intra-op thread is several times faster than two fighting for them."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> str:
     """Reference models with the upstream signatures but 1-layer tokenizers (fast)."""

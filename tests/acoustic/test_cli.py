@@ -14,6 +14,8 @@ from tests.triton.conftest import hf_dir  # noqa: F401  (the tiny HF export of t
 
 SAMPLES_PER_TOKEN = 2 * 480
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _tokens(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 6561, n)
@@ -50,13 +52,6 @@ def test_a_token_file_becomes_a_24khz_float_wav_of_960_samples_per_token(tiny_mo
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".out.wav")]  # no staging file left behind
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is several times faster than two fighting for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_token_file_format_reads_the_same_ids(tmp_path):

@@ -13,13 +13,7 @@ import torch
 
 from cosyvoice.acoustic.preview import render_png, sample_preview
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image(png: bytes) -> np.ndarray:

@@ -12,15 +12,7 @@ import pytest
 from cosyvoice.layout import DataLayout
 from tests.triton.conftest import data_dir, hf_dir  # noqa: F401  (the manifest and the tiny HF export)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _materialize(tmp_path, data_dir, hf_dir, model_root):  # noqa: F811
