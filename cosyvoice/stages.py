@@ -98,7 +98,7 @@ TOOLS: dict[str, Tool] = {t.command: t for t in (
     Tool("make-synthetic-corpus", "cosyvoice.corpus.synthetic:make_synthetic_corpus",
          "a deterministic LibriTTS-shaped corpus"),
     Tool("make-reference-models", "cosyvoice.features.reference_models:make_reference_models",
-         "seeded random-weight ONNX models with the upstream signatures"),
+         "seeded random-weight ONNX + flow/HiFT models with the released signatures and layout"),
     Tool("import-hf", "cosyvoice.export.hf:import_hf", "HF export -> llm.pt (exact for our exports)"),
     Tool("triton-repo", "cosyvoice.triton.render:render_repo",
          "render the CosyVoice2 Triton model repository (strict) and validate it"),

@@ -120,12 +120,12 @@ class Token2Wav:
         self.stream_cache, self.chunk_causal_final = stream_cache, chunk_causal_final
         self.max_stream_cache_bytes = max_stream_cache_bytes
         self.seed = seed
-        if compile:
-            self.flow.decoder.compile_estimator()
-            self.synthesize(np.zeros(30, dtype=np.int64))  # compile now, not in the first request
         self.window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).to(self.device)
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
+        if compile:
+            self.flow.decoder.compile_estimator()
+            self.synthesize(np.zeros(30, dtype=np.int64))  # compile now, not in the first request
 
     @staticmethod
     def _configs(model_dir: str) -> tuple[FlowConfig, HiFTConfig]:
