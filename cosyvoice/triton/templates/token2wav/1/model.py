@@ -8,7 +8,7 @@ factory named by the ``token2wav_runtime`` parameter ("module:attribute" or
 ``factory(model_dir, **options)``; the runtime has ``synthesize(tokens, prompt_tokens, prompt_feat,
 embedding, *, token_offset, finalize, request_id) -> float32 samples`` and ``release(request_id)``.
 ``options`` are the runtime parameters the config sets (``device``, ``stream_cache``,
-``chunk_causal_final``, ``estimator_dtype``, ``seed``, ``max_stream_cache_bytes``; see
+``chunk_causal_final``, ``estimator_dtype``, ``seed``, ``max_stream_cache_bytes``, ``compile``; see
 ``runtime.token2wav_options``), only those that are set; on a ``KIND_GPU`` instance without a
 ``device`` parameter the instance's GPU is the device. The output rate is the config's
 ``sample_rate`` (24000): a runtime whose ``sample_rate`` differs fails the model load.
