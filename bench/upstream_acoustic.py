@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 import numpy as np
 import torch
@@ -74,15 +73,10 @@ class UpstreamToken2Wav:
         from cosyvoice.cli.model import CosyVoice2Model
 
         flow, hift = build_flow(flow_config), build_hift(hift_kwargs)
-        model = CosyVoice2Model.__new__(CosyVoice2Model)
-        CosyVoice2Model.__init__(model, None, flow, hift, fp16=False)
-        model.load = None
         flow.load_state_dict(torch.load(flow_pt, map_location="cpu", weights_only=True), strict=True)
-        state = {k.replace("generator.", ""): v for k, v in torch.load(hift_pt, map_location="cpu",
-                                                                         weights_only=True).items()}
-        hift.load_state_dict(state, strict=True)
-        self.model = model
-        self.lock = threading.Lock()
+        hift_state = torch.load(hift_pt, map_location="cpu", weights_only=True)
+        hift.load_state_dict({k.replace("generator.", ""): v for k, v in hift_state.items()}, strict=True)
+        self.model = CosyVoice2Model(None, flow, hift, fp16=False)
 
     @staticmethod
     def _inputs(tokens, prompt_tokens, prompt_feat, embedding):
