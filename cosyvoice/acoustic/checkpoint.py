@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,13 +46,18 @@ def _shape(value) -> str:
     return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"{type(value).__name__} (not a tensor)"
 
 
-def check_state(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise ValueError naming missing / unexpected keys and shape mismatches (none tolerated)."""
-    missing = sorted(set(expected) - set(state))
+def check_state(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], where: str, *,
+                missing: Sequence[str] = (), mismatched: Sequence[str] = (), handled: Collection[str] = ()) -> None:
+    """Raise ValueError naming missing / unexpected keys and shape mismatches (none tolerated).
+
+    ``missing`` / ``mismatched``: problems the caller found itself (e.g. half of a weight-norm
+    pair), listed first; ``handled``: expected keys the caller accounts for, not reported missing.
+    """
+    missing = [*missing, *sorted(set(expected) - set(state) - set(handled))]
     unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: file {_shape(state[k])}, model {tuple(expected[k].shape)}"
-                  for k in sorted(set(state) & set(expected))
-                  if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape]
+    mismatched = [*mismatched, *(f"{k}: file {_shape(state[k])}, model {tuple(expected[k].shape)}"
+                                 for k in sorted(set(state) & set(expected))
+                                 if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)]
     problems = []
     if missing:
         problems.append(f"missing keys {describe_keys(missing)}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosyvoice.acoustic.checkpoint import StateSource, describe_keys, read_state_dict
+from cosyvoice.acoustic.checkpoint import StateSource, check_state, read_state_dict
 
 __all__ = ["HiFTConfig", "HiFTGenerator", "load_hift", "hift_state_dict", "weight_normed_modules"]
 
@@ -446,20 +446,9 @@ def load_hift(
             raise ValueError(f"{where}: {module} has both a plain weight and weight-norm tensors")
         renamed[key] = _fold(v.to(torch.float32), g.to(torch.float32))
 
-    missing += sorted(k for k in expected if k not in renamed and not (k.endswith(".weight") and k[:-7] in halves))
-    unexpected = sorted(k for k in renamed if k not in expected)
-    for key in sorted(k for k in renamed if k in expected):
-        if renamed[key].shape != expected[key].shape:
-            mismatched.append(f"{key}: file {tuple(renamed[key].shape)}, model {tuple(expected[key].shape)}")
-    if missing or unexpected or mismatched:
-        lines = [f"{where}: not a HiFT state dict for this config ({'full' if cfg == HiFTConfig.full() else cfg})"]
-        if missing:
-            lines.append("missing keys " + describe_keys(missing))
-        if unexpected:
-            lines.append("unexpected keys " + describe_keys(unexpected))
-        if mismatched:
-            lines.append("shape mismatches " + describe_keys(mismatched))
-        raise ValueError("; ".join(lines))
+    config_name = "full" if cfg == HiFTConfig.full() else cfg
+    check_state(renamed, expected, f"{where} (HiFT, config {config_name})", missing=missing, mismatched=mismatched,
+                handled={f"{module}.weight" for module in halves})
 
     model.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
     return model.eval()
