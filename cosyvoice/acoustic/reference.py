@@ -21,10 +21,11 @@ import io
 import os
 
 from cosyvoice import storage
+from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 
 SIZES = ("full", "tiny")
 PARTS = ("flow", "hift", "config")
-FILES = {"flow": "flow.pt", "hift": "hift.pt", "config": "cosyvoice2.yaml"}
+FILES = {"flow": FLOW_FILE, "hift": HIFT_FILE, "config": CONFIG_FILE}
 CONFIG_FILES = {"full": "cosyvoice2.yaml", "tiny": "cosyvoice2-tiny.yaml"}
 PERTURBATION = 0.1  # std of the noise added to parameters the default initialisation leaves constant
 

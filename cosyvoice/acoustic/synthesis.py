@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cosyvoice import storage
+from cosyvoice.acoustic import MODEL_FILES
 
 #: CosyVoice2 speech tokens are ids 0..6560
 SPEECH_TOKEN_COUNT = 6561
-#: what a model dir needs for token2wav (loaded by ``Token2Wav``; the yaml is optional there, the
-#: released defaults then apply, but every dir this project writes or publishes has it)
-ACOUSTIC_FILES = ("flow.pt", "hift.pt")
+#: what a model dir needs for token2wav (``Token2Wav`` loads them; the yaml is optional there)
+ACOUSTIC_FILES = MODEL_FILES
 PROMPT_FILES = ("speech_tokenizer_v2.onnx", "campplus.onnx")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.flow import FlowConfig, FlowModel, FlowStream, load_flow, token_tensor
 from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, load_hift
 from cosyvoice.acoustic.packing import pack_linears
@@ -112,8 +113,8 @@ class Token2Wav:
         self.model_dir = model_dir
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         flow_config, hift_config = self._configs(model_dir)
-        self.flow: FlowModel = load_flow(os.path.join(model_dir, "flow.pt"), flow_config).to(self.device)
-        self.hift: HiFTGenerator = load_hift(os.path.join(model_dir, "hift.pt"), hift_config).to(self.device)
+        self.flow: FlowModel = load_flow(os.path.join(model_dir, FLOW_FILE), flow_config).to(self.device)
+        self.hift: HiFTGenerator = load_hift(os.path.join(model_dir, HIFT_FILE), hift_config).to(self.device)
         self.flow.decoder.estimator.to(DTYPES[estimator_dtype])
         if self.device.type == "cpu":
             pack_linears(self.flow)
@@ -129,7 +130,7 @@ class Token2Wav:
 
     @staticmethod
     def _configs(model_dir: str) -> tuple[FlowConfig, HiFTConfig]:
-        path = os.path.join(model_dir, "cosyvoice2.yaml")
+        path = os.path.join(model_dir, CONFIG_FILE)
         if not os.path.isfile(path):
             return FlowConfig.full(), HiFTConfig.full()
         from cosyvoice.acoustic.recipe import acoustic_configs

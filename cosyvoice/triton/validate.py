@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from cosyvoice.acoustic import CONFIG_FILE, MODEL_FILES
 from cosyvoice.triton.render import MODELS, REFERENCE_AUDIO_MODELS
 
 GPT_MODEL_TYPES = ("V1", "v1", "inflight_batching", "inflight_fused_batching")
@@ -45,9 +46,9 @@ TRTLLM_NO_FALLBACK_PARAMETERS = ("gpt_model_type", "tokenizer_dir", "guided_deco
 #: files a model opens below its model_dir (contract 13)
 MODEL_DIR_FILES = {"speaker_embedding": ("campplus.onnx",), "audio_tokenizer": ("speech_tokenizer_v2.onnx",)}
 #: what the default acoustic runtime (``cosyvoice.acoustic.token2wav:Token2Wav``) loads from model_dir
-ACOUSTIC_FILES = ("flow.pt", "hift.pt")
+ACOUSTIC_FILES = MODEL_FILES
 #: the recipe saying the flow/hift sizes; without it the runtime assumes the released (full-size) ones
-ACOUSTIC_CONFIG = "cosyvoice2.yaml"
+ACOUSTIC_CONFIG = CONFIG_FILE
 #: opened by upstream's own token2wav runtime only (its TensorRT estimator's ONNX export and the LLM
 #: tokenizer folder); ours needs neither, so their absence is not reported
 UPSTREAM_ONLY_ACOUSTIC_FILES = ("flow.decoder.estimator.fp32.onnx", "CosyVoice-BlankEN")
