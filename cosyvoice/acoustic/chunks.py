@@ -15,16 +15,19 @@ sequence grows.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 
+@functools.lru_cache(maxsize=32)
 def chunk_mask(q_start: int, q_end: int, k_end: int, chunk: int, device=None) -> torch.Tensor | None:
     """Boolean (queries, keys) mask: query ``i`` in ``[q_start, q_end)`` sees keys ``j < (i//chunk+1)*chunk``.
 
     ``chunk <= 0`` means full attention (no mask, returned as None). Keys are ``[0, k_end)``. None
     too when every query sees every key (all in one chunk), so attention takes its unmasked kernels.
+    Memoized: every attention layer and solver step of a call asks for the same mask (read-only).
     """
     if chunk <= 0 or k_end <= (q_start // chunk + 1) * chunk:
         return None
