@@ -51,6 +51,8 @@ ALIASES: dict[str, str] = {
     "cosyvoice.dataset.processor.sort": "cosyvoice.dataset.processors.sort",
     "cosyvoice.dataset.processor.batch": "cosyvoice.dataset.processors.batch",
     "cosyvoice.dataset.processor.padding": "cosyvoice.dataset.processors.padding",
+    "cosyvoice.dataset.processor.truncate": "cosyvoice.dataset.processors.truncate",
+    "cosyvoice.dataset.processor.compute_f0": "cosyvoice.dataset.processors.compute_f0",
     # the acoustic sections are read as settings records (cosyvoice.acoustic.recipe), never built
     "cosyvoice.flow.flow.CausalMaskedDiffWithXvec": "cosyvoice.acoustic.recipe.FlowRecord",
     "cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder": "cosyvoice.acoustic.recipe.EncoderRecord",
@@ -59,6 +61,10 @@ ALIASES: dict[str, str] = {
     "cosyvoice.flow.decoder.CausalConditionalDecoder": "cosyvoice.acoustic.recipe.EstimatorRecord",
     "cosyvoice.hifigan.generator.HiFTGenerator": "cosyvoice.acoustic.recipe.HiFTRecord",
     "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor": "cosyvoice.acoustic.recipe.F0PredictorRecord",
+    "cosyvoice.hifigan.hifigan.HiFiGan": "cosyvoice.acoustic.recipe.HiFiGanRecord",
+    "cosyvoice.hifigan.discriminator.MultipleDiscriminator": "cosyvoice.acoustic.recipe.MultipleDiscriminatorRecord",
+    "matcha.hifigan.models.MultiPeriodDiscriminator": "cosyvoice.acoustic.recipe.MultiPeriodDiscriminatorRecord",
+    "cosyvoice.hifigan.discriminator.MultiResSpecDiscriminator": "cosyvoice.acoustic.recipe.MultiResSpecDiscriminatorRecord",
 }
 
 #: upstream namespaces whose unimplemented functions may be *named* (not built) by a recipe
