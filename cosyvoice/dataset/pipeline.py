@@ -3,6 +3,12 @@
 ``data.list`` (local or s3:// paths) -> shards for this rank/worker -> parquet rows -> decode ->
 tokenize -> filter -> resample -> compute_fbank -> parse_embedding -> compute_whisper_fbank ->
 shuffle -> sort -> dynamic batch -> padding. Defaults are the ``cosyvoice2.yaml`` recipe's.
+
+With ``gan`` (HiFT GAN training, upstream's ``data_pipeline_gan``) the chain is instead: ... ->
+resample -> truncate -> compute_fbank -> compute_f0 -> parse_embedding -> shuffle -> ... ->
+padding(gan=True), without whisper features. compute_fbank keeps its 960-sample padding (upstream's
+gan Dataset binds a keyword compute_fbank no longer takes, defect D5), so a 24480-sample crop
+becomes 24960 samples = 52 mel frames x 480, the HiFT generator's samples per frame.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class PipelineConfig:
     samples_per_token: int = 960
     campplus_onnx: str | None = None  # online CAM++ for rows without embeddings (--onnx_path)
     skip_unreadable_shards: bool = False  # log + count (stats["unreadable_shards"]) instead of failing the epoch
+    gan: bool = False  # HiFT GAN batches: truncate + compute_f0, speech/pitch_feat, no whisper_feat
+    truncate_length: int = 24480  # gan: samples per training crop (recipe's truncate)
+    f0_hop: int = 480  # gan: WORLD frame period in samples (recipe's compute_f0 hop_size)
 
     @classmethod
     def from_recipe(cls, configs: dict, qwen_pretrain_path: str = "", **changes) -> PipelineConfig:
@@ -52,7 +61,7 @@ class PipelineConfig:
             stage = configs.get(name)
             return dict(getattr(stage, "keywords", {}) or {})
 
-        f, batching, fbank = kw("filter"), kw("batch"), kw("compute_fbank")
+        f, batching, fbank, f0 = kw("filter"), kw("batch"), kw("compute_fbank"), kw("compute_f0")
         mel_kw = dict(getattr(fbank.get("feat_extractor"), "keywords", {}) or kw("feat_extractor"))
         tok = kw("get_tokenizer")
         names = {getattr(getattr(stage, "func", None), "__name__", "") for stage in configs.get("data_pipeline") or []}
@@ -71,7 +80,12 @@ class PipelineConfig:
             use_spk_embedding=kw("padding").get("use_spk_embedding", False),
             whisper_feat=not names or "compute_whisper_fbank" in names,
             samples_per_token=fbank.get("num_frames", 960),
+            truncate_length=kw("truncate").get("truncate_length", 24480),
+            f0_hop=f0.get("hop_size", 480),
         )
+        if f0.get("sample_rate", values["resample_rate"]) != values["resample_rate"]:
+            raise ValueError(f"the recipe's compute_f0 sample_rate {f0['sample_rate']} differs from the resample rate "
+                             f"{values['resample_rate']}: F0 is extracted from the resampled speech")
         if mel_kw:
             values["mel"] = MelConfig(sample_rate=mel_kw.get("sampling_rate", 24000), n_fft=mel_kw.get("n_fft", 1920),
                                       hop=mel_kw.get("hop_size", 480), win=mel_kw.get("win_size", 1920),
@@ -104,6 +118,9 @@ class TrainingDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"text_tokenizer must be 'qwen' or 'whisper', got {config.text_tokenizer!r}")
         if config.text_tokenizer == "qwen" and not config.qwen_pretrain_path:
             raise ValueError("qwen_pretrain_path is required for the Qwen tokenizer (the CosyVoice-BlankEN dir)")
+        if config.gan and (config.truncate_length <= 0 or config.f0_hop <= 0):
+            raise ValueError(f"gan batches need a positive truncate_length and f0_hop, got {config.truncate_length} "
+                             f"and {config.f0_hop}")
         self.shards = read_data_list(data_list) if isinstance(data_list, str) else list(data_list)
         self.config = config
         self.train = train
@@ -132,15 +149,20 @@ class TrainingDataset(torch.utils.data.IterableDataset):
                                 token_max_length=c.token_max_length, token_min_length=c.token_min_length,
                                 stats=stats, **c.filter_extra)
         data = P.resample(data, resample_rate=c.resample_rate, stats=stats)
+        if c.gan:  # CV crops depend on the utterance only (rng=None): the same every epoch
+            crop_rng = random.Random(hash((self.seed, self.epoch, placement.rank, placement.worker_id, 1)))
+            data = P.truncate(data, truncate_length=c.truncate_length, rng=crop_rng if self.train else None)
         data = P.compute_fbank(data, mel_config=c.mel, samples_per_token=c.samples_per_token)
+        if c.gan:
+            data = P.compute_f0(data, sample_rate=c.resample_rate, hop_size=c.f0_hop, stats=stats)
         data = P.parse_embedding(data, stats=stats, campplus_onnx=c.campplus_onnx)
-        if c.whisper_feat:
+        if c.whisper_feat and not c.gan:
             data = P.compute_whisper_fbank(data, samples_per_token=c.samples_per_token)
         data = P.shuffle(data, shuffle_size=c.shuffle_size, rng=rng)
         data = P.sort(data, sort_size=c.sort_size)
         data = P.batch(data, batch_type=c.batch_type, max_frames_in_batch=c.max_frames_in_batch,
                        batch_size=c.batch_size, max_tokens_in_batch=c.max_tokens_in_batch)
-        data = P.padding(data, use_spk_embedding=c.use_spk_embedding, dpo=c.dpo)
+        data = P.padding(data, use_spk_embedding=c.use_spk_embedding, dpo=c.dpo, gan=c.gan)
         return _with_stats(data, stats) if self.report_stats else data
 
 

@@ -4,7 +4,8 @@ Each takes an iterator of sample dicts and yields sample dicts (or batches), so 
 upstream's ``Processor``s. Differences from upstream, on purpose: a row that fails to decode is
 dropped and counted in ``stats`` instead of ending the whole shard; a shard that cannot be read
 fails the epoch unless the operator opts into skipping it; ``dynamic_batch`` never emits an empty
-batch (defect D10); list columns stay numpy arrays.
+batch (defect D10); list columns stay numpy arrays; a row whose F0 extraction fails is dropped and
+counted; ``truncate`` draws from an injected ``random.Random`` (or, without one, crops by utterance id).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -147,6 +149,29 @@ def resample(data: Iterable[dict], *, resample_rate: int = 24000, min_sample_rat
         yield sample
 
 
+def truncate(data: Iterable[dict], *, truncate_length: int, rng: random.Random | None = None) -> Iterator[dict]:
+    """HiFT GAN training: ``speech`` cropped at a random offset to exactly ``truncate_length`` samples,
+    or zero-padded at the end to it (upstream's ``truncate``; 24480 = 51 mel hops of 480 at 24 kHz).
+
+    Offsets come from ``rng`` (the training set: a seeded ``random.Random`` per epoch/rank/worker).
+    Without one the offset is a function of the utterance id alone, so a CV set crops the same way
+    every epoch, on every rank and with any number of workers."""
+    if truncate_length <= 0:
+        raise ValueError(f"truncate_length must be a positive number of samples, got {truncate_length}")
+    import torch
+
+    for sample in data:
+        speech = sample["speech"]
+        n = speech.shape[1]
+        if n > truncate_length:
+            draw = rng or random.Random(zlib.crc32(str(sample.get("utt", "")).encode()))
+            start = draw.randint(0, n - truncate_length)
+            sample["speech"] = speech[:, start:start + truncate_length]
+        elif n < truncate_length:
+            sample["speech"] = torch.nn.functional.pad(speech, (0, truncate_length - n))
+        yield sample
+
+
 def shuffle(data: Iterable[dict], *, shuffle_size: int = 1000, rng: random.Random | None = None) -> Iterator[dict]:
     """Upstream's buffer shuffle: at ``shuffle_size`` samples, shuffle, emit the first half."""
     rng = rng or random.Random()
@@ -249,9 +274,12 @@ def _pad(items: list, dtype, value=0):
     return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=value), lengths
 
 
-def padding(batches: Iterable[list[dict]], *, use_spk_embedding: bool = False, dpo: bool = False) -> Iterator[dict]:
+def padding(batches: Iterable[list[dict]], *, use_spk_embedding: bool = False, dpo: bool = False,
+            gan: bool = False) -> Iterator[dict]:
     """A list of samples -> the training batch dict (contract section 4.3, item 13), samples ordered
-    by raw speech length, longest first. Optional keys appear only when every sample has them."""
+    by raw speech length, longest first. Optional keys appear only when every sample has them.
+    ``gan`` adds the HiFT GAN targets: ``speech`` (B, N) float32 (the waveform as compute_fbank
+    padded it) / ``speech_len`` int32 and ``pitch_feat`` (B, T_mel) float32 / ``pitch_feat_len``."""
     import torch
 
     for batch in batches:
@@ -268,6 +296,12 @@ def padding(batches: Iterable[list[dict]], *, use_spk_embedding: bool = False, d
                             ("speech_token", torch.int64)):
             if all(name in s for s in samples):
                 out[name], out[f"{name}_len"] = _pad([s[name] for s in samples], dtype)
+        if gan:
+            for s in samples:
+                if "pitch_feat" not in s:
+                    raise ValueError(f"{s.get('utt')}: no pitch_feat for the gan batch; run compute_f0 before padding")
+            out["speech"], out["speech_len"] = _pad([s["speech"].squeeze(0) for s in samples], torch.float32)
+            out["pitch_feat"], out["pitch_feat_len"] = _pad([s["pitch_feat"] for s in samples], torch.float32)
         if dpo:
             out["reject_speech_token"], out["reject_speech_token_len"] = _pad(
                 [s.get("reject_speech_token") if s.get("reject_speech_token") is not None else [] for s in samples],
@@ -302,6 +336,48 @@ def compute_fbank(data: Iterable[dict], *, mel_config=None, samples_per_token: i
                 speech = torch.nn.functional.pad(speech, (0, extra))
                 sample["speech"] = speech
         sample["speech_feat"] = mel_spectrogram(speech, config).squeeze(0).transpose(0, 1)
+        yield sample
+
+
+def compute_f0(data: Iterable[dict], *, sample_rate: int, hop_size: int,
+               stats: Counter | None = None) -> Iterator[dict]:
+    """HiFT GAN training: ``pitch_feat`` (T_mel,) float32, the F0 in Hz (0 = unvoiced) of ``speech``
+    at one value per ``speech_feat`` frame. WORLD's harvest at a frame period of one hop; when it
+    finds fewer than 5 voiced frames (it misses pure tones, for one) dio is used instead; stonemask
+    refines either; the frames are linearly interpolated to the mel length (upstream's ``compute_f0``).
+
+    Runs after ``compute_fbank`` (it needs ``speech_feat``) on speech at ``sample_rate``. A row whose
+    extraction raises is dropped, logged and counted (``stats["f0_extraction_failed"]``); dio
+    fallbacks are counted too (``stats["f0_dio_fallback"]``)."""
+    import pyworld
+    import torch
+
+    if hop_size <= 0 or sample_rate <= 0:
+        raise ValueError(f"compute_f0 needs a positive sample_rate and hop_size, got {sample_rate} and {hop_size}")
+    frame_period = hop_size * 1000 / sample_rate  # ms
+    for sample in data:
+        utt = sample.get("utt")
+        if "speech_feat" not in sample:
+            raise ValueError(f"{utt}: no speech_feat; compute_f0 runs after compute_fbank")
+        if sample["sample_rate"] != sample_rate:
+            raise ValueError(f"{utt}: speech is at {sample['sample_rate']} Hz, compute_f0 expects {sample_rate} Hz; "
+                             "resample first or set compute_f0's sample_rate")
+        try:
+            x = sample["speech"].squeeze(0).numpy().astype(np.float64)
+            f0, times = pyworld.harvest(x, sample_rate, frame_period=frame_period)
+            if np.count_nonzero(f0) < 5:
+                f0, times = pyworld.dio(x, sample_rate, frame_period=frame_period)
+                if stats is not None:
+                    stats["f0_dio_fallback"] += 1
+            f0 = pyworld.stonemask(x, f0, times, sample_rate)
+            frames = torch.nn.functional.interpolate(torch.from_numpy(f0).view(1, 1, -1),
+                                                     size=sample["speech_feat"].shape[0], mode="linear")
+        except Exception as exc:
+            log.warning("dropping %s: F0 extraction failed (%s: %s)", utt, type(exc).__name__, exc)
+            if stats is not None:
+                stats["f0_extraction_failed"] += 1
+            continue
+        sample["pitch_feat"] = frames.view(-1).to(torch.float32)
         yield sample
 
 

@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from cosyvoice.config import UnsafeConfigError, load_recipe, sanitize, training_overrides
+from cosyvoice.dataset import processors
 from cosyvoice.dataset.pipeline import PipelineConfig
 from cosyvoice.llm import CosyVoice3LM, Qwen2LM
 
@@ -143,9 +144,9 @@ def test_upstream_recipe_yaml_loads_unchanged_into_our_classes(tmp_path, qwen_di
     assert (pipeline.max_length, pipeline.min_length, pipeline.max_frames_in_batch, pipeline.shuffle_size,
             pipeline.sort_size, pipeline.resample_rate, pipeline.whisper_feat) == (6000, 100, 2000, 1000, 500, 24000, True)
     assert pipeline.qwen_pretrain_path == qwen_dir and pipeline.mel.n_fft == 1920 and pipeline.mel.fmax == 8000
-    # named-but-unimplemented upstream functions become partials that fail only when used
-    with pytest.raises(NotImplementedError):
-        configs["truncate"]([])
+    # the gan processors resolve to ours, with the recipe's keywords
+    assert configs["truncate"].func is processors.truncate and configs["truncate"].keywords == {"truncate_length": 24480}
+    assert (pipeline.truncate_length, pipeline.f0_hop) == (24480, 480) and configs["compute_f0"].func is processors.compute_f0
 
 
 @pytest.mark.parametrize("name,cls,version", [("cosyvoice2-tiny.yaml", Qwen2LM, "cosyvoice2"),
@@ -210,7 +211,7 @@ def test_a_module_outside_the_allow_list_is_never_imported(tmp_path, monkeypatch
 
 def test_an_unimplemented_upstream_name_is_refused_for_new_and_a_raising_partial_for_name(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("f: !name:cosyvoice.dataset.processor.truncate\n")
+    path.write_text("f: !name:cosyvoice.utils.common.fade_in_out\n")
     with pytest.raises(NotImplementedError):
         load_recipe(str(path))["f"]()
     path.write_text("f: !new:cosyvoice.storage.remove {url: x}\n")
