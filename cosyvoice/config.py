@@ -15,7 +15,8 @@ command), so a recipe is treated as code and checked before HyperPyYAML sees it:
 
 Sub-trees the caller overrides with ``None`` (``flow``, ``hift`` ... when training the LLM) are
 not checked and never built. Upstream functions we do not implement but that a recipe merely
-names (``truncate``, ``compute_f0``) become :func:`not_implemented` partials that raise if used.
+names (e.g. ``cosyvoice.utils.common.fade_in_out``) become :func:`not_implemented` partials that
+raise if used.
 """
 
 from __future__ import annotations

@@ -99,6 +99,8 @@ class TrainState:
     rank_rngs: list[dict] | None = None  # every rank's RNG states (index = rank), gathered when saving
     world_size: int = 1
     engine: str | None = None  # torch_ddp | deepspeed (None: written before this was recorded)
+    model: str | None = None  # llm | flow | hifigan (None: written before this was recorded)
+    extra: dict | None = None  # trained tensors outside the .pt layout (the GAN's discriminator)
 
     @staticmethod
     def capture_rng() -> dict:
@@ -134,7 +136,7 @@ def save_train_state(state: TrainState, pt_path: str) -> str:
     _atomic_torch_save({"epoch": state.epoch, "step": state.step, "batch_in_epoch": state.batch_in_epoch,
                         "optimizer": state.optimizer, "scheduler": state.scheduler, "rng": _rng_to_plain(state.rng),
                         "rank_rngs": [_rng_to_plain(r) for r in rngs], "world_size": len(rngs),
-                        "engine": state.engine}, path)
+                        "engine": state.engine, "model": state.model, "extra": state.extra}, path)
     return path
 
 
@@ -153,7 +155,8 @@ def load_train_state(pt_path: str, rank: int = 0) -> TrainState | None:
     else:
         rng = _rng_from_plain(raw["rng"])
     return TrainState(raw["epoch"], raw["step"], raw["batch_in_epoch"], raw["optimizer"], raw["scheduler"], rng,
-                      rank_rngs or None, int(raw.get("world_size", 1)), raw.get("engine"))
+                      rank_rngs or None, int(raw.get("world_size", 1)), raw.get("engine"), raw.get("model"),
+                      raw.get("extra"))
 
 
 def _rng_to_plain(rng: dict) -> dict:

@@ -12,7 +12,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     report = train(TrainOptions.from_args(args))
     print(json.dumps({"model_dir": report.model_dir, "steps": report.steps, "checkpoint": report.final_checkpoint,
-                      "cv_loss": report.cv_loss, "tokens_per_s": round(report.tokens_per_second, 1),
+                      "cv_loss": report.cv_loss, f"{report.unit}_per_s": round(report.throughput, 1),
                       "mfu": report.mfu, "dpo_skipped": report.dpo_skipped, "data_stats": report.data_stats}))
     return 0
 
@@ -35,7 +35,8 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser("train", help=command_help("train"))
     p.add_argument("--train_engine", default=TrainEngine.torch_ddp.value, choices=[e.value for e in TrainEngine])
-    p.add_argument("--model", required=True, help="llm (flow/hifigan are not trained by this pipeline)")
+    p.add_argument("--model", required=True, choices=["llm", "flow", "hifigan"],
+                   help="llm, flow (flow matching) or hifigan (the HiFT vocoder with its discriminators)")
     p.add_argument("--config", required=True, help="recipe yaml: configs/cosyvoice2.yaml or an upstream recipe yaml")
     p.add_argument("--train_data", required=True)
     p.add_argument("--cv_data", required=True)

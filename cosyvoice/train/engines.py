@@ -35,6 +35,11 @@ class DDPEngine:
         self.accum_grad = accum_grad
         self.grad_clip = grad_clip
 
+    @property
+    def call(self):
+        """The wrapped module to call directly (DDP's forward hooks included)."""
+        return self.model
+
     def forward(self, method: str, batch: dict, device) -> dict:
         if method == "forward":
             return self.model(batch, device)
@@ -128,6 +133,11 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.accum_grad = int(config.get("gradient_accumulation_steps", 1))
         self.grad_clip = float(config.get("gradient_clipping", 0))
+
+    @property
+    def call(self):
+        """The DeepSpeed engine, called like the module it wraps."""
+        return self.engine
 
     def forward(self, method: str, batch: dict, device) -> dict:
         if method == "forward":

@@ -1,8 +1,11 @@
-"""One readable training loop for the CosyVoice2/3 LLM (``cosyvoice-pipeline train``).
+"""One readable training loop for the CosyVoice2/3 LLM, flow and HiFT GAN (``cosyvoice-pipeline train``).
 
 Build from the recipe -> restore state -> per epoch: batches (accumulation, clipping, logging of
-loss / acc / lr / grad norm / tokens per second / MFU) -> CV -> checkpoint. Launched by
-``torchrun`` (ranks from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or as a single process.
+loss / acc / lr / grad norm / tokens or frames per second / MFU) -> CV -> checkpoint. Launched by
+``torchrun`` (ranks from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or as a single process. What
+differs between ``--model llm|flow|hifigan`` lives in :mod:`cosyvoice.train.models`: a batch is one
+turn per optimizer (the GAN: discriminator, then generator, as upstream's ``train_one_epoc_gan``),
+each turn is forward -> backward -> step of its own engine.
 
 Upstream behaviour kept: flags, checkpoint files, CV per rank on the whole CV list, the epoch ends
 when the first rank runs out of data. Fixed: ``--onnx_path`` optional (D2), DeepSpeed uses the
@@ -17,10 +20,10 @@ rank 0 alone writes the training state, resumes are checked against the run, and
 pipeline's drop/filter counters are reported per epoch (tag ``DATA``).
 """
 
+
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 import random
@@ -31,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from cosyvoice.config import load_recipe, training_overrides
 from cosyvoice.dataset.pipeline import STATS_KEY, PipelineConfig, TrainingDataset
 from cosyvoice.train.checkpoint import (
     TrainState,
@@ -40,7 +42,6 @@ from cosyvoice.train.checkpoint import (
     save_model_files,
     save_train_state,
 )
-from cosyvoice.train.dpo import dpo_loss
 from cosyvoice.train.engines import (
     DDPEngine,
     DeepSpeedEngine,
@@ -48,6 +49,7 @@ from cosyvoice.train.engines import (
     deepspeed_dtype,
     load_deepspeed_config,
 )
+from cosyvoice.train.models import LLM, TrainedModel, trained_model
 from cosyvoice.train.options import TrainOptions
 from cosyvoice.train.reporting import Reporter, peak_flops
 from cosyvoice.train.schedulers import build_scheduler
@@ -63,10 +65,15 @@ class TrainReport:
     final_checkpoint: str
     cv_loss: float | None
     train_losses: list[float]
-    tokens_per_second: float
+    throughput: float  # ``unit`` per second over the logged windows (all ranks)
     mfu: float | None
     dpo_skipped: int = 0
     data_stats: list[dict] = field(default_factory=list)  # per epoch: data-pipeline counters by name
+    unit: str = "tokens"  # tokens (LLM) | frames (mel frames: flow, hifigan)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.throughput
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -92,54 +99,31 @@ def _distributed(opts: TrainOptions) -> tuple[int, int, int, torch.device]:
     return world, rank, local_rank, device
 
 
-def _optimizer(model: torch.nn.Module, conf: dict, device: torch.device) -> torch.optim.Optimizer:
-    name = conf.get("optim", "adam")
-    kwargs = dict(conf.get("optim_conf") or {})
+def _optimizer(module: torch.nn.Module, conf: dict, suffix: str, device: torch.device) -> torch.optim.Optimizer:
+    name = conf.get(f"optim{suffix}", "adam")
+    kwargs = dict(conf.get(f"optim_conf{suffix}") or {})
     kwargs["lr"] = float(kwargs.get("lr", 1e-3))
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
     if device.type == "cuda":
         kwargs.setdefault("fused", True)
     if name == "adam":
         return torch.optim.Adam(params, **kwargs)
     if name == "adamw":
         return torch.optim.AdamW(params, **kwargs)
-    raise ValueError(f"train_conf.optim must be adam or adamw, got {name!r}")
-
-
-def _freeze_unused_lm_head(model: torch.nn.Module) -> None:
-    """The HF lm_head is not used by the speech LLM; when it is not tied to the text embeddings it
-    gets no gradient, which DDP would otherwise have to search for every step."""
-    qwen = model.llm.model
-    if qwen.lm_head.weight is not qwen.model.embed_tokens.weight:
-        qwen.lm_head.weight.requires_grad_(False)
-
-
-def non_embedding_params(model: torch.nn.Module) -> int:
-    skip = {id(model.llm.model.model.embed_tokens.weight), id(model.llm.model.lm_head.weight),
-            id(model.speech_embedding.weight)}
-    if hasattr(model, "llm_embedding"):
-        skip.add(id(model.llm_embedding.weight))
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-def _auto_attention(packed: bool, device: torch.device) -> str | None:
-    """Packed rows want variable-length attention (no work across utterance boundaries): FlashAttention-2
-    when installed on a GPU; otherwise the model's default (SDPA with the packed-sequence mask)."""
-    import importlib.util
-
-    if packed and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return None
+    raise ValueError(f"train_conf.optim{suffix} must be adam or adamw, got {name!r}")
 
 
 @contextlib.contextmanager
-def _fixed_python_rng(seed: int):
-    """CV draws bistream/unistream layouts from ``random``; fix them so CV losses of different
-    checkpoints compare like with like, and leave the training stream untouched."""
+def _fixed_rng(seed: int, device: torch.device):
+    """CV draws bistream/unistream layouts (LLM) and prompt regions / flow times (flow) from the
+    RNGs; fix them so CV losses of different checkpoints compare like with like, and leave the
+    training streams untouched (Python's and torch's, CUDA's included)."""
     saved = random.getstate()
     random.seed(seed)
     try:
-        yield
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
     finally:
         random.setstate(saved)
 
@@ -148,12 +132,9 @@ class Trainer:
     def __init__(self, opts: TrainOptions):
         self.opts = opts
         self.world, self.rank, self.local_rank, self.device = _distributed(opts)
-        if opts.model != "llm":
-            raise ValueError(f"--model {opts.model}: only the llm is trained by cosyvoice-pipeline "
-                             "(flow/hifigan come with the acoustic-model stage)")
-        overrides = training_overrides("llm", opts.qwen_pretrain_path)
-        self.configs = load_recipe(opts.config, overrides)
-        conf = dict(self.configs.get("train_conf") or {})
+        self.task: TrainedModel = trained_model(opts)
+        self.configs = self.task.configs
+        conf = dict(self.configs.get(self.task.train_conf_key) or {})
         for key in ("max_epoch", "save_per_step", "log_interval", "accum_grad"):
             if getattr(opts, key) is not None:
                 conf[key] = getattr(opts, key)
@@ -168,111 +149,95 @@ class Trainer:
             self.amp_dtype = deepspeed_dtype(self.ds_config)
         else:
             self.amp_dtype = torch.bfloat16 if opts.use_amp else torch.float32
+        if len(self.task.parts()) > 1 and int(conf.get("accum_grad", 1)) != 1:
+            raise ValueError(f"--model {opts.model}: accum_grad must be 1 (the discriminator and generator step on "
+                             f"every batch, as upstream requires); got {conf.get('accum_grad')}")
         conf["dtype"] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
         self.conf = conf
-        self.model = self.configs["llm"]
-        self._refuse_silent_random_init()
-        _freeze_unused_lm_head(self.model)
-        self.ref_model = None
+        self.model = self.task.module
         self.start = TrainState(epoch=0, step=0, batch_in_epoch=0, optimizer=None, scheduler=None, rng={})
         self._load_checkpoint()
-        if opts.dpo:
-            if not hasattr(self.model, "forward_dpo"):
-                raise ValueError("--dpo needs a Qwen2LM/CosyVoice3LM llm")
-            self.ref_model = copy.deepcopy(self.model)
-            if opts.ref_model:
-                sd, _, _ = load_model_weights(opts.ref_model)
-                self.ref_model.load_state_dict(sd, strict=True)
-            self.ref_model.requires_grad_(False).eval().to(self.device)
+        self.task.setup(self.device)
         self.model.to(self.device)
         self.pipeline = self._pipeline_config()
-        self.model.packed = self.pipeline.batch_type == "token" if opts.pack is None else opts.pack
-        attn = opts.attn_implementation or _auto_attention(self.model.packed, self.device)
-        if attn:
-            self.model.llm.model.set_attn_implementation(attn)
-        if opts.onnx_path:
-            from cosyvoice.train.online import OnlineSpeechTokenizer
-
-            self.model.speech_token_extractor = OnlineSpeechTokenizer.for_model(opts.onnx_path, self.model)
-        optimizer = _optimizer(self.model, conf, self.device)
-        scheduler = build_scheduler(conf.get("scheduler", "constantlr"), optimizer, conf.get("scheduler_conf"))
-        if self.ds_config is not None:
-            self.engine = DeepSpeedEngine(self.model, optimizer, scheduler, config=self.ds_config)
-        else:
-            self.engine = DDPEngine(self.model, optimizer, scheduler, device=self.device,
-                                    accum_grad=int(conf.get("accum_grad", 1)),
-                                    grad_clip=float(conf.get("grad_clip", 5)), world_size=self.world)
-        self._restore_optimizer_state(scheduler)
+        if isinstance(self.task, LLM):
+            self.task.configure_attention(self.pipeline.batch_type == "token" if opts.pack is None else opts.pack,
+                                          self.device)
+        self.engines: dict = {}
+        for part in self.task.parts():
+            optimizer = _optimizer(part.module, conf, part.conf_suffix, self.device)
+            s = part.conf_suffix
+            scheduler = build_scheduler(conf.get(f"scheduler{s}", "constantlr"), optimizer,
+                                        conf.get(f"scheduler_conf{s}"))
+            if self.ds_config is not None:
+                self.engines[part.name] = DeepSpeedEngine(part.module, optimizer, scheduler, config=self.ds_config)
+            else:
+                self.engines[part.name] = DDPEngine(part.module, optimizer, scheduler, device=self.device,
+                                                    accum_grad=int(conf.get("accum_grad", 1)),
+                                                    grad_clip=float(conf.get("grad_clip", 5)), world_size=self.world)
+        self._restore_optimizer_state()
         if self.start.rng:
             self.start.restore_rng()
         self.reporter = Reporter(opts.model_dir, opts.tensorboard_dir, enabled=self.rank == 0)
         self.peak = opts.peak_flops or (peak_flops(torch.cuda.get_device_name(self.device))
                                         if self.device.type == "cuda" else None)
-        self.flops_per_token = 6 * non_embedding_params(self.model)
-        if opts.compile:
-            # in place (nn.Module.compile): the module tree and so the state-dict keys stay the same;
-            # torch.compile(module) would wrap it and prefix every key with ``_orig_mod.``
-            self.model.llm.model.model.compile(dynamic=True)
+        self.flops_per_unit = self.task.flops_per_unit
 
     _resume_name: str | None = None
     _exact_resume: bool = False
 
-    def _restore_optimizer_state(self, scheduler) -> None:
-        """Optimizer and LR schedule of the checkpoint, checked against this run.
+    @property
+    def engine(self):
+        """The engine of the last turn (the one model of the LLM/flow; the GAN's generator)."""
+        return self.engines[self.task.parts()[-1].name]
+
+    def _native_name(self, name: str, part: str) -> str:
+        """DeepSpeed's checkpoint tag of ``part``: the checkpoint name itself for a one-part model."""
+        return name if len(self.engines) == 1 else f"{name}.{part}"
+
+    def _restore_optimizer_state(self) -> None:
+        """Optimizers and LR schedules of the checkpoint, checked against this run.
 
         Exact resume (a ``.state.pt`` next to the checkpoint): the state must come from the same
-        engine; DDP loads the optimizer/scheduler from it, DeepSpeed from its ``<name>/`` directory,
-        which must exist, load, and be at the same step. Weights-only checkpoints (upstream files,
-        averaged models) start a fresh optimizer with the schedule placed at the checkpoint's step.
-        Either way the schedule ends at the resumed step, which is checked."""
+        engine; DDP loads the optimizers/schedulers from it, DeepSpeed from its ``<name>/`` directories
+        (one per part), which must exist, load, and be at the same step. Weights-only checkpoints
+        (upstream files, averaged models) start fresh optimizers with the schedules placed at the
+        checkpoint's step. Either way every schedule ends at the resumed step, which is checked."""
         start, path = self.start, self.opts.checkpoint
         if not self._exact_resume:
             if start.step:
-                scheduler.set_step(start.step)  # upstream-style checkpoint: keep the schedule position
+                for engine in self.engines.values():
+                    engine.scheduler.set_step(start.step)  # upstream-style checkpoint: keep the schedule position
             return
         if start.engine is not None and start.engine != self.engine.name:
             raise ValueError(f"--checkpoint {path}: its training state was written by --train_engine {start.engine}, "
                              f"this run uses {self.engine.name}; resume with --train_engine {start.engine}, or "
                              "start from the weights alone by copying the .pt without its .state.pt")
-        if self.engine.name == "deepspeed":
-            native = os.path.join(os.path.dirname(path), self._resume_name)
-            if not os.path.isdir(native):
-                raise FileNotFoundError(
-                    f"--checkpoint {path}: the DeepSpeed optimizer/scheduler state {native}/ is missing (expected "
-                    "next to the .pt, as DeepSpeed wrote it); restore that directory, or start from the weights "
-                    "alone by copying the .pt without its .state.pt")
-            client = self.engine.load_native(os.path.dirname(path), self._resume_name)
-            if int(client.get("step", -1)) != start.step:
-                raise ValueError(f"--checkpoint {path}: DeepSpeed state {native}/ is at step {client.get('step')}, "
-                                 f"the training state at step {start.step}: they belong to different checkpoints")
-        else:
-            if start.optimizer is None or start.scheduler is None:
-                raise ValueError(f"--checkpoint {path}: {os.path.basename(path)[:-3]}.state.pt holds no optimizer/"
-                                 "scheduler state; start from the weights alone by copying the .pt without it")
-            self.engine.load_state(start.optimizer, start.scheduler)
-        if scheduler.last_epoch != start.step:
-            raise ValueError(f"--checkpoint {path}: the restored LR schedule is at step {scheduler.last_epoch}, "
-                             f"the checkpoint at step {start.step}")
-
-    def _refuse_silent_random_init(self) -> None:
-        """A Qwen2 body that found no weights under ``qwen_pretrain_path`` was initialised at random.
-        That is only right when asked for (``--allow_random_init`` or the recipe's
-        ``allow_random_init: true``, which the tiny recipes set) or when ``--checkpoint`` replaces
-        every weight anyway; otherwise a mistyped path would silently train a model from scratch."""
-        from cosyvoice.llm.qwen2 import Qwen2Encoder, expected_weight_files
-
-        allowed = self.opts.allow_random_init or bool(self.configs.get("allow_random_init", False))
-        if allowed or self.opts.checkpoint:
-            return
-        for module in self.model.modules():
-            if isinstance(module, Qwen2Encoder) and not module.pretrained:
-                path = module.pretrain_path or self.opts.qwen_pretrain_path or ""
-                raise ValueError(
-                    f"qwen_pretrain_path {path!r} holds no Qwen2 weights (expected {expected_weight_files()} "
-                    "there, e.g. the CosyVoice-BlankEN dir): training would start from a randomly initialised "
-                    "Qwen2 body. Pass --qwen_pretrain_path <dir with the weights>, --checkpoint <llm .pt> to "
-                    "fine-tune, or --allow_random_init (recipe key `allow_random_init: true`) to train from "
-                    "scratch on purpose.")
+        single = len(self.engines) == 1
+        for part, engine in self.engines.items():
+            if engine.name == "deepspeed":
+                tag = self._native_name(self._resume_name, part)
+                native = os.path.join(os.path.dirname(path), tag)
+                if not os.path.isdir(native):
+                    raise FileNotFoundError(
+                        f"--checkpoint {path}: the DeepSpeed optimizer/scheduler state {native}/ is missing (expected "
+                        "next to the .pt, as DeepSpeed wrote it); restore that directory, or start from the weights "
+                        "alone by copying the .pt without its .state.pt")
+                client = engine.load_native(os.path.dirname(path), tag)
+                if int(client.get("step", -1)) != start.step:
+                    raise ValueError(f"--checkpoint {path}: DeepSpeed state {native}/ is at step {client.get('step')}, "
+                                     f"the training state at step {start.step}: they belong to different checkpoints")
+            else:
+                optimizer = start.optimizer if single else (start.optimizer or {}).get(part)
+                scheduler = start.scheduler if single else (start.scheduler or {}).get(part)
+                if optimizer is None or scheduler is None:
+                    raise ValueError(f"--checkpoint {path}: {os.path.basename(path)[:-3]}.state.pt holds no optimizer/"
+                                     f"scheduler state{'' if single else ' for the ' + part}; start from the weights "
+                                     "alone by copying the .pt without it")
+                engine.load_state(optimizer, scheduler)
+            if engine.scheduler.last_epoch != start.step:
+                raise ValueError(f"--checkpoint {path}: the restored LR schedule{'' if single else ' of the ' + part} "
+                                 f"is at step {engine.scheduler.last_epoch}, the checkpoint at step {start.step}")
 
     def _load_checkpoint(self) -> None:
         path = self.opts.checkpoint
@@ -281,10 +246,14 @@ class Trainer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"--checkpoint {path}: no such file")
         sd, epoch, step = load_model_weights(path)
-        self.model.load_state_dict(sd, strict=True)
+        self.task.load_weights(sd, path)
         state = load_train_state(path, self.rank)
         self._resume_name = os.path.basename(path)[:-3]
         if state is not None:
+            if state.model is not None and state.model != self.opts.model:
+                raise ValueError(f"--checkpoint {path}: its training state belongs to --model {state.model}, "
+                                 f"this run trains --model {self.opts.model}")
+            self.task.load_extra_state(state.extra, path)
             self.start = state
             self._exact_resume = True
             if state.rank_rngs is not None and state.world_size != self.world:
@@ -302,9 +271,7 @@ class Trainer:
 
     def _pipeline_config(self) -> PipelineConfig:
         o = self.opts
-        changes = {"dpo": o.dpo, "whisper_feat": bool(o.onnx_path),
-                   "campplus_onnx": os.path.join(o.onnx_path, "campplus.onnx") if o.onnx_path else None,
-                   "skip_unreadable_shards": o.skip_unreadable_shards}
+        changes = {"skip_unreadable_shards": o.skip_unreadable_shards, **self.task.pipeline_changes()}
         for key in ("batch_type", "max_tokens_in_batch", "max_frames_in_batch"):
             if getattr(o, key) is not None:
                 changes[key] = getattr(o, key)
@@ -325,39 +292,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype, cache_enabled=False)
 
-    def _batch_losses(self, batch: dict) -> dict:
-        if not self.opts.dpo:
-            return self.engine.forward("forward", batch, self.device)
-        # the reference scores the very sequences the policy saw: replay the bistream/unistream draws
-        # (upstream draws them again, so policy and reference compare different layouts)
-        draws = random.getstate()
-        out = self.engine.forward("forward_dpo", batch, self.device)
-        after = random.getstate()
-        random.setstate(draws)
-        with torch.no_grad():
-            ref = self.ref_model.forward_dpo(batch, self.device)
-        random.setstate(after)
-        loss_dpo, chosen_reward, rejected_reward = dpo_loss(out["chosen_logps"], out["rejected_logps"],
-                                                            ref["chosen_logps"], ref["rejected_logps"],
-                                                            beta=self.opts.dpo_beta)
-        return {"loss": loss_dpo + out["loss"], "sft_loss": out["loss"].detach(), "dpo_loss": loss_dpo.detach(),
-                "acc": out["acc"], "dpo_acc": (chosen_reward > rejected_reward).float().mean()
-                if chosen_reward.numel() else torch.tensor(float("nan")),
-                "chosen_reward": chosen_reward.mean() if chosen_reward.numel() else torch.tensor(float("nan")),
-                "reject_reward": rejected_reward.mean() if rejected_reward.numel() else torch.tensor(float("nan")),
-                "dpo_skipped": out["dpo_skipped"]}
-
     @torch.inference_mode()
     def cross_validate(self, epoch: int) -> dict[str, float]:
         """Utterance-weighted mean of every loss key over the whole CV list (on every rank)."""
         self.model.eval()
         totals: dict[str, float] = {}
         utts = 0
-        with _fixed_python_rng(self.opts.seed):
+        with _fixed_rng(self.opts.seed, self.device):
             for batch in self._loader(self.opts.cv_data, train=False, epoch=epoch):
                 n = len(batch["utts"])
                 with self._autocast():
-                    out = self._cv_losses(batch)
+                    out = self.task.cv_losses(batch, self.device)
                 for k, v in out.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * n
                 utts += n
@@ -365,12 +310,6 @@ class Trainer:
         if not utts:
             raise RuntimeError(f"{self.opts.cv_data}: the CV list produced no batch (all rows filtered?)")
         return {k: v / utts for k, v in totals.items()}
-
-    def _cv_losses(self, batch: dict) -> dict:
-        if self.opts.dpo:
-            return {k: v for k, v in self._batch_losses(batch).items() if k != "dpo_skipped"}
-        out = self.model(batch, self.device)
-        return {"loss": out["loss"], "acc": out["acc"]}
 
     def _save(self, name: str, epoch: int, step: int, batch_in_epoch: int, tag: str, loss_dict: dict) -> str:
         """Upstream files (epoch = the epoch the checkpoint belongs to) + the resumable state, which
@@ -382,18 +321,23 @@ class Trainer:
                 "epoch": epoch, "step": step, "batch_idx": batch_in_epoch, "tag": tag, "loss_dict": loss_dict,
                 "lr": self.engine.lr()}
         path = os.path.join(self.opts.model_dir, f"{name}.pt")
-        self.engine.save_native(self.opts.model_dir, name, info)
+        for part, engine in self.engines.items():
+            engine.save_native(self.opts.model_dir, self._native_name(name, part), info)
         rng = TrainState.capture_rng()
         rank_rngs = [rng]
         if self.world > 1:
             rank_rngs = [None] * self.world
             dist.all_gather_object(rank_rngs, rng)
         if self.rank == 0:
-            optimizer, scheduler = self.engine.state()
+            states = {part: engine.state() for part, engine in self.engines.items()}
+            if len(states) == 1:
+                optimizer, scheduler = next(iter(states.values()))
+            else:
+                optimizer, scheduler = ({p: s[0] for p, s in states.items()}, {p: s[1] for p, s in states.items()})
             resume_epoch, resume_batch = (epoch + 1, 0) if name.endswith("_whole") else (max(epoch, 0), batch_in_epoch)
             state = TrainState(resume_epoch, step, resume_batch, optimizer, scheduler, rng, rank_rngs, self.world,
-                               self.engine.name)
-            path = save_model_files(self.model.state_dict(), self.opts.model_dir, name, info)
+                               self.engine.name, model=self.opts.model, extra=self.task.extra_state())
+            path = save_model_files(self.task.weights(), self.opts.model_dir, name, info)
             save_train_state(state, path)
         if self.world > 1:
             dist.barrier()
@@ -411,6 +355,23 @@ class Trainer:
                 counts.update(part)
         return {k: int(v) for k, v in sorted(counts.items())}
 
+    def _run_turns(self, batch: dict, boundary: bool, means: _StepMeans) -> tuple[float, bool] | None:
+        """One batch: each part's turn (forward, backward, step on a boundary) in order. Logged values
+        of the GAN's discriminator turn are prefixed ``d_`` (its ``loss`` is ``d_loss``)."""
+        result = None
+        for part in self.task.parts():
+            engine = self.engines[part.name]
+            with engine.sync_context(boundary):
+                with self._autocast():
+                    out = self.task.turn(part.name, self.engines, batch, self.device)
+                engine.backward(out["loss"])
+            stepped = engine.after_backward(boundary)
+            if part.name == "discriminator":
+                out = {f"d_{k}": v for k, v in out.items()}
+            means.add(out)
+            result = stepped
+        return result
+
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> TrainReport:
         """The loop. Accumulation windows are counted from each epoch's first batch; the last batch of
@@ -424,6 +385,7 @@ class Trainer:
         log_interval = max(int(conf.get("log_interval", 100)), 1)
         save_per_step = int(conf.get("save_per_step", -1))
         accum = self.engine.accum_grad
+        unit = self.task.unit
         step, start_epoch, skip = self.start.step, self.start.epoch, self.start.batch_in_epoch
         if self.opts.checkpoint is None:
             self._save("init", -1, 0, 0, "TRAIN", {})
@@ -432,8 +394,8 @@ class Trainer:
         last = os.path.join(o.model_dir, "init.pt")
         evaluated_at: tuple[int, int] | None = None  # (epoch, step) of the last step checkpoint: CV'd and saved
         cv: dict[str, float] = {}
-        window = {"tokens": 0, "time": time.perf_counter()}
-        total_tokens, total_time = 0, 0.0
+        window = {"units": 0, "time": time.perf_counter()}
+        total_units, total_time = 0, 0.0
         dpo_skipped = 0
         stop = False
         self.model.train()
@@ -444,7 +406,8 @@ class Trainer:
                 next(batches, None)
             batch_idx = skip - 1
             skip = 0
-            self.engine.optimizer.zero_grad(set_to_none=True)
+            for engine in self.engines.values():
+                engine.optimizer.zero_grad(set_to_none=True)
             means = _StepMeans()
             batch = next(batches, None)
             have = all_ranks_have(batch is not None, self.device)
@@ -454,16 +417,11 @@ class Trainer:
                 have_next = all_ranks_have(upcoming is not None, self.device)
                 boundary = (batch_idx + 1) % accum == 0 or not have_next
                 t0 = time.perf_counter()
-                with self.engine.sync_context(boundary):
-                    with self._autocast():
-                        out = self._batch_losses(batch)
-                    self.engine.backward(out["loss"])
-                result = self.engine.after_backward(boundary)
+                result = self._run_turns(batch, boundary, means)
+                real, padded = self.task.counts(batch)
                 batch, have = upcoming, have_next
-                means.add(out)
-                stats = self.model.last_stats
-                window["tokens"] += stats.get("tokens", 0)
-                dpo_skipped += int(out.get("dpo_skipped", 0))
+                window["units"] += real
+                dpo_skipped += means.pop_skipped()
                 if result is None:
                     continue
                 norm, _ = result
@@ -475,15 +433,15 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     elapsed = time.perf_counter() - window["time"]
-                    tps = window["tokens"] * self.world / elapsed if elapsed > 0 else 0.0
-                    total_tokens += window["tokens"] * self.world
+                    rate = window["units"] * self.world / elapsed if elapsed > 0 else 0.0
+                    total_units += window["units"] * self.world
                     total_time += elapsed
-                    mfu = self.flops_per_token * tps / (self.peak * self.world) if self.peak else None
-                    values.update(epoch=epoch, lr=self.engine.lr(), grad_norm=norm, tokens_per_s=tps, mfu=mfu,
-                                  step_time=time.perf_counter() - t0, padded_fraction=1 - stats.get("tokens", 0)
-                                  / max(stats.get("padded_tokens", 1), 1))
+                    mfu = self.flops_per_unit * rate / (self.peak * self.world) if self.peak and self.flops_per_unit else None
+                    values.update({"epoch": epoch, "lr": self.engine.lr(), "grad_norm": norm, f"{unit}_per_s": rate,
+                                   "mfu": mfu, "step_time": time.perf_counter() - t0,
+                                   "padded_fraction": 1 - real / max(padded, 1)})
                     self.reporter.log("TRAIN", step, values)
-                    window = {"tokens": 0, "time": time.perf_counter()}
+                    window = {"units": 0, "time": time.perf_counter()}
                 if save_per_step > 0 and step % save_per_step == 0:
                     cv = self.cross_validate(epoch)
                     self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
@@ -505,12 +463,13 @@ class Trainer:
                 cv = self.cross_validate(epoch)
                 self.reporter.log("CV", step, {**cv, "epoch": epoch, "lr": self.engine.lr()})
             last = self._save(f"epoch_{epoch}_whole", epoch, step, batch_idx + 1, "CV", cv)
-        tps = total_tokens / total_time if total_time else 0.0
-        report = TrainReport(o.model_dir, max_epoch, step, last, cv.get("loss"), losses, tps,
-                             self.flops_per_token * tps / (self.peak * self.world) if self.peak else None, dpo_skipped,
-                             data_stats)
-        result = {"steps": step, "epochs": max_epoch, "checkpoint": last, "tokens_per_s": tps, "dpo_skipped": dpo_skipped,
-                  "data_stats": data_stats, "data_totals": _totals(data_stats)}
+        rate = total_units / total_time if total_time else 0.0
+        mfu = self.flops_per_unit * rate / (self.peak * self.world) if self.peak and self.flops_per_unit else None
+        report = TrainReport(o.model_dir, max_epoch, step, last, cv.get("loss"), losses, rate, mfu, dpo_skipped,
+                             data_stats, unit)
+        result = {"steps": step, "epochs": max_epoch, "checkpoint": last, f"{unit}_per_s": rate,
+                  "dpo_skipped": dpo_skipped, "data_stats": data_stats, "data_totals": _totals(data_stats),
+                  "model": o.model}
         result.update({k: v for k, v in (("cv_loss", report.cv_loss), ("mfu", report.mfu)) if v is not None})
         self.reporter.report_result(result)
         self.reporter.close()
@@ -522,28 +481,35 @@ class _StepMeans:
 
     Every micro-batch weighs the same (not by tokens): its loss is already normalised within the
     micro-batch, each contributes ``loss / accum_grad`` to the gradient and DDP/DeepSpeed average
-    gradients over ranks with equal weights, so this mean is the objective the step optimised."""
+    gradients over ranks with equal weights, so this mean is the objective the step optimised.
+    A batch of several turns (the GAN) adds each turn's keys once."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
+        self.skipped = 0
 
     def add(self, out: dict) -> None:
         for k, v in out.items():
-            if k == "dpo_skipped":
+            if k.endswith("dpo_skipped"):
+                self.skipped += int(v)
                 continue
             v = v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
             self.sums[k] = self.sums[k] + v.to(self.sums[k].device) if k in self.sums else v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop_skipped(self) -> int:
+        skipped, self.skipped = self.skipped, 0
+        return skipped
 
     def reduce(self, device: torch.device, world: int) -> dict[str, float]:
         keys = sorted(self.sums)
         vec = torch.stack([self.sums[k].to(device, torch.float64) for k in keys]
-                          + [torch.tensor(float(self.count), dtype=torch.float64, device=device)])
+                          + [torch.tensor(float(self.counts[k]), dtype=torch.float64, device=device) for k in keys])
         if world > 1:
             dist.all_reduce(vec)
         total = vec.tolist()
-        return {k: total[i] / total[-1] for i, k in enumerate(keys)}
+        return {k: total[i] / total[len(keys) + i] for i, k in enumerate(keys)}
 
 
 def _without_stats(loader, counts: Counter):
@@ -578,4 +544,3 @@ def train(opts: TrainOptions) -> TrainReport:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-

@@ -109,7 +109,8 @@ def test_trainer_flag_skip_unreadable_shards_reaches_the_dataset(training_list, 
     for flags, skip in (([], False), (["--skip_unreadable_shards"], True)):
         args = vars(build_parser().parse_args(required + flags))
         opts = TrainOptions(**{k: v for k, v in args.items() if k in TrainOptions.__dataclass_fields__})
-        config = Trainer._pipeline_config(SimpleNamespace(opts=opts, configs={}))
+        config = Trainer._pipeline_config(SimpleNamespace(opts=opts, configs={},
+                                                          task=SimpleNamespace(pipeline_changes=dict)))
         assert config.skip_unreadable_shards is skip
 
     missing = str(tmp_path / "gone.tar")

@@ -13,20 +13,20 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from cosyvoice import cli  # noqa: E402
-from cosyvoice.train.trainer import Trainer  # noqa: E402
+from cosyvoice.train.models import LLM  # noqa: E402
 
-_batch_losses = Trainer._batch_losses
+_turn = LLM.turn
 
 
-def _recording(self, batch):
-    out = _batch_losses(self, batch)
-    path = os.path.join(self.opts.model_dir, f"micro_losses.rank{self.rank}.jsonl")
+def _recording(self, part, engines, batch, device):
+    out = _turn(self, part, engines, batch, device)
+    path = os.path.join(self.opts.model_dir, f"micro_losses.rank{os.environ.get('RANK', '0')}.jsonl")
     with open(path, "a") as f:
         f.write(json.dumps({"loss": float(out["loss"].detach())}) + "\n")
     return out
 
 
-Trainer._batch_losses = _recording
+LLM.turn = _recording
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

@@ -270,8 +270,10 @@ def test_token_budget_batches_are_packed_without_padding(training_list, qwen_dir
 
 
 def test_bad_invocations_fail_with_a_clear_message(training_list, qwen_dir, tmp_path):
-    with pytest.raises(ValueError, match="only the llm"):
-        train(options(training_list, qwen_dir, tmp_path, model="flow"))
+    with pytest.raises(ValueError, match="choose one of llm, flow, hifigan"):
+        train(options(training_list, qwen_dir, tmp_path, model="vocoder"))
+    with pytest.raises(ValueError, match="--dpo apply to the LLM only"):
+        train(options(training_list, qwen_dir, tmp_path, model="flow", dpo=True))
     with pytest.raises(FileNotFoundError, match="no such file"):
         train(options(training_list, qwen_dir, tmp_path, checkpoint=str(tmp_path / "missing.pt")))
     with pytest.raises(ValueError, match="deepspeed_config"):

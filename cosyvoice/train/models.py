@@ -1,0 +1,353 @@
+"""What ``--model`` trains: the LLM, the flow, or the HiFT vocoder with its GAN.
+
+The loop in :mod:`cosyvoice.train.trainer` is the same for all three. A :class:`TrainedModel` tells
+it what differs: how the module is built from the recipe, which optimizers it has (one, or the
+GAN's discriminator and generator, each with its own recipe settings and engine), what one batch
+does (one forward, or the GAN's discriminator turn then generator turn), what throughput counts
+(LLM tokens, mel frames) and how the weights are written and read (the released file layouts:
+``llm.pt``, ``flow.pt``, ``hift.pt``), so averaged checkpoints load strictly into the runtime and
+into upstream's modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from cosyvoice.config import load_recipe, training_overrides
+from cosyvoice.train.dpo import dpo_loss
+from cosyvoice.train.options import TrainOptions
+
+log = logging.getLogger("cosyvoice.train")
+
+MODELS = ("llm", "flow", "hifigan")
+
+
+@dataclass
+class Part:
+    """One optimizer's share of the model. ``conf_suffix`` picks its recipe keys: ``""`` reads
+    ``optim``/``optim_conf``/``scheduler``/``scheduler_conf``, ``"_d"`` reads ``optim_d``/... (the GAN's
+    discriminator, upstream's ``train_conf_gan``)."""
+
+    name: str
+    module: torch.nn.Module
+    conf_suffix: str = ""
+
+
+class TrainedModel:
+    """Base: one part called ``model`` whose ``forward(batch, device)`` returns a loss dict."""
+
+    name: str = ""
+    unit: str = "frames"  # what throughput counts
+    train_conf_key: str = "train_conf"
+    module: torch.nn.Module  # the whole trained module (moved to the device, train/eval)
+
+    def __init__(self, opts: TrainOptions):
+        self.opts = opts
+        self.configs: dict = {}
+
+    # -- building ------------------------------------------------------------------------------------
+    def parts(self) -> list[Part]:
+        return [Part("model", self.module)]
+
+    def pipeline_changes(self) -> dict:
+        """Data-pipeline settings this model needs on top of the recipe's."""
+        return {}
+
+    def setup(self, device: torch.device) -> None:
+        """After the weights are loaded and the module is on ``device``: the model's own set-up."""
+
+    @property
+    def flops_per_unit(self) -> float | None:
+        return None
+
+    # -- steps ----------------------------------------------------------------------------------------
+    def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
+        """The losses of ``part``'s turn on ``batch`` (forward only; the trainer does backward/step)."""
+        return engines[part].forward("forward", batch, device)
+
+    def cv_losses(self, batch: dict, device) -> dict:
+        out = self.module(batch, device)
+        return {k: v for k, v in out.items() if k in ("loss", "acc")}
+
+    def counts(self, batch: dict) -> tuple[int, int]:
+        """(real, padded) units of ``batch`` for throughput and the padded fraction: mel frames."""
+        lengths = batch["speech_feat_len"]
+        return int(lengths.sum()), int(batch["speech_feat"].shape[0] * batch["speech_feat"].shape[1])
+
+    # -- weights --------------------------------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors, in the released file layout."""
+        return self.module.state_dict()
+
+    def load_weights(self, state: dict, path: str) -> None:
+        self.module.load_state_dict(state, strict=True)
+
+    def extra_state(self) -> dict | None:
+        """Trained tensors outside the released layout (the GAN's discriminator): kept in ``.state.pt``."""
+        return None
+
+    def load_extra_state(self, state: dict | None, path: str) -> None:
+        pass
+
+
+# -- the LLM ------------------------------------------------------------------------------------------
+class LLM(TrainedModel):
+    """Qwen2LM / CosyVoice3LM (SFT or DPO); throughput in LLM tokens, MFU from 6 N per token."""
+
+    name = "llm"
+    unit = "tokens"
+
+    def __init__(self, opts: TrainOptions):
+        super().__init__(opts)
+        self.configs = load_recipe(opts.config, training_overrides("llm", opts.qwen_pretrain_path))
+        self.module = self.configs["llm"]
+        self._refuse_silent_random_init()
+        self._freeze_unused_lm_head()
+        self.ref_model = None
+
+    def pipeline_changes(self) -> dict:
+        o = self.opts
+        return {"dpo": o.dpo, "whisper_feat": bool(o.onnx_path),
+                "campplus_onnx": os.path.join(o.onnx_path, "campplus.onnx") if o.onnx_path else None}
+
+    def setup(self, device: torch.device) -> None:
+        o = self.opts
+        if o.dpo:
+            import copy
+
+            from cosyvoice.train.checkpoint import load_model_weights
+
+            if not hasattr(self.module, "forward_dpo"):
+                raise ValueError("--dpo needs a Qwen2LM/CosyVoice3LM llm")
+            self.ref_model = copy.deepcopy(self.module)
+            if o.ref_model:
+                sd, _, _ = load_model_weights(o.ref_model)
+                self.ref_model.load_state_dict(sd, strict=True)
+            self.ref_model.requires_grad_(False).eval().to(device)
+        if o.onnx_path:
+            from cosyvoice.train.online import OnlineSpeechTokenizer
+
+            self.module.speech_token_extractor = OnlineSpeechTokenizer.for_model(o.onnx_path, self.module)
+
+    def configure_attention(self, packed: bool, device: torch.device) -> None:
+        self.module.packed = packed
+        attn = self.opts.attn_implementation or _auto_attention(packed, device)
+        if attn:
+            self.module.llm.model.set_attn_implementation(attn)
+        if self.opts.compile:
+            # in place (nn.Module.compile): the module tree and so the state-dict keys stay the same;
+            # torch.compile(module) would wrap it and prefix every key with ``_orig_mod.``
+            self.module.llm.model.model.compile(dynamic=True)
+
+    @property
+    def flops_per_unit(self) -> float:
+        model = self.module
+        skip = {id(model.llm.model.model.embed_tokens.weight), id(model.llm.model.lm_head.weight),
+                id(model.speech_embedding.weight)}
+        if hasattr(model, "llm_embedding"):
+            skip.add(id(model.llm_embedding.weight))
+        return 6 * sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+    def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
+        engine = engines[part]
+        if not self.opts.dpo:
+            return engine.forward("forward", batch, device)
+        # the reference scores the very sequences the policy saw: replay the bistream/unistream draws
+        # (upstream draws them again, so policy and reference compare different layouts)
+        draws = random.getstate()
+        out = engine.forward("forward_dpo", batch, device)
+        after = random.getstate()
+        random.setstate(draws)
+        with torch.no_grad():
+            ref = self.ref_model.forward_dpo(batch, device)
+        random.setstate(after)
+        loss_dpo, chosen, rejected = dpo_loss(out["chosen_logps"], out["rejected_logps"], ref["chosen_logps"],
+                                              ref["rejected_logps"], beta=self.opts.dpo_beta)
+        nan = torch.tensor(float("nan"))
+        return {"loss": loss_dpo + out["loss"], "sft_loss": out["loss"].detach(), "dpo_loss": loss_dpo.detach(),
+                "acc": out["acc"], "dpo_acc": (chosen > rejected).float().mean() if chosen.numel() else nan,
+                "chosen_reward": chosen.mean() if chosen.numel() else nan,
+                "reject_reward": rejected.mean() if rejected.numel() else nan,
+                "dpo_skipped": out["dpo_skipped"]}
+
+    def cv_losses(self, batch: dict, device) -> dict:
+        if self.opts.dpo:
+            engines = {"model": _Bare(self.module)}
+            return {k: v for k, v in self.turn("model", engines, batch, device).items() if k != "dpo_skipped"}
+        return super().cv_losses(batch, device)
+
+    def counts(self, batch: dict) -> tuple[int, int]:
+        stats = self.module.last_stats
+        return stats.get("tokens", 0), stats.get("padded_tokens", 0)
+
+    def _refuse_silent_random_init(self) -> None:
+        """A Qwen2 body that found no weights under ``qwen_pretrain_path`` was initialised at random.
+        That is only right when asked for (``--allow_random_init`` or the recipe's
+        ``allow_random_init: true``, which the tiny recipes set) or when ``--checkpoint`` replaces
+        every weight anyway; otherwise a mistyped path would silently train a model from scratch."""
+        from cosyvoice.llm.qwen2 import Qwen2Encoder, expected_weight_files
+
+        allowed = self.opts.allow_random_init or bool(self.configs.get("allow_random_init", False))
+        if allowed or self.opts.checkpoint:
+            return
+        for module in self.module.modules():
+            if isinstance(module, Qwen2Encoder) and not module.pretrained:
+                path = module.pretrain_path or self.opts.qwen_pretrain_path or ""
+                raise ValueError(
+                    f"qwen_pretrain_path {path!r} holds no Qwen2 weights (expected {expected_weight_files()} "
+                    "there, e.g. the CosyVoice-BlankEN dir): training would start from a randomly initialised "
+                    "Qwen2 body. Pass --qwen_pretrain_path <dir with the weights>, --checkpoint <llm .pt> to "
+                    "fine-tune, or --allow_random_init (recipe key `allow_random_init: true`) to train from "
+                    "scratch on purpose.")
+
+    def _freeze_unused_lm_head(self) -> None:
+        """The HF lm_head is not used by the speech LLM; when it is not tied to the text embeddings it
+        gets no gradient, which DDP would otherwise have to search for every step."""
+        qwen = self.module.llm.model
+        if qwen.lm_head.weight is not qwen.model.embed_tokens.weight:
+            qwen.lm_head.weight.requires_grad_(False)
+
+
+class _Bare:
+    """The engine interface over a bare module (CV runs without DDP/DeepSpeed)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def forward(self, method: str, batch: dict, device) -> dict:
+        return getattr(self.module, method)(batch, device)
+
+
+def _auto_attention(packed: bool, device: torch.device) -> str | None:
+    """Packed rows want variable-length attention (no work across utterance boundaries): FlashAttention-2
+    when installed on a GPU; otherwise the model's default (SDPA with the packed-sequence mask)."""
+    import importlib.util
+
+    if packed and device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return None
+
+
+# -- the acoustic models ------------------------------------------------------------------------------
+def _data_recipe(opts: TrainOptions) -> dict:
+    """The recipe's data-processor and train-conf entries; no model section is built (the acoustic
+    sections are read as settings by cosyvoice.acoustic.recipe)."""
+    return load_recipe(opts.config, {**{k: None for k in ("llm", "flow", "hift", "hifigan")},
+                                     **({"qwen_pretrain_path": opts.qwen_pretrain_path}
+                                        if opts.qwen_pretrain_path else {})})
+
+
+def _refuse_llm_only_options(opts: TrainOptions) -> None:
+    bad = [flag for flag, on in (("--dpo", opts.dpo), ("--ref_model", bool(opts.ref_model)),
+                                 ("--onnx_path", bool(opts.onnx_path)), ("--compile", opts.compile),
+                                 ("--attn_implementation", bool(opts.attn_implementation)),
+                                 ("--pack", bool(opts.pack)), ("--batch_type token", opts.batch_type == "token"))
+           if on]
+    if bad:
+        raise ValueError(f"--model {opts.model}: {', '.join(bad)} apply to the LLM only (the acoustic models train "
+                         "on the speech tokens and embeddings of the parquet shards)")
+
+
+class Flow(TrainedModel):
+    """The CosyVoice2 flow (``CausalMaskedDiffWithXvec``): conditional flow matching on the shards' mel."""
+
+    name = "flow"
+
+    def __init__(self, opts: TrainOptions):
+        from cosyvoice.acoustic.flow import FlowModel
+        from cosyvoice.acoustic.recipe import acoustic_configs
+
+        super().__init__(opts)
+        _refuse_llm_only_options(opts)
+        self.configs = _data_recipe(opts)
+        flow_config, _ = acoustic_configs(opts.config)
+        self.module = FlowModel(flow_config)
+
+    def pipeline_changes(self) -> dict:
+        return {"whisper_feat": False}  # the shards carry the speech tokens
+
+    def load_weights(self, state: dict, path: str) -> None:
+        from cosyvoice.acoustic.checkpoint import check_state
+
+        check_state(state, self.module.state_dict(), path)
+        self.module.load_state_dict(state, strict=True)
+
+
+class HiFiGan(TrainedModel):
+    """The HiFT generator and its discriminators. Each batch: a discriminator turn, then a generator
+    turn, each stepping its own optimizer (upstream's ``train_one_epoc_gan``). The checkpoint ``.pt``
+    is the released ``hift.pt`` (generator only, weight-norm ``weight_g``/``weight_v``); the
+    discriminator's weights travel in ``.state.pt`` for exact resumes."""
+
+    name = "hifigan"
+    train_conf_key = "train_conf_gan"
+
+    def __init__(self, opts: TrainOptions):
+        from cosyvoice.acoustic.gan import HiFiGan as GanModule
+        from cosyvoice.acoustic.recipe import gan_config
+
+        super().__init__(opts)
+        _refuse_llm_only_options(opts)
+        self.configs = _data_recipe(opts)
+        if self.train_conf_key not in self.configs:
+            raise ValueError(f"{opts.config}: --model hifigan needs a `train_conf_gan` section (the GAN's two "
+                             "optimizers and schedulers)")
+        gan, hift = gan_config(opts.config)
+        self.module = GanModule(hift, gan)
+
+    def parts(self) -> list[Part]:
+        return [Part("discriminator", self.module.discriminator, "_d"), Part("generator", self.module.generator)]
+
+    def pipeline_changes(self) -> dict:
+        return {"gan": True, "whisper_feat": False}
+
+    def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
+        calls = {"generator": engines["generator"].call, "discriminator": engines["discriminator"].call}
+        if part == "discriminator":
+            return self.module.discriminator_turn(batch, device, **calls)
+        return self.module.generator_turn(batch, device, **calls)
+
+    def cv_losses(self, batch: dict, device) -> dict:
+        """Upstream evaluates the generator's losses on CV."""
+        return self.module.generator_turn(batch, device)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        from cosyvoice.acoustic.hift import hift_state_dict
+
+        return hift_state_dict(self.module.generator)
+
+    def load_weights(self, state: dict, path: str) -> None:
+        """A ``hift.pt`` (released, ours) or an upstream HiFiGan checkpoint (``generator.*`` and
+        ``discriminator.*``): the generator strictly; the discriminator when the file has one."""
+        from cosyvoice.acoustic.hift import load_hift
+
+        generator = {k: v for k, v in state.items() if not k.startswith("discriminator.")}
+        discriminator = {k[len("discriminator."):]: v for k, v in state.items() if k.startswith("discriminator.")}
+        loaded = load_hift(generator, self.module.generator.config)
+        self.module.load_generator(loaded)
+        if discriminator:
+            self.module.discriminator.load_state_dict(discriminator, strict=True)
+        else:
+            log.info("%s has no discriminator weights: the discriminator starts from its initialisation", path)
+
+    def extra_state(self) -> dict:
+        return {"discriminator": {k: v.detach().cpu() for k, v in self.module.discriminator.state_dict().items()}}
+
+    def load_extra_state(self, state: dict | None, path: str) -> None:
+        if state and "discriminator" in state:
+            self.module.discriminator.load_state_dict(state["discriminator"], strict=True)
+        elif self.opts.checkpoint:
+            log.warning("%s: its training state holds no discriminator weights; the discriminator starts fresh", path)
+
+
+def trained_model(opts: TrainOptions) -> TrainedModel:
+    builders = {"llm": LLM, "flow": Flow, "hifigan": HiFiGan}
+    if opts.model not in builders:
+        raise ValueError(f"--model {opts.model!r}: choose one of {', '.join(MODELS)}")
+    return builders[opts.model](opts)
+
