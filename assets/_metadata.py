@@ -1,4 +1,4 @@
-"""Presentation helpers shared by assets: plots embedded in asset metadata."""
+"""Presentation helpers shared by assets: plots and pictures embedded in asset metadata."""
 
 from __future__ import annotations
 
@@ -43,11 +43,15 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, tit
     return _png_markdown(fig, title)
 
 
+def png_markdown(png: bytes, title: str) -> dg.MetadataValue:
+    """PNG bytes (a library's drawing) as markdown metadata, inline as a data URI."""
+    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
 def _png_markdown(fig, title: str) -> dg.MetadataValue:
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
+    return png_markdown(buffer.getvalue(), title)

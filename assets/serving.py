@@ -1,15 +1,39 @@
-"""``triton_model_repo``: the served CosyVoice2 Triton repository, published as a new verified version."""
+"""``triton_model_repo``: the served CosyVoice2 Triton repository, published as a new verified version.
+
+Its LLM is the pipeline's (``hf_checkpoint``, ``trtllm_engine``); its acoustic weights are the
+pipeline's ``flow_averaged`` / ``hift_averaged`` or a released model dir's, as the run config's
+``acoustic_source`` says, and the metadata records which files were served (path + sha256).
+"""
+
+import os
+import tempfile
+from enum import Enum
 
 import dagster as dg
+from pydantic import Field
 
+from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.preview import sample_preview
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.stages import STAGES
+from cosyvoice.triton.model_dir import ModelDirReport, compose_model_dir
 from cosyvoice.triton.publish import DEFAULT_MOUNT, has_engine, publish_triton_repo
 from cosyvoice.triton.spk2info import build_spk2info
 from pipelines.resources import DataStore, ModelStore
 
 SERVING_CHECKS = ("schema_valid", "semantics_valid", "server_load_test")
+#: the file each averaged acoustic asset provides
+ACOUSTIC_ASSETS = {FLOW_FILE: dg.AssetKey("flow_averaged"), HIFT_FILE: dg.AssetKey("hift_averaged")}
+
+
+class AcousticSource(str, Enum):
+    """Where ``flow.pt`` / ``hift.pt`` come from: ``pipeline`` (the newest ``flow_averaged`` and
+    ``hift_averaged``; both must have been materialized), ``released`` (the released model dir), or
+    ``auto`` (each from the pipeline when its averaged asset has been materialized, else released)."""
+
+    pipeline = "pipeline"
+    released = "released"
+    auto = "auto"
 
 
 class TritonRepoConfig(dg.Config):
@@ -21,7 +45,11 @@ class TritonRepoConfig(dg.Config):
     hf_dir: str = ""
     engine_dir: str = ""
     engine_variant: str = "bfloat16_none"
-    model_dir: str = ""
+    model_dir: str = Field(default="", description="the released model dir: front-end ONNX models, and the acoustic "
+                           "weights when they come from there; empty: the models resource root")
+    acoustic_source: AcousticSource = Field(default=AcousticSource.auto, description="flow.pt/hift.pt from the "
+                                            "pipeline (flow_averaged, hift_averaged), the released model dir, or "
+                                            "auto: each from the pipeline once materialized, else released")
     spk2info_subset: str = "dev-clean"
     spk2info_speakers: list[str] = []  # empty: the subset's first speaker becomes "001"
     # tensorrtllm | python (HF on CPU) | auto: tensorrtllm when an engine exists, else python.
@@ -37,8 +65,49 @@ class TritonRepoConfig(dg.Config):
     bls_instances: int = 4
 
 
+def pipeline_acoustic_files(instance: dg.DagsterInstance, source: AcousticSource) -> dict[str, dict]:
+    """``{file: metadata of the newest materialization}`` of the averaged acoustic assets that
+    ``source`` takes from the pipeline (``path``, ``sha256``, ``recipe``, ``run_id``)."""
+    if source is AcousticSource.released:
+        return {}
+    chosen, missing = {}, []
+    for name, key in ACOUSTIC_ASSETS.items():
+        event = instance.get_latest_materialization_event(key)
+        if event is None:
+            missing.append(key.to_user_string())
+            continue
+        meta = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+        chosen[name] = {**meta, "run_id": event.run_id}
+    if missing and source is AcousticSource.pipeline:
+        raise dg.Failure(f"acoustic_source pipeline: {', '.join(missing)} never materialized; run the retrain job "
+                         "(or materialize them), or set acoustic_source: released")
+    return chosen
+
+
+def served_model_dir(dest: str, released_dir: str, chosen: dict[str, dict]) -> ModelDirReport:
+    """The model dir to serve, composed in ``dest`` (:func:`compose_model_dir`): the released dir
+    with the pipeline's files of ``chosen`` and, with them, the recipe they were trained with as
+    ``cosyvoice2.yaml``; each pipeline file must still be the bytes its materialization recorded."""
+    replacements = {name: meta["path"] for name, meta in chosen.items()}
+    recipes = {meta.get("recipe") for meta in chosen.values()}
+    if chosen:
+        if len(recipes) != 1 or not next(iter(recipes)):
+            raise dg.Failure("the averaged acoustic models name different or no training recipes "
+                             f"({sorted(map(str, recipes))}): retrain them with one recipe")
+        replacements[CONFIG_FILE] = recipes.pop()
+    try:
+        report = compose_model_dir(dest, released_dir, replacements)
+    except ValueError as exc:
+        raise dg.Failure(f"the acoustic models to serve do not fit together: {exc}") from exc
+    for name, meta in chosen.items():
+        if meta.get("sha256") and report.files[name].sha256 != meta["sha256"]:
+            raise dg.Failure(f"{meta['path']} changed since its materialization in run {meta['run_id']} (sha256 "
+                             f"{meta['sha256']} -> {report.files[name].sha256}); materialize it again")
+    return report
+
+
 @dg.asset(
-    deps=[dg.AssetKey("hf_checkpoint"), dg.AssetKey("trtllm_engine")],
+    deps=[dg.AssetKey("hf_checkpoint"), dg.AssetKey("trtllm_engine"), *ACOUSTIC_ASSETS.values()],
     group_name="serving", kinds={"triton"},
     check_specs=[dg.AssetCheckSpec(n, asset="triton_model_repo", blocking=True) for n in SERVING_CHECKS],
     description=STAGES["triton_model_repo"].description,
@@ -49,12 +118,22 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     ``<data root>/triton/<name>/<version>/``; the channel's pointer (``LATEST`` for the TensorRT-LLM
     repository, ``LATEST-cpu`` for the python-backend fallback) switches only after the upload
     verifies and the load test passed (or ``load_test: skip`` was configured). Nothing is published
-    when the repository is invalid or the load test fails. The metadata shows ~2 s the published
-    acoustic models speak for the default speaker (``sample``: waveform + spectrogram)."""
+    when the repository is invalid or the load test fails. The metadata shows which acoustic files
+    were served (``acoustic_files``: source, path, sha256) and ~2 s the published acoustic models
+    speak for the default speaker (``sample``: waveform + spectrogram)."""
+    chosen = pipeline_acoustic_files(context.instance, config.acoustic_source)
+    with tempfile.TemporaryDirectory(prefix="served-model-dir-") as work:
+        served = served_model_dir(os.path.join(work, "model_dir"), config.model_dir or models.root, chosen)
+        context.log.info(f"acoustic files: {served.as_metadata()['acoustic_source'] or 'none'}")
+        return _publish(context, config, store, served)
+
+
+def _publish(context: dg.AssetExecutionContext, config: TritonRepoConfig, store: DataStore,
+             served: ModelDirReport) -> dg.MaterializeResult:
     layout = store.layout
     hf_dir = config.hf_dir or layout.export_dir("hf")
     engine_dir = config.engine_dir or layout.export_dir("engine", config.engine_variant)
-    model_dir = config.model_dir or models.root
+    model_dir = served.path
     backend = config.llm_backend
     if backend == "auto":
         backend = "tensorrtllm" if has_engine(engine_dir) else "python"
@@ -81,7 +160,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     load_ok = load["status"] in ("passed", "skipped")
     channel_flag = "" if report.channel == "gpu" else f" --channel {report.channel}"
     return dg.MaterializeResult(
-        metadata={**report.as_metadata(), "spk2info_speakers": spk.speakers,
+        metadata={**report.as_metadata(), **served.as_metadata(), "spk2info_speakers": spk.speakers,
                   "model_bytes": report.manifest["model_bytes"],
                   **sample.as_metadata(), "sample": dg.MetadataValue.md(sample.markdown()),
                   "pull": f"cosyvoice-pipeline triton-pull --root {layout.triton_root(config.name)} --dest "

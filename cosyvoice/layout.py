@@ -10,7 +10,7 @@ strings, so the folder structure is written down once, here::
     <root>/speaker_means/<subset>.parquet
     <root>/parquet/<subset>/parquet_<index:09d>.tar      (+ .failed.tsv, utt2/spk2parquet json, data.list)
     <root>/train.data.list, <root>/cv.data.list
-    <root>/llm/llm.pt                              the averaged LLM
+    <root>/llm/llm.pt, flow/flow.pt, hift/hift.pt  the averaged models (released file layouts)
     <root>/export/hf/, export/trtllm/<variant>/, export/engine/<variant>/
     <root>/triton/<name>/<version>/, <root>/triton/<name>-spk2info.pt
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cosyvoice import storage
+from cosyvoice.acoustic import FLOW_FILE, HIFT_FILE
 from cosyvoice.corpus.shard_plan import PLAN_FILE, ShardKey, read_plan
 from cosyvoice.problems import failures_next_to
 from cosyvoice.shards.make_parquet import parquet_name
@@ -33,6 +34,8 @@ FEATURE_STAGES = ("speaker_embeddings", "speech_tokens")
 PARQUET_STAGE = "parquet_shards"
 #: what ``export_dir`` knows: the HF export (one folder) and the per-variant TensorRT-LLM outputs
 EXPORT_KINDS = {"hf": False, "trtllm": True, "engine": True}  # kind -> has variants
+#: the averaged models ``model_file`` knows: name -> ``<root>/<name>/<file>`` (the released file names)
+MODEL_FILES = {"llm": "llm.pt", "flow": FLOW_FILE, "hift": HIFT_FILE}
 
 
 def _key(shard: ShardKey | str) -> ShardKey:
@@ -107,9 +110,16 @@ class DataLayout:
         """``cv.data.list``: the held-out shards the CV loss (and the CV gate) is measured on."""
         return self._at("cv.data.list")
 
+    def model_file(self, name: str) -> str:
+        """``<name>/<file>`` of an averaged model: ``llm/llm.pt``, ``flow/flow.pt``, ``hift/hift.pt``
+        (plain state dicts in the released layouts)."""
+        if name not in MODEL_FILES:
+            raise ValueError(f"{name!r} is not an averaged model (one of {', '.join(MODEL_FILES)})")
+        return self._at(name, MODEL_FILES[name])
+
     def llm_model(self) -> str:
         """``llm/llm.pt``: the averaged LLM (a plain state dict)."""
-        return self._at("llm", "llm.pt")
+        return self.model_file("llm")
 
     # --- export and serving --------------------------------------------------------------------
 

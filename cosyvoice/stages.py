@@ -5,6 +5,10 @@ are thin faces of it. This table is where a reader goes from any face to the oth
 
     asset key  ->  library function  ->  CLI subcommand  ->  the one-line description all faces show
 
+A subcommand may be the face of several stages (``train --model llm|flow|hifigan`` of
+``llm_checkpoint``, ``flow_checkpoint``, ``hift_checkpoint``): :data:`BY_COMMAND` lists each
+subcommand once, with its own help line.
+
 The CLI takes each subcommand's help from here (:func:`command_help`), the assets take their
 descriptions from here (``description=STAGES["<asset>"].description``), the README's stage table is
 checked against it, and ``tests/test_stages.py`` fails when a stage lacks a face or when two faces
@@ -59,6 +63,17 @@ class Tool(_Row):
     description: str
 
 
+@dataclass(frozen=True)
+class Command(_Row):
+    """A subcommand of the stages: its function and help line; ``stages`` are the assets it is a face of
+    (``train`` of the three ``*_checkpoint`` assets, one per ``--model``)."""
+
+    command: str
+    target: str
+    description: str
+    stages: tuple[str, ...]
+
+
 _ROWS = (
     Stage("manifest", "cosyvoice.corpus.manifest:prepare_libritts", "prepare-libritts",
           "one LibriTTS subset -> kaldi data dir (wav.scp, text, utt2spk, spk2utt), shard plan and quarantine"),
@@ -78,6 +93,14 @@ _ROWS = (
           "train the CosyVoice2/3 LLM, SFT or DPO (flags of upstream cosyvoice/bin/train.py)"),
     Stage("llm_averaged", "cosyvoice.train.checkpoint:average_checkpoints", "average-checkpoints",
           "average the best checkpoints into llm.pt (upstream cosyvoice/bin/average_model.py)"),
+    Stage("flow_checkpoint", "cosyvoice.train.trainer:train", "train",
+          "train the flow-matching model (train --model flow) on the shards' mel, speech tokens and embeddings"),
+    Stage("flow_averaged", "cosyvoice.train.checkpoint:average_checkpoints", "average-checkpoints",
+          "average the best flow checkpoints into flow.pt (the released layout)"),
+    Stage("hift_checkpoint", "cosyvoice.train.trainer:train", "train",
+          "train the HiFT vocoder with its GAN discriminators (train --model hifigan)"),
+    Stage("hift_averaged", "cosyvoice.train.checkpoint:average_checkpoints", "average-checkpoints",
+          "average the best HiFT checkpoints into hift.pt (the released layout: generator only)"),
     Stage("hf_checkpoint", "cosyvoice.export.hf:export_hf", "export-hf",
           "llm.pt -> HF Qwen2ForCausalLM with speech tokens (TensorRT-LLM/vLLM input)"),
     Stage("trtllm_checkpoint", "cosyvoice.export.variants:convert_variants", "convert-checkpoint",
@@ -88,10 +111,38 @@ _ROWS = (
           "render, validate and load-test the Triton model repository, then publish it as a new version"),
 )
 
+#: the help line of a subcommand that several stages share (each stage's row describes its own use)
+_SHARED_HELP = {
+    "train": "train the LLM (SFT or DPO), the flow or the HiFT vocoder with its GAN "
+             "(flags of upstream cosyvoice/bin/train.py)",
+    "average-checkpoints": "average the best checkpoints of a run into llm.pt, flow.pt or hift.pt "
+                           "(upstream cosyvoice/bin/average_model.py)",
+}
+
+
+def _commands(rows: tuple[Stage, ...]) -> dict[str, Command]:
+    """One :class:`Command` per subcommand; a subcommand shared by several stages calls one function
+    and shows its ``_SHARED_HELP`` line, one of a single stage shows that stage's description."""
+    grouped: dict[str, list[Stage]] = {}
+    for stage in rows:
+        grouped.setdefault(stage.command, []).append(stage)
+    commands = {}
+    for command, stages in grouped.items():
+        targets = {s.target for s in stages}
+        if len(targets) > 1:
+            raise ValueError(f"stages {[s.name for s in stages]} share `{command}` but name different functions "
+                             f"{sorted(targets)}: a subcommand calls one function")
+        if len(stages) > 1 and command not in _SHARED_HELP:
+            raise ValueError(f"`{command}` is shared by {[s.name for s in stages]}: give it a help line in _SHARED_HELP")
+        help_line = _SHARED_HELP[command] if len(stages) > 1 else stages[0].description
+        commands[command] = Command(command, stages[0].target, help_line, tuple(s.name for s in stages))
+    return commands
+
+
 #: the stages in graph order, by asset key
 STAGES: dict[str, Stage] = {s.name: s for s in _ROWS}
-#: the same stages by subcommand
-BY_COMMAND: dict[str, Stage] = {s.command: s for s in _ROWS}
+#: the subcommands of the stages
+BY_COMMAND: dict[str, Command] = _commands(_ROWS)
 
 #: subcommands that are not stages of the asset graph
 TOOLS: dict[str, Tool] = {t.command: t for t in (

@@ -8,7 +8,7 @@ from assets.features import speaker_embeddings, speaker_means, speech_tokens, up
 from assets.manifest import manifest
 from assets.serving import triton_model_repo
 from assets.shards import parquet_shards, training_data_lists
-from assets.training import llm_averaged, llm_checkpoint
+from assets.training import TRAINING_ASSETS
 from pipelines.executors import executor_for
 from pipelines.jobs import prepare_subset, retrain
 from pipelines.resources import deployment, resources_for
@@ -21,7 +21,7 @@ export_job = dg.define_asset_job("export_job", selection=export_selection(deploy
 
 defs = dg.Definitions(
     assets=[manifest, speaker_embeddings, speech_tokens, speaker_means, upstream_feature_files, parquet_shards,
-            training_data_lists, llm_checkpoint, llm_averaged, *EXPORT_ASSETS, triton_model_repo],
+            training_data_lists, *TRAINING_ASSETS, *EXPORT_ASSETS, triton_model_repo],
     jobs=[manifest_job, features_job, export_job, prepare_subset, retrain],
     schedules=[retrain_schedule],
     sensors=[corpus_sensor, prepare_subset_shards, report_run_failures],

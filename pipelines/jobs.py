@@ -4,9 +4,10 @@
   once the manifest ran, so the per-shard work (features -> speaker means -> parquet shards) is
   launched right after a successful ``prepare_subset`` run by ``prepare_subset_shards``
   (pipelines/sensors.py) as one asset backfill over exactly that subset's shards.
-* ``retrain``: the training data lists plus every asset of the ``training`` group (and whatever
-  groups are added to ``RETRAIN_GROUPS`` later, e.g. export/publish). Selecting by group keeps this
-  valid whether or not the training assets are loaded.
+* ``retrain``: the training data lists plus every asset of the ``training`` group: the LLM, flow
+  and HiFT checkpoints and their averages (and whatever groups are added to ``RETRAIN_GROUPS``
+  later, e.g. export/publish). Selecting by group keeps this valid whether or not the training
+  assets are loaded.
 """
 
 import dagster as dg
@@ -36,6 +37,7 @@ retrain_selection = dg.AssetSelection.assets(training_data_lists) | dg.AssetSele
 retrain = dg.define_asset_job(
     "retrain",
     selection=retrain_selection,
-    description="Training data lists over every prepared subset, then training and checkpoint averaging.",
+    description="Training data lists over every prepared subset, then training (LLM, flow, HiFT) and checkpoint "
+                "averaging.",
     tags={"cosyvoice/stage": "training"},
 )

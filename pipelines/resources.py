@@ -66,17 +66,25 @@ class ModelStore(dg.ConfigurableResource):
         return storage.join(self.root, self.speech_tokenizer)
 
 
+#: the models the pipeline trains -> the trainer's ``--model`` (HiFT is trained with its GAN: ``hifigan``)
+TRAINER_MODELS = {"llm": "llm", "flow": "flow", "hift": "hifigan"}
+
+
 class TrainingResource(dg.ConfigurableResource):
-    """What the LLM trainer trains with and where it writes, whichever launcher runs it (the
+    """What the trainer trains with and where it writes, whichever launcher runs it (the
     deployment's ``train_launcher``, :mod:`pipelines.launchers`, decides where the processes run).
-    ``model_dir`` is the model root, a local or mounted path (the trainer writes checkpoints with
-    plain file I/O; on Kubernetes a PVC mounted at ``/models``): every run writes into its own
-    ``<model_dir>/<run id>/`` (:meth:`run_dir`). Relative ``recipe`` / ``deepspeed_config`` paths are
+    ``model_dir`` is the LLM's model root, ``flow_model_dir`` / ``hift_model_dir`` those of the
+    acoustic models (empty: ``flow`` / ``hift`` beside ``model_dir``); local or mounted paths (the
+    trainer writes checkpoints with plain file I/O; on Kubernetes a PVC mounted at ``/models``). Every
+    run writes into its own ``<model root>/<run id>/`` (:meth:`run_dir`): the three models of one
+    ``retrain`` run never share a folder. Relative ``recipe`` / ``deepspeed_config`` paths are
     relative to the project root (the checkout, or the image's WORKDIR). ``bundled_tokenizer``:
     without ``qwen_pretrain_path``, build a CosyVoice-BlankEN-equivalent tokenizer on this machine
     (:func:`_default_qwen_dir`; only where the trainer runs here: a pod cannot see this cache)."""
 
     model_dir: str
+    flow_model_dir: str = ""
+    hift_model_dir: str = ""
     recipe: str = "configs/cosyvoice2.yaml"
     qwen_pretrain_path: str = ""
     bundled_tokenizer: bool = False
@@ -91,19 +99,29 @@ class TrainingResource(dg.ConfigurableResource):
     def qwen_dir(self) -> str:
         return self.qwen_pretrain_path or (_default_qwen_dir() if self.bundled_tokenizer else "")
 
-    def run_dir(self, run_id: str) -> str:
-        """Where the run ``run_id`` writes its checkpoints, logs and TensorBoard events."""
+    def model_root(self, model: str = "llm") -> str:
+        """The folder of ``model``'s runs (``llm``, ``flow`` or ``hift``)."""
+        if model == "llm":
+            return self.model_dir
+        if model not in TRAINER_MODELS:
+            raise ValueError(f"{model!r} is not a trained model (one of {', '.join(TRAINER_MODELS)})")
+        configured = self.flow_model_dir if model == "flow" else self.hift_model_dir
+        return configured or os.path.join(os.path.dirname(self.model_dir.rstrip("/")), model)
+
+    def run_dir(self, run_id: str, model: str = "llm") -> str:
+        """Where the run ``run_id`` of ``model`` writes its checkpoints, logs and TensorBoard events."""
         if not run_id or "/" in run_id or run_id in (".", ".."):
             raise ValueError(f"{run_id!r} is not a run id")
-        return os.path.join(self.model_dir, run_id)
+        return os.path.join(self.model_root(model), run_id)
 
-    def options(self, run_id: str, train_data: str, cv_data: str, **choices) -> TrainOptions:
-        """The trainer's options for run ``run_id``: this resource's recipe, tokenizer, DeepSpeed
-        config (deepspeed engine only) and run dir (TensorBoard inside it), plus ``choices`` (the run
-        config's :class:`TrainOptions` fields)."""
-        run_dir = self.run_dir(run_id)
+    def options(self, run_id: str, train_data: str, cv_data: str, *, model: str = "llm", **choices) -> TrainOptions:
+        """The trainer's options for run ``run_id`` of ``model`` (``--model``, :data:`TRAINER_MODELS`): this
+        resource's recipe, tokenizer, DeepSpeed config (deepspeed engine only) and the model's run dir
+        (TensorBoard inside it), plus ``choices`` (the run config's :class:`TrainOptions` fields)."""
+        run_dir = self.run_dir(run_id, model)
         engine = TrainEngine(choices.get("train_engine", TrainEngine.torch_ddp))
         return TrainOptions(config=self.recipe_path(), train_data=train_data, cv_data=cv_data, model_dir=run_dir,
+                            model=TRAINER_MODELS[model],
                             tensorboard_dir=os.path.join(run_dir, "tensorboard"),
                             qwen_pretrain_path=self.qwen_dir() or None,
                             deepspeed_config=self.deepspeed_config_path() if engine is TrainEngine.deepspeed else None,
@@ -157,6 +175,8 @@ def resources_for(name: str) -> dict:
             "models": ModelStore(root=dg.EnvVar("COSYVOICE_MODEL_ROOT")),
             "training": TrainingResource(
                 model_dir=from_env("COSYVOICE_TRAIN_MODEL_DIR", "/models/llm"),
+                flow_model_dir=from_env("COSYVOICE_TRAIN_FLOW_MODEL_DIR", "/models/flow"),
+                hift_model_dir=from_env("COSYVOICE_TRAIN_HIFT_MODEL_DIR", "/models/hift"),
                 recipe=from_env("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"),
                 qwen_pretrain_path=from_env("COSYVOICE_QWEN_PRETRAIN_PATH", "")),
             "train_launcher": K8sLauncher(
@@ -173,6 +193,8 @@ def resources_for(name: str) -> dict:
         "models": ModelStore(root=from_env("COSYVOICE_MODEL_ROOT", storage.join(data_root, "models"))),
         "training": TrainingResource(
             model_dir=from_env("COSYVOICE_TRAIN_MODEL_DIR", storage.join(data_root, "train", "llm")),
+            flow_model_dir=from_env("COSYVOICE_TRAIN_FLOW_MODEL_DIR", storage.join(data_root, "train", "flow")),
+            hift_model_dir=from_env("COSYVOICE_TRAIN_HIFT_MODEL_DIR", storage.join(data_root, "train", "hift")),
             recipe=from_env("COSYVOICE_TRAIN_RECIPE", "configs/cosyvoice2.yaml"),
             qwen_pretrain_path=from_env("COSYVOICE_QWEN_PRETRAIN_PATH", ""), bundled_tokenizer=True),
         "train_launcher": SubprocessLauncher(python=sys.executable),

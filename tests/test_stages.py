@@ -15,7 +15,7 @@ from cosyvoice.stages import BY_COMMAND, STAGES, TOOLS
 
 #: stages whose asset hands the work to a launcher resource (pipelines/launchers.py) by design:
 #: checked by their own tests below instead of by the asset body's names
-LAUNCHED = {"llm_checkpoint", "trtllm_engine"}
+LAUNCHED = {"llm_checkpoint", "flow_checkpoint", "hift_checkpoint", "trtllm_engine"}
 def subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     return action
@@ -123,17 +123,20 @@ def test_each_asset_body_calls_its_table_function(defs, name):
         f"asset {name} does not call {stage.target}")
 
 
-def test_llm_checkpoint_launches_the_train_subcommand(defs):
-    """The asset runs the CLI face (``cosyvoice-pipeline train ...`` under torchrun or in a pod):
-    the argv its options produce names the table's subcommand, and the body launches that argv."""
+@pytest.mark.parametrize("model,trainer_model", [("llm", "llm"), ("flow", "flow"), ("hift", "hifigan")])
+def test_each_checkpoint_asset_launches_the_train_subcommand(defs, model, trainer_model):
+    """The asset runs the CLI face (``cosyvoice-pipeline train --model ...`` under torchrun or in a
+    pod): the argv its options produce names the table's subcommand and the model, and the body
+    launches that argv."""
     import dagster as dg
 
     from assets.training import TrainConfig, train_options
     from pipelines.resources import TrainingResource
 
-    options = train_options(TrainConfig(), TrainingResource(model_dir="/models"), "run1", "train.list", "cv.list")
-    assert options.to_argv()[0] == STAGES["llm_checkpoint"].command
-    body = defs.get_assets_def(dg.AssetKey("llm_checkpoint")).op.compute_fn.decorated_fn
+    options = train_options(TrainConfig(), TrainingResource(model_dir="/models"), "run1", "train.list", "cv.list", model)
+    argv = options.to_argv()
+    assert argv[0] == STAGES[f"{model}_checkpoint"].command and argv[argv.index("--model") + 1] == trainer_model
+    body = defs.get_assets_def(dg.AssetKey(f"{model}_checkpoint")).op.compute_fn.decorated_fn
     assert {"train_options", "to_argv", "launch"} <= called_names(body, set())
 
 

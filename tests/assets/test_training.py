@@ -14,7 +14,7 @@ import dagster as dg
 import pytest
 import torch
 
-from assets.training import TrainConfig, llm_averaged, llm_checkpoint, train_options
+from assets.training import LlmTrainConfig, TrainConfig, llm_averaged, llm_checkpoint, train_options
 from pipelines.k8s import training_pod_spec
 from pipelines.launchers import K8sLauncher, Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, TrainingResource
@@ -170,8 +170,8 @@ def test_the_asset_launches_the_options_argv_with_the_run_configs_topology(tmp_p
     (tmp_path / "train.data.list").write_text("a.tar\n")
     (tmp_path / "cv.data.list").write_text("cv.tar\n")
     training = TrainingResource(model_dir=str(tmp_path / "m"), deepspeed_config="/cfg/ds.json")
-    config = TrainConfig(engine="deepspeed", nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400", batch_type="token",
-                         max_tokens_in_batch=2048, extra_args=["--log_interval", "1"])
+    config = LlmTrainConfig(engine="deepspeed", nodes=2, gpus_per_node=4, rdzv_endpoint="node0:29400",
+                            batch_type="token", max_tokens_in_batch=2048, extra_args=["--log_interval", "1"])
     result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=str(tmp_path)), "training": training,
                                                          "train_launcher": CannedLauncher()},
                             run_config=dg.RunConfig(ops={"llm_checkpoint": config}))

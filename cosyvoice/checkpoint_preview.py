@@ -1,0 +1,200 @@
+"""What a freshly trained acoustic checkpoint makes of one held-out utterance, drawn as a PNG.
+
+The ``flow_checkpoint`` / ``hift_checkpoint`` assets show it beside their loss curves:
+
+* :func:`flow_preview`: the trained flow's mel for the speech tokens and embedding of the first
+  utterance of ``cv.data.list``, over the ground-truth mel of that utterance's audio (the recipe's
+  ``feat_extractor``, what the flow was trained to produce), with their mean absolute difference.
+* :func:`hift_preview`: the waveform the trained HiFT vocodes from that ground-truth mel, drawn as
+  waveform + spectrogram (:func:`cosyvoice.acoustic.preview.render_png`), with the difference between
+  the mel of the vocoded audio and the input mel.
+
+The checkpoint must load strictly into the runtime's module (:func:`~cosyvoice.acoustic.flow.load_flow`,
+:func:`~cosyvoice.acoustic.hift.load_hift`, sizes from the training recipe): a file in another layout
+raises ``ValueError``, since the averaged file would not serve either. What comes after loading
+(reading the CV utterance, inference, drawing) only illustrates: a problem there gives a preview
+with ``status`` ``failed`` and the reason. A checkpoint this process cannot see (the trainer wrote
+it on a volume not mounted here) gives ``skipped``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOKEN_RATE = 25  # CosyVoice2 speech tokens per second (2 mel frames each)
+DEFAULT_SECONDS = 4.0
+
+
+@dataclass
+class CvUtterance:
+    """One CV utterance as the acoustic models see it: speech tokens (N,), the embedding (192,) the
+    recipe's padding picks (utterance or speaker), the ground-truth mel (2 N, 80), the recipe's mel
+    settings that computed it, and the audio."""
+
+    utt: str
+    tokens: np.ndarray
+    embedding: np.ndarray
+    mel: np.ndarray
+    mel_config: object  # cosyvoice.dataset.mel.MelConfig
+    speech: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class CheckpointPreview:
+    """``status``: ``rendered`` (``png`` holds the picture), ``failed`` or ``skipped`` (``reason``
+    says why). ``mel_l1``: mean absolute log-mel difference to the CV utterance's (flow: generated
+    vs ground truth; HiFT: the vocoded audio's mel vs the input mel)."""
+
+    model: str
+    status: str
+    reason: str = ""
+    png: bytes | None = None
+    utterance: str = ""
+    frames: int = 0
+    seconds: float = 0.0
+    mel_l1: float | None = None
+
+    def markdown(self) -> str:
+        """The picture inline (a data URI), or why there is none."""
+        if self.png is None:
+            return f"no {self.model} preview ({self.status}): {self.reason}"
+        encoded = base64.b64encode(self.png).decode()
+        return f"![{self.model} preview: {self.utterance}](data:image/png;base64,{encoded})"
+
+    def as_metadata(self) -> dict:
+        """``preview_*`` entries: what was drawn, or the status and reason."""
+        if self.status != "rendered":
+            return {"preview_status": self.status, "preview_reason": self.reason}
+        return {"preview_status": self.status, "preview_utterance": self.utterance, "preview_frames": self.frames,
+                "preview_seconds": round(self.seconds, 3), "preview_mel_l1": round(float(self.mel_l1), 4)}
+
+
+def first_cv_utterance(cv_list: str, recipe: str, *, seconds: float = DEFAULT_SECONDS) -> CvUtterance:
+    """The first utterance of the first shard of ``cv_list`` with tokens, embedding and audio, cut
+    to at most ``seconds`` (whole tokens), its mel computed with ``recipe``'s feature settings."""
+    from cosyvoice.config import load_recipe
+    from cosyvoice.dataset import processors as P
+    from cosyvoice.dataset.pipeline import PipelineConfig, read_data_list
+
+    shards = read_data_list(cv_list)
+    if not shards:
+        raise ValueError(f"{cv_list}: no CV shards listed")
+    config = PipelineConfig.from_recipe(load_recipe(recipe, {k: None for k in ("llm", "flow", "hift", "hifigan")}))
+    rows = P.parquet_opener([{"src": shards[0]}], batch_rows=1)
+    rows = P.decode_audio(rows)
+    rows = P.resample(rows, resample_rate=config.resample_rate)
+    rows = P.compute_fbank(rows, mel_config=config.mel, samples_per_token=config.samples_per_token)
+    rows = P.parse_embedding(rows)
+    for row in rows:
+        if not len(row.get("speech_token") or []) or row.get("utt_embedding") is None:
+            continue
+        n = min(len(row["speech_token"]), row["speech_feat"].shape[0] // 2, max(1, round(seconds * TOKEN_RATE)))
+        embedding = row["spk_embedding"] if config.use_spk_embedding else row["utt_embedding"]
+        samples = n * config.samples_per_token if config.samples_per_token else row["speech"].shape[1]
+        return CvUtterance(utt=row["utt"], tokens=np.asarray(row["speech_token"][:n], dtype=np.int64),
+                           embedding=np.asarray(embedding, dtype=np.float32).reshape(-1),
+                           mel=row["speech_feat"][: 2 * n].numpy().astype(np.float32), mel_config=config.mel,
+                           speech=row["speech"][0, :samples].numpy().astype(np.float32),
+                           sample_rate=int(row["sample_rate"]))
+    raise ValueError(f"{shards[0]}: no utterance with speech tokens and an embedding")
+
+
+def _strict_weights(checkpoint: str) -> dict:
+    from cosyvoice.train.checkpoint import load_model_weights
+
+    state, _, _ = load_model_weights(checkpoint)
+    return state
+
+
+def _preview(model: str, checkpoint: str, recipe: str, cv_list: str, seconds: float,
+             load: Callable[[dict, str], Any], render: Callable[[Any, CvUtterance, str], tuple[bytes, np.ndarray, float]]
+             ) -> CheckpointPreview:
+    """``load(weights, recipe)`` builds the module strictly (its ``ValueError`` propagates); then
+    ``render(module, utterance, label)`` -> (PNG, the mel compared with the utterance's, seconds)."""
+    if not os.path.isfile(checkpoint):
+        return CheckpointPreview(model, "skipped", f"{checkpoint} is not readable from this process (the trainer's "
+                                 "volume is not mounted here)")
+    module = load(_strict_weights(checkpoint), recipe)
+    try:
+        utt = first_cv_utterance(cv_list, recipe, seconds=seconds)
+        png, mel, duration = render(module, utt, os.path.basename(checkpoint))
+        if not np.isfinite(mel).all():
+            raise ValueError(f"the trained {model} gives non-finite values")
+        frames = min(len(mel), len(utt.mel))
+        l1 = float(np.abs(mel[:frames] - utt.mel[:frames]).mean())
+    except Exception as exc:  # the picture illustrates; the CV gate judges the checkpoint
+        log.warning("%s preview of %s failed: %s: %s", model, checkpoint, type(exc).__name__, exc)
+        return CheckpointPreview(model, "failed", f"{type(exc).__name__}: {exc}")
+    return CheckpointPreview(model, "rendered", png=png, utterance=utt.utt, frames=frames, seconds=duration, mel_l1=l1)
+
+
+def flow_preview(checkpoint: str, recipe: str, cv_list: str, *, seconds: float = DEFAULT_SECONDS) -> CheckpointPreview:
+    """The trained flow's mel for the first CV utterance's tokens over its ground-truth mel. Raises
+    ``ValueError`` when ``checkpoint`` does not load strictly into the recipe's flow."""
+    import torch
+
+    from cosyvoice.acoustic.flow import load_flow
+    from cosyvoice.acoustic.recipe import acoustic_configs
+
+    def render(flow, utt: CvUtterance, label: str):
+        mel = flow.inference(torch.from_numpy(utt.tokens)[None], torch.zeros(1, 0, dtype=torch.int64),
+                             torch.zeros(1, 0, utt.mel.shape[1]), torch.from_numpy(utt.embedding)[None],
+                             finalize=True, chunked=False)[0].T.numpy()  # the flow's noise table is fixed
+        return mel_png({f"trained flow ({label})": mel, f"ground truth ({utt.utt})": utt.mel}), mel, \
+            len(utt.tokens) / TOKEN_RATE
+
+    return _preview("flow", checkpoint, recipe, cv_list, seconds,
+                    lambda weights, recipe: load_flow(weights, acoustic_configs(recipe)[0]), render)
+
+
+def hift_preview(checkpoint: str, recipe: str, cv_list: str, *, seconds: float = DEFAULT_SECONDS) -> CheckpointPreview:
+    """The waveform the trained HiFT vocodes from the first CV utterance's ground-truth mel. Raises
+    ``ValueError`` when ``checkpoint`` does not load strictly into the recipe's HiFT generator."""
+    import torch
+
+    from cosyvoice.acoustic.hift import load_hift
+    from cosyvoice.acoustic.preview import render_png
+    from cosyvoice.acoustic.recipe import acoustic_configs
+    from cosyvoice.dataset.mel import mel_spectrogram
+
+    def render(hift, utt: CvUtterance, label: str):
+        wav, _ = hift.inference(torch.from_numpy(utt.mel.T.copy())[None], generator=torch.Generator().manual_seed(0))
+        rate = hift.config.sampling_rate
+        png = render_png(wav[0].numpy(), rate, title=f"HiFT ({label}) vocoding the mel of {utt.utt}")
+        return png, mel_spectrogram(wav, utt.mel_config)[0].T.numpy(), wav.shape[1] / rate
+
+    return _preview("HiFT", checkpoint, recipe, cv_list, seconds,
+                    lambda weights, recipe: load_hift(weights, acoustic_configs(recipe)[1]), render)
+
+
+def mel_png(mels: dict[str, np.ndarray]) -> bytes:
+    """(frames, bins) log-mels, one panel each, top to bottom on one colour scale, as PNG bytes.
+    Drawn on a private Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    low = min(float(m.min()) for m in mels.values())
+    high = max(float(m.max()) for m in mels.values())
+    fig = Figure(figsize=(7, 1.8 * len(mels) + 0.4), dpi=90)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(mels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (name, mel) in zip(axes, mels.items()):
+        image = ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", vmin=low, vmax=high)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylabel("mel bin")
+    axes[-1].set_xlabel("frame (20 ms)")
+    fig.colorbar(image, ax=list(axes), label="log mel")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()

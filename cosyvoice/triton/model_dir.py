@@ -1,0 +1,116 @@
+"""The model dir a Triton repository serves, composed from where its acoustic weights come from.
+
+A released CosyVoice2 model dir holds the front-end ONNX models (``campplus.onnx``,
+``speech_tokenizer_v2.onnx``), the acoustic weights (``flow.pt``, ``hift.pt``) and the recipe that
+sizes them (``cosyvoice2.yaml``). When the pipeline trained the acoustic models, the served dir is
+that released dir with some of those files replaced: :func:`compose_model_dir` builds it in a local
+folder (the released files linked when local, downloaded otherwise; the replacements copied in),
+checks that the acoustic weights it ends up with load strictly under its ``cosyvoice2.yaml`` (so a
+tiny trained flow is never served with a full-size recipe, or a trained flow with a released HiFT
+of another size), and reports each acoustic file with its source, URL and sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from cosyvoice import storage
+from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
+
+#: the files whose source is recorded: the acoustic weights and the recipe that sizes them
+SERVED_ACOUSTIC_FILES = (FLOW_FILE, HIFT_FILE, CONFIG_FILE)
+RELEASED, PIPELINE = "released", "pipeline"
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    """One acoustic file of the composed dir: where it came from (``released`` / ``pipeline``),
+    its URL there, and the sha256 and size of the bytes served."""
+
+    name: str
+    source: str
+    url: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class ModelDirReport:
+    path: str
+    files: dict[str, ServedFile]
+
+    def as_metadata(self) -> dict:
+        """``acoustic_files``: ``{file: {source, path, sha256, bytes}}``; ``acoustic_source``:
+        ``{file: source}`` (files absent from the dir are left out of both)."""
+        return {"acoustic_files": {n: {"source": f.source, "path": f.url, "sha256": f.sha256, "bytes": f.bytes}
+                                   for n, f in self.files.items()},
+                "acoustic_source": {n: f.source for n, f in self.files.items()}}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str] | None = None) -> ModelDirReport:
+    """In the new local folder ``dest``: every file of ``released_dir`` except the names in
+    ``replacements`` (``{FLOW_FILE | HIFT_FILE | CONFIG_FILE: url}``, the pipeline's files), which
+    are copied in from their URLs. When the result holds both acoustic weights they must load
+    strictly under its ``cosyvoice2.yaml`` (the released full sizes without one): ``ValueError``
+    naming the files and their sources otherwise."""
+    replacements = dict(replacements or {})
+    unknown = sorted(set(replacements) - set(SERVED_ACOUSTIC_FILES))
+    if unknown:
+        raise ValueError(f"compose_model_dir replaces only {', '.join(SERVED_ACOUSTIC_FILES)}; got {unknown}")
+    if os.path.exists(dest):
+        raise ValueError(f"{dest}: already exists; compose_model_dir writes a new folder")
+    if storage.is_local(released_dir):
+        local = storage.strip_protocol(released_dir)
+        if not os.path.isdir(local):
+            raise FileNotFoundError(f"{released_dir}: the released model dir does not exist")
+        os.makedirs(dest)
+        for name in sorted(os.listdir(local)):
+            if name not in replacements:
+                os.symlink(os.path.abspath(os.path.join(local, name)), os.path.join(dest, name))
+    else:
+        storage.download_dir(released_dir, dest)
+        for name in replacements:
+            if os.path.exists(os.path.join(dest, name)):
+                os.remove(os.path.join(dest, name))
+    for name, url in replacements.items():
+        storage.download_file(url, os.path.join(dest, name))
+    files = {}
+    for name in SERVED_ACOUSTIC_FILES:
+        path = os.path.join(dest, name)
+        if os.path.isfile(path):
+            source, url = (PIPELINE, replacements[name]) if name in replacements else (
+                RELEASED, storage.join(released_dir, name))
+            files[name] = ServedFile(name, source, url, _sha256(path), os.path.getsize(path))
+    report = ModelDirReport(dest, files)
+    if FLOW_FILE in files and HIFT_FILE in files:
+        check_acoustic_files(report)
+    return report
+
+
+def check_acoustic_files(report: ModelDirReport) -> None:
+    """``flow.pt`` and ``hift.pt`` of the composed dir load strictly under its ``cosyvoice2.yaml``
+    (the released full-size settings without one), as the served ``Token2Wav`` loads them."""
+    from cosyvoice.acoustic.flow import FlowConfig, load_flow
+    from cosyvoice.acoustic.hift import HiFTConfig, load_hift
+    from cosyvoice.acoustic.recipe import acoustic_configs
+
+    config = report.files.get(CONFIG_FILE)
+    flow_config, hift_config = (acoustic_configs(os.path.join(report.path, CONFIG_FILE)) if config
+                                else (FlowConfig.full(), HiFTConfig.full()))
+    sizes = f"{CONFIG_FILE} from {config.url} ({config.source})" if config else "the released full sizes (no yaml)"
+    for name, load, model_config in ((FLOW_FILE, load_flow, flow_config), (HIFT_FILE, load_hift, hift_config)):
+        served = report.files[name]
+        try:
+            load(os.path.join(report.path, name), model_config)
+        except ValueError as exc:
+            raise ValueError(f"{name} from {served.url} ({served.source}) does not load under {sizes}: {exc}") from exc
