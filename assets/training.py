@@ -22,7 +22,6 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import dagster as dg
@@ -31,7 +30,7 @@ from pydantic import Field
 from assets._metadata import line_plot, png_markdown
 from assets.shards import training_data_lists
 from cosyvoice import storage
-from cosyvoice.checkpoint_preview import CheckpointPreview, flow_preview, hift_preview
+from cosyvoice.checkpoint_preview import ACOUSTIC_MODELS, CheckpointPreview, checkpoint_preview, load_trained
 from cosyvoice.stages import STAGES
 from cosyvoice.train.checkpoint import average_checkpoints
 from cosyvoice.train.options import BatchType, TrainEngine, TrainOptions
@@ -80,13 +79,16 @@ class TrainedModel:
     """What differs between the trained models on the Dagster side. ``name``: the asset prefix, the
     run-dir root (:meth:`TrainingResource.model_root`) and the averaged file
     (:meth:`~cosyvoice.layout.DataLayout.model_file`); ``throughput``: the key of the trainer's step
-    messages; ``preview``: ``(checkpoint, recipe, cv list) -> CheckpointPreview`` or None."""
+    messages. The acoustic models (flow, HiFT) get a CV-utterance preview and strict-load checks."""
 
     name: str
     title: str
     throughput: str
     config: type[TrainConfig]
-    preview: Callable[[str, str, str], CheckpointPreview] | None = None
+
+    @property
+    def acoustic(self) -> bool:
+        return self.name in ACOUSTIC_MODELS
 
     @property
     def checkpoint_key(self) -> dg.AssetKey:
@@ -98,8 +100,8 @@ class TrainedModel:
 
 
 LLM = TrainedModel("llm", "LLM", "tokens_per_s", LlmTrainConfig)
-FLOW = TrainedModel("flow", "flow", "frames_per_s", TrainConfig, flow_preview)
-HIFT = TrainedModel("hift", "HiFT", "frames_per_s", TrainConfig, hift_preview)
+FLOW = TrainedModel("flow", "flow", "frames_per_s", TrainConfig)
+HIFT = TrainedModel("hift", "HiFT", "frames_per_s", TrainConfig)
 #: every trained model, in graph order
 MODELS = (LLM, FLOW, HIFT)
 
@@ -234,7 +236,7 @@ def preview_metadata(model: TrainedModel, checkpoint: str | None, recipe: str, c
         preview = CheckpointPreview(model.title, "skipped", "the trainer reported no checkpoint")
     else:
         try:
-            preview = model.preview(project_path(checkpoint), recipe, cv_list)
+            preview = checkpoint_preview(model.name, project_path(checkpoint), recipe, cv_list)
         except ValueError as exc:
             raise dg.Failure(f"{checkpoint}: the trained {model.title} does not load strictly into the runtime's "
                              f"module (recipe {recipe}): {exc}") from exc
@@ -254,13 +256,12 @@ def train_and_gate(context: dg.AssetExecutionContext, model: TrainedModel, confi
     invocation = train_launcher.launch(context, [*options.to_argv(), *config.extra_args],
                                        gpus_per_node=config.gpus_per_node, nodes=config.nodes,
                                        rdzv_endpoint=config.rdzv_endpoint)
-    reported = invocation.get_materialize_result()
-    metadata = dict(reported.metadata or {})
-    cv_loss = float(metadata["cv_loss"].value) if "cv_loss" in metadata and metadata["cv_loss"].value is not None else None
+    metadata = dict(invocation.get_materialize_result().metadata or {})
+    reported = {k: getattr(v, "value", v) for k, v in metadata.items()}
+    cv_loss = float(reported["cv_loss"]) if reported.get("cv_loss") is not None else None
     metadata.update(progress_metadata(model, invocation.get_custom_messages()))
-    if model.preview is not None:
-        checkpoint = metadata["checkpoint"].value if "checkpoint" in metadata else None
-        metadata.update(preview_metadata(model, checkpoint, training.recipe_path(), layout.cv_list()))
+    if model.acoustic:
+        metadata.update(preview_metadata(model, reported.get("checkpoint"), training.recipe_path(), layout.cv_list()))
     metadata.update(run_dir=options.model_dir, recipe=options.config, cv_list_sha256=cv_sha256,
                     engine=config.engine.value, gpus=config.gpus_per_node * config.nodes)
     if config.resume_from:
@@ -297,6 +298,8 @@ def average_released(context: dg.AssetExecutionContext, model: TrainedModel, con
         raise dg.Failure(f"{run_dir}: the run dir of the released {asset} (run {released.run_id}) does not exist")
     with tempfile.NamedTemporaryFile(suffix=".pt") as local:
         report = average_checkpoints(run_dir, local.name, num=config.num, val_best=config.val_best, allow_fewer=True)
+        if model.acoustic:
+            check_loads_strictly(context, model, report.dst_model, released.recipe)
         with open(report.dst_model, "rb") as f:
             data = f.read()
     url = store.layout.model_file(model.name)
@@ -307,6 +310,19 @@ def average_released(context: dg.AssetExecutionContext, model: TrainedModel, con
         "sources": dg.MetadataValue.json([os.path.basename(p) for p in report.sources]),
         "cv_losses": dg.MetadataValue.json(report.losses),
     })
+
+
+def check_loads_strictly(context: dg.AssetExecutionContext, model: TrainedModel, path: str, recipe: str | None) -> None:
+    """The averaged acoustic file loads strictly into the runtime's module with the sizes of the
+    recipe the run trained with (``dg.Failure`` otherwise): what ``Token2Wav`` will load."""
+    if not recipe:
+        context.log.warning(f"the released {model.checkpoint_key.to_user_string()} records no recipe: the averaged "
+                            f"{model.title} was not load-checked")
+        return
+    try:
+        load_trained(model.name, path, recipe)
+    except ValueError as exc:
+        raise dg.Failure(f"the averaged {model.title} does not load strictly with the sizes of {recipe}: {exc}") from exc
 
 
 def training_assets(model: TrainedModel) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:

@@ -1,20 +1,21 @@
 """What a freshly trained acoustic checkpoint makes of one held-out utterance, drawn as a PNG.
 
-The ``flow_checkpoint`` / ``hift_checkpoint`` assets show it beside their loss curves:
+The ``flow_checkpoint`` / ``hift_checkpoint`` assets show it beside their loss curves
+(:func:`checkpoint_preview`):
 
-* :func:`flow_preview`: the trained flow's mel for the speech tokens and embedding of the first
-  utterance of ``cv.data.list``, over the ground-truth mel of that utterance's audio (the recipe's
-  ``feat_extractor``, what the flow was trained to produce), with their mean absolute difference.
-* :func:`hift_preview`: the waveform the trained HiFT vocodes from that ground-truth mel, drawn as
-  waveform + spectrogram (:func:`cosyvoice.acoustic.preview.render_png`), with the difference between
-  the mel of the vocoded audio and the input mel.
+* ``flow``: the trained flow's mel for the speech tokens and embedding of the first utterance of
+  ``cv.data.list``, over the ground-truth mel of that utterance's audio (the recipe's
+  ``feat_extractor``, what the flow is trained to produce), with their mean absolute difference.
+* ``hift``: the waveform the trained HiFT vocodes from that ground-truth mel, drawn as waveform +
+  spectrogram (:func:`cosyvoice.acoustic.preview.render_png`), with the difference between the mel
+  of the vocoded audio and the input mel.
 
-The checkpoint must load strictly into the runtime's module (:func:`~cosyvoice.acoustic.flow.load_flow`,
-:func:`~cosyvoice.acoustic.hift.load_hift`, sizes from the training recipe): a file in another layout
-raises ``ValueError``, since the averaged file would not serve either. What comes after loading
-(reading the CV utterance, inference, drawing) only illustrates: a problem there gives a preview
-with ``status`` ``failed`` and the reason. A checkpoint this process cannot see (the trainer wrote
-it on a volume not mounted here) gives ``skipped``.
+The checkpoint must load strictly into the runtime's module (:func:`load_trained`: ``load_flow`` /
+``load_hift`` with the training recipe's sizes): a file in another layout raises ``ValueError``,
+since the averaged file would not serve either. What comes after loading (reading the CV
+utterance, inference, drawing) only illustrates: a problem there gives a preview with ``status``
+``failed`` and the reason. A checkpoint this process cannot see (the trainer wrote it on a volume
+not mounted here) gives ``skipped``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import base64
 import io
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -110,72 +109,72 @@ def first_cv_utterance(cv_list: str, recipe: str, *, seconds: float = DEFAULT_SE
     raise ValueError(f"{shards[0]}: no utterance with speech tokens and an embedding")
 
 
-def _strict_weights(checkpoint: str) -> dict:
+#: the acoustic models this module previews (the pipeline's names: ``hift`` is trained as ``hifigan``)
+ACOUSTIC_MODELS = ("flow", "hift")
+
+
+def load_trained(model: str, checkpoint: str, recipe: str):
+    """The trained ``flow`` or ``hift`` (generator) of ``checkpoint`` (a trainer checkpoint, with its
+    ``epoch``/``step`` entries, or an averaged file), built strictly with ``recipe``'s sizes, in eval
+    mode; ``ValueError`` naming the mismatching keys otherwise."""
+    from cosyvoice.acoustic.flow import load_flow
+    from cosyvoice.acoustic.hift import load_hift
+    from cosyvoice.acoustic.recipe import acoustic_configs
     from cosyvoice.train.checkpoint import load_model_weights
 
-    state, _, _ = load_model_weights(checkpoint)
-    return state
+    if model not in ACOUSTIC_MODELS:
+        raise ValueError(f"{model!r} is not an acoustic model (one of {', '.join(ACOUSTIC_MODELS)})")
+    weights, _, _ = load_model_weights(checkpoint)
+    flow_config, hift_config = acoustic_configs(recipe)
+    return load_flow(weights, flow_config) if model == "flow" else load_hift(weights, hift_config)
 
 
-def _preview(model: str, checkpoint: str, recipe: str, cv_list: str, seconds: float,
-             load: Callable[[dict, str], Any], render: Callable[[Any, CvUtterance, str], tuple[bytes, np.ndarray, float]]
-             ) -> CheckpointPreview:
-    """``load(weights, recipe)`` builds the module strictly (its ``ValueError`` propagates); then
-    ``render(module, utterance, label)`` -> (PNG, the mel compared with the utterance's, seconds)."""
-    if not os.path.isfile(checkpoint):
-        return CheckpointPreview(model, "skipped", f"{checkpoint} is not readable from this process (the trainer's "
+def checkpoint_preview(model: str, checkpoint: str, recipe: str, cv_list: str, *,
+                       seconds: float = DEFAULT_SECONDS) -> CheckpointPreview:
+    """What the trained ``model`` (``flow`` or ``hift``) of ``checkpoint`` makes of the first CV
+    utterance (see the module docstring). Raises ``ValueError`` when the checkpoint does not load
+    strictly (:func:`load_trained`); any later problem gives a ``failed`` preview saying why."""
+    title = {"flow": "flow", "hift": "HiFT"}.get(model, model)
+    if model in ACOUSTIC_MODELS and not os.path.isfile(checkpoint):
+        return CheckpointPreview(title, "skipped", f"{checkpoint} is not readable from this process (the trainer's "
                                  "volume is not mounted here)")
-    module = load(_strict_weights(checkpoint), recipe)
+    module = load_trained(model, checkpoint, recipe)
     try:
         utt = first_cv_utterance(cv_list, recipe, seconds=seconds)
+        render = _render_flow if model == "flow" else _render_hift
         png, mel, duration = render(module, utt, os.path.basename(checkpoint))
         if not np.isfinite(mel).all():
-            raise ValueError(f"the trained {model} gives non-finite values")
+            raise ValueError(f"the trained {title} gives non-finite values")
         frames = min(len(mel), len(utt.mel))
         l1 = float(np.abs(mel[:frames] - utt.mel[:frames]).mean())
     except Exception as exc:  # the picture illustrates; the CV gate judges the checkpoint
-        log.warning("%s preview of %s failed: %s: %s", model, checkpoint, type(exc).__name__, exc)
-        return CheckpointPreview(model, "failed", f"{type(exc).__name__}: {exc}")
-    return CheckpointPreview(model, "rendered", png=png, utterance=utt.utt, frames=frames, seconds=duration, mel_l1=l1)
+        log.warning("%s preview of %s failed: %s: %s", title, checkpoint, type(exc).__name__, exc)
+        return CheckpointPreview(title, "failed", f"{type(exc).__name__}: {exc}")
+    return CheckpointPreview(title, "rendered", png=png, utterance=utt.utt, frames=frames, seconds=duration, mel_l1=l1)
 
 
-def flow_preview(checkpoint: str, recipe: str, cv_list: str, *, seconds: float = DEFAULT_SECONDS) -> CheckpointPreview:
-    """The trained flow's mel for the first CV utterance's tokens over its ground-truth mel. Raises
-    ``ValueError`` when ``checkpoint`` does not load strictly into the recipe's flow."""
+def _render_flow(flow, utt: CvUtterance, label: str) -> tuple[bytes, np.ndarray, float]:
+    """The flow's mel for the utterance's tokens (no prompt) drawn over the ground truth."""
     import torch
 
-    from cosyvoice.acoustic.flow import load_flow
-    from cosyvoice.acoustic.recipe import acoustic_configs
-
-    def render(flow, utt: CvUtterance, label: str):
-        mel = flow.inference(torch.from_numpy(utt.tokens)[None], torch.zeros(1, 0, dtype=torch.int64),
-                             torch.zeros(1, 0, utt.mel.shape[1]), torch.from_numpy(utt.embedding)[None],
-                             finalize=True, chunked=False)[0].T.numpy()  # the flow's noise table is fixed
-        return mel_png({f"trained flow ({label})": mel, f"ground truth ({utt.utt})": utt.mel}), mel, \
-            len(utt.tokens) / TOKEN_RATE
-
-    return _preview("flow", checkpoint, recipe, cv_list, seconds,
-                    lambda weights, recipe: load_flow(weights, acoustic_configs(recipe)[0]), render)
+    mel = flow.inference(torch.from_numpy(utt.tokens)[None], torch.zeros(1, 0, dtype=torch.int64),
+                         torch.zeros(1, 0, utt.mel.shape[1]), torch.from_numpy(utt.embedding)[None],
+                         finalize=True, chunked=False)[0].T.numpy()  # the flow's noise table is fixed
+    png = mel_png({f"trained flow ({label})": mel, f"ground truth ({utt.utt})": utt.mel})
+    return png, mel, len(utt.tokens) / TOKEN_RATE
 
 
-def hift_preview(checkpoint: str, recipe: str, cv_list: str, *, seconds: float = DEFAULT_SECONDS) -> CheckpointPreview:
-    """The waveform the trained HiFT vocodes from the first CV utterance's ground-truth mel. Raises
-    ``ValueError`` when ``checkpoint`` does not load strictly into the recipe's HiFT generator."""
+def _render_hift(hift, utt: CvUtterance, label: str) -> tuple[bytes, np.ndarray, float]:
+    """The waveform vocoded from the utterance's mel (seeded source noise), and its own mel."""
     import torch
 
-    from cosyvoice.acoustic.hift import load_hift
     from cosyvoice.acoustic.preview import render_png
-    from cosyvoice.acoustic.recipe import acoustic_configs
     from cosyvoice.dataset.mel import mel_spectrogram
 
-    def render(hift, utt: CvUtterance, label: str):
-        wav, _ = hift.inference(torch.from_numpy(utt.mel.T.copy())[None], generator=torch.Generator().manual_seed(0))
-        rate = hift.config.sampling_rate
-        png = render_png(wav[0].numpy(), rate, title=f"HiFT ({label}) vocoding the mel of {utt.utt}")
-        return png, mel_spectrogram(wav, utt.mel_config)[0].T.numpy(), wav.shape[1] / rate
-
-    return _preview("HiFT", checkpoint, recipe, cv_list, seconds,
-                    lambda weights, recipe: load_hift(weights, acoustic_configs(recipe)[1]), render)
+    wav, _ = hift.inference(torch.from_numpy(utt.mel.T.copy())[None], generator=torch.Generator().manual_seed(0))
+    rate = hift.config.sampling_rate
+    png = render_png(wav[0].numpy(), rate, title=f"HiFT ({label}) vocoding the mel of {utt.utt}")
+    return png, mel_spectrogram(wav, utt.mel_config)[0].T.numpy(), wav.shape[1] / rate
 
 
 def mel_png(mels: dict[str, np.ndarray]) -> bytes:
