@@ -342,17 +342,17 @@ def test_compiled_and_eager_runs_write_the_same_checkpoint_keys(full_run, traini
 
 
 def _recorded_losses(monkeypatch) -> list[float]:
-    from cosyvoice.train.trainer import Trainer
+    from cosyvoice.train.models import LLM
 
     recorded: list[float] = []
-    original = Trainer._batch_losses
+    original = LLM.turn
 
-    def recording(self, batch):
-        out = original(self, batch)
+    def recording(self, part, engines, batch, device):
+        out = original(self, part, engines, batch, device)
         recorded.append(float(out["loss"].detach()))
         return out
 
-    monkeypatch.setattr(Trainer, "_batch_losses", recording)
+    monkeypatch.setattr(LLM, "turn", recording)
     return recorded
 
 
