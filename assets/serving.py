@@ -16,7 +16,7 @@ from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.preview import sample_preview
 from cosyvoice.corpus.kaldi import read_table
 from cosyvoice.stages import STAGES
-from cosyvoice.triton.model_dir import ModelDirReport, compose_model_dir
+from cosyvoice.triton.model_dir import ModelDirReport, check_acoustic_files, compose_model_dir
 from cosyvoice.triton.publish import DEFAULT_MOUNT, has_engine, publish_triton_repo
 from cosyvoice.triton.spk2info import build_spk2info
 from pipelines.resources import DataStore, ModelStore
@@ -95,14 +95,15 @@ def served_model_dir(dest: str, released_dir: str, chosen: dict[str, dict]) -> M
             raise dg.Failure("the averaged acoustic models name different or no training recipes "
                              f"({sorted(map(str, recipes))}): retrain them with one recipe")
         replacements[CONFIG_FILE] = recipes.pop()
-    try:
-        report = compose_model_dir(dest, released_dir, replacements)
-    except ValueError as exc:
-        raise dg.Failure(f"the acoustic models to serve do not fit together: {exc}") from exc
+    report = compose_model_dir(dest, released_dir, replacements, check=False)
     for name, meta in chosen.items():
         if meta.get("sha256") and report.files[name].sha256 != meta["sha256"]:
             raise dg.Failure(f"{meta['path']} changed since its materialization in run {meta['run_id']} (sha256 "
                              f"{meta['sha256']} -> {report.files[name].sha256}); materialize it again")
+    try:
+        check_acoustic_files(report)
+    except ValueError as exc:
+        raise dg.Failure(f"the acoustic models to serve do not fit together: {exc}") from exc
     return report
 
 

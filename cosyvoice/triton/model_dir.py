@@ -57,12 +57,12 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str] | None = None) -> ModelDirReport:
+def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str] | None = None, *,
+                      check: bool = True) -> ModelDirReport:
     """In the new local folder ``dest``: every file of ``released_dir`` except the names in
     ``replacements`` (``{FLOW_FILE | HIFT_FILE | CONFIG_FILE: url}``, the pipeline's files), which
-    are copied in from their URLs. When the result holds both acoustic weights they must load
-    strictly under its ``cosyvoice2.yaml`` (the released full sizes without one): ``ValueError``
-    naming the files and their sources otherwise."""
+    are copied in from their URLs. With ``check``, :func:`check_acoustic_files` (``ValueError``
+    naming the files and their sources when they do not load together)."""
     replacements = dict(replacements or {})
     unknown = sorted(set(replacements) - set(SERVED_ACOUSTIC_FILES))
     if unknown:
@@ -92,14 +92,17 @@ def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str]
                 RELEASED, storage.join(released_dir, name))
             files[name] = ServedFile(name, source, url, _sha256(path), os.path.getsize(path))
     report = ModelDirReport(dest, files)
-    if FLOW_FILE in files and HIFT_FILE in files:
+    if check:
         check_acoustic_files(report)
     return report
 
 
 def check_acoustic_files(report: ModelDirReport) -> None:
-    """``flow.pt`` and ``hift.pt`` of the composed dir load strictly under its ``cosyvoice2.yaml``
-    (the released full-size settings without one), as the served ``Token2Wav`` loads them."""
+    """When the composed dir holds both ``flow.pt`` and ``hift.pt``, they load strictly under its
+    ``cosyvoice2.yaml`` (the released full-size settings without one), as the served ``Token2Wav``
+    loads them; ``ValueError`` naming the file, its source and the sizes otherwise."""
+    if FLOW_FILE not in report.files or HIFT_FILE not in report.files:
+        return
     from cosyvoice.acoustic.flow import FlowConfig, load_flow
     from cosyvoice.acoustic.hift import HiFTConfig, load_hift
     from cosyvoice.acoustic.recipe import acoustic_configs
