@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import dagster as dg
+import pytest
 
 from assets.manifest import manifest
 from cosyvoice.layout import DataLayout
@@ -129,3 +130,48 @@ def test_each_deployment_chooses_its_launchers_and_reads_each_setting_from_one_e
         assert res.train_launcher.image == "registry.example.com/gpu:2"
     with dg.build_resources(resources_for("embedded")) as res:
         assert res.training.recipe_path() == "/etc/cosyvoice/recipe.yaml"
+
+
+def test_the_retrain_job_trains_and_averages_every_model_after_the_data_lists():
+    graph = defs.resolve_asset_graph()
+    job_keys = {k.to_user_string() for k in defs.resolve_job_def("retrain").asset_layer.executable_asset_keys}
+    models = ("llm", "flow", "hift")
+    assert job_keys == {"training_data_lists"} | {f"{m}_{kind}" for m in models for kind in ("checkpoint", "averaged")}
+    for model in models:
+        checkpoint = graph.get(dg.AssetKey(f"{model}_checkpoint"))
+        assert checkpoint.group_name == "training" and checkpoint.pools == {"gpu"}
+        assert checkpoint.parent_keys == {dg.AssetKey("training_data_lists")}
+        assert graph.get(dg.AssetKey(f"{model}_averaged")).parent_keys == {checkpoint.key}
+    serving = graph.get(dg.AssetKey("triton_model_repo"))
+    assert {dg.AssetKey("flow_averaged"), dg.AssetKey("hift_averaged"), dg.AssetKey("hf_checkpoint")} <= serving.parent_keys
+
+
+def test_every_checkpoint_has_its_own_blocking_cv_gate_and_the_averages_have_none():
+    graph = defs.resolve_asset_graph()
+    gates = {k.asset_key.to_user_string(): k.name for k in graph.asset_check_keys
+             if k.asset_key.to_user_string().startswith(("llm_", "flow_", "hift_"))}
+    assert gates == {f"{m}_checkpoint": "cv_loss_finite_and_not_worse" for m in ("llm", "flow", "hift")}
+    for model in ("llm", "flow", "hift"):
+        (spec,) = defs.get_assets_def(dg.AssetKey(f"{model}_checkpoint")).check_specs
+        assert spec.blocking and spec.asset_key == dg.AssetKey(f"{model}_checkpoint")
+
+
+def test_each_model_trains_into_its_own_root_chosen_per_deployment(monkeypatch):
+    from pipelines.resources import TrainingResource
+
+    training = TrainingResource(model_dir="/models/llm")
+    assert [training.run_dir("r1", m) for m in ("llm", "flow", "hift")] == [
+        "/models/llm/r1", "/models/flow/r1", "/models/hift/r1"]
+    assert TrainingResource(model_dir="/m/llm", hift_model_dir="/gan").run_dir("r1", "hift") == "/gan/r1"
+    with pytest.raises(ValueError, match="'hifigan' is not a trained model"):
+        training.model_root("hifigan")
+    for name in ("COSYVOICE_TRAIN_FLOW_MODEL_DIR", "COSYVOICE_TRAIN_HIFT_MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COSYVOICE_DATA_ROOT", "/data")
+    with dg.build_resources(resources_for("embedded")) as res:
+        assert res.training.model_root("flow") == "/data/train/flow" and res.training.model_root("hift") == "/data/train/hift"
+    monkeypatch.setenv("COSYVOICE_TRAIN_FLOW_MODEL_DIR", "/pvc/flow")
+    monkeypatch.setenv("COSYVOICE_CORPUS_ROOT", "s3://c")
+    monkeypatch.setenv("COSYVOICE_MODEL_ROOT", "s3://m")
+    with dg.build_resources(resources_for("distributed")) as res:
+        assert res.training.model_root("flow") == "/pvc/flow" and res.training.model_root("hift") == "/models/hift"
