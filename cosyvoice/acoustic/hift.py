@@ -20,6 +20,15 @@ global generator.
 Weight norm is folded at load time: the module keeps plain ``weight`` tensors, while
 ``load_hift`` accepts the released ``weight_g``/``weight_v`` naming (and torch's
 parametrization naming) and ``hift_state_dict`` writes the released naming back.
+
+Training (the HiFi-GAN of ``cosyvoice.acoustic.gan``) uses :meth:`HiFTGenerator.forward`, the
+batched, differentiable form of upstream's ``HiFTGenerator.forward``: like upstream, the sine
+source is computed without gradient (the F0 predictor learns only from its own L1 loss), and the
+released weight-normed modules are trained under torch's ``weight_norm`` parametrization
+(:func:`parametrize_weight_norm`, or ``load_hift(..., weight_norm=True)`` which keeps a file's
+``weight_g``/``weight_v`` as the trained parameters); :func:`hift_state_dict` writes them back as
+``weight_g``/``weight_v``. The in-place operations of the inference path are used only while
+autograd is off, so inference is unchanged.
 """
 from __future__ import annotations
 
@@ -30,10 +39,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm as _torch_weight_norm
 
 from cosyvoice.acoustic.checkpoint import StateSource, check_state, read_state_dict
 
-__all__ = ["HiFTConfig", "HiFTGenerator", "load_hift", "hift_state_dict", "weight_normed_modules"]
+__all__ = ["HiFTConfig", "HiFTGenerator", "load_hift", "hift_state_dict", "weight_normed_modules",
+           "parametrize_weight_norm", "fold_weight_norm"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,8 @@ class _Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.alpha[None, :, None]
+        if torch.is_grad_enabled():  # autograd needs the intermediate values kept
+            return x + (1.0 / (a + 1e-9)) * torch.sin(x * a).pow(2)
         s = torch.sin(x * a)
         s = s.mul_(s).mul_(1.0 / (a + 1e-9))
         return s.add_(x)
@@ -192,7 +206,16 @@ class _HarmonicSource(nn.Module):
         )
 
     def forward(self, f0_up: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """``f0_up``: (1, S, 1) -> excitation (1, S, 1)."""
+        """``f0_up``: (B, S, 1) -> excitation (B, S, 1).
+
+        The harmonics are generated without gradient, as upstream's source module does in
+        training too; only the merge (``l_linear``) learns from the waveform losses.
+        """
+        with torch.no_grad():
+            excitation = self._harmonics(f0_up, generator)
+        return torch.tanh(self.l_linear(excitation))
+
+    def _harmonics(self, f0_up: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         cfg = self.cfg
         hop = cfg.samples_per_frame
         n = cfg.nb_harmonics + 1
@@ -209,12 +232,12 @@ class _HarmonicSource(nn.Module):
         sines = torch.sin(phase) * cfg.nsf_alpha
         voiced = (f0_up > cfg.nsf_voiced_threshold).to(torch.float32)
         noise_scale = voiced * cfg.nsf_sigma + (1 - voiced) * cfg.nsf_alpha / 3
-        # like randn_like: the draws fill memory order, and ``sines`` is laid out (1, H, S)
+        # like randn_like: the draws fill memory order, and ``sines`` is laid out (B, H, S)
         noise = noise_scale * torch.empty_like(sines).normal_(generator=generator)
         excitation = sines * voiced + noise
         # upstream draws (and discards) a noise branch here; drawing it keeps the RNG stream aligned
         torch.empty_like(voiced).normal_(generator=generator)
-        return torch.tanh(self.l_linear(excitation))
+        return excitation
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,13 +308,16 @@ class HiFTGenerator(nn.Module):
     # -- pieces ---------------------------------------------------------------------------------
 
     def source(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Excitation (1, 1, S) for a mel (1, 80, T); consumes the random draws."""
+        """Excitation (B, 1, S) for a mel (B, 80, T); consumes the random draws."""
+        return self._f0_and_source(mel, generator)[1]
+
+    def _f0_and_source(self, mel: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         f0 = self.f0_predictor(mel)
         f0_up = F.interpolate(f0[:, None], scale_factor=self.config.samples_per_frame, mode="nearest")
-        return self.m_source(f0_up.transpose(1, 2), generator).transpose(1, 2)
+        return f0, self.m_source(f0_up.transpose(1, 2), generator).transpose(1, 2)
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        """Waveform (1, S) from the mel (1, 80, T) and the excitation (1, 1, S)."""
+        """Waveform (B, S) from the mel (B, 80, T) and the excitation (B, 1, S)."""
         cfg = self.config
         spec = torch.stft(
             source[:, 0], cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.stft_window, return_complex=True
@@ -314,11 +340,39 @@ class HiFTGenerator(nn.Module):
 
         x = self.conv_post(F.leaky_relu(x))
         bins = cfg.n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :bins]).clamp_(max=1e2)
+        grad = torch.is_grad_enabled()  # in place only while autograd is off
+        magnitude = torch.exp(x[:, :bins])
+        magnitude = magnitude.clamp(max=1e2) if grad else magnitude.clamp_(max=1e2)
         phase = torch.sin(x[:, bins:])
         spectrum = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
         wav = torch.istft(spectrum, cfg.n_fft, cfg.hop_len, cfg.n_fft, window=self.stft_window)
-        return wav.clamp_(-cfg.audio_limit, cfg.audio_limit)
+        return wav.clamp(-cfg.audio_limit, cfg.audio_limit) if grad else wav.clamp_(-cfg.audio_limit, cfg.audio_limit)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vocode a batch with autograd (training): upstream's ``HiFTGenerator.forward``.
+
+        ``mel``: (B, 80, T) float32 on the model's device (padded frames included);
+        ``generator``: source of the random draws (torch's global generator when ``None``), drawn
+        in upstream's order for the whole batch. Returns ``(wav (B, 480*T), f0 (B, T))``; the F0
+        is the predictor's output, for upstream's L1 loss against the pitch targets.
+        """
+        self._check_mel(mel, batched=True)
+        f0, source = self._f0_and_source(mel, generator)
+        return self.decode(mel, source), f0
+
+    def _check_mel(self, mel: torch.Tensor, batched: bool) -> None:
+        cfg = self.config
+        want = "(B, " if batched else "(1, "
+        if (not isinstance(mel, torch.Tensor) or mel.dim() != 3 or mel.shape[1] != cfg.in_channels
+                or (not batched and mel.shape[0] != 1) or mel.shape[0] == 0):
+            shape = tuple(mel.shape) if isinstance(mel, torch.Tensor) else type(mel).__name__
+            raise ValueError(f"HiFT expects a mel of shape {want}{cfg.in_channels}, T); got {shape}")
+        if mel.shape[2] == 0:
+            raise ValueError("HiFT got an empty mel (0 frames)")
+        if mel.dtype != torch.float32:
+            raise ValueError(f"HiFT runs in float32; got a {mel.dtype} mel")
 
     # -- entry point ------------------------------------------------------------------------------
 
@@ -336,14 +390,7 @@ class HiFTGenerator(nn.Module):
         source of the random draws (torch's global generator when ``None``).
         Returns ``(wav (1, 480*T), source (1, 1, 480*T))``.
         """
-        cfg = self.config
-        if not isinstance(mel, torch.Tensor) or mel.dim() != 3 or mel.shape[0] != 1 or mel.shape[1] != cfg.in_channels:
-            shape = tuple(mel.shape) if isinstance(mel, torch.Tensor) else type(mel).__name__
-            raise ValueError(f"HiFT expects a mel of shape (1, {cfg.in_channels}, T); got {shape}")
-        if mel.shape[2] == 0:
-            raise ValueError("HiFT got an empty mel (0 frames)")
-        if mel.dtype != torch.float32:
-            raise ValueError(f"HiFT runs in float32; got a {mel.dtype} mel")
+        self._check_mel(mel, batched=False)
         mel = mel.to(self.stft_window.device)
         source = self.source(mel, generator)
         if cache_source is not None and cache_source.numel() > 0:
@@ -372,11 +419,39 @@ def _norm_of(w: torch.Tensor) -> torch.Tensor:
     return torch.norm_except_dim(w, 2, 0)
 
 
+_PARAMETRIZED = (".parametrizations.weight.original0", ".parametrizations.weight.original1")
+
+
+def parametrize_weight_norm(model: HiFTGenerator) -> HiFTGenerator:
+    """Put the released weight-normed modules under torch's ``weight_norm`` parametrization, in place.
+
+    Training then updates the magnitude ``original0`` (``weight_g``) and the direction
+    ``original1`` (``weight_v``) separately, as upstream does; each starts from the current
+    weight (g = its norm, v = the weight). Modules already parametrized are left as they are.
+    """
+    for name in weight_normed_modules(model.config):
+        module = model.get_submodule(name)
+        if not parametrize.is_parametrized(module, "weight"):
+            _torch_weight_norm(module)
+    return model
+
+
+def fold_weight_norm(model: HiFTGenerator) -> HiFTGenerator:
+    """Replace each weight-norm parametrization by its current weight, in place (for inference)."""
+    for name in weight_normed_modules(model.config):
+        module = model.get_submodule(name)
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
 def hift_state_dict(model: HiFTGenerator) -> dict[str, torch.Tensor]:
     """The model's tensors in the released ``hift.pt`` naming (weight-normed ``weight_g``/``weight_v``).
 
-    ``weight_v`` is the weight itself and ``weight_g`` its per-output-slice norm, computed as the
-    fold computes it, so loading the result gives back the same weights bit for bit.
+    A parametrized module (training) writes its own ``original0``/``original1`` as
+    ``weight_g``/``weight_v``. A folded one writes the weight as ``weight_v`` and its per-slice
+    norm, computed as the fold computes it, as ``weight_g``, so loading the result gives back the
+    same weights bit for bit. No ``generator.`` prefix.
     """
     normed = set(weight_normed_modules(model.config))
     out: dict[str, torch.Tensor] = {}
@@ -386,6 +461,8 @@ def hift_state_dict(model: HiFTGenerator) -> dict[str, torch.Tensor]:
         if leaf == "weight" and module in normed:
             out[f"{module}.weight_g"] = _norm_of(value)
             out[f"{module}.weight_v"] = value
+        elif key.endswith(_PARAMETRIZED) and key.rsplit(".", 3)[0] in normed:
+            out[f"{key.rsplit('.', 3)[0]}.weight_{'g' if key.endswith('original0') else 'v'}"] = value
         else:
             out[key] = value
     return out
@@ -394,6 +471,8 @@ def hift_state_dict(model: HiFTGenerator) -> dict[str, torch.Tensor]:
 def load_hift(
     source: StateSource,
     config: HiFTConfig | None = None,
+    *,
+    weight_norm: bool = False,
 ) -> HiFTGenerator:
     """Build a vocoder from a ``hift.pt`` (path, bytes or state dict), strictly, in eval mode.
 
@@ -401,6 +480,10 @@ def load_hift(
     naming (``<m>.parametrizations.weight.original0`` / ``original1``) and plain folded
     ``<m>.weight``; a leading ``generator.`` (GAN-wrapper checkpoints) is stripped. Any missing
     or unexpected key, or a shape mismatch, raises ``ValueError`` naming them.
+
+    ``weight_norm=True`` (training, e.g. fine-tuning a released vocoder): the weight-normed
+    modules come back parametrized (:func:`parametrize_weight_norm`) with the file's g and v as
+    their ``original0``/``original1``, as upstream's loading into its parametrized modules does.
     """
     cfg = config or HiFTConfig.full()
     state, where = read_state_dict(source, "HiFT")
@@ -451,4 +534,11 @@ def load_hift(
                 handled={f"{module}.weight" for module in halves})
 
     model.load_state_dict({k: v.to(torch.float32) for k, v in renamed.items()}, strict=True)
+    if weight_norm:
+        parametrize_weight_norm(model)
+        with torch.no_grad():
+            for module, parts in halves.items():
+                pair = model.get_submodule(module).parametrizations.weight
+                pair.original0.copy_(parts["g"][1])
+                pair.original1.copy_(parts["v"][1])
     return model.eval()

@@ -15,6 +15,10 @@ The records are then turned into :class:`~cosyvoice.acoustic.flow.FlowConfig` an
 raises ``ValueError`` naming it; settings that only matter for training (dropout, loss options)
 are accepted and ignored. Upstream's constructor defaults apply to settings a file leaves out, as
 they would upstream (so a section that omits ``macaron_style`` asks for upstream's ``True``).
+
+:func:`gan_config` reads the ``hifigan`` section (the GAN that trains the vocoder: its generator,
+discriminators and ``mel_spec_transform``) the same way, into a
+:class:`~cosyvoice.acoustic.gan.GanConfig`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import yaml
 from cosyvoice.acoustic.flow import MEL_BINS, FlowConfig
 from cosyvoice.acoustic.hift import HiFTConfig
 
-__all__ = ["acoustic_configs", "RECORDS"]
+__all__ = ["acoustic_configs", "gan_config", "RECORDS"]
 
 _REQUIRED = object()  # marks an upstream constructor argument without a default
 
@@ -41,6 +45,7 @@ _OTHER_GENERATIONS = {
 }
 _FLOW_CLASS = "cosyvoice.flow.flow.CausalMaskedDiffWithXvec"
 _HIFT_CLASS = "cosyvoice.hifigan.generator.HiFTGenerator"
+_HIFIGAN_CLASS = "cosyvoice.hifigan.hifigan.HiFiGan"
 
 
 class _Record:
@@ -121,9 +126,33 @@ class F0PredictorRecord(_Record):
     signature = {"num_class": 1, "in_channels": 80, "cond_channels": 512}
 
 
+class HiFiGanRecord(_Record):
+    upstream = _HIFIGAN_CLASS
+    signature = {"generator": _REQUIRED, "discriminator": _REQUIRED, "mel_spec_transform": _REQUIRED,
+                 "multi_mel_spectral_recon_loss_weight": 45, "feat_match_loss_weight": 2.0, "tpr_loss_weight": 1.0,
+                 "tpr_loss_tau": 0.04}
+
+
+class MultipleDiscriminatorRecord(_Record):
+    upstream = "cosyvoice.hifigan.discriminator.MultipleDiscriminator"
+    signature = {"mpd": _REQUIRED, "mrd": _REQUIRED}
+
+
+class MultiPeriodDiscriminatorRecord(_Record):
+    upstream = "matcha.hifigan.models.MultiPeriodDiscriminator"
+    signature = {}  # upstream's takes no settings: periods 2, 3, 5, 7, 11
+
+
+class MultiResSpecDiscriminatorRecord(_Record):
+    upstream = "cosyvoice.hifigan.discriminator.MultiResSpecDiscriminator"
+    signature = {"fft_sizes": [1024, 2048, 512], "hop_sizes": [120, 240, 50], "win_lengths": [600, 1200, 240],
+                 "window": "hann_window"}
+
+
 #: upstream class path -> the record class that stands in for it (``cosyvoice.config.ALIASES``)
 RECORDS: dict[str, type[_Record]] = {cls.upstream: cls for cls in (
-    FlowRecord, EncoderRecord, CFMRecord, CFMParamsRecord, EstimatorRecord, HiFTRecord, F0PredictorRecord)}
+    FlowRecord, EncoderRecord, CFMRecord, CFMParamsRecord, EstimatorRecord, HiFTRecord, F0PredictorRecord,
+    HiFiGanRecord, MultipleDiscriminatorRecord, MultiPeriodDiscriminatorRecord, MultiResSpecDiscriminatorRecord)}
 
 _CFM_PARAMS = {"sigma_min", "solver", "t_scheduler", "training_cfg_rate", "inference_cfg_rate", "reg_loss_type"}
 
@@ -264,8 +293,8 @@ def _hift_config(hift: Any, source: str) -> HiFTConfig:
 _REF = re.compile(r"<([^<>\[\]]+)")  # the top-level key of each <key> / <key[sub]> of a !ref / !copy
 
 
-def _kept_keys(root: yaml.MappingNode) -> set[str]:
-    """``flow``, ``hift`` and the top-level keys they reference, transitively."""
+def _kept_keys(root: yaml.MappingNode, roots: tuple[str, ...] = ("flow", "hift")) -> set[str]:
+    """``roots`` (``flow`` and ``hift``) and the top-level keys they reference, transitively."""
     nodes = {str(k.value): v for k, v in root.value}
 
     def refs(node: yaml.Node) -> set[str]:
@@ -280,7 +309,7 @@ def _kept_keys(root: yaml.MappingNode) -> set[str]:
                 found |= refs(value)
         return found
 
-    kept, todo = set(), ["flow", "hift"]
+    kept, todo = set(), list(roots)
     while todo:
         key = todo.pop()
         if key in kept or key not in nodes:
@@ -322,3 +351,146 @@ def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
     except ValueError as exc:  # a record refusing its settings
         raise ValueError(f"{source}: {exc}") from exc
     return _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
+
+
+#: the discriminator classes of upstream's CosyVoice2 recipe: where each sits in `hifigan`, and its record
+_GAN_PARTS = (
+    (("discriminator",), MultipleDiscriminatorRecord),
+    (("discriminator", "mpd"), MultiPeriodDiscriminatorRecord),
+    (("discriminator", "mrd"), MultiResSpecDiscriminatorRecord),
+)
+_MEL_KEYWORDS = ("n_fft", "num_mels", "sampling_rate", "hop_size", "win_size", "fmin", "fmax")
+
+
+def _child(node: yaml.Node, key: str) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if str(k.value) == key:
+                return v
+    return None
+
+
+def _check_gan_classes(nodes: dict[str, yaml.Node], source: str) -> None:
+    """Refuse, by name, a discriminator class other than upstream's CosyVoice2 ones (before loading)."""
+    from cosyvoice.config import ALIASES
+
+    hift = nodes.get("hift")
+    if hift is not None and _section_class(hift) in _OTHER_GENERATIONS:
+        found = _section_class(hift)
+        raise ValueError(f"{source}: `hift` is {found}, {_OTHER_GENERATIONS[found]}; cosyvoice.acoustic trains "
+                         f"CosyVoice2's {_HIFT_CLASS} only")
+    for path, record in _GAN_PARTS:
+        node = nodes["hifigan"]
+        for key in path:
+            node = _child(node, key)
+        if node is None:
+            continue  # a missing setting is reported by the record
+        found = _section_class(node)
+        if found not in (record.upstream, ALIASES.get(record.upstream)):
+            raise ValueError(f"{source}: `hifigan.{'.'.join(path)}` is {found!r}; cosyvoice.acoustic implements "
+                             f"`!new:{record.upstream}` there only")
+
+
+def _mel_config(transforms: Any, check: _Checker):
+    """The one mel-loss transform of ``hifigan.mel_spec_transform`` as a MelConfig (None if refused)."""
+    from cosyvoice.dataset.mel import MelConfig, mel_spectrogram
+
+    if not (isinstance(transforms, (list, tuple)) and len(transforms) == 1):
+        check.problems.append(f"hifigan.mel_spec_transform = {transforms!r} (a list of exactly one "
+                              "`!name:matcha.utils.audio.mel_spectrogram` transform is supported)")
+        return None
+    transform = transforms[0]
+    keywords = getattr(transform, "keywords", None)
+    if getattr(transform, "func", None) is not mel_spectrogram or not isinstance(keywords, Mapping):
+        check.problems.append(f"hifigan.mel_spec_transform[0] = {transform!r} (only "
+                              "`!name:matcha.utils.audio.mel_spectrogram` with its settings is supported)")
+        return None
+    where = "hifigan.mel_spec_transform[0]"
+    unknown = sorted(set(keywords) - {*_MEL_KEYWORDS, "center"})
+    missing = [k for k in _MEL_KEYWORDS if k not in keywords]
+    if unknown:
+        check.problems.append(f"{where}: unknown setting(s) {unknown}")
+    if missing:
+        check.problems.append(f"{where}: setting(s) {missing} missing (upstream's mel_spectrogram requires them)")
+    check.equal(f"{where}.center", keywords.get("center", False), False)
+    if unknown or missing or keywords.get("center", False) is not False:
+        return None
+    try:
+        return MelConfig(sample_rate=int(keywords["sampling_rate"]), n_fft=int(keywords["n_fft"]),
+                         hop=int(keywords["hop_size"]), win=int(keywords["win_size"]),
+                         n_mels=int(keywords["num_mels"]), fmin=float(keywords["fmin"]),
+                         fmax=None if keywords["fmax"] is None else float(keywords["fmax"]))
+    except (TypeError, ValueError) as exc:
+        check.problems.append(f"{where}: {exc}")
+        return None
+
+
+def gan_config(yaml_url_or_text: str):
+    """The :class:`~cosyvoice.acoustic.gan.GanConfig` of a recipe's ``hifigan`` section (a path/URL or the text).
+
+    The generator (``hifigan.generator``, upstream's ``!ref <hift>``) is read as ``acoustic_configs``
+    reads ``hift``; the discriminators must be upstream's CosyVoice2 ones (MultipleDiscriminator of
+    the MultiPeriodDiscriminator and MultiResSpecDiscriminator with three resolutions) and the mel
+    loss exactly one ``mel_spectrogram`` transform without centring; anything else raises
+    ``ValueError`` naming it.
+    """
+    from cosyvoice import storage
+    from cosyvoice.acoustic.gan import GanConfig
+    from cosyvoice.config import UnsafeConfigError, load_recipe
+
+    is_text = "\n" in yaml_url_or_text
+    source = "recipe text" if is_text else yaml_url_or_text
+    text = yaml_url_or_text if is_text else storage.read_text(yaml_url_or_text)
+    root = yaml.compose(io.StringIO(text), Loader=yaml.SafeLoader)
+    if not isinstance(root, yaml.MappingNode):
+        raise ValueError(f"{source}: a recipe must be a mapping at the top level")
+    nodes = {str(k.value): v for k, v in root.value}
+    if "hifigan" not in nodes:
+        raise ValueError(f"{source}: no `hifigan` section (the GAN that trains the vocoder; see upstream's "
+                         "examples/libritts/cosyvoice2/conf/cosyvoice2.yaml)")
+    _check_gan_classes(nodes, source)
+    kept = _kept_keys(root, ("hifigan",))
+    try:
+        configs = load_recipe(text, {key: None for key in nodes if key not in kept})
+    except UnsafeConfigError:
+        raise
+    except ValueError as exc:  # a record refusing its settings
+        raise ValueError(f"{source}: {exc}") from exc
+    gan = configs["hifigan"]
+    if not isinstance(gan, HiFiGanRecord):
+        raise ValueError(f"{source}: `hifigan` must be `!new:{_HIFIGAN_CLASS}`, got {gan!r}")
+    if not isinstance(gan["generator"], HiFTRecord):
+        raise ValueError(f"{source}: `hifigan.generator` must be the vocoder (`!ref <hift>`, a `!new:{_HIFT_CLASS}`), "
+                         f"got {gan['generator']!r}")
+    hift = _hift_config(gan["generator"], source)
+
+    check = _Checker("hifigan")
+    disc = check.record("hifigan.discriminator", gan["discriminator"], MultipleDiscriminatorRecord)
+    mrd = None
+    if disc is not None:
+        check.record("hifigan.discriminator.mpd", disc["mpd"], MultiPeriodDiscriminatorRecord)
+        mrd = check.record("hifigan.discriminator.mrd", disc["mrd"], MultiResSpecDiscriminatorRecord)
+    spec: dict[str, tuple[int, ...]] = {}
+    if mrd is not None:
+        for key in ("fft_sizes", "hop_sizes", "win_lengths"):
+            value = mrd[key]
+            if not (isinstance(value, (list, tuple)) and len(value) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                check.problems.append(f"hifigan.discriminator.mrd.{key} = {value!r} (three positive integers: "
+                                      "upstream builds exactly three resolutions)")
+            else:
+                spec[key] = tuple(value)
+    mel = _mel_config(gan["mel_spec_transform"], check)
+    for key in ("multi_mel_spectral_recon_loss_weight", "feat_match_loss_weight", "tpr_loss_weight", "tpr_loss_tau"):
+        value = gan[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            check.problems.append(f"hifigan.{key} = {value!r} (a number >= 0)")
+    check.fail_if_any(source)
+    try:
+        return GanConfig(
+            hift=hift, mel=mel, multi_mel_spectral_recon_loss_weight=float(gan["multi_mel_spectral_recon_loss_weight"]),
+            feat_match_loss_weight=float(gan["feat_match_loss_weight"]), tpr_loss_weight=float(gan["tpr_loss_weight"]),
+            tpr_loss_tau=float(gan["tpr_loss_tau"]), spec_fft_sizes=spec["fft_sizes"],
+            spec_hop_sizes=spec["hop_sizes"], spec_win_lengths=spec["win_lengths"], spec_window=mrd["window"])
+    except ValueError as exc:
+        raise ValueError(f"{source}: the `hifigan` section: {exc}") from exc
