@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(DATA)/dagster_home
 SYSTEM_PACKAGES := espeak-ng sox chromium
 DEMO_CORPUS_ARGS := --subsets dev-clean,train-clean-100 --speakers 4 --utts-per-speaker 8 --seed 0 --with-broken
 
-.PHONY: demo test ui venv sysdeps postgres triton-server lint bench clean
+.PHONY: demo demo-voice test ui venv sysdeps postgres triton-server lint bench clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,12 @@ demo: venv sysdeps $(DAGSTER_HOME)/dagster.yaml
 	@echo "  training shards   $(DATA)/parquet/<subset>/parquet_*.tar, $(DATA)/{train,cv}.data.list"
 	@echo "  Dagster instance  $(DAGSTER_HOME)"
 	@echo "Open the Dagster UI with:  make ui   (then http://127.0.0.1:3000)"
+
+# After the data stages: the tiny LLM, flow and HiFT trained a few steps each on the CPU, their averages, the HF
+# export and a Triton repository made of those weights (CPU channel), pulled and made to speak one sentence.
+demo-voice: demo
+	$(BIN)/python -m pipelines.demo_voice --out $(DATA)/demo 2>&1 | grep -E '^materialized|^published|^spoke|^  cosyvoice|failed|Error'
+	@echo "  voice             $(DATA)/demo/voice.wav (pulled repository: $(DATA)/demo/served)"
 
 test: venv sysdeps postgres triton-server
 	$(BIN)/python -m pytest -q
