@@ -5,7 +5,6 @@ pipeline's ``flow_averaged`` / ``hift_averaged`` or a released model dir's, as t
 ``acoustic_source`` says, and the metadata records which files were served (path + sha256).
 """
 
-import os
 import tempfile
 from enum import Enum
 
@@ -124,7 +123,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     speak for the default speaker (``sample``: waveform + spectrogram)."""
     chosen = pipeline_acoustic_files(context.instance, config.acoustic_source)
     with tempfile.TemporaryDirectory(prefix="served-model-dir-") as work:
-        served = served_model_dir(os.path.join(work, "model_dir"), config.model_dir or models.root, chosen)
+        served = served_model_dir(work, config.model_dir or models.root, chosen)
         context.log.info(f"acoustic files: {served.as_metadata()['acoustic_source'] or 'none'}")
         return _publish(context, config, store, served)
 

@@ -59,7 +59,7 @@ def _sha256(path: str) -> str:
 
 def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str] | None = None, *,
                       check: bool = True) -> ModelDirReport:
-    """In the new local folder ``dest``: every file of ``released_dir`` except the names in
+    """In the local folder ``dest`` (new, or empty): every file of ``released_dir`` except the names in
     ``replacements`` (``{FLOW_FILE | HIFT_FILE | CONFIG_FILE: url}``, the pipeline's files), which
     are copied in from their URLs. With ``check``, :func:`check_acoustic_files` (``ValueError``
     naming the files and their sources when they do not load together)."""
@@ -67,13 +67,13 @@ def compose_model_dir(dest: str, released_dir: str, replacements: dict[str, str]
     unknown = sorted(set(replacements) - set(SERVED_ACOUSTIC_FILES))
     if unknown:
         raise ValueError(f"compose_model_dir replaces only {', '.join(SERVED_ACOUSTIC_FILES)}; got {unknown}")
-    if os.path.exists(dest):
-        raise ValueError(f"{dest}: already exists; compose_model_dir writes a new folder")
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise ValueError(f"{dest}: exists and is not an empty folder; compose_model_dir writes a new one")
     if storage.is_local(released_dir):
         local = storage.strip_protocol(released_dir)
         if not os.path.isdir(local):
             raise FileNotFoundError(f"{released_dir}: the released model dir does not exist")
-        os.makedirs(dest)
+        os.makedirs(dest, exist_ok=True)
         for name in sorted(os.listdir(local)):
             if name not in replacements:
                 os.symlink(os.path.abspath(os.path.join(local, name)), os.path.join(dest, name))

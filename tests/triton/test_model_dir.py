@@ -63,7 +63,8 @@ def test_acoustic_files_that_do_not_load_together_are_refused_naming_them(tmp_pa
     with pytest.raises(ValueError, match="replaces only flow.pt, hift.pt, cosyvoice2.yaml"):
         compose_model_dir(str(tmp_path / "b"), tiny_models, {"campplus.onnx": trained_flow})
     (tmp_path / "c").mkdir()
-    with pytest.raises(ValueError, match="already exists"):
+    (tmp_path / "c" / "old.txt").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
         compose_model_dir(str(tmp_path / "c"), tiny_models)
     with pytest.raises(FileNotFoundError, match="the released model dir does not exist"):
         compose_model_dir(str(tmp_path / "d"), str(tmp_path / "nowhere"))
