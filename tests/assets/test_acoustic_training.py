@@ -32,14 +32,6 @@ from tests.train.conftest import TINY_RECIPE
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def data_root(training_list, tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    shutil.copy(training_list, root / "train.data.list")
-    shutil.copy(training_list, root / "cv.data.list")
-    return str(root)
-
-
 class ScriptedInvocation:
     def __init__(self, messages: list[dict], metadata: dict):
         self.messages, self.metadata = messages, metadata

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import sys
 from typing import ClassVar
 
@@ -19,14 +18,6 @@ from pipelines.k8s import training_pod_spec
 from pipelines.launchers import K8sLauncher, Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, TrainingResource
 from tests.train.conftest import TINY_RECIPE
-
-
-@pytest.fixture(scope="module")
-def data_root(training_list, tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    shutil.copy(training_list, root / "train.data.list")
-    shutil.copy(training_list, root / "cv.data.list")
-    return str(root)
 
 
 def resources(data_root, model_dir, qwen_dir):
