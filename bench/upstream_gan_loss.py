@@ -163,6 +163,8 @@ def run_turns(gan, batch, *, generator_turn, discriminator_turn) -> dict[str, np
     losses["loss"].backward()
     out.update({f"g_{k}": np.float64(v.item()) for k, v in losses.items()})
     out["g_grad_norm_generator"] = np.float64(grad_norm(gan.generator.parameters()))
+    # the discriminator's gradients from the generator turn: upstream's generator step clips their norm too
+    out["g_grad_norm_discriminator"] = np.float64(grad_norm(gan.discriminator.parameters()))
     out["g_grad_generator"] = flat_grad(released_order(gan.generator))
     gan.zero_grad(set_to_none=True)
     torch.manual_seed(DISCRIMINATOR_TURN_SEED)

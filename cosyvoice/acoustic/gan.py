@@ -13,10 +13,15 @@ multi-resolution spectral discriminator):
 * discriminator turn: the vocoder runs without autograd; the discriminator's loss is the
   least-squares real/fake loss plus the relativistic loss with real and fake in the other order.
 
-Differences that change nothing but time: in the discriminator turn the real and the generated
-audio go through the discriminator as one batch; in the generator turn a frozen discriminator
-(:func:`frozen`; upstream computes the discriminator's weight gradients there and discards them)
-scores the real audio without autograd. Each weight-normed weight is computed once per turn.
+Differences that change nothing but time: in the discriminator turn on CUDA the real and the
+generated audio go through the discriminator as one batch; in the generator turn a frozen
+discriminator (:func:`frozen`; upstream computes the discriminator's weight gradients there and
+discards them) scores the real audio without autograd; each weight-normed weight is computed once
+per turn.
+
+One difference upstream's trainer would see: its generator step clips the norm of every
+parameter's gradient, the discriminator's from the generator turn included; with a frozen
+discriminator those gradients do not exist, so the clipped norm is the generator's alone.
 """
 
 from __future__ import annotations

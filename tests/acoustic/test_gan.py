@@ -95,11 +95,12 @@ def test_either_weight_norm_naming_loads_into_the_discriminator():
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_real_and_generated_scored_as_one_batch_equal_separate_scoring():
+@pytest.mark.parametrize("batched", [True, False])
+def test_scoring_real_and_generated_together_equals_scoring_each(batched):
     torch.manual_seed(0)
     disc = HiFiGan.from_config(GanConfig.tiny()).discriminator
     real, fake = torch.randn(2, 4801) * 0.3, torch.randn(2, 4801) * 0.3  # 4801: every period pads
-    y_d_rs, y_d_gs, fmap_rs, fmap_gs = disc(real, fake)
+    y_d_rs, y_d_gs, fmap_rs, fmap_gs = disc(real, fake, batched=batched)
     (sr, fr), (sg, fg) = disc.score(real), disc.score(fake)
     assert len(y_d_rs) == 8 and len(fmap_rs) == 8  # 5 periods + 3 resolutions
     for got, want in ((y_d_rs, sr), (y_d_gs, sg)):
