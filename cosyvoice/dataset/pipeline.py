@@ -50,6 +50,7 @@ class PipelineConfig:
     campplus_onnx: str | None = None  # online CAM++ for rows without embeddings (--onnx_path)
     skip_unreadable_shards: bool = False  # log + count (stats["unreadable_shards"]) instead of failing the epoch
     gan: bool = False  # HiFT GAN batches: truncate + compute_f0, speech/pitch_feat, no whisper_feat
+    token_mel_ratio: int = 0  # flow batches: tokens and mel cut to this many frames per token (0: off)
     truncate_length: int = 24480  # gan: samples per training crop (recipe's truncate)
     f0_hop: int = 480  # gan: WORLD frame period in samples (recipe's compute_f0 hop_size)
 
@@ -155,6 +156,8 @@ class TrainingDataset(torch.utils.data.IterableDataset):
         data = P.compute_fbank(data, mel_config=c.mel, samples_per_token=c.samples_per_token)
         if c.gan:
             data = P.compute_f0(data, sample_rate=c.resample_rate, hop_size=c.f0_hop, stats=stats)
+        if c.token_mel_ratio:
+            data = P.align_tokens_to_mel(data, token_mel_ratio=c.token_mel_ratio, stats=stats)
         data = P.parse_embedding(data, stats=stats, campplus_onnx=c.campplus_onnx)
         if c.whisper_feat and not c.gan:
             data = P.compute_whisper_fbank(data, samples_per_token=c.samples_per_token)

@@ -320,6 +320,28 @@ def tokenize(data: Iterable[dict], *, tokenizer) -> Iterator[dict]:
         yield sample
 
 
+def align_tokens_to_mel(data: Iterable[dict], *, token_mel_ratio: int = 2, tolerance: int = 2,
+                        stats: Counter | None = None) -> Iterator[dict]:
+    """Flow training: ``speech_token`` and ``speech_feat`` cut to the same duration, ``token_mel_ratio``
+    mel frames per token. Offline tokens come from the unpadded audio at 16 kHz, while compute_fbank
+    pads to whole tokens at 24 kHz, so one token more or less is common; upstream's flow would then
+    fail on the shape mismatch. A difference above ``tolerance`` tokens means tokens and audio do
+    not belong together (another tokenizer or frame rate): the row is dropped and counted
+    (``stats["token_mel_mismatch"]``)."""
+    for sample in data:
+        tokens, feat = sample["speech_token"], sample["speech_feat"]
+        n = min(len(tokens), feat.shape[0] // token_mel_ratio)
+        if abs(len(tokens) - feat.shape[0] / token_mel_ratio) > tolerance or n == 0:
+            log.warning("dropping %s: %d speech tokens for %d mel frames (%d per token expected)",
+                        sample.get("utt"), len(tokens), feat.shape[0], token_mel_ratio)
+            if stats is not None:
+                stats["token_mel_mismatch"] += 1
+            continue
+        sample["speech_token"] = tokens[:n]
+        sample["speech_feat"] = feat[:n * token_mel_ratio]
+        yield sample
+
+
 def compute_fbank(data: Iterable[dict], *, mel_config=None, samples_per_token: int = 960) -> Iterator[dict]:
     """Zero-pad ``speech`` to a multiple of ``samples_per_token`` (960 = one 25 Hz token at 24 kHz;
     0 disables) and compute ``speech_feat`` (T_mel, n_mels) with the recipe's mel."""

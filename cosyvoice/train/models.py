@@ -269,7 +269,8 @@ class Flow(TrainedModel):
         self.module = FlowModel(flow_config)
 
     def pipeline_changes(self) -> dict:
-        return {"whisper_feat": False}  # the shards carry the speech tokens
+        # the shards carry the speech tokens; each utterance's tokens and mel cut to the same duration
+        return {"whisper_feat": False, "token_mel_ratio": self.module.config.token_mel_ratio}
 
     def load_weights(self, state: dict, path: str) -> None:
         from cosyvoice.acoustic.checkpoint import check_state
