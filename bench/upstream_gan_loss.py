@@ -199,7 +199,6 @@ def main() -> int:
     import functools
 
     import torch
-
     from upstream_acoustic import build_hift, import_upstream
 
     from cosyvoice.acoustic.gan import GanConfig, HiFiGan, frozen
