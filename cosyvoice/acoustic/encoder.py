@@ -9,6 +9,12 @@ No convolution module and no macaron feed-forward (the CosyVoice2 recipe's setti
 Every stage is position-wise or causal except attention, which is chunk-causal when streaming (25
 tokens in the first stack, 50 frames in the second). That is what lets :class:`~.chunks.Pass`
 resume a stream at its last complete chunk instead of re-running the prefix.
+
+Training runs :meth:`UpsampleConformerEncoder.padded` instead: a padded batch with upstream's
+key-padding (and chunk) masks and its dropout (after the input norm, after the positional scaling,
+on the relative position codes, on the attention weights, inside and after each sub-layer), drawn
+in upstream's order. Padded positions are not masked anywhere else, as upstream: a shorter
+utterance's last tokens look ahead into the embedded padding, not into zeros.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ class LinearEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(x) * self.scale
 
+    def padded(self, x: torch.Tensor, dropout: float, positional_dropout: float) -> torch.Tensor:
+        """Training: dropout after the norm, then after the scaling (upstream's embed + positional encoding)."""
+        h = F.dropout(self.out(x), dropout, self.training)
+        return F.dropout(h * self.scale, positional_dropout, self.training)
+
 
 def relative_positions(first: int, last: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """Sinusoidal codes of the relative distances ``last, last-1, ..., first`` (rows), (n, dim).
@@ -51,9 +62,10 @@ def relative_positions(first: int, last: int, dim: int, device=None, dtype=torch
 class RelPositionAttention(nn.Module):
     """Multi-head self-attention with Transformer-XL relative position terms (biases u and v)."""
 
-    def __init__(self, heads: int, dim: int):
+    def __init__(self, heads: int, dim: int, dropout: float = 0.0):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
+        self.dropout = dropout  # on the attention weights, in training
         self.linear_q = nn.Linear(dim, dim)
         self.linear_k = nn.Linear(dim, dim)
         self.linear_v = nn.Linear(dim, dim)
@@ -88,30 +100,61 @@ class RelPositionAttention(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(b, tq, self.heads * self.head_dim)
         return self.linear_out(out)
 
+    def padded(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training over a padded batch ``x`` (B, T, D): every position attends to the keys ``mask``
+        (B, 1, 1 or T, T) allows; ``pos`` (2T - 1, D) codes the distances T-1 .. -(T-1)."""
+        b, t, _ = x.shape
+        h, d = self.heads, self.head_dim
+        q = self.linear_q(x).view(b, t, h, d)
+        k, v = self._split(self.linear_k(x)), self._split(self.linear_v(x))
+        p = self.linear_pos(pos).view(-1, h, d).transpose(0, 1)  # (H, 2T-1, d)
+        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))
+        # the position codes are shared by the batch: one product per head over all B x T queries
+        qv = (q + self.pos_bias_v).permute(2, 0, 1, 3).reshape(h, b * t, d)
+        position = torch.matmul(qv, p.transpose(-2, -1))  # (H, B T, 2T-1), contiguous
+        # entry (i, j) wants distance i - j, i.e. column (t - 1) - i + j: a view with row stride 2t - 2
+        width = 2 * t - 1
+        position = position.as_strided((h, b, t, t), (b * t * width, t * width, width - 1, 1),
+                                       position.storage_offset() + t - 1).transpose(0, 1)
+        scores = (content + position) / math.sqrt(d)
+        attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        attn = F.dropout(attn, self.dropout, self.training)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, h * d)
+        return self.linear_out(out)
+
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.w_1 = nn.Linear(dim, hidden)
         self.w_2 = nn.Linear(hidden, dim)
+        self.dropout = dropout  # between the two projections, in training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_2(F.silu(self.w_1(x)))
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_2(F.dropout(F.silu(self.w_1(x)), self.dropout, self.training))
 
 
 class ConformerBlock(nn.Module):
     """Pre-norm attention + feed-forward (the recipe's Conformer without its convolution module)."""
 
-    def __init__(self, dim: int, heads: int, hidden: int):
+    def __init__(self, dim: int, heads: int, hidden: int, dropout: float = 0.0, attention_dropout: float = 0.0):
         super().__init__()
-        self.self_attn = RelPositionAttention(heads, dim)
-        self.feed_forward = FeedForward(dim, hidden)
+        self.self_attn = RelPositionAttention(heads, dim, attention_dropout)
+        self.feed_forward = FeedForward(dim, hidden, dropout)
         self.norm_ff = nn.LayerNorm(dim, eps=1e-12)
         self.norm_mha = nn.LayerNorm(dim, eps=1e-12)
+        self.dropout = dropout  # on each sub-layer's output, in training
 
     def forward(self, x: torch.Tensor, run: Pass, chunk: int) -> torch.Tensor:
         x = x + self.self_attn(self.norm_mha(x), run, chunk)
         return x + self.feed_forward(self.norm_ff(x))
+
+    def padded(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.self_attn.padded(self.norm_mha(x), pos, mask), self.dropout, self.training)
+        return x + F.dropout(self.feed_forward.padded(self.norm_ff(x)), self.dropout, self.training)
 
 
 class PreLookahead(nn.Module):
@@ -146,18 +189,37 @@ class TokenUpsample(nn.Module):
         x = run.left_context(self, x, 2)  # the 2 tokens before start give the 4 frames the conv needs
         return self.conv(torch.repeat_interleave(x, self.stride, dim=2))
 
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: the same function at the token rate, a third of the products.
+
+        Frame ``s i + m`` of the repeated sequence sees tokens ``i - 2 .. i`` only, each through the
+        sum of the kernel taps that fall on it, so one convolution over the tokens with ``s`` such
+        summed kernels (3 taps each) gives all frames, interleaved afterwards.
+        """
+        s, w = self.stride, self.conv.weight
+        taps = [[w[..., k] for k in range(2 * s + 1) if (m + k) // s == j] for m in range(s) for j in range(3)]
+        kernel = torch.stack([sum(group[1:], group[0]) for group in taps], dim=-1)  # (D, D, s * 3)
+        kernel = kernel.view(*w.shape[:2], s, 3).permute(2, 0, 1, 3).reshape(s * w.shape[0], w.shape[1], 3)
+        out = F.conv1d(F.pad(x, (2, 0)), kernel, self.conv.bias.repeat(s))  # (B, s D, T): frame phase m first
+        b, _, t = out.shape
+        return out.view(b, s, -1, t).permute(0, 2, 3, 1).reshape(b, -1, s * t)
+
 
 class UpsampleConformerEncoder(nn.Module):
     def __init__(self, dim: int = 512, heads: int = 8, hidden: int = 2048, blocks: int = 6, up_blocks: int = 4,
-                 chunk: int = 25, lookahead: int = 3):
+                 chunk: int = 25, lookahead: int = 3, dropout: float = 0.0, positional_dropout: float = 0.0,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.chunk, self.lookahead = chunk, lookahead
+        self.dropout, self.positional_dropout = dropout, positional_dropout
         self.embed = LinearEmbed(dim, dim)
         self.pre_lookahead_layer = PreLookahead(dim, lookahead)
-        self.encoders = nn.ModuleList(ConformerBlock(dim, heads, hidden) for _ in range(blocks))
+        self.encoders = nn.ModuleList(ConformerBlock(dim, heads, hidden, dropout, attention_dropout)
+                                      for _ in range(blocks))
         self.up_layer = TokenUpsample(dim)
         self.up_embed = LinearEmbed(dim, dim)
-        self.up_encoders = nn.ModuleList(ConformerBlock(dim, heads, hidden) for _ in range(up_blocks))
+        self.up_encoders = nn.ModuleList(ConformerBlock(dim, heads, hidden, dropout, attention_dropout)
+                                         for _ in range(up_blocks))
         self.after_norm = nn.LayerNorm(dim, eps=1e-5)
 
     def forward(self, tokens: torch.Tensor, n_context: int, chunked: bool, token_run: Pass,
@@ -177,4 +239,28 @@ class UpsampleConformerEncoder(nn.Module):
         x = self.up_embed(x)
         for block in self.up_encoders:
             x = block(x, frame_run, self.chunk * self.up_layer.stride if chunked else 0)
+        return self.after_norm(x)
+
+    def _positions(self, size: int, like: torch.Tensor) -> torch.Tensor:
+        pe = relative_positions(-(size - 1), size - 1, like.shape[-1], like.device, like.dtype)
+        return F.dropout(pe, self.positional_dropout, self.training)
+
+    def padded(self, tokens: torch.Tensor, token_mask: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Training: features (B, 2S, D) of a padded batch of embedded tokens (B, S, D).
+
+        ``token_mask`` (B, 1, 1 or S, S) and ``frame_mask`` (B, 1, 1 or 2S, 2S) are the boolean
+        attention masks of the two stacks (key padding, and chunk-causal when streaming). The
+        look-ahead reads whatever follows an utterance's last token in the batch (upstream's
+        behaviour) and zeros after the last position.
+        """
+        x = self.embed.padded(tokens, self.dropout, self.positional_dropout)
+        pos = self._positions(x.shape[1], x)
+        x = self.pre_lookahead_layer(x, 0, 0, 0)
+        for block in self.encoders:
+            x = block.padded(x, pos, token_mask)
+        x = self.up_layer.padded(x.transpose(1, 2)).transpose(1, 2)
+        x = self.up_embed.padded(x, self.dropout, self.positional_dropout)
+        pos = self._positions(x.shape[1], x)
+        for block in self.up_encoders:
+            x = block.padded(x, pos, frame_mask)
         return self.after_norm(x)

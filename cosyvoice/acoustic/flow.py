@@ -12,11 +12,18 @@ pre-lookahead layer) and runs chunk-causal; the final call runs without chunk ma
 does, unless ``chunk_causal_final`` asks to keep it chunk-causal (then a stream costs about one
 offline pass). A :class:`FlowStream` carries what earlier calls of a stream computed, so each call
 computes only the chunks after the last complete one (upstream re-runs the whole prefix).
+
+Training: ``FlowModel(batch, device)`` returns upstream's conditional flow-matching loss on a padded
+batch of the data pipeline (``CausalMaskedDiffWithXvec.forward`` + ``ConditionalCFM.compute_loss``),
+with the same Python ``random`` and torch draws in the same order, so a seeded step gives upstream's
+loss: half the batches chunk-causal, a random prefix of the target mel as prompt for half the
+utterances, ``t`` uniform, classifier-free-guidance dropout of the conditions, MSE over real frames.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,6 +61,27 @@ class FlowConfig:
     cfg_rate: float = 0.7
     noise_frames: int = 50 * 300
     noise_seed: int = 0
+    # training only (inference ignores them): the recipe's dropout and flow-matching loss settings
+    encoder_dropout: float = 0.1  # encoder dropout_rate
+    encoder_positional_dropout: float = 0.1  # encoder positional_dropout_rate
+    encoder_attention_dropout: float = 0.1  # encoder attention_dropout_rate
+    estimator_dropout: float = 0.0
+    sigma_min: float = 1e-6
+    training_cfg_rate: float = 0.2  # share of utterances trained without mu, speaker and prompt
+    only_mask_loss: bool = True
+
+    def __post_init__(self):
+        for name in ("encoder_dropout", "encoder_positional_dropout", "encoder_attention_dropout",
+                     "estimator_dropout", "sigma_min"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"FlowConfig.{name} = {value!r}: it must lie in [0, 1)")
+        if not 0.0 <= self.training_cfg_rate <= 1.0:
+            raise ValueError(f"FlowConfig.training_cfg_rate = {self.training_cfg_rate!r}: it must lie in [0, 1]")
+        if self.only_mask_loss is not True:
+            raise ValueError(f"FlowConfig.only_mask_loss = {self.only_mask_loss!r}: only True is supported "
+                             "(upstream's CausalMaskedDiffWithXvec stores the flag but always averages its loss "
+                             "over the real frames; it has no unmasked loss)")
 
     @classmethod
     def full(cls) -> FlowConfig:
@@ -96,7 +124,8 @@ class FlowMatching(nn.Module):
         self.estimator = CausalConditionalDecoder(
             in_channels=4 * MEL_BINS, out_channels=MEL_BINS, channels=config.estimator_channels,
             head_dim=config.estimator_head_dim, blocks=config.estimator_blocks,
-            mid_blocks=config.estimator_mid_blocks, heads=config.estimator_heads, chunk=config.frame_chunk)
+            mid_blocks=config.estimator_mid_blocks, heads=config.estimator_heads, chunk=config.frame_chunk,
+            dropout=config.estimator_dropout)
 
         self._compiled = None
 
@@ -140,6 +169,27 @@ class FlowMatching(nn.Module):
                 dt = steps[step + 1] - t
         return x
 
+    def compute_loss(self, x1: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor,
+                     cond: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Upstream's conditional flow-matching loss of the target mel ``x1`` (B, 80, T).
+
+        ``mask`` (B, 1, T) marks real frames, ``attn_mask`` is the estimator's boolean attention
+        mask. Draws ``t`` (uniform), the noise and the guidance dropout from torch's global RNG in
+        upstream's order.
+        """
+        b = mu.shape[0]
+        t = torch.rand([b, 1, 1], device=mu.device, dtype=mu.dtype)
+        z = torch.randn_like(x1)
+        sigma = self.config.sigma_min
+        y = (1 - (1 - sigma) * t) * z + t * x1
+        u = x1 - (1 - sigma) * z
+        rate = self.config.training_cfg_rate
+        if rate > 0:
+            keep = torch.rand(b, device=x1.device) > rate
+            mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
+        pred = self.estimator.padded(y, mu, t.view(b), spks, cond, mask, attn_mask)
+        return F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])
+
 
 @dataclass
 class FlowStream:
@@ -169,9 +219,48 @@ class FlowModel(nn.Module):
         self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, MEL_BINS)
         self.encoder = UpsampleConformerEncoder(
             dim=config.dim, heads=config.encoder_heads, hidden=config.encoder_hidden, blocks=config.encoder_blocks,
-            up_blocks=config.up_blocks, chunk=config.token_chunk, lookahead=config.lookahead)
+            up_blocks=config.up_blocks, chunk=config.token_chunk, lookahead=config.lookahead,
+            dropout=config.encoder_dropout, positional_dropout=config.encoder_positional_dropout,
+            attention_dropout=config.encoder_attention_dropout)
         self.encoder_proj = nn.Linear(config.dim, MEL_BINS)
         self.decoder = FlowMatching(config)
+
+    def forward(self, batch: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``{"loss": ...}``: upstream's flow-matching loss on a padded training batch.
+
+        ``batch`` holds ``speech_token`` (B, S) int + ``speech_token_len`` (B,), ``speech_feat``
+        (B, T, 80) + ``speech_feat_len`` (B,) with T = token_mel_ratio x S, and ``embedding``
+        (B, 192). Draws, in upstream's order: ``random.random()`` (chunk-causal when < 0.5), the
+        dropout masks (training mode), per utterance ``random.random()`` and, when >= 0.5,
+        ``random.randint(0, int(0.3 * feat_len))`` prompt frames, then torch's ``t``, noise and
+        guidance dropout.
+        """
+        cfg = self.config
+        token, token_len, feat, feat_len, embedding = _training_batch(batch, cfg)
+        # upstream's int(0.3 * feat_len[i]): a float32 product of the length tensor, truncated
+        prompt_limits = [int(v) for v in (0.3 * feat_len.cpu()).tolist()]
+        token, token_len, feat, embedding = (v.to(device) for v in (token, token_len, feat, embedding))
+        streaming = random.random() < 0.5
+
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1))
+        n_tokens, n_frames = token.shape[1], feat.shape[1]
+        real_tokens = torch.arange(n_tokens, device=token.device)[None, :] < token_len[:, None]
+        x = self.input_embedding(torch.clamp(token, min=0)) * real_tokens.float().unsqueeze(-1)
+        frame_len = token_len * cfg.token_mel_ratio
+        token_attn = _attention_mask(token_len, n_tokens, cfg.token_chunk if streaming else 0)
+        frame_attn = _attention_mask(frame_len, n_frames, cfg.frame_chunk if streaming else 0)
+        h = self.encoder_proj(self.encoder.padded(x, token_attn, frame_attn))
+
+        cond = torch.zeros(feat.shape, device=feat.device)
+        for i, limit in enumerate(prompt_limits):
+            if random.random() < 0.5:
+                continue
+            index = random.randint(0, limit)
+            cond[i, :index] = feat[i, :index]
+        mask = (torch.arange(n_frames, device=feat.device)[None, :] < frame_len[:, None]).to(h)
+        loss = self.decoder.compute_loss(feat.transpose(1, 2).contiguous(), mask.unsqueeze(1),
+                                         h.transpose(1, 2).contiguous(), spks, cond.transpose(1, 2), frame_attn)
+        return {"loss": loss}
 
     @torch.inference_mode()
     def inference(self, tokens: torch.Tensor, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
@@ -242,6 +331,55 @@ class FlowModel(nn.Module):
             stream.reset()
             return 0
         return done
+
+
+def _attention_mask(lengths: torch.Tensor, size: int, chunk: int) -> torch.Tensor:
+    """Boolean attention mask of a padded batch: keys before each length, and with ``chunk`` > 0 only
+    keys before the end of the query's chunk. (B, 1, 1, size) without chunks, else (B, 1, size, size)."""
+    positions = torch.arange(size, device=lengths.device)
+    keys = (positions[None, :] < lengths[:, None])[:, None, None, :]
+    if chunk <= 0:
+        return keys
+    return keys & (positions[None, :] < (torch.div(positions, chunk, rounding_mode="floor") + 1)[:, None] * chunk)
+
+
+_BATCH_KEYS = ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding")
+
+
+def _training_batch(batch: dict, cfg: FlowConfig):
+    """The flow's five batch tensors, checked against what upstream's forward silently assumes."""
+    missing = [k for k in _BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"flow training batch lacks {missing} (it needs {list(_BATCH_KEYS)}: the speech tokens, "
+                         "mel and speaker embedding of each utterance)")
+    token, token_len, feat, feat_len, embedding = (batch[k] for k in _BATCH_KEYS)
+    b = token.shape[0] if token.dim() == 2 else -1
+    if (token.dim() != 2 or token_len.shape != (b,) or feat.dim() != 3 or feat.shape[0] != b
+            or feat.shape[2] != MEL_BINS or feat_len.shape != (b,) or embedding.shape != (b, cfg.spk_embed_dim)):
+        raise ValueError(f"flow training batch shapes: speech_token {tuple(token.shape)}, speech_token_len "
+                         f"{tuple(token_len.shape)}, speech_feat {tuple(feat.shape)}, speech_feat_len "
+                         f"{tuple(feat_len.shape)}, embedding {tuple(embedding.shape)}; expected (B, S), (B,), "
+                         f"(B, T, {MEL_BINS}), (B,), (B, {cfg.spk_embed_dim})")
+    lengths = token_len.cpu().long()
+    if b == 0 or int(lengths.min()) < 1:
+        raise ValueError(f"flow training batch: every utterance needs at least one speech token; speech_token_len = "
+                         f"{lengths.tolist()}")
+    ids = token.cpu()
+    if int(ids.max()) >= cfg.vocab_size:
+        raise ValueError(f"flow training batch: speech token id {int(ids.max())} is outside the flow's vocabulary of "
+                         f"{cfg.vocab_size} (a CosyVoice2 tokenizer gives ids below 6561)")
+    ratio = cfg.token_mel_ratio
+    if int(lengths.max()) != token.shape[1] or feat.shape[1] != ratio * token.shape[1]:
+        raise ValueError(f"flow training batch: speech_token is padded to {token.shape[1]} tokens and speech_feat to "
+                         f"{feat.shape[1]} frames; the flow needs the longest utterance's {int(lengths.max())} tokens "
+                         f"and exactly {ratio} mel frames per token ({ratio * int(lengths.max())})")
+    bad = torch.nonzero(feat_len.cpu().long() != ratio * lengths).flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"flow training batch: utterance {i} has {int(feat_len[i])} mel frames for "
+                         f"{int(lengths[i])} speech tokens; the flow needs exactly {ratio} frames per token (pad the "
+                         "audio to a multiple of 960 samples at 24 kHz, as compute_fbank does)")
+    return token, token_len, feat, feat_len, embedding
 
 
 def token_tensor(tokens, vocab_size: int, name: str) -> torch.Tensor:

@@ -12,8 +12,10 @@ key of the file (``llm``, ``hifigan``, the data processors, the seed calls, ...)
 The records are then turned into :class:`~cosyvoice.acoustic.flow.FlowConfig` and
 :class:`~cosyvoice.acoustic.hift.HiFTConfig`. A setting our implementation would not honour
 (another flow or vocoder class, solver, time schedule, input layer, a convolution module ...)
-raises ``ValueError`` naming it; settings that only matter for training (dropout, loss options)
-are accepted and ignored. Upstream's constructor defaults apply to settings a file leaves out, as
+raises ``ValueError`` naming it. The flow's training settings (the encoder's and estimator's
+dropout, ``sigma_min``, ``training_cfg_rate``, ``only_mask_loss``) go into the FlowConfig for its
+training forward; ``reg_loss_type`` is accepted and ignored, as upstream's flow ignores it (its
+loss is always the masked MSE). Upstream's constructor defaults apply to settings a file leaves out, as
 they would upstream (so a section that omits ``macaron_style`` asks for upstream's ``True``).
 
 :func:`gan_config` reads the ``hifigan`` section (the GAN that trains the vocoder: its generator,
@@ -186,6 +188,8 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
     dim = flow["input_size"]
     check.equal("flow.output_size", flow["output_size"], MEL_BINS)
     check.equal("flow.output_type", flow["output_type"], "mel")
+    check.equal("flow.only_mask_loss", flow["only_mask_loss"], True, "upstream's CausalMaskedDiffWithXvec stores the "
+                "flag but always averages its loss over the real frames")
     check.equal("flow.pre_lookahead_len", flow["pre_lookahead_len"], 3, "upstream's encoder hard-codes a 3-token look-ahead layer")
     check.equal("flow.input_size", dim, 512, "upstream's encoder hard-codes 512 channels in its look-ahead and upsampling layers")
     ratio = flow["token_mel_ratio"]
@@ -209,7 +213,7 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
         unknown = sorted(set(params) - _CFM_PARAMS)
         if unknown:
             check.problems.append(f"flow.decoder.cfm_params: unknown setting(s) {unknown}")
-        for key in ("solver", "t_scheduler", "inference_cfg_rate"):
+        for key in ("solver", "t_scheduler", "inference_cfg_rate", "training_cfg_rate"):
             if key not in params:
                 check.problems.append(f"flow.decoder.cfm_params.{key} is missing (upstream requires it)")
         check.equal("flow.decoder.cfm_params.solver", params.get("solver", "euler"), "euler")
@@ -246,7 +250,11 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
             encoder_blocks=int(enc["num_blocks"]), token_chunk=int(enc["static_chunk_size"]),
             estimator_channels=int(est["channels"][0]), estimator_head_dim=int(est["attention_head_dim"]),
             estimator_heads=int(est["num_heads"]), estimator_blocks=int(est["n_blocks"]),
-            estimator_mid_blocks=int(est["num_mid_blocks"]), cfg_rate=float(params["inference_cfg_rate"]))
+            estimator_mid_blocks=int(est["num_mid_blocks"]), cfg_rate=float(params["inference_cfg_rate"]),
+            encoder_dropout=float(enc["dropout_rate"]), encoder_positional_dropout=float(enc["positional_dropout_rate"]),
+            encoder_attention_dropout=float(enc["attention_dropout_rate"]), estimator_dropout=float(est["dropout"]),
+            sigma_min=float(params.get("sigma_min", 1e-4)),  # upstream's BASECFM default when the file omits it
+            training_cfg_rate=float(params["training_cfg_rate"]), only_mask_loss=flow["only_mask_loss"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: the `flow` section: {exc}") from exc
 
