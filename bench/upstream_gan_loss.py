@@ -176,13 +176,18 @@ def run_turns(gan, batch, *, generator_turn, discriminator_turn) -> dict[str, np
     return out
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (wall seconds, process CPU seconds) of each function, run round-robin after one warm-up each
+    (so a busy shared machine slows every variant alike; CPU time is the steadier figure there)."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t)
+    best = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
     return best
 
 
@@ -288,32 +293,37 @@ def main() -> int:
 
 
 def time_turns(fresh, batch, up, frozen, args) -> None:
+    def step(forward, model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            forward(batch, "cpu")["loss"].backward()
+        return run
 
-    def upstream_step():
-        up.zero_grad(set_to_none=True)
-        up.forward_discriminator(batch, "cpu")["loss"].backward()
-        up.forward_generator(batch, "cpu")["loss"].backward()
+    def frozen_generator_turn(b, device):
+        with frozen(fresh.discriminator):
+            return fresh.generator_turn(b, device)
 
-    def ours_step(freeze: bool):
-        def step():
-            fresh.zero_grad(set_to_none=True)
-            fresh.discriminator_turn(batch, "cpu")["loss"].backward()
-            if freeze:
-                with frozen(fresh.discriminator):
-                    fresh.generator_turn(batch, "cpu")["loss"].backward()
-            else:
-                fresh.generator_turn(batch, "cpu")["loss"].backward()
-        return step
-
+    turns = {
+        ("upstream", "D"): step(up.forward_discriminator, up),
+        ("upstream", "G"): step(up.forward_generator, up),
+        ("ours", "D"): step(fresh.discriminator_turn, fresh),
+        ("ours, discriminator trainable in G turn", "G"): step(fresh.generator_turn, fresh),
+        ("ours, frozen discriminator in G turn", "G"): step(frozen_generator_turn, fresh),
+    }
+    best = timed(turns, args.repeats)
     print(f"\none D turn + one G turn, forward + backward, tiny generator, batch 2 x {TIMING_SAMPLES} samples, "
-          f"CPU, {args.threads} thread(s), best of {args.repeats}:")
-    t_up = timed(upstream_step, args.repeats)
-    t_same = timed(ours_step(False), args.repeats)
-    t_frozen = timed(ours_step(True), args.repeats)
-    print(f"  upstream                               {t_up:6.2f} s")
-    print(f"  ours, discriminator trainable in G turn {t_same:6.2f} s  ({t_up / t_same:.2f}x upstream's speed)")
-    print(f"  ours, frozen discriminator in G turn   {t_frozen:6.2f} s  ({t_up / t_frozen:.2f}x upstream's speed)")
-
+          f"CPU, {args.threads} thread(s), best of {args.repeats}, wall / process CPU seconds:")
+    d_up, d_ours = best[("upstream", "D")], best[("ours", "D")]
+    rows = [("upstream", d_up, best[("upstream", "G")])]
+    for name in ("ours, discriminator trainable in G turn", "ours, frozen discriminator in G turn"):
+        rows.append((name, d_ours, best[(name, "G")]))
+    up_total = [d + g for d, g in zip(rows[0][1], rows[0][2])]
+    for name, d, g in rows:
+        total = [a + b for a, b in zip(d, g)]
+        ratio = "" if name == "upstream" else (f"  {up_total[0] / total[0]:.2f}x / {up_total[1] / total[1]:.2f}x "
+                                               "upstream's speed")
+        print(f"  {name:40s} D {d[0]:5.2f} / {d[1]:5.2f}  G {g[0]:5.2f} / {g[1]:5.2f}  "
+              f"D+G {total[0]:5.2f} / {total[1]:5.2f}{ratio}")
 
 if __name__ == "__main__":
     raise SystemExit(main())
