@@ -61,7 +61,8 @@ def seeded_loss(model, batch: dict, seed: int) -> float:
 
     random.seed(seed)
     torch.manual_seed(seed)
-    return float(model(batch, torch.device("cpu"))["loss"])
+    with torch.no_grad():
+        return float(model(batch, torch.device("cpu"))["loss"])
 
 
 def recording(method, into: list):
@@ -85,9 +86,9 @@ def check_training_settings(upstream, config) -> None:
         raise SystemExit(f"upstream's flow was built with other training settings than FlowConfig.tiny(): {wrong}")
 
 
-def step_seconds(models: dict, batch: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of one training step per model, the models taking turns (a shared machine's
-    load then hits both alike); the first round warms up."""
+def step_seconds(models: dict, batch: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds of one training step per model, the models taking turns (a
+    shared machine's load then hits both alike); the first round warms up."""
     import torch
 
     times = {name: [] for name in models}
@@ -96,10 +97,10 @@ def step_seconds(models: dict, batch: dict, repeats: int) -> dict[str, float]:
             model.zero_grad(set_to_none=True)
             random.seed(i)
             torch.manual_seed(i)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             model(batch, torch.device("cpu"))["loss"].backward()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: tuple(statistics.median(column) for column in zip(*t[1:])) for name, t in times.items()}
 
 
 def main() -> int:
@@ -168,10 +169,11 @@ def main() -> int:
     upstream.train()
     ours.train()
     seconds = step_seconds({"upstream": upstream, "ours": ours}, timing, args.repeats)
-    t_up, t_ours = seconds["upstream"], seconds["ours"]
+    (wall_up, cpu_up), (wall_ours, cpu_ours) = seconds["upstream"], seconds["ours"]
     print(f"training step (forward + backward, train mode) on B={len(TIMING_LENGTHS)}, {max(TIMING_LENGTHS)} tokens "
-          f"({sum(TIMING_LENGTHS)} real), tiny config, {args.threads} CPU threads: upstream {t_up:.3f} s, "
-          f"ours {t_ours:.3f} s, ours/upstream = {t_ours / t_up:.2f}")
+          f"({sum(TIMING_LENGTHS)} real), tiny config, {args.threads} CPU threads, median of {args.repeats}:\n"
+          f"  wall: upstream {wall_up:.3f} s, ours {wall_ours:.3f} s, ours/upstream = {wall_ours / wall_up:.2f}\n"
+          f"  CPU:  upstream {cpu_up:.3f} s, ours {cpu_ours:.3f} s, ours/upstream = {cpu_ours / cpu_up:.2f}")
     return 0
 
 
