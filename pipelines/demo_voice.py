@@ -66,10 +66,11 @@ class VoiceDemoReport:
 
 
 def run_config(*, steps: int, load_test: str) -> dg.RunConfig:
-    """A few optimizer steps per model on the CPU (fp32, no loader workers); the CV gates tolerate
-    any finite loss (every demo run starts from random weights, so comparing with the previous
-    demo's is not a quality judgement); the repository takes the pipeline's acoustic models."""
-    train = dict(max_epoch=1, max_steps=steps, use_amp=False, num_workers=0, cv_tolerance=1e9,
+    """``steps`` optimizer steps per model on the CPU (fp32, no loader workers; as many epochs as
+    steps, so a small train list gets there too); the CV gates tolerate any finite loss (every demo
+    run starts from random weights, so comparing with the previous demo's is not a quality
+    judgement); the repository takes the pipeline's acoustic models."""
+    train = dict(max_epoch=steps, max_steps=steps, use_amp=False, num_workers=0, cv_tolerance=1e9,
                  extra_args=["--log_interval", "1"])
     ops = {"llm_checkpoint": LlmTrainConfig(**train), "flow_checkpoint": TrainConfig(**train),
            "hift_checkpoint": TrainConfig(**train)}

@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from cosyvoice.layout import DataLayout
+from tests.train.conftest import qwen_dir  # noqa: F401  (CosyVoice-BlankEN-equivalent tokenizer)
 from tests.triton.conftest import data_dir  # noqa: F401  (the manifest of the clean corpus)
 
 FRONT_ENDS = ("campplus.onnx", "speech_tokenizer_v2.onnx")
@@ -28,12 +29,16 @@ def sha256(path) -> str:
 
 @pytest.fixture
 def demo_env(training_list, data_dir, tiny_models, qwen_dir, tmp_path, monkeypatch):  # noqa: F811
-    """A data root with the training lists and the dev-clean manifest (what ``make demo`` leaves),
-    a models root with the front-end ONNX models only, an empty Dagster home."""
+    """A data root with the training lists (one shard of 4 utterances each: a couple of steps in
+    seconds) and the dev-clean manifest (what ``make demo`` leaves), a models root with the
+    front-end ONNX models only, an empty Dagster home."""
     layout = DataLayout(str(tmp_path / "data"))
     os.makedirs(layout.root)
-    shutil.copy(training_list, layout.train_list())
-    shutil.copy(training_list, layout.cv_list())
+    shards = open(training_list).read().split()
+    with open(layout.train_list(), "w") as f:
+        f.write(f"{shards[0]}\n")
+    with open(layout.cv_list(), "w") as f:
+        f.write(f"{shards[1]}\n")
     shutil.copytree(data_dir, layout.manifest_dir("dev-clean"))
     models = tmp_path / "models"
     models.mkdir()
