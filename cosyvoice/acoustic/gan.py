@@ -26,7 +26,7 @@ discriminator those gradients do not exist, so the clipped norm is the generator
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,17 +214,20 @@ class HiFiGan(nn.Module):
         raise ValueError(f"batch['turn'] must be one of {TURNS}; got {turn!r}")
 
     def generator_turn(self, batch: Mapping[str, Any], device: torch.device | str | int,
-                       rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                       rng: torch.Generator | None = None, *,
+                       generator: Callable | None = None) -> dict[str, torch.Tensor]:
         """Generator losses (backward ``loss`` and step the generator's optimizer).
 
         ``rng``: source of the vocoder's random draws (torch's global generator when ``None``, as
-        upstream). Returns loss (total), loss_gen, loss_fm, loss_mel, loss_tpr, loss_f0.
+        upstream). ``generator``: what to call for the vocoder's forward (the trainer passes its
+        DDP/DeepSpeed wrapper of ``self.generator``). Returns loss (total), loss_gen, loss_fm,
+        loss_mel, loss_tpr, loss_f0.
         """
         cfg = self.config
         mel, speech, pitch = self._inputs(batch, device)
         disc = self.discriminator
         with parametrize.cached():  # each weight-normed weight computed once per turn
-            generated, f0 = self.generator(mel, rng)
+            generated, f0 = (generator or self.generator)(mel, rng)
             if any(p.requires_grad for p in disc.parameters()):
                 y_d_rs, fmap_rs = disc.score(speech)
             else:  # frozen: the real audio's scores are constants
@@ -247,13 +250,16 @@ class HiFiGan(nn.Module):
                 "loss_f0": loss_f0}
 
     def discriminator_turn(self, batch: Mapping[str, Any], device: torch.device | str | int,
-                           rng: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Discriminator losses on real vs freshly generated (no-autograd) audio: loss, loss_disc, loss_tpr."""
+                           rng: torch.Generator | None = None, *,
+                           discriminator: Callable | None = None) -> dict[str, torch.Tensor]:
+        """Discriminator losses on real vs freshly generated (no-autograd) audio: loss, loss_disc, loss_tpr.
+
+        ``discriminator``: what to call for the discriminator's forward (the trainer's wrapper)."""
         cfg = self.config
         mel, speech, _ = self._inputs(batch, device)
         with torch.no_grad():
             generated, _ = self.generator(mel, rng)
-        y_d_rs, y_d_gs, _, _ = self.discriminator(speech, generated.detach())
+        y_d_rs, y_d_gs, _, _ = (discriminator or self.discriminator)(speech, generated.detach())
         loss_disc = discriminator_loss(y_d_rs, y_d_gs)
         if cfg.tpr_loss_weight != 0:
             loss_tpr = tpr_loss(y_d_rs, y_d_gs, cfg.tpr_loss_tau)

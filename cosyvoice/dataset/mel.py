@@ -56,13 +56,22 @@ def mel_filterbank(config: MelConfig) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
+@lru_cache(maxsize=16)
+def _on_device(config: MelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(filterbank, Hann window) on ``device``: built and copied once, not on every call (the GAN's
+    mel loss runs every step, on the GPU). Made outside inference mode, so autograd can save them
+    even when the first call came from an inference-mode caller."""
+    with torch.inference_mode(False):
+        return mel_filterbank(config).to(device), torch.hann_window(config.win, device=device)
+
+
 def mel_spectrogram(speech: torch.Tensor, config: MelConfig = MelConfig()) -> torch.Tensor:
-    """``(1, N)`` float32 audio -> ``(1, n_mels, frames)`` log-mel."""
+    """``(B, N)`` float32 audio -> ``(B, n_mels, frames)`` log-mel."""
+    filterbank, window = _on_device(config, speech.device)
     pad = (config.n_fft - config.hop) // 2
     padded = torch.nn.functional.pad(speech.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
     spec = torch.stft(padded, config.n_fft, hop_length=config.hop, win_length=config.win,
-                      window=torch.hann_window(config.win, device=speech.device), center=False,
-                      normalized=False, onesided=True, return_complex=True)
+                      window=window, center=False, normalized=False, onesided=True, return_complex=True)
     magnitude = torch.sqrt(torch.view_as_real(spec).pow(2).sum(-1) + 1e-9)
-    mel = torch.matmul(mel_filterbank(config).to(speech.device), magnitude)
+    mel = torch.matmul(filterbank, magnitude)
     return torch.log(torch.clamp(mel, min=1e-5))

