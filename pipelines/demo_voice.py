@@ -59,6 +59,7 @@ class VoiceDemoReport:
 
     repo: str
     version: int
+    load_test: str
     served: str
     acoustic_files: dict
     prompt: tuple[str, str]
@@ -143,7 +144,7 @@ def run(instance: dg.DagsterInstance, resources: dict, out_dir: str, *, steps: i
     repo = layout.triton_root("cosyvoice2")
     served, prompt = os.path.join(out_dir, "served"), prompt_utterance(layout.manifest_dir(subset))
     version, report = speak(repo, served, os.path.join(out_dir, "voice.wav"), prompt, sentence=sentence)
-    return VoiceDemoReport(repo, version, served, meta["acoustic_files"], prompt, report)
+    return VoiceDemoReport(repo, version, meta["load_test"], served, meta["acoustic_files"], prompt, report)
 
 
 def main(argv: list[str] | None = None) -> VoiceDemoReport:
@@ -162,9 +163,9 @@ def main(argv: list[str] | None = None) -> VoiceDemoReport:
         report = run(instance, demo_resources(args.recipe), args.out, steps=args.steps,
                      load_test=args.load_test or default_load_test(), sentence=args.sentence)
     served = {key: os.path.join(report.served, folder) for key, folder in BUNDLE_DIRS.items()}
-    print(f"published {report.repo}/{report.version} (CPU channel); acoustic files: "
+    print(f"published {report.repo}/{report.version} (CPU channel, server load test {report.load_test}); acoustic files: "
           + ", ".join(f"{n} from {f['source']} ({f['sha256'][:12]})" for n, f in report.acoustic_files.items()))
-    command = ["cosyvoice-pipeline", "synthesize", "--model_dir", served["model_dir"], "--llm_dir", served["hf_dir"],
+    command = [os.path.join(os.path.dirname(sys.executable), "cosyvoice-pipeline"), "synthesize", "--model_dir", served["model_dir"], "--llm_dir", served["hf_dir"],
                "--text", args.sentence, "--prompt_wav", report.prompt[0], "--prompt_text", report.prompt[1],
                "--max_new_tokens", str(MAX_NEW_TOKENS), "--out", report.synthesis.out]
     print(f"spoke {report.synthesis.audio_seconds:.2f} s -> {report.synthesis.out}; the same with the CLI:\n  "
