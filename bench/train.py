@@ -1,4 +1,7 @@
-"""LLM training throughput: our step vs the upstream recipe's step, same model, same data, same run.
+"""Training throughput: our step vs the upstream recipe's step, same model, same data, same run.
+
+``--model llm`` (default, below); ``--model flow|hifigan``: bench/train_acoustic.py, against
+upstream's own modules from ``--upstream_src`` (a CosyVoice checkout).
 
 Model: the CosyVoice2 LLM (Qwen2-0.5B body, random init; ``--size tiny`` for a CPU run). Data:
 synthetic utterances with LibriTTS-like lengths (text 8-60 Qwen tokens, 3.5-6 speech tokens per
@@ -208,8 +211,29 @@ def main() -> None:
     p.add_argument("--utterances", type=int, default=3000)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--peak", type=float, default=989e12, help="peak FLOP/s for MFU (H100 SXM dense bf16)")
+    p.add_argument("--model", choices=["llm", "flow", "hifigan"], default="llm")
+    p.add_argument("--upstream_src", help="flow/hifigan: CosyVoice checkout whose own modules are the baseline")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="flow/hifigan: bf16 autocast on both sides (default: on with CUDA, as --use_amp)")
+    p.add_argument("--gan_batch", type=int, default=None, help="hifigan crops per step (default 38 on CUDA: "
+                   "the recipe's 2000 frames / 52; 4 on CPU)")
+    p.add_argument("--truncate_length", type=int, default=24960, help="hifigan crop in samples (24480 padded to 960s)")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.model != "llm":
+        from bench.train_acoustic import run_flow, run_hifigan
+
+        if args.amp is None:
+            args.amp = device.type == "cuda"
+        if args.gan_batch is None:
+            args.gan_batch = 38 if device.type == "cuda" else 4
+        if args.model == "flow" and args.utterances == 3000 and device.type != "cuda":
+            args.utterances = 300
+        rows = (run_flow if args.model == "flow" else run_hifigan)(args, device)
+        base = rows[0][1]
+        for name, fps in rows:
+            print(f"{name:65s} {fps:10.0f} frames/s  x{fps / base:5.2f}")
+        return
     random.seed(0)
     utts = utterances(args.utterances)
     recipe = prepare(frame_batches(utts), device)

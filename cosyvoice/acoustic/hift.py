@@ -338,7 +338,9 @@ class HiFTGenerator(nn.Module):
                 acc += self.resblocks[i * per_stage + j](x)
             x = acc / per_stage
 
-        x = self.conv_post(F.leaky_relu(x))
+        # the spectrum and iSTFT in float32 even under bf16 autocast (complex bf16 does not exist;
+        # upstream's --use_amp GAN run stops here); a no-op for float32 inference
+        x = self.conv_post(F.leaky_relu(x)).float()
         bins = cfg.n_fft // 2 + 1
         grad = torch.is_grad_enabled()  # in place only while autograd is off
         magnitude = torch.exp(x[:, :bins])
