@@ -90,6 +90,17 @@ class _Group(nn.Module):
         return real, fake, real_maps, fake_maps
 
 
+def _run_stack(convs: nn.ModuleList, post: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Leaky-ReLU convolutions then the scoring conv: (flattened score, every layer's output)."""
+    fmap = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LRELU_SLOPE)
+        fmap.append(x)
+    x = post(x)
+    fmap.append(x)
+    return torch.flatten(x, 1, -1), fmap
+
+
 class PeriodDiscriminator(nn.Module):
     """One period of the MPD (upstream's ``DiscriminatorP``): (B, 1, T) -> score (B, n), feature maps."""
 
@@ -110,14 +121,7 @@ class PeriodDiscriminator(nn.Module):
         if t % self.period:
             x = F.pad(x, (0, self.period - t % self.period), "reflect")
             t = x.shape[-1]
-        x = x.view(b, c, t // self.period, self.period)
-        fmap = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _run_stack(self.convs, self.conv_post, x.view(b, c, t // self.period, self.period))
 
 
 class MultiPeriodDiscriminator(_Group):
@@ -150,14 +154,7 @@ class SpecDiscriminator(nn.Module):
 
     def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         spec = torch.stft(y, self.fft_size, self.shift_size, self.win_length, self.window, return_complex=True)
-        x = spec.abs().transpose(2, 1).unsqueeze(1)
-        fmap = []
-        for conv in self.discriminators:
-            x = F.leaky_relu(conv(x), LRELU_SLOPE)
-            fmap.append(x)
-        x = self.out(x)
-        fmap.append(x)
-        return torch.flatten(x, 1, -1), fmap
+        return _run_stack(self.discriminators, self.out, spec.abs().transpose(2, 1).unsqueeze(1))
 
 
 class MultiResSpecDiscriminator(_Group):

@@ -332,10 +332,9 @@ def _section_class(node: yaml.Node) -> str:
     return tag.split(":", 1)[1] if tag.startswith("!new:") else tag
 
 
-def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
-    """(FlowConfig, HiFTConfig) of a CosyVoice2 recipe or model-dir yaml (a path/URL or the text itself)."""
+def _parse(yaml_url_or_text: str) -> tuple[str, str, yaml.MappingNode, dict[str, yaml.Node]]:
+    """(name for messages, text, root node, top-level nodes by key) of a recipe path/URL or its text."""
     from cosyvoice import storage
-    from cosyvoice.config import UnsafeConfigError, load_recipe
 
     is_text = "\n" in yaml_url_or_text
     source = "recipe text" if is_text else yaml_url_or_text
@@ -343,7 +342,27 @@ def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
     root = yaml.compose(io.StringIO(text), Loader=yaml.SafeLoader)
     if not isinstance(root, yaml.MappingNode):
         raise ValueError(f"{source}: a recipe must be a mapping at the top level")
-    nodes = {str(k.value): v for k, v in root.value}
+    return source, text, root, {str(k.value): v for k, v in root.value}
+
+
+def _load_sections(text: str, root: yaml.MappingNode, nodes: dict[str, yaml.Node], source: str,
+                   sections: tuple[str, ...]) -> dict:
+    """The recipe loaded safely with every top-level key but ``sections`` (and what they reference)
+    overridden with None; a record refusing its settings is reported against ``source``."""
+    from cosyvoice.config import UnsafeConfigError, load_recipe
+
+    kept = _kept_keys(root, sections)
+    try:
+        return load_recipe(text, {key: None for key in nodes if key not in kept})
+    except UnsafeConfigError:
+        raise
+    except ValueError as exc:  # a record refusing its settings
+        raise ValueError(f"{source}: {exc}") from exc
+
+
+def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
+    """(FlowConfig, HiFTConfig) of a CosyVoice2 recipe or model-dir yaml (a path/URL or the text itself)."""
+    source, text, root, nodes = _parse(yaml_url_or_text)
     for section, wanted in (("flow", _FLOW_CLASS), ("hift", _HIFT_CLASS)):
         if section not in nodes:
             raise ValueError(f"{source}: no `{section}` section (a CosyVoice2 recipe or model-dir cosyvoice2.yaml has one)")
@@ -351,13 +370,7 @@ def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
         if found in _OTHER_GENERATIONS:
             raise ValueError(f"{source}: `{section}` is {found}, {_OTHER_GENERATIONS[found]}; cosyvoice.acoustic "
                              f"implements CosyVoice2's {wanted} only")
-    kept = _kept_keys(root)
-    try:
-        configs = load_recipe(text, {key: None for key in nodes if key not in kept})
-    except UnsafeConfigError:
-        raise
-    except ValueError as exc:  # a record refusing its settings
-        raise ValueError(f"{source}: {exc}") from exc
+    configs = _load_sections(text, root, nodes, source, ("flow", "hift"))
     return _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
 
 
@@ -442,28 +455,14 @@ def gan_config(yaml_url_or_text: str):
     loss exactly one ``mel_spectrogram`` transform without centring; anything else raises
     ``ValueError`` naming it.
     """
-    from cosyvoice import storage
     from cosyvoice.acoustic.gan import GanConfig
-    from cosyvoice.config import UnsafeConfigError, load_recipe
 
-    is_text = "\n" in yaml_url_or_text
-    source = "recipe text" if is_text else yaml_url_or_text
-    text = yaml_url_or_text if is_text else storage.read_text(yaml_url_or_text)
-    root = yaml.compose(io.StringIO(text), Loader=yaml.SafeLoader)
-    if not isinstance(root, yaml.MappingNode):
-        raise ValueError(f"{source}: a recipe must be a mapping at the top level")
-    nodes = {str(k.value): v for k, v in root.value}
+    source, text, root, nodes = _parse(yaml_url_or_text)
     if "hifigan" not in nodes:
         raise ValueError(f"{source}: no `hifigan` section (the GAN that trains the vocoder; see upstream's "
                          "examples/libritts/cosyvoice2/conf/cosyvoice2.yaml)")
     _check_gan_classes(nodes, source)
-    kept = _kept_keys(root, ("hifigan",))
-    try:
-        configs = load_recipe(text, {key: None for key in nodes if key not in kept})
-    except UnsafeConfigError:
-        raise
-    except ValueError as exc:  # a record refusing its settings
-        raise ValueError(f"{source}: {exc}") from exc
+    configs = _load_sections(text, root, nodes, source, ("hifigan",))
     gan = configs["hifigan"]
     if not isinstance(gan, HiFiGanRecord):
         raise ValueError(f"{source}: `hifigan` must be `!new:{_HIFIGAN_CLASS}`, got {gan!r}")
