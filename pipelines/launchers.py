@@ -141,7 +141,8 @@ class K8sLauncher(Launcher):
 
         from pipelines.multinode import MultiNodeLayout, WorkerNodes, run_resource_name
 
-        layout = MultiNodeLayout(run_resource_name(context.run.run_id), nodes, self.namespace or "default")
+        model = cli_args[cli_args.index("--model") + 1] if "--model" in cli_args else "llm"
+        layout = MultiNodeLayout(run_resource_name(context.run.run_id, model), nodes, self.namespace or "default")
         command = self.command(cli_args, gpus_per_node=gpus_per_node, nodes=nodes, rdzv_endpoint=layout.rdzv_endpoint)
         pod_spec = self.pod_spec(gpus_per_node)
         job = layout.worker_job(image=self.image, command=command, env=self.pod_env(), pod_spec=pod_spec)

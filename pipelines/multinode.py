@@ -22,9 +22,10 @@ NODE_LABEL = "cosyvoice.io/train-node"
 NODE0_HOSTNAME = "node-0"
 
 
-def run_resource_name(run_id: str, prefix: str = "cv-train") -> str:
-    """A DNS-1123 label unique to the run (Service, Job and label value)."""
-    return f"{prefix}-{re.sub(r'[^a-z0-9]', '', run_id.lower())[:12]}"
+def run_resource_name(run_id: str, model: str = "llm", prefix: str = "cv-train") -> str:
+    """A DNS-1123 label unique to the run and the trained model (Service, Job and label value): one
+    ``retrain`` run may train the LLM, the flow and the vocoder on several nodes at once."""
+    return f"{prefix}-{re.sub(r'[^a-z0-9]', '', model.lower())}-{re.sub(r'[^a-z0-9]', '', run_id.lower())[:12]}"
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,10 @@ def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_
                             run_config=dg.RunConfig(ops={"llm_checkpoint": TrainConfig(nodes=3, gpus_per_node=8)}),
                             raise_on_error=False)
     assert not result.success
-    name = f"cv-train-{result.run_id.replace('-', '')[:12]}"
+    name = f"cv-train-llm-{result.run_id.replace('-', '')[:12]}"  # one name per run and model
+    from pipelines.multinode import run_resource_name
+
+    assert len({run_resource_name(result.run_id, m) for m in ("llm", "flow", "hifigan")}) == 3
     assert launched["calls_before"] == [("create service", "cosyvoice", name), ("create job", "cosyvoice", name)]
     assert fake.calls[2:] == [("delete job", "cosyvoice", name), ("delete service", "cosyvoice", name)]
     assert launched["namespace"] == "cosyvoice"
