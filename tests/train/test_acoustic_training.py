@@ -174,3 +174,19 @@ def test_gan_deepspeed_gives_the_ddp_losses(training_list, qwen_dir, gan_recipe,
     assert os.path.isdir(tmp_path / "ds" / "epoch_0_step_2.generator")
     assert os.path.isdir(tmp_path / "ds" / "epoch_0_step_2.discriminator")
 
+
+
+def test_the_gan_fine_tunes_from_a_released_hift_file(gan_run, training_list, cv_list, qwen_dir, gan_recipe, tmp_path):
+    """A released-layout hift.pt (weight_g/weight_v, no discriminator) starts a run: the generator
+    from the file, weight norm trained as g and v, a fresh discriminator and optimizers."""
+    released = tmp_path / "hift.pt"
+    average_checkpoints(str(gan_run[0]), str(released), num=1)
+    out = tmp_path / "finetune"
+    report = train(options(training_list, qwen_dir, out, model="hifigan", config=gan_recipe, max_steps=1,
+                           cv_data=cv_list, checkpoint=str(released)))
+    assert report.steps == 1 and not os.path.exists(out / "init.pt")
+    before, _, _ = load_model_weights(str(released))
+    after, _, _ = load_model_weights(report.final_checkpoint)
+    assert set(after) == set(before)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.endswith(".weight_g") for k in moved) and any(k.endswith(".weight_v") for k in moved)
