@@ -71,10 +71,6 @@ class TrainReport:
     data_stats: list[dict] = field(default_factory=list)  # per epoch: data-pipeline counters by name
     unit: str = "tokens"  # tokens (LLM) | frames (mel frames: flow, hifigan)
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.throughput
-
 
 # -- set-up ---------------------------------------------------------------------------------------
 def _distributed(opts: TrainOptions) -> tuple[int, int, int, torch.device]:
