@@ -141,15 +141,10 @@ def prepare(groups, device):
 
 
 def run_upstream(args, device, batches):
-    import torch.distributed as dist
+    from bench.train_acoustic import upstream_ddp
 
     model = build(args.size, device)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
-                                                    device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = upstream_ddp(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
 

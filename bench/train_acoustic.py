@@ -52,7 +52,7 @@ def round_robin(steps: dict, batches: list[dict], device: torch.device, warmup: 
     return {name: frames / s for name, s in seconds.items()}
 
 
-def _ddp(module: torch.nn.Module, device: torch.device):
+def upstream_ddp(module: torch.nn.Module, device: torch.device):
     """Upstream's wrapper: DDP with ``find_unused_parameters=True`` (a one-process group)."""
     import torch.distributed as dist
 
@@ -118,7 +118,7 @@ def run_flow(args, device: torch.device) -> list[tuple[str, float]]:
         import_upstream(args.upstream_src)
         upstream = build_flow(config.to_dict()).to(device).train()
         upstream.load_state_dict(initial, strict=True)
-        ddp = _ddp(upstream, device)
+        ddp = upstream_ddp(upstream, device)
         opt_up = _adam(upstream.parameters(), device, 1e-5, fused=False)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
 
@@ -200,7 +200,7 @@ def run_hifigan(args, device: torch.device) -> list[tuple[str, float]]:
         import_upstream(args.upstream_src)
         upstream = _upstream_hifigan(config, device).train()
         upstream.load_state_dict(initial, strict=True)
-        ddp = _ddp(upstream, device)
+        ddp = upstream_ddp(upstream, device)
         up_g = _adam(upstream.generator.parameters(), device, 2e-4, fused=False)
         up_d = _adam(upstream.discriminator.parameters(), device, 2e-4, fused=False)
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp and device.type == "cuda")
