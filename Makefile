@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA := $(CURDIR)/data
 export DAGSTER_HOME ?= $(DATA)/dagster_home
-SYSTEM_PACKAGES := espeak-ng sox chromium
+SYSTEM_PACKAGES := espeak-ng sox chromium prometheus redis-server
 DEMO_CORPUS_ARGS := --subsets dev-clean,train-clean-100 --speakers 4 --utts-per-speaker 8 --seed 0 --with-broken
 
 .PHONY: demo demo-voice test ui venv sysdeps postgres triton-server lint bench clean
