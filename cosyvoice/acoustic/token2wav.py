@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.flow import FlowConfig, FlowModel, FlowStream, load_flow, token_tensor
@@ -57,6 +58,9 @@ class _Stream:
     source: torch.Tensor | None = None  # last SOURCE_CACHE_SAMPLES of the excitation
     speech: torch.Tensor | None = None  # held-back last SOURCE_CACHE_SAMPLES of the waveform
     next_offset: int = 0  # where the next chunk must start
+    speed: float = 1.0  # the stream's speed, fixed by its first chunk
+    mel_in: int = 0  # new mel frames the flow produced so far (before the speed change)
+    mel_out: int = 0  # frames handed on after the speed change
 
 
 def stream_hops(n_tokens: int, prompt_tokens: int = 0, lookahead: int = 3, hop: int = TOKEN_HOP,
@@ -76,6 +80,17 @@ def stream_hops(n_tokens: int, prompt_tokens: int = 0, lookahead: int = 3, hop: 
         hop = min(max_hop, hop * 2)
         this_hop = hop
     return ends
+
+
+#: the speed range accepted (OpenAI's speech endpoint allows 0.25-4.0)
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+
+
+def check_speed(speed) -> float:
+    speed = float(speed)
+    if not MIN_SPEED <= speed <= MAX_SPEED:  # also refuses nan
+        raise ValueError(f"speed must be within {MIN_SPEED}-{MAX_SPEED}, got {speed}")
+    return speed
 
 
 def fade_in_out(new: torch.Tensor, previous: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -173,12 +188,16 @@ class Token2Wav:
 
     def synthesize(self, tokens, prompt_tokens=None, prompt_feat=None, embedding=None, *, token_offset=None,
                    finalize: bool = True, request_id: str = "", return_mel: bool = False,
-                   generator: torch.Generator | None = None):
+                   generator: torch.Generator | None = None, speed: float = 1.0):
         """Float32 samples of ``tokens`` (from ``token_offset`` on when streaming); see the module doc.
 
         ``return_mel`` also returns the mel this call hands to the vocoder (1, 80, frames);
         ``generator`` is the vocoder's noise source (torch's global generator when None).
+        ``speed`` stretches the mel in time before the vocoder (pitch kept): offline exactly as
+        upstream's ``token2wav(speed=...)``; upstream refuses it when streaming, here each chunk's
+        new frames are stretched so that the stream's total length follows the offline one.
         """
+        speed = check_speed(speed)
         tokens, prompt, feat, emb = self._inputs(tokens, prompt_tokens, prompt_feat, embedding)
         if generator is None and self.seed is not None:
             generator = torch.Generator(self.device).manual_seed(self.seed)
@@ -187,13 +206,18 @@ class Token2Wav:
                 raise ValueError("an offline call (token_offset None) is always final")
             with torch.inference_mode():
                 mel = self.flow.inference(tokens, prompt, feat, emb, finalize=True, chunked=False)
+                if speed != 1.0:
+                    mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
                 wav, _ = self.hift.inference(mel, generator=generator)
             return self._out(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
         with self._lock:
-            stream = self._streams.setdefault(request_id, _Stream(cached=self.stream_cache))
+            stream = self._streams.setdefault(request_id, _Stream(cached=self.stream_cache, speed=speed))
         try:
+            if speed != stream.speed:
+                raise ValueError(f"request {request_id!r}: speed {speed} differs from the stream's {stream.speed} "
+                                 "(a stream keeps the speed of its first chunk)")
             held = 0 if finalize else self.flow.config.lookahead
             if not 0 <= int(token_offset) <= tokens.shape[1] - held:
                 raise ValueError(f"token_offset {token_offset} outside the {tokens.shape[1] - held} tokens this "
@@ -231,7 +255,7 @@ class Token2Wav:
                         "from now on", flow_stream.nbytes() / 1e9, self.max_stream_cache_bytes / 1e9)
             stream.flow.reset()
             stream.cached = False
-        mel = mel[:, :, offset * self.flow.config.token_mel_ratio:]
+        mel = self._stretch(stream, mel[:, :, offset * self.flow.config.token_mel_ratio:])
         cache_source = None
         if stream.mel is not None:
             mel = torch.cat([stream.mel, mel], dim=2)
@@ -247,6 +271,19 @@ class Token2Wav:
         return wav, mel
 
     @staticmethod
+    def _stretch(stream: _Stream, mel: torch.Tensor) -> torch.Tensor:
+        """A chunk's new frames at the stream's speed; the rounding is cumulative, so the stream ends
+        with int(frames / speed) frames like an offline call."""
+        if stream.speed == 1.0:
+            return mel
+        stream.mel_in += mel.shape[2]
+        size = int(stream.mel_in / stream.speed) - stream.mel_out
+        stream.mel_out += size
+        if size <= 0:
+            return mel[:, :, :0]
+        return F.interpolate(mel, size=size, mode="linear")
+
+    @staticmethod
     def _out(wav: torch.Tensor, mel: torch.Tensor, return_mel: bool):
         samples = wav.reshape(-1).float().cpu().numpy()
         return (samples, mel.float().cpu()) if return_mel else samples
@@ -254,7 +291,8 @@ class Token2Wav:
     # -- conveniences -----------------------------------------------------------------------------
 
     def stream(self, tokens, prompt_tokens=None, prompt_feat=None, embedding=None, *, request_id: str = "stream",
-               ends: Sequence[int] | None = None, generator: torch.Generator | None = None) -> Iterator[np.ndarray]:
+               ends: Sequence[int] | None = None, generator: torch.Generator | None = None,
+               speed: float = 1.0) -> Iterator[np.ndarray]:
         """Chunks of ``tokens`` as upstream's streaming ``tts`` cuts them (or at ``ends``), then the rest."""
         tokens = np.asarray(tokens).reshape(-1)
         n_prompt = 0 if prompt_tokens is None else len(np.asarray(prompt_tokens).reshape(-1))
@@ -265,9 +303,9 @@ class Token2Wav:
             for end in ends:
                 yield self.synthesize(tokens[:end + lookahead], prompt_tokens, prompt_feat, embedding,
                                       token_offset=offset, finalize=False, request_id=request_id,
-                                      generator=generator)
+                                      generator=generator, speed=speed)
                 offset = end
             yield self.synthesize(tokens, prompt_tokens, prompt_feat, embedding, token_offset=offset, finalize=True,
-                                  request_id=request_id, generator=generator)
+                                  request_id=request_id, generator=generator, speed=speed)
         finally:
             self.release(request_id)

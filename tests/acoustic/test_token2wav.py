@@ -141,3 +141,28 @@ def test_stream_chunks_must_be_contiguous(runtime, inputs):
     with pytest.raises(ValueError, match="chunk at token_offset 20, but the stream continues at 15"):
         runtime.synthesize(tokens[:43], token_offset=20, finalize=False, request_id="gap")
     assert runtime.live_streams == 0
+
+
+def test_speed_stretches_the_mel_offline_as_upstream_and_streams_to_the_same_length(runtime, inputs):
+    """Offline: the vocoder gets int(frames / speed) frames interpolated linearly (upstream's formula);
+    streamed: each chunk's new frames are stretched with cumulative rounding, so the stream ends with
+    as many samples as the offline call; the stream keeps its first chunk's speed; out of range refused."""
+    import torch.nn.functional as F
+
+    tokens, prompt, feat, emb = inputs
+    plain_wav, plain_mel = runtime.synthesize(tokens, prompt, feat, emb, return_mel=True)
+    fast_wav, fast_mel = runtime.synthesize(tokens, prompt, feat, emb, speed=1.5, return_mel=True)
+    frames = plain_mel.shape[2]
+    assert fast_mel.shape[2] == int(frames / 1.5) == 80
+    torch.testing.assert_close(fast_mel, F.interpolate(plain_mel, size=80, mode="linear"))
+    assert fast_wav.shape == (80 * 480,) and np.isfinite(fast_wav).all()
+    slow = list(runtime.stream(tokens, prompt, feat, emb, request_id="slow", ends=[15, 40], speed=0.75))
+    assert sum(len(c) for c in slow) == int(frames / 0.75) * 480 == len(runtime.synthesize(tokens, speed=0.75))
+    assert runtime.live_streams == 0
+    runtime.synthesize(tokens[:18], prompt, feat, emb, token_offset=0, finalize=False, request_id="mixed", speed=2.0)
+    with pytest.raises(ValueError, match="keeps the speed of its first chunk"):
+        runtime.synthesize(tokens, prompt, feat, emb, token_offset=15, finalize=True, request_id="mixed")
+    assert runtime.live_streams == 0
+    for bad in (0.0, 5.0, float("nan")):
+        with pytest.raises(ValueError, match="speed must be within 0.25-4.0"):
+            runtime.synthesize(tokens, speed=bad)

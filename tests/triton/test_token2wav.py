@@ -290,3 +290,10 @@ def test_the_real_runtime_behind_the_adapter_gives_the_librarys_audio(make_model
     assert [len(c) for c in chunks] == [len(c) for c in expected] == [960 * 15 - 3840, 960 * 25 + 3840]
     for got, want in zip(chunks, expected):
         np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), want)
+    # speed: passed to the runtime only when it is not 1 (offline here; streaming is the library's test)
+    fast = model.execute([_Request("fast", target_speech_tokens=_ids(tokens), speed=np.array([1.5], np.float32),
+                                   **prompt_inputs)])[0]
+    np.testing.assert_array_equal(fast.output_tensors[0].as_numpy().reshape(-1),
+                                  library.synthesize(tokens, *args, speed=1.5))
+    bad = model.execute([_Request("bad", target_speech_tokens=_ids(tokens), speed=np.array([9.0], np.float32))])[0]
+    assert "speed must be within 0.25-4.0" in _result(bad)

@@ -6,7 +6,8 @@ This adapter owns the Triton protocol (optional prompt inputs, the 151663 id off
 factory named by the ``token2wav_runtime`` parameter ("module:attribute" or
 "/path/file.py:attribute"; by default ``cosyvoice.acoustic.token2wav:Token2Wav``), called as
 ``factory(model_dir, **options)``; the runtime has ``synthesize(tokens, prompt_tokens, prompt_feat,
-embedding, *, token_offset, finalize, request_id) -> float32 samples`` and ``release(request_id)``.
+embedding, *, token_offset, finalize, request_id[, speed]) -> float32 samples`` and
+``release(request_id)`` (``speed`` is passed only when a request sets it to another value than 1).
 ``options`` are the runtime parameters the config sets (``device``, ``stream_cache``,
 ``chunk_causal_final``, ``estimator_dtype``, ``seed``, ``max_stream_cache_bytes``, ``compile``; see
 ``runtime.token2wav_options``), only those that are set; on a ``KIND_GPU`` instance without a
@@ -127,13 +128,16 @@ class TritonPythonModel:
         if streaming and not request_id:
             raise ValueError("streaming token2wav needs a request id (it keys the vocoder cache)")
         done = (not streaming) or bool(_scalar(finalize, "finalize"))
-        return tokens, prompt_tokens, feat, embedding, (offset if streaming else None), done, request_id
+        speed = _optional(request, "speed")  # passed on only when it changes something (custom runtimes may lack it)
+        speed = 1.0 if speed is None else float(_scalar(speed, "speed"))
+        options = {} if speed == 1.0 else {"speed": speed}
+        return tokens, prompt_tokens, feat, embedding, (offset if streaming else None), done, request_id, options
 
     def _serve(self, request):
-        tokens, prompt_tokens, feat, embedding, offset, done, request_id = self._request(request)
+        tokens, prompt_tokens, feat, embedding, offset, done, request_id, options = self._request(request)
         if offset is None:  # offline: no stream state survives the call
             wav = self.runtime.synthesize(tokens, prompt_tokens, feat, embedding, token_offset=None, finalize=True,
-                                          request_id=request_id)
+                                          request_id=request_id, **options)
             if request_id and request_id not in self.streams:
                 self.runtime.release(request_id)
             return wav
@@ -144,7 +148,7 @@ class TritonPythonModel:
                 outcome = "cancelled"
                 raise RuntimeError(f"request {request_id!r} was cancelled; its stream is released")
             wav = self.runtime.synthesize(tokens, prompt_tokens, feat, embedding, token_offset=offset, finalize=done,
-                                          request_id=request_id)
+                                          request_id=request_id, **options)
             outcome = "finalize" if done else None
             if not done and _cancelled(request):
                 outcome = "cancelled"
