@@ -25,10 +25,10 @@ def chunk(n: int, value: float) -> np.ndarray:
 
 class FakePool:
     """The ``backend.TritonPool`` interface. Every ``stream`` yields ``chunks`` (waiting ``delay`` s
-    before each); ``fail_at``: raise ``error`` instead of that chunk. ``infer`` answers the
+    before each, or ``delay[i]`` before chunk i, the last value for the rest); ``fail_at``: raise ``error`` instead of that chunk. ``infer`` answers the
     audio_tokenizer (25 tokens/s, LLM ids) and speaker_embedding models like Triton would."""
 
-    def __init__(self, chunks=None, *, sample_rate: int | None = SAMPLE_RATE, delay: float = 0.0,
+    def __init__(self, chunks=None, *, sample_rate: int | None = SAMPLE_RATE, delay: float | list[float] = 0.0,
                  fail_at: int | None = None, error: Exception | None = None, ready: bool = True, inputs=None):
         self.chunks = [chunk(4800, 0.25), chunk(2400, -0.5), chunk(1200, 2.0)] if chunks is None else chunks
         self.sample_rate = sample_rate
@@ -66,8 +66,9 @@ class FakePool:
         self.sent.append((inputs, request_id))
         try:
             for index, piece in enumerate(self.chunks):
-                if self.delay:
-                    await asyncio.sleep(self.delay)
+                wait = self.delay[min(index, len(self.delay) - 1)] if isinstance(self.delay, list) else self.delay
+                if wait:
+                    await asyncio.sleep(wait)
                 if index == self.fail_at:
                     raise self.error
                 yield piece
