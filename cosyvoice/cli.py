@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training(sub)
     __import__("cosyvoice.export.cli", fromlist=["add_subcommands"]).add_subcommands(sub)
     __import__("cosyvoice.triton.cli", fromlist=["add_subcommands"]).add_subcommands(sub)
+    __import__("cosyvoice.serve.cli", fromlist=["add_subcommands"]).add_subcommands(sub)
     __import__("cosyvoice.acoustic.cli", fromlist=["add_subcommands"]).add_subcommands(sub)
     return parser
 

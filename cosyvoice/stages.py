@@ -165,6 +165,10 @@ TOOLS: dict[str, Tool] = {t.command: t for t in (
          "build (once) the CPU tritonserver environment used by tests"),
     Tool("synthesize", "cosyvoice.acoustic.synthesis:synthesize",
          "speech tokens (or text, through the HF export of the LLM) -> 24 kHz WAV with the model dir's flow + HiFT"),
+    Tool("gateway", "cosyvoice.serve.app:run_gateway",
+         "the HTTP gateway over Triton: upstream's FastAPI endpoints, OpenAI /v1/audio/speech, speakers, metrics, web page"),
+    Tool("gateway-grpc", "cosyvoice.serve.grpc_server:serve",
+         "the gRPC gateway over Triton: upstream's cosyvoice.proto, streamed chunks, gRPC health"),
 )}
 
 

@@ -590,4 +590,28 @@ def _add_operational_routes(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
 
-__all__ = ["create_app", "decode_prompt_audio", "read_prompt", "wav_header", "AudioStreamingResponse"]
+def run_gateway(*, host: str = "127.0.0.1", port: int = 8080, workers: int = 1, log_level: str = "info",
+                **overrides) -> None:
+    """Blocking: the gateway under uvicorn (``--factory``, ``workers`` processes) until SIGINT/SIGTERM.
+
+    ``overrides`` (settings fields; None = not given) win over ``COSYVOICE_GATEWAY_*``; they are checked
+    here, then handed to the workers through their environment. With several workers the Prometheus
+    client runs in multiprocess mode (a fresh ``PROMETHEUS_MULTIPROC_DIR`` unless one is set), so that
+    ``/metrics`` adds up every worker instead of showing whichever answered the scrape."""
+    import tempfile
+
+    import uvicorn
+
+    settings = GatewaySettings.from_env(**overrides)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    os.environ.update(settings.to_env())
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-metrics-"))
+        log.info("gateway on %s:%d (%d worker(s)) over Triton %s", host, port, workers, ", ".join(settings.triton))
+        uvicorn.run("cosyvoice.serve.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, timeout_graceful_shutdown=10)
+
+
+__all__ = ["create_app", "run_gateway", "decode_prompt_audio", "read_prompt", "wav_header", "AudioStreamingResponse"]
