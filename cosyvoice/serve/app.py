@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import importlib
 import io
 import json
 import logging
@@ -368,6 +369,8 @@ def create_app(settings: GatewaySettings | None = None, *, pool=None, registry=N
     async def lifespan(app: FastAPI):
         await pool.start()
         await synthesizer.start()
+        # the prompt decoder's resampler (torch, whisper) takes seconds to import: not on the first upload
+        await asyncio.to_thread(importlib.import_module, "cosyvoice.features.frontend")
         try:
             yield
         finally:
