@@ -209,7 +209,7 @@ def test_rate_limit_per_client():
         form = {"tts_text": "Hi.", "spk_id": "alice"}
         assert [client.post("/inference_sft", data=form).status_code for _ in range(2)] == [200, 200]
         refused = client.post("/inference_sft", data=form)
-        assert refused.status_code == 429 and int(refused.headers["retry-after"]) == 30
+        assert refused.status_code == 429 and 25 <= int(refused.headers["retry-after"]) <= 30
         assert client.get("/healthz").status_code == 200
     other = TestClient(app, client=("10.1.1.1", 1234))
     with other:
