@@ -172,7 +172,7 @@ class TritonPool:
         self.stats_interval_s = stats_interval_s
         self._states = [_State(r, i) for i, r in enumerate(parsed)]
         self._next = 0  # round-robin position among equally loaded replicas
-        self._configs: dict[str, dict[str, str]] = {}
+        self._configs: dict[str, service_pb2.ModelConfig] = {}
         self._http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         for state in self._states:
@@ -420,17 +420,24 @@ class TritonPool:
         result = InferResult(response)
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def model_parameter(self, model: str, key: str) -> str | None:
-        """A ``parameters`` entry of a model's config (e.g. ``("token2wav", "sample_rate")``), None when
-        absent. Read once per model, then cached."""
+    async def _config(self, model: str):
+        """A model's config (Triton's ModelConfig message), read once per model, then cached."""
         if model not in self._configs:
             async def call(stub: service_pb2_grpc.GRPCInferenceServiceStub):
                 return await stub.ModelConfig(service_pb2.ModelConfigRequest(name=model),
                                               timeout=min(30.0, self.request_timeout_s))
 
-            response = await self._unary(model, call, begin=False)
-            self._configs[model] = {k: v.string_value for k, v in response.config.parameters.items()}
-        return self._configs[model].get(key)
+            self._configs[model] = (await self._unary(model, call, begin=False)).config
+        return self._configs[model]
+
+    async def model_parameter(self, model: str, key: str) -> str | None:
+        """A ``parameters`` entry of a model's config (e.g. ``("token2wav", "sample_rate")``), None when absent."""
+        parameters = (await self._config(model)).parameters
+        return parameters[key].string_value if key in parameters else None
+
+    async def model_inputs(self, model: str) -> list[str]:
+        """The input names a model's config declares (e.g. whether the BLS takes ``speed``)."""
+        return [tensor.name for tensor in (await self._config(model)).input]
 
     async def _unary(self, model: str, call, *, begin: bool = True):
         tried: set[_State] = set()

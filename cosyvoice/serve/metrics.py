@@ -25,8 +25,9 @@ REAL_TIME_FACTOR = Histogram("cosyvoice_gateway_real_time_factor", "Synthesis wa
                              ["endpoint"], buckets=RTF_BUCKETS, registry=REGISTRY)
 AUDIO_SECONDS = Counter("cosyvoice_gateway_audio_seconds_total", "Seconds of audio streamed to clients",
                         ["endpoint"], registry=REGISTRY)
+# gauges under `gateway --workers N` (prometheus multiprocess mode): live workers only, summed or maxed
 IN_FLIGHT = Gauge("cosyvoice_gateway_in_flight_requests", "Requests being synthesized now", ["endpoint"],
-                  registry=REGISTRY)
+                  registry=REGISTRY, multiprocess_mode="livesum")
 REJECTED = Counter("cosyvoice_gateway_rejected_total", "Requests refused before synthesis (4xx) by reason",
                    ["endpoint", "reason"], registry=REGISTRY)
 
@@ -41,9 +42,9 @@ BACKEND_RETRIES = Counter("cosyvoice_gateway_backend_retries_total",
                           "Requests retried on another replica (nothing had been sent to the client yet)",
                           ["model"], registry=REGISTRY)
 BACKEND_OUTSTANDING = Gauge("cosyvoice_gateway_backend_outstanding_requests", "Requests in flight per replica",
-                            ["replica"], registry=REGISTRY)
+                            ["replica"], registry=REGISTRY, multiprocess_mode="livesum")
 BACKEND_HEALTHY = Gauge("cosyvoice_gateway_backend_healthy", "1 when the replica is in rotation, else 0",
-                        ["replica"], registry=REGISTRY)
+                        ["replica"], registry=REGISTRY, multiprocess_mode="livemax")
 TRITON_QUEUE_SECONDS = Counter("cosyvoice_triton_queue_seconds_total",
                                "Cumulative queue time Triton reports per model (inference statistics)",
                                ["replica", "model"], registry=REGISTRY)

@@ -382,9 +382,11 @@ def test_infer_retries_an_unavailable_replica_and_model_parameter_is_cached(pair
             first = await cached.model_parameter("echo_unary", "sample_rate")
             cached._states[0].healthy = False  # no replica left: only the cache can answer
             second = await cached.model_parameter("echo_unary", "sample_rate")
-        return out, retried, rate, missing, caught.value, first, second
+            inputs = await cached.model_inputs("echo_unary")
+        return out, retried, rate, missing, caught.value, first, second, inputs
 
-    out, retried, rate, missing, error, first, second = run(main())
+    out, retried, rate, missing, error, first, second, inputs = run(main())
+    assert inputs == ["x"]
     assert out["y"].tolist() == [2, 4, 6] and out["y"].dtype == np.float32
     assert retried == 1
     assert rate == "24000" and missing is None
