@@ -7,7 +7,7 @@ worker builds its own pool, registry and synthesizer from ``COSYVOICE_GATEWAY_*`
 Differences from upstream's ``runtime/python/fastapi/server.py`` on purpose: audio streams chunk by
 chunk as the decoupled Triton BLS produces it (not per sentence); the sample rate is the model's
 (``X-Sample-Rate``, ``Content-Type: audio/L16; rate=...``), never an assumed 22050; GET takes query
-parameters (prompt audio only with POST multipart); bad input is a 4xx JSON ``{"detail": ...}`` before
+parameters, or the multipart body upstream's ``client.py`` sends with GET; bad input is a 4xx JSON ``{"detail": ...}`` before
 any audio; a failure after audio was sent aborts the response (an incomplete chunked body the client
 sees as an error, never a shorter "success"); a client that goes away cancels its Triton request.
 """
@@ -119,6 +119,37 @@ async def read_prompt(upload: UploadFile | None, max_bytes: int) -> np.ndarray |
     if not data:
         raise BadRequest(400, "prompt_wav is empty", reason="bad_audio")
     return await asyncio.to_thread(decode_prompt_audio, data)
+
+
+async def get_fields(request: Request, max_bytes: int) -> tuple[dict[str, str], np.ndarray | None]:
+    """A GET's fields: query parameters, or the multipart/urlencoded body that upstream's ``client.py``
+    sends with GET (its ``requests.request("GET", url, data=..., files=...)``), prompt audio included."""
+    fields = {k: v for k, v in request.query_params.items()}
+    wav = None
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        for key, value in form.items():
+            if isinstance(value, str):
+                fields.setdefault(key, value)
+            elif key == "prompt_wav":
+                wav = await read_prompt(value, max_bytes)
+    return fields, wav
+
+
+def _required(fields: dict[str, str], *names: str) -> list[str]:
+    missing = [name for name in names if not fields.get(name)]
+    if missing:
+        raise BadRequest(422, f"missing field(s): {', '.join(missing)} (query parameters or form fields)",
+                         reason="missing_field")
+    return [fields[name] for name in names]
+
+
+def _speed(fields: dict[str, str]) -> float:
+    try:
+        return float(fields.get("speed", 1.0))
+    except ValueError:
+        raise BadRequest(422, f"speed must be a number, got {fields['speed']!r}", reason="bad_speed") from None
 
 
 # --- encoders: float32 chunks -> bytes ---------------------------------------------------------------
@@ -426,7 +457,7 @@ def create_app(settings: GatewaySettings | None = None, *, pool=None, registry=N
 
 
 def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
-    """Upstream's five endpoints, POST (multipart/form fields) and GET (query parameters)."""
+    """Upstream's five endpoints, POST (multipart/form fields) and GET (query parameters or a form body)."""
     limit = settings.max_upload_bytes
     speed_help = "speaking speed 0.25-4.0 (only when the model repository supports it)"
     spk_help = "a registered speaker id instead of prompt_wav (GET /speakers)"
@@ -443,8 +474,11 @@ def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
         return await run(request, "/inference_sft", mode=Mode.sft, text=tts_text, speaker_id=spk_id, speed=speed)
 
     @app.get("/inference_sft", responses=responses, summary="a registered speaker")
-    async def sft_get(request: Request, tts_text: str, spk_id: str, speed: float = Query(1.0, description=speed_help)):
-        return await run(request, "/inference_sft", mode=Mode.sft, text=tts_text, speaker_id=spk_id, speed=speed)
+    async def sft_get(request: Request, tts_text: str | None = None, spk_id: str | None = None,
+                      speed: float = Query(1.0, description=speed_help)):
+        fields, _ = await get_fields(request, limit)
+        text, speaker = _required(fields, "tts_text", "spk_id")
+        return await run(request, "/inference_sft", mode=Mode.sft, text=text, speaker_id=speaker, speed=_speed(fields))
 
     @app.post("/inference_zero_shot", responses=responses, summary="prompt audio + its transcript")
     async def zero_shot_post(request: Request, tts_text: str = Form(), prompt_text: str = Form(""),
@@ -454,11 +488,16 @@ def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
         return await run(request, "/inference_zero_shot", mode=Mode.zero_shot, text=tts_text, prompt_text=prompt_text,
                          prompt_wav_16k=wav, speaker_id=spk_id, speed=speed)
 
-    @app.get("/inference_zero_shot", responses=responses, summary="a registered speaker's prompt (GET: no upload)")
-    async def zero_shot_get(request: Request, tts_text: str, spk_id: str = Query(description=spk_help),
+    @app.get("/inference_zero_shot", responses=responses,
+             summary="a registered speaker's prompt, or upstream client.py's GET with a multipart body")
+    async def zero_shot_get(request: Request, tts_text: str | None = None,
+                            spk_id: str | None = Query(None, description=spk_help),
                             speed: float = Query(1.0, description=speed_help)):
-        return await run(request, "/inference_zero_shot", mode=Mode.zero_shot, text=tts_text, speaker_id=spk_id,
-                         speed=speed)
+        fields, wav = await get_fields(request, limit)
+        (text,) = _required(fields, "tts_text")
+        return await run(request, "/inference_zero_shot", mode=Mode.zero_shot, text=text,
+                         prompt_text=fields.get("prompt_text", ""), prompt_wav_16k=wav, speaker_id=fields.get("spk_id"),
+                         speed=_speed(fields))
 
     @app.post("/inference_cross_lingual", responses=responses, summary="prompt audio, no transcript")
     async def cross_lingual_post(request: Request, tts_text: str = Form(), prompt_wav: Annotated[UploadFile | None, File()] = None,
@@ -468,11 +507,15 @@ def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
         return await run(request, "/inference_cross_lingual", mode=Mode.cross_lingual, text=tts_text,
                          prompt_wav_16k=wav, speaker_id=spk_id, speed=speed)
 
-    @app.get("/inference_cross_lingual", responses=responses, summary="a registered speaker's voice (GET: no upload)")
-    async def cross_lingual_get(request: Request, tts_text: str, spk_id: str = Query(description=spk_help),
+    @app.get("/inference_cross_lingual", responses=responses,
+             summary="a registered speaker's voice, or upstream client.py's GET with a multipart body")
+    async def cross_lingual_get(request: Request, tts_text: str | None = None,
+                                spk_id: str | None = Query(None, description=spk_help),
                                 speed: float = Query(1.0, description=speed_help)):
-        return await run(request, "/inference_cross_lingual", mode=Mode.cross_lingual, text=tts_text,
-                         speaker_id=spk_id, speed=speed)
+        fields, wav = await get_fields(request, limit)
+        (text,) = _required(fields, "tts_text")
+        return await run(request, "/inference_cross_lingual", mode=Mode.cross_lingual, text=text,
+                         prompt_wav_16k=wav, speaker_id=fields.get("spk_id"), speed=_speed(fields))
 
     @app.post("/inference_instruct", responses=responses, summary="CosyVoice1 models only (else 400)")
     async def instruct_post(request: Request, tts_text: str = Form(), spk_id: str = Form(), instruct_text: str = Form(),
@@ -481,10 +524,12 @@ def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
                          instruct_text=instruct_text, speed=speed)
 
     @app.get("/inference_instruct", responses=responses, summary="CosyVoice1 models only (else 400)")
-    async def instruct_get(request: Request, tts_text: str, spk_id: str, instruct_text: str,
-                           speed: float = Query(1.0, description=speed_help)):
-        return await run(request, "/inference_instruct", mode=Mode.instruct, text=tts_text, speaker_id=spk_id,
-                         instruct_text=instruct_text, speed=speed)
+    async def instruct_get(request: Request, tts_text: str | None = None, spk_id: str | None = None,
+                           instruct_text: str | None = None, speed: float = Query(1.0, description=speed_help)):
+        fields, _ = await get_fields(request, limit)
+        text, speaker, instruct = _required(fields, "tts_text", "spk_id", "instruct_text")
+        return await run(request, "/inference_instruct", mode=Mode.instruct, text=text, speaker_id=speaker,
+                         instruct_text=instruct, speed=_speed(fields))
 
     @app.post("/inference_instruct2", responses=responses, summary="an instruction + prompt audio")
     async def instruct2_post(request: Request, tts_text: str = Form(), instruct_text: str = Form(),
@@ -495,12 +540,15 @@ def _add_upstream_routes(app: FastAPI, settings: GatewaySettings) -> None:
         return await run(request, "/inference_instruct2", mode=Mode.instruct2, text=tts_text,
                          instruct_text=instruct_text, prompt_wav_16k=wav, speaker_id=spk_id, speed=speed)
 
-    @app.get("/inference_instruct2", responses=responses, summary="an instruction + a registered speaker's voice")
-    async def instruct2_get(request: Request, tts_text: str, instruct_text: str, spk_id: str = Query(description=spk_help),
+    @app.get("/inference_instruct2", responses=responses,
+             summary="an instruction + a registered speaker's voice, or upstream client.py's GET with a multipart body")
+    async def instruct2_get(request: Request, tts_text: str | None = None, instruct_text: str | None = None,
+                            spk_id: str | None = Query(None, description=spk_help),
                             speed: float = Query(1.0, description=speed_help)):
-        return await run(request, "/inference_instruct2", mode=Mode.instruct2, text=tts_text,
-                         instruct_text=instruct_text, speaker_id=spk_id, speed=speed)
-
+        fields, wav = await get_fields(request, limit)
+        text, instruct = _required(fields, "tts_text", "instruct_text")
+        return await run(request, "/inference_instruct2", mode=Mode.instruct2, text=text, instruct_text=instruct,
+                         prompt_wav_16k=wav, speaker_id=fields.get("spk_id"), speed=_speed(fields))
 
 def _add_openai_route(app: FastAPI) -> None:
     @app.post("/v1/audio/speech", summary="OpenAI-compatible speech (streamed)",

@@ -80,6 +80,20 @@ def test_zero_shot_post_decodes_the_upload_to_16k_mono(client_pool):
     assert pool.infers[-2:] and sorted(pool.infers[-2:]) == ["audio_tokenizer", "speaker_embedding"]
 
 
+def test_get_with_a_multipart_body_as_upstreams_client_sends_it(client_pool):
+    """Upstream's client.py sends GET with form fields and the prompt file in the body
+    (requests.request("GET", url, data=payload, files=files)): accepted like the POST."""
+    client, pool = client_pool
+    files = {"prompt_wav": ("prompt.wav", wav_bytes(2.0), "audio/wav")}
+    response = client.request("GET", "/inference_zero_shot", data={"tts_text": "Hello.", "prompt_text": "words"},
+                              files=files)
+    assert_pcm(response)
+    assert sent(pool, "reference_text") == "words" and pool.sent[-1][0]["prompt_speech_tokens"].shape == (1, 50)
+    assert_pcm(client.request("GET", "/inference_sft", data={"tts_text": "Hi.", "spk_id": "alice"}))
+    missing = client.request("GET", "/inference_instruct2", data={"tts_text": "Hi."}, files=files)
+    assert missing.status_code == 422 and "instruct_text" in missing.json()["detail"]
+
+
 def test_zero_shot_with_a_registered_speaker_instead_of_audio(client_pool):
     client, pool = client_pool
     assert_pcm(client.post("/inference_zero_shot", data={"tts_text": "Hi.", "spk_id": "alice"}))
