@@ -39,7 +39,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from cosyvoice.serve import metrics
-from cosyvoice.serve.service import BadRequest, Mode, SynthesisRequest, Synthesizer, first_and_rest, pcm16
+from cosyvoice.serve.service import (
+    BadRequest,
+    Mode,
+    SynthesisRequest,
+    Synthesizer,
+    build_synthesizer,
+    close_synthesizer,
+    first_and_rest,
+    pcm16,
+)
 from cosyvoice.serve.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -368,33 +377,13 @@ def _voice_id(voice: str | dict[str, str]) -> str:
 
 
 # --- the app -----------------------------------------------------------------------------------------
-def _text_frontend(settings: GatewaySettings):
-    from cosyvoice.serve.text import TextFrontend
-
-    tokenize = None
-    if settings.tokenizer_dir:
-        from transformers import AutoTokenizer
-
-        tokenize = AutoTokenizer.from_pretrained(settings.tokenizer_dir).encode
-    return TextFrontend(tokenize)
-
-
 def create_app(settings: GatewaySettings | None = None, *, pool=None, registry=None, frontend=None) -> FastAPI:
     """The gateway app. Without arguments (``uvicorn --factory``) everything comes from the environment;
     tests pass a ``pool`` (the ``backend.TritonPool`` interface), a ``registry`` and a text ``frontend``.
     The app's lifespan starts and closes the pool."""
     settings = settings or GatewaySettings.from_env()
-    if pool is None:
-        from cosyvoice.serve.backend import Replica, TritonPool
-
-        pool = TritonPool([Replica.parse(spec) for spec in settings.triton])
-    if registry is None:
-        from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
-
-        registry = SpeakerRegistry(settings.spk2info, pool=pool,
-                                   cache=PromptCache(settings.prompt_cache_size, redis_url=settings.redis_url))
-    frontend = frontend or _text_frontend(settings)
-    synthesizer = Synthesizer(pool, registry, frontend, settings)
+    synthesizer = build_synthesizer(settings, pool=pool, registry=registry, frontend=frontend)
+    pool, registry = synthesizer.pool, synthesizer.registry
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -405,11 +394,7 @@ def create_app(settings: GatewaySettings | None = None, *, pool=None, registry=N
         try:
             yield
         finally:
-            await pool.close()
-            close = getattr(getattr(registry, "cache", None), "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
+            await close_synthesizer(synthesizer)
 
     app = FastAPI(title="CosyVoice gateway", version="1", lifespan=lifespan,
                   description="Streaming CosyVoice2 synthesis over Triton: upstream's endpoints, an OpenAI-compatible "

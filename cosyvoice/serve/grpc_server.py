@@ -35,7 +35,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.serve import metrics
-from cosyvoice.serve.service import BadRequest, Mode, SynthesisRequest, Synthesizer, pcm16
+from cosyvoice.serve.service import (
+    BadRequest,
+    Mode,
+    SynthesisRequest,
+    Synthesizer,
+    build_synthesizer,
+    close_synthesizer,
+    pcm16,
+)
 from cosyvoice.serve.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -341,30 +349,18 @@ def create_server(synthesizer: Any, *, port: int, max_concurrent_rpcs: int = 16,
     return server, bound
 
 
-def synthesizer_from_settings(settings: GatewaySettings) -> Synthesizer:
-    """Pool, speaker registry + prompt cache, text frontend and Synthesizer, as ``app.create_app`` builds
-    them (both frontends of one deployment share the spk2info file and the Redis cache)."""
-    from cosyvoice.serve.backend import Replica, TritonPool
-    from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
-    from cosyvoice.serve.text import TextFrontend
-
-    pool = TritonPool([Replica.parse(spec) for spec in settings.triton])
-    registry = SpeakerRegistry(settings.spk2info, pool=pool,
-                               cache=PromptCache(settings.prompt_cache_size, redis_url=settings.redis_url))
-    tokenize = None
-    if settings.tokenizer_dir:
-        from transformers import AutoTokenizer
-
-        tokenize = AutoTokenizer.from_pretrained(settings.tokenizer_dir).encode
-    return Synthesizer(pool, registry, TextFrontend(tokenize), settings)
-
-
 async def serve_async(settings: GatewaySettings, *, port: int = 50000, max_concurrent_rpcs: int = 16,
                       host: str = "127.0.0.1", grace_s: float = 5.0, stop: asyncio.Event | None = None,
-                      synthesizer: Synthesizer | None = None) -> None:
+                      synthesizer: Synthesizer | None = None, metrics_port: int | None = None) -> None:
     """Run the gRPC frontend until ``stop`` is set (or SIGINT/SIGTERM): starts the Triton pool, serves,
-    then drains (health NOT_SERVING, ``grace_s`` for calls in progress) and closes the pool and cache."""
-    synthesizer = synthesizer or synthesizer_from_settings(settings)
+    then drains (health NOT_SERVING, ``grace_s`` for calls in progress) and closes the pool and cache.
+    ``metrics_port``: Prometheus metrics over HTTP (``/metrics``) on ``host:metrics_port``."""
+    synthesizer = synthesizer or build_synthesizer(settings)
+    exporter = None
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        exporter, _ = start_http_server(metrics_port, addr=host, registry=metrics.REGISTRY)
     stop = stop or asyncio.Event()
     await synthesizer.pool.start()
     try:
@@ -383,17 +379,17 @@ async def serve_async(settings: GatewaySettings, *, port: int = 50000, max_concu
             server.health.shutdown()
             await server.stop(grace_s)
     finally:
-        await synthesizer.pool.close()
-        close = getattr(getattr(synthesizer.registry, "cache", None), "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await close()
+        await close_synthesizer(synthesizer)
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
 
 
 def serve(settings: GatewaySettings, *, port: int = 50000, max_concurrent_rpcs: int = 16,
-          host: str = "127.0.0.1") -> None:
+          host: str = "127.0.0.1", metrics_port: int | None = None) -> None:
     """Blocking: the gRPC frontend on ``host:port`` until SIGINT/SIGTERM."""
-    asyncio.run(serve_async(settings, port=port, max_concurrent_rpcs=max_concurrent_rpcs, host=host))
+    asyncio.run(serve_async(settings, port=port, max_concurrent_rpcs=max_concurrent_rpcs, host=host,
+                            metrics_port=metrics_port))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -403,9 +399,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
     parser.add_argument("--port", type=int, default=50000)
     parser.add_argument("--max_conc", type=int, default=16, help="most calls in progress at once")
+    parser.add_argument("--metrics_port", type=int, default=None, help="Prometheus /metrics over HTTP on this port")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(GatewaySettings.from_env(), port=args.port, max_concurrent_rpcs=args.max_conc, host=args.host)
+    serve(GatewaySettings.from_env(), port=args.port, max_concurrent_rpcs=args.max_conc, host=args.host,
+          metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

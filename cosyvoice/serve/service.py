@@ -309,3 +309,38 @@ def pcm16(chunk: np.ndarray) -> bytes:
     """float32 [-1, 1] -> little-endian int16 bytes (clipped, scaled by 32767)."""
     return (np.clip(chunk, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
+
+def build_synthesizer(settings: GatewaySettings, *, pool=None, registry=None, frontend=None) -> Synthesizer:
+    """Pool, speaker registry + prompt cache, text frontend and Synthesizer from the settings; both
+    frontends (FastAPI, gRPC) of a deployment build theirs here, so they share the spk2info file and
+    the Redis cache. Tests pass their own ``pool``/``registry``/``frontend``."""
+    if pool is None:
+        from cosyvoice.serve.backend import Replica, TritonPool
+
+        pool = TritonPool([Replica.parse(spec) for spec in settings.triton])
+    if registry is None:
+        from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
+
+        registry = SpeakerRegistry(settings.spk2info, pool=pool,
+                                   cache=PromptCache(settings.prompt_cache_size, redis_url=settings.redis_url))
+    if frontend is None:
+        from cosyvoice.serve.text import TextFrontend
+
+        tokenize = None
+        if settings.tokenizer_dir:
+            from transformers import AutoTokenizer
+
+            tokenize = AutoTokenizer.from_pretrained(settings.tokenizer_dir).encode
+        frontend = TextFrontend(tokenize)
+    return Synthesizer(pool, registry, frontend, settings)
+
+
+async def close_synthesizer(synthesizer: Synthesizer) -> None:
+    """Close the pool and the prompt cache (its Redis connection), whatever happens."""
+    try:
+        await synthesizer.pool.close()
+    finally:
+        close = getattr(getattr(synthesizer.registry, "cache", None), "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()

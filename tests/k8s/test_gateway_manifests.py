@@ -63,7 +63,8 @@ def test_deployment_probes_ports_and_resources():
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     http, grpc = _containers()["gateway"], _containers()["gateway-grpc"]
     assert {p["name"]: p["containerPort"] for p in http["ports"]} == {"http": 8080}
-    assert {p["name"]: p["containerPort"] for p in grpc["ports"]} == {"grpc": 50000}
+    assert {p["name"]: p["containerPort"] for p in grpc["ports"]} == {"grpc": 50000, "grpc-metrics": 9091}
+    assert grpc["command"][grpc["command"].index("--metrics-port") + 1] == "9091"
     assert http["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert http["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert grpc["readinessProbe"]["grpc"] == {"port": 50000}  # the gRPC health protocol
@@ -111,11 +112,12 @@ def test_service_pdb_and_hpa_select_the_deployments_pods():
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]  # a drain can still evict one
     container_ports = {p["name"]: p["containerPort"] for c in _containers().values() for p in c["ports"]}
     ports = {p["name"]: p for p in service["spec"]["ports"]}
-    assert set(ports) == {"http", "grpc", "metrics"}
+    assert set(ports) == {"http", "grpc", "metrics", "grpc-metrics"}
     assert (ports["http"]["port"], ports["grpc"]["port"]) == (8080, 50000)
     for port in ports.values():
         assert port["targetPort"] in container_ports
     assert ports["metrics"]["targetPort"] == "http"  # /metrics is served by the FastAPI app
+    assert ports["grpc-metrics"]["targetPort"] == "grpc-metrics"  # the gRPC frontend's own /metrics
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment",
                                                                      deployment["metadata"]["name"])

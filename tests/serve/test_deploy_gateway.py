@@ -50,7 +50,10 @@ def _listening_ports(name: str) -> set[int]:
         return {9090}  # the image's default --web.listen-address
     if name == "grafana":
         return {3000}
-    return {int(_flag(command, "--port"))}
+    ports = {int(_flag(command, "--port"))}
+    if "--metrics-port" in command:
+        ports.add(int(_flag(command, "--metrics-port")))
+    return ports
 
 
 def test_the_stack_has_its_services_and_triton_is_unchanged():

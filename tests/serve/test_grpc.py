@@ -525,8 +525,13 @@ def test_bearer_token_guards_inference_but_not_health():
 
 
 def test_serve_builds_starts_drains_and_closes(unused_port):
-    """serve_async: starts the pool, serves health + Inference with the settings' token, stops on the
-    event and closes the pool."""
+    """serve_async: starts the pool, serves health + Inference with the settings' token and the metrics
+    port, stops on the event and closes the pool and the metrics port."""
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     pool = FakePool(ready=True)
     settings = GatewaySettings(api_token="s3cret")
     synth = Synthesizer(pool, registry=None, frontend=None, settings=settings)
@@ -534,20 +539,26 @@ def test_serve_builds_starts_drains_and_closes(unused_port):
     async def scenario():
         stop = asyncio.Event()
         task = asyncio.create_task(grpc_server.serve_async(settings, port=unused_port, stop=stop, grace_s=0.1,
-                                                           synthesizer=synth))
+                                                           synthesizer=synth, metrics_port=metrics_port))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_port}") as channel:
                 await asyncio.wait_for(channel.channel_ready(), TIMEOUT_S)
                 health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                                          timeout=TIMEOUT_S)
                 error = await call_error(cosyvoice_pb2_grpc.CosyVoiceStub(channel), sft())
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            exposed = (await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=TIMEOUT_S).read())).decode()
         finally:
             stop.set()
             await asyncio.wait_for(task, TIMEOUT_S)
-        return health.status, error.code()
+        return health.status, error.code(), exposed
 
-    assert run(scenario()) == (health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED)
+    status, code, exposed = run(scenario())
+    assert (status, code) == (health_pb2.HealthCheckResponse.SERVING, grpc.StatusCode.UNAUTHENTICATED)
+    assert 'cosyvoice_gateway_rejected_total{endpoint="grpc.Inference"' in exposed
     assert pool.started and pool.closed
+    with pytest.raises(OSError):  # the metrics port is closed with the server
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2)
 
 
 @pytest.fixture
