@@ -68,7 +68,7 @@ demo-voice: demo
 	@echo "  voice             $(DATA)/demo/voice.wav (pulled repository: $(DATA)/demo/served)"
 
 test: venv sysdeps postgres triton-server
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The pool limit (COSYVOICE_GPU_POOL_LIMIT, default 1) is applied on every start.
 ui: venv $(DAGSTER_HOME)/dagster.yaml
