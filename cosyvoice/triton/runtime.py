@@ -101,6 +101,110 @@ def prompt_ids(tokenizer, reference_text: str, target_text: str, prompt_tokens: 
     return np.concatenate([np.asarray(text_ids, dtype=np.int32), np.asarray(prompt_tokens, dtype=np.int32)])[None]
 
 
+#: what the cosyvoice2 BLS lets the LLM see (upstream frontend_zero_shot / _cross_lingual / _instruct2);
+#: token2wav always gets the whole prompt (the voice), whatever the mode
+MODES = ("zero_shot", "cross_lingual", "instruct2")
+DEFAULT_MODE = "zero_shot"
+#: ends the instruction of an instruct2 request (a CosyVoice2 text special token)
+END_OF_PROMPT = "<|endofprompt|>"
+#: a prompt computed before (the gateway's registry, spk2info.pt): sent instead of reference_wav, all three together
+CACHED_PROMPT_INPUTS = ("prompt_speech_tokens", "prompt_speech_feat", "prompt_spk_embedding")
+SPEAKER_EMBEDDING_DIM = 192
+MEL_BINS = 80
+
+
+def parse_mode(raw: str | bytes | None) -> str:
+    """The request's ``mode`` input (absent or empty: zero_shot); anything else is a ``ValueError``."""
+    if raw is None:
+        return DEFAULT_MODE
+    mode = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    if mode == "":
+        return DEFAULT_MODE
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def prompt_source(given: set[str], mode: str) -> str:
+    """Where a request's prompt (the voice) comes from, given the names of the inputs it carries:
+    ``"reference_wav"`` (computed by audio_tokenizer/speaker_embedding), ``"cached"`` (the three
+    ``CACHED_PROMPT_INPUTS``) or ``"default"`` (speaker "001" of spk2info.pt). A ``ValueError``
+    says what is contradictory or missing, before any model runs."""
+    parse_mode(mode)
+    cached = [name for name in CACHED_PROMPT_INPUTS if name in given]
+    wants_text = mode != "cross_lingual"  # zero_shot: the prompt's transcript; instruct2: the instruction
+    if "reference_wav" in given:
+        if cached:
+            raise ValueError(f"give either reference_wav or a cached prompt ({', '.join(CACHED_PROMPT_INPUTS)}), "
+                             f"not both (got reference_wav and {', '.join(cached)})")
+        needed = ["reference_wav_len"] + (["reference_text"] if wants_text else [])
+        if any(name not in given for name in needed):
+            raise ValueError(f"reference_wav needs {' and '.join(needed)}")
+        return "reference_wav"
+    if cached:
+        missing = [name for name in CACHED_PROMPT_INPUTS if name not in given]
+        if missing:
+            raise ValueError(f"incomplete cached prompt: {', '.join(cached)} given but {', '.join(missing)} "
+                             f"missing ({', '.join(CACHED_PROMPT_INPUTS)} go together)")
+        if mode == "zero_shot" and "reference_text" not in given:
+            raise ValueError("a cached prompt needs reference_text (the transcript of the prompt audio) in zero_shot mode")
+    if mode == "instruct2" and "reference_text" not in given:
+        raise ValueError("mode instruct2 needs the instruction in reference_text")
+    return "cached" if cached else "default"
+
+
+def cached_prompt(tokens, feat, embedding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A cached prompt (0-based S3 tokens ``[T]``, mel ``[F, 80]``, embedding ``[192]``, each with
+    or without a leading batch dim of 1) as the BLS uses it: tokens as LLM ids (int32, +
+    ``ORIGINAL_VOCAB_SIZE``), float32 mel, float32 embedding; tokens and mel aligned 1 : 2 as
+    ``align_prompt`` does for reference audio. Bad shapes or token values are a ``ValueError``."""
+    tokens, feat, embedding = np.asarray(tokens), np.asarray(feat), np.asarray(embedding)
+    if not np.issubdtype(tokens.dtype, np.integer) or tokens.size == 0 or int(np.prod(tokens.shape[:-1])) != 1:
+        raise ValueError(f"prompt_speech_tokens: expected integer S3 tokens [1, T], got {tokens.dtype} {list(tokens.shape)}")
+    tokens = tokens.reshape(-1).astype(np.int64)
+    bad = np.flatnonzero((tokens < 0) | (tokens >= SPEECH_TOKEN_COUNT))
+    if bad.size:
+        raise ValueError(f"prompt_speech_tokens: {bad.size} of {tokens.size} are not 0-based speech tokens "
+                         f"(0..{SPEECH_TOKEN_COUNT - 1}); first: {int(tokens[bad[0]])} at position {int(bad[0])}")
+    if feat.ndim < 2 or feat.shape[-1] != MEL_BINS or int(np.prod(feat.shape[:-2])) != 1 or feat.shape[-2] < 2:
+        raise ValueError(f"prompt_speech_feat: expected mel frames [1, F, {MEL_BINS}] (F >= 2), got {list(feat.shape)}")
+    if embedding.size != SPEAKER_EMBEDDING_DIM or int(np.prod(embedding.shape[:-1])) != 1:
+        raise ValueError(f"prompt_spk_embedding: expected [1, {SPEAKER_EMBEDDING_DIM}], got {list(embedding.shape)}")
+    tokens, mel = align_prompt(tokens, feat.reshape(-1, MEL_BINS).astype(np.float32))
+    return (tokens + ORIGINAL_VOCAB_SIZE).astype(np.int32), mel, embedding.reshape(-1).astype(np.float32)
+
+
+def llm_prompt_text(mode: str, source: str, reference_text: str | None, speaker_text: str = "") -> str:
+    """The text before the target text: the default speaker's own transcript in zero_shot (the
+    voice is its audio), otherwise ``reference_text`` (transcript, or instruction in instruct2)."""
+    if source == "default" and mode != "instruct2":
+        return speaker_text
+    return reference_text or ""
+
+
+def llm_input_ids(tokenizer, mode: str, target_text: str, *, prompt_text: str = "",
+                  prompt_tokens: np.ndarray | None = None) -> np.ndarray:
+    """int32 ``[1, L]`` the LLM continues, per mode (upstream frontend semantics):
+    zero_shot = ``prompt_ids`` (``<|sos|>`` + prompt text + target + ``<|task_id|>`` + prompt LLM ids);
+    cross_lingual = ``<|sos|>`` + target + ``<|task_id|>`` (the prompt only colours the voice, so
+    its language does not leak into the speech); instruct2 = ``<|sos|>`` + instruction (``prompt_text``,
+    ``<|endofprompt|>`` appended when absent) + target + ``<|task_id|>``, no prompt speech tokens."""
+    mode = parse_mode(mode)
+    if mode == "zero_shot":
+        if prompt_tokens is None:
+            raise ValueError("zero_shot needs the prompt speech tokens")
+        return prompt_ids(tokenizer, prompt_text, target_text, prompt_tokens)
+    if mode == "cross_lingual":
+        return prompt_ids(tokenizer, "", target_text, np.zeros(0, dtype=np.int32))
+    if not prompt_text.strip():
+        raise ValueError("mode instruct2 needs an instruction in reference_text (it is empty)")
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_PROMPT)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        raise ValueError(f"the LLM tokenizer has no {END_OF_PROMPT} token: it cannot take instruct2 requests")
+    instruction = prompt_text if END_OF_PROMPT in prompt_text else prompt_text + END_OF_PROMPT
+    return prompt_ids(tokenizer, instruction, target_text, np.zeros(0, dtype=np.int32))
+
+
 @dataclass
 class ChunkSchedule:
     """When the streaming BLS hands tokens to token2wav (upstream strategy).

@@ -23,7 +23,9 @@ GPT_MODEL_TYPES = ("V1", "v1", "inflight_batching", "inflight_fused_batching")
 #: tensors the cosyvoice2 BLS sends/reads, per model: (inputs, outputs) name -> data type
 BLS_INTERFACE = {
     "cosyvoice2": ({"reference_wav": "TYPE_FP32", "reference_wav_len": "TYPE_INT32", "reference_text": "TYPE_STRING",
-                    "target_text": "TYPE_STRING"}, {"waveform": "TYPE_FP32"}),
+                    "target_text": "TYPE_STRING", "prompt_speech_tokens": "TYPE_INT32",
+                    "prompt_speech_feat": "TYPE_FP16", "prompt_spk_embedding": "TYPE_FP16", "mode": "TYPE_STRING"},
+                   {"waveform": "TYPE_FP32"}),
     "tensorrt_llm": ({"input_ids": "TYPE_INT32", "input_lengths": "TYPE_INT32", "request_output_len": "TYPE_INT32",
                       "end_id": "TYPE_INT32", "pad_id": "TYPE_INT32", "streaming": "TYPE_BOOL",
                       "runtime_top_p": "TYPE_FP32", "runtime_top_k": "TYPE_INT32", "temperature": "TYPE_FP32",

@@ -73,7 +73,9 @@ def test_rendered_repo_has_the_upstream_models_tensors_and_decoupling(tmp_path, 
     bls = configs["cosyvoice2"]
     assert [(t.name, t.data_type, list(t.dims), t.optional) for t in bls.input] == [
         ("reference_wav", 11, [-1], True), ("reference_wav_len", 8, [1], True),
-        ("reference_text", 13, [1], True), ("target_text", 13, [1], False)]
+        ("reference_text", 13, [1], True), ("target_text", 13, [1], False),
+        ("prompt_speech_tokens", 8, [-1], True), ("prompt_speech_feat", 10, [-1, 80], True),
+        ("prompt_spk_embedding", 10, [-1], True), ("mode", 13, [1], True)]
     assert [(t.name, t.data_type) for t in bls.output] == [("waveform", 11)]
     assert bls.model_transaction_policy.decoupled and configs["tensorrt_llm"].model_transaction_policy.decoupled
     assert bls.instance_group[0].count == 4 and bls.max_batch_size == 16
@@ -270,6 +272,10 @@ def _break(repo, model, old, new):
     ("tensorrt_llm", 'name: "output_ids" data_type: TYPE_INT32', 'name: "output_ids" data_type: TYPE_INT64',
      "output 'output_ids' is TYPE_INT64, expected TYPE_INT32"),
     ("cosyvoice2", "count: 4", "count: 0", "instance_group count 0"),
+    ("cosyvoice2", 'name: "prompt_speech_feat" data_type: TYPE_FP16', 'name: "prompt_speech_feat" data_type: TYPE_FP32',
+     "input 'prompt_speech_feat' is TYPE_FP32, expected TYPE_FP16"),
+    ("cosyvoice2", ',\n  { name: "mode" data_type: TYPE_STRING dims: [ 1 ] optional: true }', "",
+     "input 'mode' missing (the cosyvoice2 BLS exchanges it)"),
     ("tensorrt_llm", 'parameters: { key: "tokenizer_dir" value: { string_value: "${tokenizer_dir}" } }', "",
      "Cannot find parameter with name: tokenizer_dir"),
     ("tensorrt_llm", 'key: "guided_decoding_backend"', 'key: "guided_decoding"',

@@ -16,6 +16,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -97,10 +98,17 @@ def _stream(client, inputs, request_id, max_chunks=None):
 
 
 def _expected_tokens(hf_dir, reference_text, target_text, prompt_tokens, max_new_tokens=runtime.MAX_NEW_TOKENS):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     ids = runtime.prompt_ids(AutoTokenizer.from_pretrained(hf_dir), reference_text, target_text,
                              np.asarray(prompt_tokens) + ORIGINAL_VOCAB_SIZE)
+    return _sampled_tokens(hf_dir, ids, max_new_tokens)
+
+
+def _sampled_tokens(hf_dir, ids, max_new_tokens=runtime.MAX_NEW_TOKENS):
+    """The speech tokens (0-based) the LLM stand-in samples after the input ids ``ids`` [1, L]."""
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     s = runtime.SAMPLING
     bias = runtime.load_embedding_bias(hf_dir)
@@ -283,3 +291,105 @@ def test_bls_without_reference_audio_prompts_with_the_spk2info_cache(client, hf_
     first = Token2Wav(model_dir, seed=SEED, device="cpu").synthesize(
         np.asarray(expected), *prompt, token_offset=0, finalize=False, request_id="first")
     np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)
+
+
+# --- cached prompts and modes (what the gateway sends) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def cached_prompt(client, utterance):
+    """The reference request's prompt as the gateway's registry caches it: the server's own
+    audio_tokenizer (0-based) and speaker_embedding outputs, and the 24 kHz mel, aligned 1 : 2."""
+    wav, _ = utterance
+    ids = client.infer("audio_tokenizer", [_input("reference_wav", wav[None], "FP32"),
+                                           _input("reference_wav_len", np.array([[len(wav)]], np.int32), "INT32")])
+    embedding = client.infer("speaker_embedding", [_input("reference_wav", wav[None], "FP32")])
+    tokens, feat = runtime.align_prompt(ids.as_numpy("prompt_speech_tokens").reshape(-1) - ORIGINAL_VOCAB_SIZE,
+                                        runtime.prompt_speech_feat(wav))
+    return tokens.astype(np.int32), feat.astype(np.float16), embedding.as_numpy("prompt_spk_embedding").reshape(-1)
+
+
+def _cached_inputs(prompt, text, target=TARGET_TEXT, mode=None):
+    tokens, feat, embedding = prompt
+    inputs = [_input("prompt_speech_tokens", tokens[None], "INT32"), _input("prompt_speech_feat", feat[None], "FP16"),
+              _input("prompt_spk_embedding", embedding[None], "FP16"),
+              _input("target_text", np.array([[target]], dtype=object), "BYTES")]
+    if text is not None:
+        inputs.append(_input("reference_text", np.array([[text]], dtype=object), "BYTES"))
+    if mode is not None:
+        inputs.append(_input("mode", np.array([[mode]], dtype=object), "BYTES"))
+    return inputs
+
+
+def test_a_cached_prompt_streams_the_same_audio_as_its_reference_audio(server, client, cached_prompt, utterance,
+                                                                         streamed):
+    # the first 3 chunks (90 of the 750 tokens), then cancelled: the prompt is constant over a request,
+    # so a prefix tells as much as the whole stream, for a fraction of the CPU time
+    chunks, error = _stream(client, _cached_inputs(cached_prompt, utterance[1], mode="zero_shot"), "cached-prompt",
+                            max_chunks=3)
+    assert error is None and len(chunks) == 3
+    for k, (got, want) in enumerate(zip(chunks, streamed)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"chunk {k}")
+    _wait_for_log(server, "cosyvoice2: request 'cached-prompt' cancelled by the client; stopped")
+
+
+def _wait_for_log(server, line, timeout=60.0):
+    """``line`` appears in the server log within ``timeout`` s (e.g. the BLS stopped voicing a
+    cancelled stream at the LLM's next token instead of voicing all 750)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(server.log_path, errors="replace") as f:
+            if line in f.read():
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no {line!r} in the server log:\n{server.log_tail()}")
+
+
+def _first_chunk(library, hf_dir, ids):
+    """The first streamed chunk the LLM input ``ids`` should give with the reference voice: the
+    library's token2wav on the first 15 + 3 sampled tokens."""
+    runtime_, prompt = library
+    tokens = _sampled_tokens(hf_dir, ids, max_new_tokens=18)
+    first = runtime_.synthesize(np.asarray(tokens), *prompt, token_offset=0, finalize=False, request_id=str(ids.sum()))
+    return tokens, first
+
+
+def test_cross_lingual_voices_the_target_text_without_the_prompt_text_and_tokens(client, utterance, hf_dir,
+                                                                                 expected_tokens, library):
+    from transformers import AutoTokenizer
+
+    wav, _ = utterance  # reference audio for the voice; no transcript needed in this mode
+    ids = runtime.llm_input_ids(AutoTokenizer.from_pretrained(hf_dir), "cross_lingual", TARGET_TEXT)
+    inputs = [_input("reference_wav", wav[None], "FP32"),
+              _input("reference_wav_len", np.array([[len(wav)]], np.int32), "INT32"),
+              _input("target_text", np.array([[TARGET_TEXT]], dtype=object), "BYTES"),
+              _input("mode", np.array([["cross_lingual"]], dtype=object), "BYTES")]
+    chunks, error = _stream(client, inputs, "cross-lingual", max_chunks=1)  # then cancelled
+    assert error is None and len(chunks) == 1 and len(chunks[0]) == SAMPLES_PER_TOKEN * 15 - HELD_BACK
+    # the tiny random LLM never ends before 750 tokens, whatever it saw: the first tokens' audio tells the prompts apart
+    tokens, first = _first_chunk(library, hf_dir, ids)
+    assert tokens != expected_tokens[:18]
+    np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)
+
+
+def test_instruct2_follows_the_instruction_and_bad_requests_get_an_error_response(client, cached_prompt, utterance,
+                                                                                   hf_dir, library, expected_tokens):
+    from transformers import AutoTokenizer
+
+    for inputs, message in [
+        (_cached_inputs(cached_prompt, utterance[1], mode="instruct"), "mode 'instruct': expected one of zero_shot"),
+        (_cached_inputs(cached_prompt, None, mode="instruct2"), "mode instruct2 needs the instruction in reference_text"),
+        (_cached_inputs(cached_prompt[:2] + (np.zeros(80, np.float16),), "x"), "prompt_spk_embedding: expected [1, 192]"),
+        (_cached_inputs(cached_prompt, "x") + [_input("reference_wav", utterance[0][None], "FP32")],
+         "give either reference_wav or a cached prompt"),
+    ]:
+        chunks, error = _stream(client, inputs, "refused")
+        assert chunks == [] and message in str(error)
+
+    instruction = "speak slowly and softly."
+    chunks, error = _stream(client, _cached_inputs(cached_prompt, instruction, mode="instruct2"), "instruct2",
+                            max_chunks=1)  # then cancelled
+    assert error is None and len(chunks) == 1
+    ids = runtime.llm_input_ids(AutoTokenizer.from_pretrained(hf_dir), "instruct2", TARGET_TEXT, prompt_text=instruction)
+    tokens, first = _first_chunk(library, hf_dir, ids)
+    assert tokens != expected_tokens[:18]
+    np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)  # the instruction's tokens in the prompt's voice

@@ -1,10 +1,14 @@
-"""cosyvoice2: the BLS that turns (reference audio + text, target text) into speech.
+"""cosyvoice2: the BLS that turns (a prompt voice + text, target text) into speech.
 
-Per request: prompt speech tokens / speaker embedding from ``audio_tokenizer`` /
-``speaker_embedding`` and the flow-prompt mel from the 16 kHz reference audio, or, without
-reference audio, speaker "001" of ``<model_dir>/spk2info.pt``; then ``tensorrt_llm`` generates
-speech ids from ``<|sos|>`` + reference text + target text + ``<|task_id|>`` + prompt tokens, and
-``token2wav`` turns them into audio. Decoupled: chunks stream out as the LLM produces tokens
+Per request the prompt (the voice) is one of: reference audio (16 kHz ``reference_wav``), whose
+speech tokens / speaker embedding come from ``audio_tokenizer`` / ``speaker_embedding`` and whose
+flow-prompt mel is computed here; a cached prompt (``prompt_speech_tokens``, ``prompt_speech_feat``,
+``prompt_spk_embedding``: what those models computed before, e.g. by the gateway's registry); or,
+with neither, speaker "001" of ``<model_dir>/spk2info.pt``. ``mode`` decides what ``tensorrt_llm``
+sees (``runtime.llm_input_ids``): zero_shot ``<|sos|>`` + reference text + target text +
+``<|task_id|>`` + prompt tokens, cross_lingual without the prompt text and tokens, instruct2 with the
+instruction (``reference_text``) instead of a transcript and no prompt tokens. ``token2wav`` always
+gets the whole prompt. Decoupled: chunks stream out as the LLM produces tokens
 (``runtime.ChunkSchedule``: first after 15 + 3 tokens, then 25, 50, 100, ... or time based), the
 last one with ``finalize``. Not decoupled: one waveform per request.
 """
@@ -12,6 +16,7 @@ last one with ``finalize``. Not decoupled: one waveform per request.
 import json
 import os
 import time
+from contextlib import closing
 from uuid import uuid4
 
 import numpy as np
@@ -32,6 +37,32 @@ def _output(response, name):
     return None if tensor is None else tensor.as_numpy()
 
 
+class _Cancelled(Exception):
+    """The client cancelled a streaming request (Triton's request cancellation)."""
+
+
+def _cancelled(request) -> bool:
+    is_cancelled = getattr(request, "is_cancelled", None)  # python backend >= 23.10
+    return bool(is_cancelled()) if is_cancelled is not None else False
+
+
+#: optional inputs whose presence decides where the prompt comes from (``runtime.prompt_source``)
+_OPTIONAL_INPUTS = ("reference_wav", "reference_wav_len", "reference_text", *runtime.CACHED_PROMPT_INPUTS)
+
+
+def _input(request, name):
+    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+
+
+def _text(request, name):
+    """The first string of a TYPE_STRING input, or None when the request lacks it."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
@@ -46,7 +77,11 @@ class TritonPythonModel:
         # speech-only logits (non-speech ids impossible), sent with every LLM request when the export has it
         self.embedding_bias = runtime.load_embedding_bias(params["llm_tokenizer_dir"])
         cache = os.path.join(params["model_dir"], "spk2info.pt")
-        self.default_speaker = runtime.load_spk2info(cache)["001"] if os.path.exists(cache) else None
+        self.default_speaker = None  # (transcript, prompt LLM ids, mel, embedding) of speaker "001"
+        if os.path.exists(cache):
+            spk = runtime.load_spk2info(cache)["001"]
+            self.default_speaker = (spk["prompt_text"], *runtime.cached_prompt(spk["speech_token"], spk["speech_feat"],
+                                                                                 spk["embedding"]))
 
     # --- sub-models --------------------------------------------------------------------------
     def _infer(self, model, inputs, outputs, request_id=""):
@@ -77,36 +112,46 @@ class TritonPythonModel:
                                             requested_output_names=["output_ids", "sequence_length"],
                                             inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
         responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
-        for response in responses:
-            _check(response)
-            ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
-            if ids is None:  # the empty final response of a decoupled stream
-                continue
-            yield ids[0][0][: int(lengths[0][0])].tolist()
+        finished = False
+        try:
+            for response in responses:
+                _check(response)
+                ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
+                if ids is None:  # the empty final response of a decoupled stream
+                    continue
+                yield ids[0][0][: int(lengths[0][0])].tolist()
+            finished = True
+        finally:
+            if not finished:  # abandoned (client cancelled, token2wav failed): end the LLM request too
+                cancel = getattr(responses, "cancel", None)  # newer python backends can cancel a BLS stream
+                if cancel is not None:
+                    cancel()
+                else:  # drained unvoiced: an abandoned in-flight LLM request would block the model's unload
+                    try:
+                        for _ in responses:
+                            pass
+                    except Exception as exc:  # the reason this stream was abandoned is what gets reported
+                        pb_utils.Logger.log_verbose(f"cosyvoice2: draining an abandoned LLM stream: {exc}")
 
-    def _prompt(self, request):
-        wav = pb_utils.get_input_tensor_by_name(request, "reference_wav")
-        if wav is None:
+    def _prompt(self, request, source):
+        """(speaker transcript, prompt LLM ids, mel [2T, 80], embedding [192]) of the request's voice."""
+        if source == "default":
             if self.default_speaker is None:
-                raise ValueError("no reference_wav and no spk2info.pt in model_dir: give reference audio and text")
-            spk = self.default_speaker
-            tokens = np.asarray(spk["speech_token"]).reshape(-1).astype(np.int32) + runtime.ORIGINAL_VOCAB_SIZE
-            feat = np.asarray(spk["speech_feat"], dtype=np.float32).reshape(-1, 80)
-            embedding = np.asarray(spk["embedding"], dtype=np.float32).reshape(-1)
-            return spk["prompt_text"], tokens, feat, embedding
-        length_tensor = pb_utils.get_input_tensor_by_name(request, "reference_wav_len")
-        text_tensor = pb_utils.get_input_tensor_by_name(request, "reference_text")
-        if length_tensor is None or text_tensor is None:
-            raise ValueError("reference_wav needs reference_wav_len and reference_text")
-        samples = wav.as_numpy().astype(np.float32)
-        length = np.asarray(length_tensor.as_numpy()).reshape(-1)[:1].astype(np.int32)
+                raise ValueError("no reference_wav, no cached prompt and no spk2info.pt in model_dir: give reference "
+                                 "audio and text, or a cached prompt")
+            return self.default_speaker
+        if source == "cached":
+            tensors = [_input(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
+            return ("", *runtime.cached_prompt(*tensors))
+        samples = _input(request, "reference_wav").astype(np.float32)
+        length = np.asarray(_input(request, "reference_wav_len")).reshape(-1)[:1].astype(np.int32)
         wav_16k = samples[0, : int(length[0])]
         tokens = _output(self._infer("audio_tokenizer", {"reference_wav": wav_16k[None], "reference_wav_len": length[None]},
                                      ["prompt_speech_tokens"]), "prompt_speech_tokens").reshape(-1)
         embedding = _output(self._infer("speaker_embedding", {"reference_wav": wav_16k[None]},
                                         ["prompt_spk_embedding"]), "prompt_spk_embedding").reshape(-1)
         tokens, feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav_16k))
-        return text_tensor.as_numpy().reshape(-1)[0].decode("utf-8"), tokens, feat, embedding.astype(np.float32)
+        return "", tokens, feat, embedding.astype(np.float32)
 
     def _token2wav(self, ids, prompt, request_id, offset=None, finalize=None):
         _, tokens, feat, embedding = prompt
@@ -121,9 +166,13 @@ class TritonPythonModel:
 
     # --- requests ----------------------------------------------------------------------------
     def _synthesize(self, request, send):
-        prompt = self._prompt(request)
-        target = pb_utils.get_input_tensor_by_name(request, "target_text").as_numpy().reshape(-1)[0].decode("utf-8")
-        input_ids = runtime.prompt_ids(self.tokenizer, prompt[0], target, prompt[1])
+        mode = runtime.parse_mode(_text(request, "mode"))
+        given = {name for name in _OPTIONAL_INPUTS if pb_utils.get_input_tensor_by_name(request, name) is not None}
+        source = runtime.prompt_source(given, mode)
+        prompt = self._prompt(request, source)
+        text = runtime.llm_prompt_text(mode, source, _text(request, "reference_text"), prompt[0])
+        input_ids = runtime.llm_input_ids(self.tokenizer, mode, _text(request, "target_text"), prompt_text=text,
+                                          prompt_tokens=prompt[1])
         request_id = request.request_id() or str(uuid4())
         if not self.decoupled:
             ids = [i for chunk in self._llm_stream(input_ids) for i in chunk]
@@ -133,12 +182,15 @@ class TritonPythonModel:
             return
         schedule = runtime.ChunkSchedule(self.strategy)
         ids = []
-        for chunk in self._llm_stream(input_ids):
-            ids.extend(chunk)
-            while schedule.ready(len(ids)):
-                upto = schedule.offset + schedule.hop + schedule.lookahead
-                send(self._token2wav(ids[:upto], prompt, request_id, schedule.offset, False))
-                schedule.advance(len(ids))
+        with closing(self._llm_stream(input_ids)) as stream:
+            for chunk in stream:
+                if _cancelled(request):  # the client is gone: stop spending the LLM's and token2wav's time on it
+                    raise _Cancelled(repr(request_id))
+                ids.extend(chunk)
+                while schedule.ready(len(ids)):
+                    upto = schedule.offset + schedule.hop + schedule.lookahead
+                    send(self._token2wav(ids[:upto], prompt, request_id, schedule.offset, False))
+                    schedule.advance(len(ids))
         send(self._token2wav(ids, prompt, request_id, schedule.offset, True))
 
     def execute(self, requests):
@@ -153,6 +205,13 @@ class TritonPythonModel:
                 try:
                     self._synthesize(request, send)
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except _Cancelled as stopped:
+                    # its token2wav stream is released by token2wav's idle timeout
+                    pb_utils.Logger.log_info(f"cosyvoice2: request {stopped} cancelled by the client; stopped")
+                    try:
+                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    except Exception as exc:  # nobody is listening any more
+                        pb_utils.Logger.log_verbose(f"cosyvoice2: closing cancelled request {stopped}: {exc}")
                 except Exception as exc:
                     sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice2: {exc}")),
                                 flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
