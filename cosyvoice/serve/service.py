@@ -131,7 +131,7 @@ class Synthesizer:
         return True
 
     async def speed_supported(self) -> bool:
-        """Whether the BLS declares an optional ``speed`` input (ours has none yet). Asked of the pool's
+        """Whether the BLS declares the optional ``speed`` input (ours does; an older repository may not). Asked of the pool's
         ``model_inputs`` when it offers one; without it, speed is unsupported."""
         if self._speed_input is None:
             inputs = getattr(self.pool, "model_inputs", None)

@@ -125,6 +125,18 @@ def parse_mode(raw: str | bytes | None) -> str:
     return mode
 
 
+def parse_speed(raw) -> float:
+    """The request's ``speed`` input (absent: 1.0), within token2wav's range (a ``ValueError`` otherwise)."""
+    if raw is None:
+        return 1.0
+    values = np.asarray(raw, dtype=np.float32).reshape(-1)
+    if values.size != 1:
+        raise ValueError(f"speed: one value expected, got {values.size}")
+    from cosyvoice.acoustic.token2wav import check_speed
+
+    return check_speed(float(values[0]))
+
+
 def prompt_source(given: set[str], mode: str) -> str:
     """Where a request's prompt (the voice) comes from, given the names of the inputs it carries:
     ``"reference_wav"`` (computed by audio_tokenizer/speaker_embedding), ``"cached"`` (the three

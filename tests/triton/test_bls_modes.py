@@ -148,3 +148,14 @@ def test_a_bad_cached_prompt_is_refused_naming_the_tensor(tokens, feat, embeddin
     with pytest.raises(ValueError) as info:
         runtime.cached_prompt(np.asarray(tokens), feat, embedding)
     assert message in str(info.value)
+
+
+def test_speed_is_checked_before_any_model_runs():
+    assert runtime.parse_speed(None) == 1.0
+    assert runtime.parse_speed(np.array([[1.5]], np.float32)) == 1.5
+    for bad, message in [(np.array([[9.0]], np.float32), "speed must be within 0.25-4.0"),
+                         (np.array([[np.nan]], np.float32), "speed must be within 0.25-4.0"),
+                         (np.array([[1.0, 2.0]], np.float32), "speed: one value expected, got 2")]:
+        with pytest.raises(ValueError, match=message):
+            runtime.parse_speed(bad)
+

@@ -75,7 +75,7 @@ def test_rendered_repo_has_the_upstream_models_tensors_and_decoupling(tmp_path, 
         ("reference_wav", 11, [-1], True), ("reference_wav_len", 8, [1], True),
         ("reference_text", 13, [1], True), ("target_text", 13, [1], False),
         ("prompt_speech_tokens", 8, [-1], True), ("prompt_speech_feat", 10, [-1, 80], True),
-        ("prompt_spk_embedding", 10, [-1], True), ("mode", 13, [1], True)]
+        ("prompt_spk_embedding", 10, [-1], True), ("mode", 13, [1], True), ("speed", 11, [1], True)]
     assert [(t.name, t.data_type) for t in bls.output] == [("waveform", 11)]
     assert bls.model_transaction_policy.decoupled and configs["tensorrt_llm"].model_transaction_policy.decoupled
     assert bls.instance_group[0].count == 4 and bls.max_batch_size == 16

@@ -393,3 +393,21 @@ def test_instruct2_follows_the_instruction_and_bad_requests_get_an_error_respons
     tokens, first = _first_chunk(library, hf_dir, ids)
     assert tokens != expected_tokens[:18]
     np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)  # the instruction's tokens in the prompt's voice
+
+
+def test_speed_reaches_token2wav_and_a_bad_speed_is_an_error_response(client, cached_prompt, utterance, library,
+                                                                      expected_tokens):
+    """The BLS passes ``speed`` to token2wav: the first chunk of a speed-2 request is the library's
+    chunk of the same tokens at speed 2 (half the frames); an out-of-range speed is refused."""
+    speed = [_input("speed", np.array([[2.0]], np.float32), "FP32")]
+    chunks, error = _stream(client, _cached_inputs(cached_prompt, utterance[1]) + speed, "fast", max_chunks=1)
+    assert error is None and len(chunks) == 1
+    runtime_, prompt = library
+    first = runtime_.synthesize(np.asarray(expected_tokens[:18]), *prompt, token_offset=0, finalize=False,
+                                request_id="fast-library", speed=2.0)
+    assert len(first) == 15 * 480 - HELD_BACK  # 30 mel frames of 15 tokens at speed 2 -> 15 frames
+    np.testing.assert_allclose(chunks[0], first, rtol=0, atol=1e-5)
+    bad = [_input("speed", np.array([[9.0]], np.float32), "FP32")]
+    chunks, error = _stream(client, _cached_inputs(cached_prompt, utterance[1]) + bad, "too-fast")
+    assert chunks == [] and "speed must be within 0.25-4.0" in str(error)
+

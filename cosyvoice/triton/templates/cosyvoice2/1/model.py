@@ -8,7 +8,7 @@ with neither, speaker "001" of ``<model_dir>/spk2info.pt``. ``mode`` decides wha
 sees (``runtime.llm_input_ids``): zero_shot ``<|sos|>`` + reference text + target text +
 ``<|task_id|>`` + prompt tokens, cross_lingual without the prompt text and tokens, instruct2 with the
 instruction (``reference_text``) instead of a transcript and no prompt tokens. ``token2wav`` always
-gets the whole prompt. Decoupled: chunks stream out as the LLM produces tokens
+gets the whole prompt, and ``speed`` (0.25-4.0, optional) when it is not 1. Decoupled: chunks stream out as the LLM produces tokens
 (``runtime.ChunkSchedule``: first after 15 + 3 tokens, then 25, 50, 100, ... or time based), the
 last one with ``finalize``. Not decoupled: one waveform per request.
 """
@@ -153,12 +153,14 @@ class TritonPythonModel:
         tokens, feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav_16k))
         return "", tokens, feat, embedding.astype(np.float32)
 
-    def _token2wav(self, ids, prompt, request_id, offset=None, finalize=None):
+    def _token2wav(self, ids, prompt, request_id, offset=None, finalize=None, speed=1.0):
         _, tokens, feat, embedding = prompt
         inputs = {"target_speech_tokens": np.asarray(ids, dtype=np.int32)[None],
                   "prompt_speech_tokens": tokens.astype(np.int32)[None],
                   "prompt_speech_feat": feat.astype(np.float16)[None],
                   "prompt_spk_embedding": embedding.astype(np.float16)[None]}
+        if speed != 1.0:  # the mel stretched before the vocoder (token2wav)
+            inputs["speed"] = np.array([[speed]], dtype=np.float32)
         if offset is not None:
             inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
             inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
@@ -167,6 +169,8 @@ class TritonPythonModel:
     # --- requests ----------------------------------------------------------------------------
     def _synthesize(self, request, send):
         mode = runtime.parse_mode(_text(request, "mode"))
+        speed_tensor = pb_utils.get_input_tensor_by_name(request, "speed")
+        speed = runtime.parse_speed(None if speed_tensor is None else speed_tensor.as_numpy())
         given = {name for name in _OPTIONAL_INPUTS if pb_utils.get_input_tensor_by_name(request, name) is not None}
         source = runtime.prompt_source(given, mode)
         prompt = self._prompt(request, source)
@@ -178,7 +182,7 @@ class TritonPythonModel:
             ids = [i for chunk in self._llm_stream(input_ids) for i in chunk]
             if not ids:
                 raise ValueError("the LLM generated no speech tokens")
-            send(self._token2wav(ids, prompt, request_id))
+            send(self._token2wav(ids, prompt, request_id, speed=speed))
             return
         schedule = runtime.ChunkSchedule(self.strategy)
         ids = []
@@ -189,9 +193,9 @@ class TritonPythonModel:
                 ids.extend(chunk)
                 while schedule.ready(len(ids)):
                     upto = schedule.offset + schedule.hop + schedule.lookahead
-                    send(self._token2wav(ids[:upto], prompt, request_id, schedule.offset, False))
+                    send(self._token2wav(ids[:upto], prompt, request_id, schedule.offset, False, speed))
                     schedule.advance(len(ids))
-        send(self._token2wav(ids, prompt, request_id, schedule.offset, True))
+        send(self._token2wav(ids, prompt, request_id, schedule.offset, True, speed))
 
     def execute(self, requests):
         responses = []
