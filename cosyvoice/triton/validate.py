@@ -287,7 +287,9 @@ def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str,
         if absent and require_reference_models:
             errors.append(f"model(s) {absent} missing: requests with reference audio would fail")
         if absent and not has_cache:
-            errors.append(f"model(s) {absent} missing and no spk2info.pt in model_dir: no request can be served")
+            errors.append(f"model(s) {absent} missing and no spk2info.pt in model_dir: only requests that carry "
+                          "a cached prompt could be served (no reference audio, no default speaker, no gateway "
+                          "speaker registration)")
         strategy = params.get("dynamic_chunk_strategy", "exponential")
         if strategy not in ("exponential", "time_based"):
             errors.append(f"cosyvoice2 dynamic_chunk_strategy {strategy!r}: expected exponential or time_based")
