@@ -179,15 +179,6 @@ async def triton_stream(grpc_url: str, inputs: dict[str, np.ndarray], *, model: 
             await channel.close()
 
 
-def cached_prompt_inputs(entry: dict) -> dict[str, np.ndarray]:
-    """The BLS' cached-prompt inputs of one spk2info.pt entry (batch dim 1): what the gateway sends for a
-    registered speaker instead of reference audio."""
-    return {"prompt_speech_tokens": np.asarray(entry["speech_token"], dtype=np.int32).reshape(1, -1),
-            "prompt_speech_feat": np.asarray(entry["speech_feat"], dtype=np.float32).reshape(1, -1, 80).astype(np.float16),
-            "prompt_spk_embedding": np.asarray(entry["embedding"], dtype=np.float32).reshape(1, -1).astype(np.float16),
-            "reference_text": np.array([[entry["prompt_text"]]], dtype=object)}
-
-
 @pytest.fixture(scope="session")
 def short_llm_dir(tmp_path_factory) -> str:
     """The HF LLM stand-in whose replies end after tens of tokens (``export_short_llm``)."""
