@@ -30,6 +30,10 @@ SAMPLE_RATE = 24000
 SAMPLES_PER_TOKEN = 2 * 480  # 2 mel frames per speech token, 480 samples (24 kHz) per frame
 #: cosyvoice2 instances per replica: a decoupled python BLS runs one request at a time per instance
 BLS_INSTANCES = 2
+#: the replicas' environment: one OpenMP thread per backend stub. With the default (one per core) the
+#: stubs' OpenMP pools (token2wav, onnxruntime, the LLM) spin against each other: on 2 cores, 4
+#: concurrent requests over two replicas ran 13x slower (0.26 vs 3.5 requests/s, bench/gateway.py)
+REPLICA_ENV = {"OMP_NUM_THREADS": "1"}
 #: added to the LLM decoder's <|eos1|> bias (speech row 6561): generations of ~10-150 tokens, not ~750
 EOS_BOOST = 4.0
 EOS_ROW = 6561
@@ -79,10 +83,11 @@ class PinnedTritonServer(TritonServer):
         raise RuntimeError(f"tritonserver did not start on ports {self.pinned}:\n{self.log_tail()}")
 
 
-def start_replica(repo: str, env, log_path: str, *, ports: tuple[int, int] | None = None) -> TritonServer:
+def start_replica(repo: str, env, log_path: str, *, ports: tuple[int, int] | None = None,
+                  extra_env: dict[str, str] | None = None) -> TritonServer:
     """A started tritonserver on ``repo`` with every model loaded (its own log file)."""
-    server = (PinnedTritonServer(repo, env=env, log_path=log_path, ports=ports) if ports
-              else TritonServer(repo, env=env, log_path=log_path))
+    server = (PinnedTritonServer(repo, env=env, log_path=log_path, ports=ports, extra_env=extra_env) if ports
+              else TritonServer(repo, env=env, log_path=log_path, extra_env=extra_env))
     server.start()
     try:
         server.load(*ALL_MODELS)
@@ -92,14 +97,14 @@ def start_replica(repo: str, env, log_path: str, *, ports: tuple[int, int] | Non
     return server
 
 
-def start_replicas(repo: str, env, log_dir: str, n: int) -> list[TritonServer]:
+def start_replicas(repo: str, env, log_dir: str, n: int, *, extra_env: dict[str, str] | None = None) -> list[TritonServer]:
     """``n`` replicas started side by side (loading is mostly waiting on the stubs' imports)."""
     servers: list[TritonServer | None] = [None] * n
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
         try:
-            servers[i] = start_replica(repo, env, os.path.join(log_dir, f"tritonserver-{i}.log"))
+            servers[i] = start_replica(repo, env, os.path.join(log_dir, f"tritonserver-{i}.log"), extra_env=extra_env)
         except BaseException as exc:  # reported after every thread ended
             errors.append(exc)
 
@@ -196,7 +201,8 @@ def serve_repo(short_llm_dir, model_dir, tmp_path_factory) -> str:  # noqa: F811
 def triton_replicas(serve_repo, triton_env, tmp_path_factory):  # noqa: F811
     """Two tritonservers on ``serve_repo``. A test may stop one and put its replacement in the list
     (same ports): teardown stops whatever the list holds then."""
-    servers = start_replicas(serve_repo, triton_env, str(tmp_path_factory.mktemp("triton_logs")), 2)
+    servers = start_replicas(serve_repo, triton_env, str(tmp_path_factory.mktemp("triton_logs")), 2,
+                             extra_env=REPLICA_ENV)
     try:
         yield servers
     finally:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.serve.conftest import (
+    REPLICA_ENV,
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
     PinnedTritonServer,
@@ -280,6 +281,8 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
         assert o.error is None and o.status == 200, (o.status, o.error)
         assert o.body == reference.content
     cut = [o for o in started if o.error is not None]
+    print(f"replica killed with {len(started)} streams started: {len(cut)} cut mid-stream, "
+          f"{len(not_started)} not yet streaming (all complete)")
     assert cut, "no stream was in progress on the killed replica"
     for o in started:  # either complete on the survivor, or an error the client sees: never a short 200 body
         assert o.error is not None or (o.status == 200 and o.body == reference.content)
@@ -297,7 +300,8 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
 
     # a replacement on the same address comes back into rotation and takes requests again
     before = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=label, model="cosyvoice2")
-    replacement = PinnedTritonServer(victim.repo, env=triton_env, ports=ports, log_path=victim.log_path)
+    replacement = PinnedTritonServer(victim.repo, env=triton_env, ports=ports, log_path=victim.log_path,
+                                     extra_env=REPLICA_ENV)
     triton_replicas[1] = replacement  # the fixture stops whatever the list holds
     replacement.start()
     replacement.load("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
