@@ -52,12 +52,14 @@ class TritonPythonModel:
         end_id = int(_scalar(request, "end_id", -1))
         bias = pb_utils.get_input_tensor_by_name(request, "embedding_bias")
         bias = None if bias is None else torch.from_numpy(bias.as_numpy().reshape(-1).astype(np.float32))
+        stop = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
         stream = runtime.sample_stream(
             self.model, prompt, max_new_tokens=int(_scalar(request, "request_output_len", 16)), end_id=end_id,
             temperature=float(_scalar(request, "temperature", 1.0)), top_k=int(_scalar(request, "runtime_top_k", 0)),
             top_p=float(_scalar(request, "runtime_top_p", 1.0)),
             repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            seed=int(_scalar(request, "random_seed", 0)), embedding_bias=bias)
+            seed=int(_scalar(request, "random_seed", 0)), embedding_bias=bias, stop_ids=runtime.parse_stop_words(
+                None if stop is None else stop.as_numpy()))
         return ids[:length], stream
 
     def _serve_stream(self, request):

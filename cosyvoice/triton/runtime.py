@@ -14,7 +14,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,11 +274,40 @@ def load_embedding_bias(folder: str) -> np.ndarray | None:
     return load_file(path)["embedding_bias"].astype(np.float32)
 
 
+def stop_words_list(eos_id: int) -> np.ndarray:
+    """TensorRT-LLM's ``stop_words_list`` (int32 ``[1, 2, n]``: token ids, then end offsets) for the two
+    stop rows after ``<|eos1|>``: upstream's LLM stops on any of its three stop tokens (``stop_token_ids``),
+    the engine's ``end_id`` covers only the first."""
+    return np.array([[[eos_id + 1, eos_id + 2], [1, 2]]], dtype=np.int32)
+
+
+def parse_stop_words(stop_words: np.ndarray | None) -> set[int]:
+    """The single-token stop words of a ``stop_words_list`` input (ids row, offsets row, -1 padding);
+    multi-token words are refused (the CPU stand-in does not match sequences)."""
+    if stop_words is None:
+        return set()
+    array = np.asarray(stop_words, dtype=np.int64).reshape(2, -1)
+    ids, offsets = array[0], [int(o) for o in array[1] if o >= 0]
+    words, start = [], 0
+    for end in offsets:
+        words.append(ids[start:end].tolist())
+        start = end
+    if any(len(word) != 1 for word in words):
+        raise ValueError(f"stop_words_list: only single-token stop words are supported here, got {words}")
+    return {word[0] for word in words}
+
+
+def end_of_speech(ids: list[int], eos_id: int) -> int | None:
+    """Index of the first stop token (``<|eos1|>`` or a stop row after it) in LLM output ids, or None."""
+    return next((i for i, token in enumerate(ids) if token >= eos_id), None)
+
+
 def sample_stream(model, input_ids: torch.Tensor, *, max_new_tokens: int, end_id: int, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                  seed: int | None = None, embedding_bias: torch.Tensor | None = None) -> Iterator[int]:
+                  seed: int | None = None, embedding_bias: torch.Tensor | None = None,
+                  stop_ids: Collection[int] = ()) -> Iterator[int]:
     """Sampled continuation of ``input_ids`` ``[1, L]`` with a HF causal LM, one token at a time
-    (KV cache), stopping before ``end_id``: the CPU stand-in for the TensorRT-LLM engine.
+    (KV cache), stopping before ``end_id`` or any of ``stop_ids``: the CPU stand-in for the TensorRT-LLM engine.
 
     ``embedding_bias`` (the export's speech-only bias) is added to the logits first, as TensorRT-LLM's
     per-request ``embedding_bias`` input is. Sampling order as in TensorRT-LLM/HF: repetition penalty (over prompt and output), temperature,
@@ -311,7 +340,7 @@ def sample_stream(model, input_ids: torch.Tensor, *, max_new_tokens: int, end_id
                 before = torch.cumsum(probs, dim=-1) - probs  # mass of the better candidates
                 probs = torch.where(before < top_p, probs, torch.zeros_like(probs))
             token = int(indices[torch.multinomial(probs, 1, generator=generator)[0]])
-            if token == end_id:
+            if token == end_id or token in stop_ids:
                 return
             yield token
             step_input = torch.tensor([[token]], dtype=torch.long)

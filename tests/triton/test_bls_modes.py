@@ -159,3 +159,36 @@ def test_speed_is_checked_before_any_model_runs():
         with pytest.raises(ValueError, match=message):
             runtime.parse_speed(bad)
 
+
+def test_upstreams_three_stop_tokens_end_the_speech():
+    """<|eos1|> is the engine's end_id; the two stop rows after it go as stop words, and the BLS cuts
+    at whichever comes first (an engine may return the stop token itself)."""
+    eos = 158224
+    words = runtime.stop_words_list(eos)
+    assert words.shape == (1, 2, 2) and words.dtype == np.int32
+    assert runtime.parse_stop_words(words) == {eos + 1, eos + 2}
+    assert runtime.parse_stop_words(None) == set()
+    padded = np.array([[[5, 6, -1], [1, 2, -1]]], np.int32)
+    assert runtime.parse_stop_words(padded) == {5, 6}
+    with pytest.raises(ValueError, match="only single-token stop words"):
+        runtime.parse_stop_words(np.array([[[5, 6], [2, -1]]], np.int32))
+    assert runtime.end_of_speech([151663, 151700, eos + 2, 151664], eos) == 2
+    assert runtime.end_of_speech([151663, eos], eos) == 1 and runtime.end_of_speech([151663], eos) is None
+
+
+def test_the_cpu_llm_stand_in_stops_on_a_stop_word():
+    """sample_stream with stop_ids ends where the same seeded sampling would emit a stop id."""
+    import torch
+
+    class Fixed(torch.nn.Module):  # always the same logits: the sampled sequence depends only on the seed
+        def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=1):
+            logits = torch.zeros(1, 1, 8)
+            logits[0, 0, 3:6] = 5.0
+            return type("Out", (), {"logits": logits})()
+
+    free = list(runtime.sample_stream(Fixed(), torch.tensor([[0]]), max_new_tokens=40, end_id=-1, seed=3))
+    assert 4 in free  # token 4 is sampled somewhere within 40 steps
+    stopped = list(runtime.sample_stream(Fixed(), torch.tensor([[0]]), max_new_tokens=40, end_id=-1, seed=3,
+                                         stop_ids={4}))
+    assert stopped == free[: free.index(4)]
+

@@ -105,6 +105,7 @@ class TritonPythonModel:
             "temperature": np.array([[sampling["temperature"]]], dtype=np.float32),
             "repetition_penalty": np.array([[sampling["repetition_penalty"]]], dtype=np.float32),
             "random_seed": np.array([[sampling["seed"]]], dtype=np.uint64),
+            "stop_words_list": runtime.stop_words_list(self.eos_id),
         }
         if self.embedding_bias is not None:
             inputs["embedding_bias"] = self.embedding_bias[None, :]
@@ -119,7 +120,12 @@ class TritonPythonModel:
                 ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
                 if ids is None:  # the empty final response of a decoupled stream
                     continue
-                yield ids[0][0][: int(lengths[0][0])].tolist()
+                ids = ids[0][0][: int(lengths[0][0])].tolist()
+                end = runtime.end_of_speech(ids, self.eos_id)  # an engine may return the stop token itself
+                if end is not None:
+                    yield ids[:end]
+                    break
+                yield ids
             finished = True
         finally:
             if not finished:  # abandoned (client cancelled, token2wav failed): end the LLM request too
