@@ -243,17 +243,20 @@ def free_port() -> int:
 
 
 class TritonServer:
-    """One ``tritonserver`` on 127.0.0.1 with ports chosen at run time, in its own session; ``stop``
-    stops the server and its backend stubs (the process group)."""
+    """One ``tritonserver`` on 127.0.0.1 with ports chosen at run time (or the given ``ports`` =
+    (http, grpc): a replacement replica must come back where its clients look), in its own session;
+    ``stop`` stops the server and its backend stubs (the process group)."""
 
     def __init__(self, repo: str, *, env: ServerEnv | None = None, explicit: bool = True, log_path: str | None = None,
-                 cwd: str | None = None, extra_env: dict[str, str] | None = None):
+                 cwd: str | None = None, extra_env: dict[str, str] | None = None,
+                 ports: tuple[int, int] | None = None):
         self.repo = os.path.abspath(repo)
         self.env = env or server_env()
         self.explicit = explicit
         self.log_path = log_path or os.path.join(os.path.dirname(self.repo), "tritonserver.log")
         self.cwd = cwd
         self.extra_env = extra_env or {}
+        self.ports = ports
         self.process: subprocess.Popen | None = None
         self.http_port = self.grpc_port = 0
         self.returncode: int | None = None
@@ -266,10 +269,12 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 120.0, attempts: int = 3) -> TritonServer:
-        """Start on two free ports; retried on new ports when another process took one meanwhile."""
+    def start(self, timeout: float = 120.0, attempts: int | None = None) -> TritonServer:
+        """Start on two free ports, retried on new ones when another process took one meanwhile; on
+        fixed ``ports``, retried (every 0.5 s, 20 times by default) while a stopped server releases them."""
+        attempts = attempts or (20 if self.ports else 3)
         for attempt in range(attempts):
-            self.http_port, self.grpc_port = free_port(), free_port()
+            self.http_port, self.grpc_port = self.ports or (free_port(), free_port())
             mark = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
             if self._launch(timeout):
                 return self
@@ -278,6 +283,8 @@ class TritonServer:
                 clash = "already in use" in f.read()
             if not clash or attempt == attempts - 1:
                 break
+            if self.ports:
+                time.sleep(0.5)
         raise RuntimeError(f"tritonserver exited with {self.returncode}:\n{self.log_tail()}")
 
     def _launch(self, timeout: float) -> bool:

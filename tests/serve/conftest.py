@@ -66,28 +66,10 @@ def render_decoupled_repo(out: str, hf_dir: str, model_dir: str, *,  # noqa: F81
     return out
 
 
-class PinnedTritonServer(TritonServer):
-    """A tritonserver started on given ports: a replacement for a stopped replica must come back at the
-    address the gateway's replica list names. Retried while the old process' ports are released."""
-
-    def __init__(self, repo: str, *, ports: tuple[int, int], **kwargs):
-        super().__init__(repo, **kwargs)
-        self.pinned = ports
-
-    def start(self, timeout: float = 120.0, attempts: int = 20) -> PinnedTritonServer:
-        for _ in range(attempts):
-            self.http_port, self.grpc_port = self.pinned
-            if self._launch(timeout):
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"tritonserver did not start on ports {self.pinned}:\n{self.log_tail()}")
-
-
 def start_replica(repo: str, env, log_path: str, *, ports: tuple[int, int] | None = None,
                   extra_env: dict[str, str] | None = None) -> TritonServer:
     """A started tritonserver on ``repo`` with every model loaded (its own log file)."""
-    server = (PinnedTritonServer(repo, env=env, log_path=log_path, ports=ports, extra_env=extra_env) if ports
-              else TritonServer(repo, env=env, log_path=log_path, extra_env=extra_env))
+    server = TritonServer(repo, env=env, log_path=log_path, extra_env=extra_env, ports=ports)
     server.start()
     try:
         server.load(*ALL_MODELS)

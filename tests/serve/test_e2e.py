@@ -20,11 +20,11 @@ import httpx
 import numpy as np
 import pytest
 
+from cosyvoice.triton.server import TritonServer
 from tests.serve.conftest import (
     REPLICA_ENV,
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
-    PinnedTritonServer,
     triton_stream,
     wait_until,
 )
@@ -300,8 +300,8 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
 
     # a replacement on the same address comes back into rotation and takes requests again
     before = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=label, model="cosyvoice2")
-    replacement = PinnedTritonServer(victim.repo, env=triton_env, ports=ports, log_path=victim.log_path,
-                                     extra_env=REPLICA_ENV)
+    replacement = TritonServer(victim.repo, env=triton_env, ports=ports, log_path=victim.log_path,
+                               extra_env=REPLICA_ENV)
     triton_replicas[1] = replacement  # the fixture stops whatever the list holds
     replacement.start()
     replacement.load("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
