@@ -25,12 +25,11 @@ def cmd_gateway_grpc(args: argparse.Namespace) -> int:
     import logging
 
     from cosyvoice.serve.grpc_server import serve
-    from cosyvoice.serve.settings import GatewaySettings
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    serve(GatewaySettings.from_env(**_overrides(args)), host=args.host, port=args.port,
-          max_concurrent_rpcs=args.max_conc, metrics_port=args.metrics_port)
+    serve(host=args.host, port=args.port, max_concurrent_rpcs=args.max_conc, metrics_port=args.metrics_port,
+          **_overrides(args))
     return 0
 
 

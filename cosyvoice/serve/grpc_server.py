@@ -385,9 +385,11 @@ async def serve_async(settings: GatewaySettings, *, port: int = 50000, max_concu
             exporter.server_close()
 
 
-def serve(settings: GatewaySettings, *, port: int = 50000, max_concurrent_rpcs: int = 16,
-          host: str = "127.0.0.1", metrics_port: int | None = None) -> None:
-    """Blocking: the gRPC frontend on ``host:port`` until SIGINT/SIGTERM."""
+def serve(settings: GatewaySettings | None = None, *, port: int = 50000, max_concurrent_rpcs: int = 16,
+          host: str = "127.0.0.1", metrics_port: int | None = None, **overrides) -> None:
+    """Blocking: the gRPC frontend on ``host:port`` until SIGINT/SIGTERM. Without ``settings`` they come
+    from ``COSYVOICE_GATEWAY_*`` with ``overrides`` (field -> value, None = not given) on top."""
+    settings = settings or GatewaySettings.from_env(**overrides)
     asyncio.run(serve_async(settings, port=port, max_concurrent_rpcs=max_concurrent_rpcs, host=host,
                             metrics_port=metrics_port))
 
