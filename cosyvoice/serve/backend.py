@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -342,16 +342,8 @@ class TritonPool:
         model = model or self.model
         request = _infer_request(model, inputs, request_id=request_id, parameters=parameters)
         request.parameters["triton_enable_empty_final_response"].bool_param = True
-        tried: set[_State] = set()
         last: BackendError | None = None
-        for attempt in range(BACKEND_RETRIES_MAX + 1):
-            state = self._pick(tried)
-            if state is None:
-                raise self._no_replica(last)
-            tried.add(state)
-            if attempt:
-                BACKEND_RETRIES.labels(model).inc()
-                log.info("triton: retrying %s request %s on %s", model, request_id, state.label)
+        for state in self._attempts(model, request_id):
             chunks = 0
             try:
                 # closed explicitly: ``async for`` alone would leave the attempt (and its Triton
@@ -366,7 +358,7 @@ class TritonPool:
                                     f"{f' after {chunks} chunks' if chunks else ''}: {exc}", replica=state.label)
                 if chunks or not exc.retry:
                     raise last from exc
-        raise last
+        raise self._no_replica(last)
 
     async def _stream_from(self, state: _State, model: str,
                            request: service_pb2.ModelInferRequest) -> AsyncIterator[np.ndarray]:
@@ -439,16 +431,23 @@ class TritonPool:
         """The input names a model's config declares (e.g. whether the BLS takes ``speed``)."""
         return [tensor.name for tensor in (await self._config(model)).input]
 
-    async def _unary(self, model: str, call, *, begin: bool = True):
+    def _attempts(self, model: str, request_id: str = "") -> Iterator[_State]:
+        """The replicas a request tries, in turn: the least loaded healthy one, then, when the caller
+        comes back for another after a failure, one it has not tried (the retry is counted)."""
         tried: set[_State] = set()
-        last: BackendError | None = None
         for attempt in range(BACKEND_RETRIES_MAX + 1):
             state = self._pick(tried)
             if state is None:
-                raise self._no_replica(last)
+                return
             tried.add(state)
             if attempt:
                 BACKEND_RETRIES.labels(model).inc()
+                log.info("triton: retrying %s request %s on %s", model, request_id, state.label)
+            yield state
+
+    async def _unary(self, model: str, call, *, begin: bool = True):
+        last: BackendError | None = None
+        for state in self._attempts(model):
             if begin:
                 self._begin(state, model)
             started = time.monotonic()
@@ -469,4 +468,4 @@ class TritonPool:
                     self._end(state)
             self._succeeded(state)
             return response
-        raise last
+        raise self._no_replica(last)

@@ -51,6 +51,15 @@ METRIC_NAME = re.compile(r"\b(cosyvoice_[a-z0-9_]+)\b")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
+
+def _stop(process: subprocess.Popen, *, timeout: float) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
 def _dashboard() -> dict:
     return json.loads(DASHBOARD.read_text())
 
@@ -172,12 +181,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
                 time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process, timeout=10)
         log.close()
 
 
@@ -399,12 +403,7 @@ def gateway(tmp_path: Path, replicas: list[str], port: int) -> Iterator[str]:
             time.sleep(0.1)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process, timeout=15)
         log.close()
 
 
