@@ -25,9 +25,7 @@ import logging
 import math
 import os
 import struct
-import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -39,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from cosyvoice.serve import metrics
+from cosyvoice.serve.ratelimit import rate_limiter
 from cosyvoice.serve.service import (
     BadRequest,
     Mode,
@@ -281,33 +280,6 @@ async def _synthesize(request: Request, req: SynthesisRequest, endpoint: str, *,
 
 
 # --- the guard: token, rate limit, request size (before the body is read) ----------------------------
-class RateLimiter:
-    """A token bucket per client: ``per_minute`` requests a minute, bursts of up to ``per_minute``
-    (at least 1). In-process: each worker counts its own requests."""
-
-    def __init__(self, per_minute: float, *, clock: Callable[[], float] = time.monotonic, max_clients: int = 10_000):
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, per_minute)
-        self.clock = clock
-        self.max_clients = max_clients
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def acquire(self, client: str) -> float:
-        """0 when the request may go ahead (one token taken), else the seconds until it may."""
-        now = self.clock()
-        tokens, last = self._buckets.pop(client, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        wait = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
-        else:
-            wait = (1.0 - tokens) / self.rate
-        self._buckets[client] = (tokens, now)
-        while len(self._buckets) > self.max_clients:
-            self._buckets.popitem(last=False)  # the least recently seen client starts over with a full bucket
-        return wait
-
-
 class Guard:
     """ASGI middleware for the protected paths: bearer token (401), per-client rate limit (429 +
     Retry-After) and the declared request size (413), all before FastAPI reads the body."""
@@ -315,7 +287,7 @@ class Guard:
     def __init__(self, app, settings: GatewaySettings):
         self.app = app
         self.token = settings.api_token
-        self.limiter = RateLimiter(settings.rate_limit) if settings.rate_limit > 0 else None
+        self.limiter = rate_limiter(settings.rate_limit, settings.redis_url)
         # the prompt file plus the text fields (4 bytes a character at most) and multipart framing
         self.max_body = settings.max_upload_bytes + 3 * 4 * settings.max_text_chars + 64 * 1024
 
@@ -324,12 +296,12 @@ class Guard:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or not path.startswith(PROTECTED_PREFIXES):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        refusal = self._refusal(path, headers, scope)
+        refusal = await self._refusal(path, headers, scope)
         if refusal is not None:
             return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
 
-    def _refusal(self, path: str, headers: dict[str, str], scope) -> Response | None:
+    async def _refusal(self, path: str, headers: dict[str, str], scope) -> Response | None:
         if self.token is not None:
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not given:
@@ -342,7 +314,7 @@ class Guard:
                               {"WWW-Authenticate": 'Bearer realm="cosyvoice", error="invalid_token"'})
         if self.limiter is not None:
             client = (scope.get("client") or ("unknown", 0))[0]
-            wait = self.limiter.acquire(client)
+            wait = await self.limiter.acquire(client)
             if wait > 0:
                 metrics.REJECTED.labels(endpoint=path, reason="rate_limited").inc()
                 return _error(429, f"rate limit: at most {self.limiter.capacity:g} requests a minute per client; "

@@ -35,6 +35,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cosyvoice.serve import metrics
+from cosyvoice.serve.ratelimit import rate_limiter
 from cosyvoice.serve.service import (
     BadRequest,
     Mode,
@@ -168,18 +169,14 @@ class CosyVoiceServicer(cosyvoice_pb2_grpc.CosyVoiceServicer):
     ``rate_limit``: requests a minute per client address (0: none), the FastAPI app's token bucket."""
 
     def __init__(self, synthesizer: Any, *, api_token: str | None = None, max_concurrent: int = 16,
-                 rate_limit: float = 0.0) -> None:
+                 rate_limit: float = 0.0, redis_url: str | None = None) -> None:
         self._synthesizer = synthesizer
         self._api_token = api_token or None
         self._max_concurrent = max_concurrent
         self._in_progress = 0
-        self._limiter = None
-        if rate_limit > 0:
-            from cosyvoice.serve.app import RateLimiter  # the same bucket as HTTP clients get
+        self._limiter = rate_limiter(rate_limit, redis_url)  # the same bucket as HTTP clients get
 
-            self._limiter = RateLimiter(rate_limit)
-
-    def _admit(self, context: grpc.aio.ServicerContext) -> None:
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
         """Token, rate limit and load, in the FastAPI guard's order; BadRequest when refused."""
         if self._api_token is not None:
             metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
@@ -189,7 +186,7 @@ class CosyVoiceServicer(cosyvoice_pb2_grpc.CosyVoiceServicer):
                 raise BadRequest(401, "missing or wrong bearer token: send the metadata "
                                       "'authorization: Bearer <token>'", reason="unauthorized")
         if self._limiter is not None:
-            wait = self._limiter.acquire(_client_address(context.peer() or "unknown"))
+            wait = await self._limiter.acquire(_client_address(context.peer() or "unknown"))
             if wait > 0:
                 raise BadRequest(429, f"rate limit: at most {self._limiter.capacity:g} requests a minute per "
                                       f"client; retry in {math.ceil(wait)} s", reason="rate_limited")
@@ -199,7 +196,7 @@ class CosyVoiceServicer(cosyvoice_pb2_grpc.CosyVoiceServicer):
 
     async def Inference(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802 (proto name)
         try:
-            self._admit(context)
+            await self._admit(context)
             synthesis = synthesis_request(request)
         except BadRequest as exc:  # refused before synthesis: counted as the FastAPI app counts its own
             metrics.REJECTED.labels(endpoint=ENDPOINT, reason=exc.reason).inc()
@@ -323,7 +320,7 @@ def _default_ready(synthesizer: Any) -> Callable[[], bool | Awaitable[bool]]:
 
 
 def create_server(synthesizer: Any, *, port: int, max_concurrent_rpcs: int = 16, host: str = "127.0.0.1",
-                  api_token: str | None = None, rate_limit: float = 0.0,
+                  api_token: str | None = None, rate_limit: float = 0.0, redis_url: str | None = None,
                   ready: Callable[[], bool | Awaitable[bool]] | None = None,
                   health_interval_s: float = 1.0) -> tuple[grpc.aio.Server, int]:
     """A ``grpc.aio`` server with the CosyVoice and health services, bound (``port=0``: a free port)
@@ -333,12 +330,12 @@ def create_server(synthesizer: Any, *, port: int, max_concurrent_rpcs: int = 16,
     syntheses in progress (upstream's ``--max_conc``); more are refused with RESOURCE_EXHAUSTED while
     health checks keep answering. ``api_token``: Inference calls need the metadata ``authorization:
     Bearer <token>`` (health checks never do). ``rate_limit``: Inference calls a minute per client
-    address. ``ready``: when the server is healthy (sync or async); by default ``synthesizer.ready``.
+    address (shared with every worker through Redis at ``redis_url``). ``ready``: when the server is healthy (sync or async); by default ``synthesizer.ready``.
     ``server.health`` is the :class:`PoolHealth` (``shutdown()`` before stopping drains load balancers).
     """
     server = grpc.aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs + HEALTH_HEADROOM_RPCS)
     servicer = CosyVoiceServicer(synthesizer, api_token=api_token, max_concurrent=max_concurrent_rpcs,
-                                 rate_limit=rate_limit)
+                                 rate_limit=rate_limit, redis_url=redis_url)
     cosyvoice_pb2_grpc.add_CosyVoiceServicer_to_server(servicer, server)
     health = PoolHealth(ready or _default_ready(synthesizer), interval_s=health_interval_s)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -366,7 +363,8 @@ async def serve_async(settings: GatewaySettings, *, port: int = 50000, max_concu
     try:
         await synthesizer.start()
         server, bound = create_server(synthesizer, port=port, max_concurrent_rpcs=max_concurrent_rpcs, host=host,
-                                      api_token=settings.api_token, rate_limit=settings.rate_limit)
+                                      api_token=settings.api_token, rate_limit=settings.rate_limit,
+                                      redis_url=settings.redis_url)
         await server.start()
         log.info("gRPC gateway listening on %s:%d (Triton: %s)", host, bound, ", ".join(settings.triton))
         loop = asyncio.get_running_loop()

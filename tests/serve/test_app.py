@@ -231,14 +231,14 @@ def test_rate_limit_per_client():
 
 
 def test_rate_limiter_refills():
-    from cosyvoice.serve.app import RateLimiter
+    from cosyvoice.serve.ratelimit import RateLimiter
 
     now = [0.0]
     limiter = RateLimiter(60, clock=lambda: now[0])
-    assert all(limiter.acquire("a") == 0 for _ in range(60))
-    assert limiter.acquire("a") == pytest.approx(1.0)
+    assert all(limiter.take("a") == 0 for _ in range(60))
+    assert limiter.take("a") == pytest.approx(1.0)
     now[0] = 2.0
-    assert limiter.acquire("a") == 0 and limiter.acquire("a") == 0 and limiter.acquire("a") > 0
+    assert limiter.take("a") == 0 and limiter.take("a") == 0 and limiter.take("a") > 0
 
 
 # --- operational endpoints ------------------------------------------------------------------------------
