@@ -53,9 +53,6 @@ from cosyvoice.serve.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-#: the prompt audio the models take: 16 kHz, 1-30 s (the Triton audio_tokenizer's window)
-PROMPT_RATE = 16000
-MIN_PROMPT_SECONDS, MAX_PROMPT_SECONDS = 1.0, 30.0
 #: paths behind the bearer token and the rate limit (the page, health and metrics stay open)
 PROTECTED_PREFIXES = ("/inference_", "/v1/", "/speakers")
 #: sample rates an MP3 stream can carry (MPEG-1/2/2.5)
@@ -93,6 +90,10 @@ def _status_of(exc: BaseException) -> tuple[int, str]:
 def decode_prompt_audio(data: bytes) -> np.ndarray:
     """An uploaded audio file -> mono float32 16 kHz samples (BadRequest for anything unusable)."""
     import soundfile as sf
+
+    # the models' prompt: 16 kHz, 1-30 s (the registry's and build_spk2info's bounds; torch is loaded by then)
+    from cosyvoice.triton.runtime import SAMPLE_RATE as PROMPT_RATE
+    from cosyvoice.triton.spk2info import MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS
 
     try:
         audio, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)

@@ -59,7 +59,6 @@ SAMPLE_RATE_METADATA = "x-sample-rate"
 REQUEST_ID_METADATA = "x-request-id"
 #: calls beyond the synthesis limit that grpc itself still accepts (health checks and watches)
 HEALTH_HEADROOM_RPCS = 16
-PROMPT_SAMPLE_RATE = 16000
 
 #: the service's HTTP-style status of a refused request -> the gRPC status code
 STATUS_CODES: dict[int, grpc.StatusCode] = {
@@ -99,6 +98,7 @@ def prompt_wav_16k(data: bytes, *, field: str = "prompt_audio") -> np.ndarray:
     Raises :class:`BadRequest` with a message that says what was expected, since a wrong encoding
     would otherwise be synthesised from as noise. The length bounds are the speaker registry's."""
     # imported here: it pulls in torch, which the server has loaded (registry) long before a request
+    from cosyvoice.triton.runtime import SAMPLE_RATE as PROMPT_SAMPLE_RATE
     from cosyvoice.triton.spk2info import MAX_PROMPT_SECONDS, MIN_PROMPT_SECONDS
 
     expected = "16 kHz mono 16-bit little-endian PCM samples without a header"

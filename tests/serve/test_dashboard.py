@@ -19,7 +19,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from cosyvoice.serve import metrics
 from cosyvoice.triton import runtime
+from cosyvoice.triton.server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "cosyvoice-gateway.json"
@@ -140,12 +140,6 @@ def test_every_queried_series_is_exported_and_every_exported_metric_is_charted()
 # --- a real Prometheus scraping the gateway ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
@@ -163,7 +157,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
               "scrape_configs": [job]}
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "prometheus.log", "w")
     process = subprocess.Popen([binary, f"--config.file={config_path}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
@@ -411,7 +405,7 @@ def gateway(tmp_path: Path, replicas: list[str], port: int) -> Iterator[str]:
                     reason="prometheus (Debian package) not installed")
 def test_every_panel_expression_returns_data_from_a_prometheus_scraping_the_gateway_under_load(tmp_path):
     good, bad = FakeTriton().start(), FakeTriton(failing=True).start()
-    port = _free_port()
+    port = free_port()
     try:
         # Prometheus first: it applies new targets after a few seconds, while the gateway imports
         with prometheus(tmp_path, f"127.0.0.1:{port}") as url, gateway(tmp_path, [good.spec, bad.spec], port) as base:

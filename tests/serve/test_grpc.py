@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from cosyvoice.serve.backend import BackendError, NoHealthyReplica
 from cosyvoice.serve.grpc_server import cosyvoice_pb2, cosyvoice_pb2_grpc, create_server
 from cosyvoice.serve.service import BadRequest, Mode, Synthesizer
 from cosyvoice.serve.settings import GatewaySettings
+from cosyvoice.triton.server import free_port
 
 PROTO_FILE = Path(grpc_server.__file__).with_name("cosyvoice.proto")
 RATE = 24000
@@ -529,9 +529,7 @@ def test_serve_builds_starts_drains_and_closes(unused_port):
     port, stops on the event and closes the pool and the metrics port."""
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        metrics_port = sock.getsockname()[1]
+    metrics_port = free_port()
     pool = FakePool(ready=True)
     settings = GatewaySettings(api_token="s3cret")
     synth = Synthesizer(pool, registry=None, frontend=None, settings=settings)
@@ -563,9 +561,7 @@ def test_serve_builds_starts_drains_and_closes(unused_port):
 
 @pytest.fixture
 def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 # --- upstream's client side ------------------------------------------------------------------------
