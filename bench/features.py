@@ -13,11 +13,16 @@ identical to the upstream tool's) and the same batches in bf16 (speed and token 
     python bench/features.py [--models data/models] [--utterances 400] [--kinds embedding,speech_token]
     python bench/features.py --kinds speech_token --onnx_batch_size 8
     python bench/features.py --kinds speech_token_torch --device cuda --batch_size 64
+    python bench/features.py --utterances 200 --json bench/results/features.json
+
+``--json PATH`` writes the figures (seconds, audio seconds per second, workers) for ``bench/capacity.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import sys
 import tempfile
@@ -34,7 +39,7 @@ MODELS = {"embedding": "campplus.onnx", "speech_token": "speech_tokenizer_v2.onn
           "speech_token_torch": "speech_tokenizer_v2.onnx"}
 
 
-def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) -> None:
+def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) -> list[dict]:
     """Batch-1 fp32 vs batched fp32 vs batched bf16 on the torch runtime, one device, same run."""
     from cosyvoice.features.torch_tokenizer import agreement
 
@@ -43,7 +48,7 @@ def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) 
             (f"batch {args.batch_size} bf16", args.batch_size, "bf16")]
     run_extraction(items[:8], model, SpeechTokenOptions(num_workers=args.workers, runtime="torch", device=args.device,
                                                         batch_size=args.batch_size))  # warm-up: kernels, forkserver
-    base = None
+    base, figures = None, []
     for label, batch, precision in runs:
         start = time.perf_counter()
         report = run_extraction(items, model, SpeechTokenOptions(
@@ -56,6 +61,11 @@ def torch_runtime(items: list[tuple[str, str]], model: str, audio: float, args) 
         print(f"speech_token torch {args.device} {label}: {wall:.2f} s ({audio / wall:.1f} s/s, "
               f"model {report.model_seconds:.2f} s) | x{base / wall:.2f} vs batch 1 fp32 | identical token "
               f"lists {same}/{len(reference)} | tokens equal to upstream {100 * match:.2f} %")
+        figures.append({"label": label, "batch_size": batch, "precision": precision, "seconds": round(wall, 3),
+                        "model_seconds": round(report.model_seconds, 3), "audio_s_per_s": round(audio / wall, 3),
+                        "speed_up_vs_batch1_fp32": round(base / wall, 3), "identical_token_lists": same,
+                        "token_agreement": round(match, 5)})
+    return figures
 
 
 def upstream_run(kind: str, items: list[tuple[str, str]], model: str) -> dict:
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="speech_token_torch: batch size")
     parser.add_argument("--onnx_batch_size", type=int, default=1,
                         help="speech_token: ours in length-sorted batches through speech_tokenizer_v2.batch.onnx")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON (bench/capacity.py)")
     args = parser.parse_args()
     import numpy as np
 
@@ -120,10 +131,13 @@ def main() -> None:
         items = sorted((os.path.basename(s), os.path.join(tmp, s + ".wav")) for s in report.files)[: args.utterances]
         audio = report.audio_seconds * len(items) / report.utterances
         print(f"corpus: {len(items)} utterances, {audio / 3600:.3f} h, cores: {os.cpu_count()}, workers: {args.workers}")
+        results = {"benchmark": "features", "command": " ".join(["python", *sys.argv]),
+                   "date": datetime.date.today().isoformat(), "cores": os.cpu_count(), "workers": args.workers,
+                   "utterances": len(items), "audio_seconds": round(audio, 3), "kinds": {}}
         for kind in args.kinds.split(","):
             model = os.path.join(args.models, MODELS[kind])
             if kind == "speech_token_torch":
-                torch_runtime(items, model, audio, args)
+                results["kinds"][kind] = {"device": args.device, "runs": torch_runtime(items, model, audio, args)}
                 continue
             ours_model, sizes = model, {}
             if kind == "speech_token" and args.onnx_batch_size > 1:  # ours through the batch-capable file
@@ -145,6 +159,22 @@ def main() -> None:
             print(f"{kind}: upstream {t_up:.2f} s ({audio / t_up:.1f} s/s) | ours {t_ours:.2f} s ({audio / t_ours:.1f} s/s)"
                   f" | pure model {t_floor:.2f} s ({audio / t_floor:.1f} s/s) | speed-up {t_up / t_ours:.2f}x"
                   f" (ceiling {t_up / t_floor:.2f}x) | {agree}")
+            results["kinds"][kind] = {
+                "device": "cpu", "onnx_batch_size": args.onnx_batch_size, "upstream_seconds": round(t_up, 3),
+                "ours_seconds": round(t_ours, 3), "model_floor_seconds": round(t_floor, 3),
+                "ours_audio_s_per_s": round(audio / t_ours, 3), "speed_up": round(t_up / t_ours, 3),
+                "failed_utterances": len(ours.failures), "agreement": agree}
+    if args.json:
+        write_json(args.json, results)
+
+
+def write_json(path: str, figures: dict) -> None:
+    """The run's figures as JSON at ``path`` (its folder created), for ``bench/capacity.py``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"figures: {path}")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,16 @@ Upstream's algorithm, written plainly: every ``.pt`` dict loaded in the parent, 
 ``multiprocessing.Pool``; per shard, all audio bytes read into a list, one table built and written
 with pyarrow's defaults (what ``DataFrame.to_parquet`` does underneath).
 
-    python bench/shards.py [--utterances 10000] [--processes 2]
+    python bench/shards.py [--utterances 10000] [--processes 2] [--json bench/results/shards.json]
+
+``--json PATH`` writes the figures (seconds, peak memory, bytes, audio hours) for ``bench/capacity.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import subprocess
 import sys
@@ -170,6 +174,7 @@ def main() -> None:
     parser.add_argument("--per_shard", type=int, default=1000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--workdir", default=None, help="where to build the corpus (default: a temp dir)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON (bench/capacity.py)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         data, seconds, audio_bytes = build_data_dir(tmp, args.utterances)
@@ -184,11 +189,31 @@ def main() -> None:
         assert pq.read_table(first.format("ours")).column("audio_data").equals(
             pq.read_table(first.format("up")).column("audio_data"))
         size = sum(os.path.getsize(os.path.join(tmp, "ours", f)) for f in os.listdir(os.path.join(tmp, "ours")))
+        parquet_files = sum(f.endswith(".tar") for f in os.listdir(os.path.join(tmp, "ours")))
     for name, wall, mem in (("upstream", t_up, mem_up), ("ours", t_ours, mem_ours)):
         print(f"{name:9s} {wall:7.2f} s, peak memory of the process tree: {mem['pss_mb']:.0f} MB PSS "
               f"(largest process RSS {mem['rss_mb']:.0f} MB)")
     print(f"parquet written: {size / 1e9:.2f} GB")
     print(f"speed-up {t_up / t_ours:.2f}x, peak memory ours/upstream {mem_ours['pss_mb'] / mem_up['pss_mb']:.2f}")
+    if args.json:
+        tools = {name: {"seconds": round(wall, 3), "peak_pss_mb": round(mem["pss_mb"], 1),
+                        "peak_rss_mb": round(mem["rss_mb"], 1)}
+                 for name, wall, mem in (("upstream", t_up, mem_up), ("ours", t_ours, mem_ours))}
+        write_json(args.json, {
+            "benchmark": "shards", "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
+            "cores": os.cpu_count(), "processes": args.processes, "utterances": args.utterances,
+            "per_shard": args.per_shard, "audio_seconds": round(seconds, 3), "audio_bytes": audio_bytes,
+            "output_bytes": size, "parquet_files": parquet_files, **tools,
+            "speed_up": round(t_up / t_ours, 3)})
+
+
+def write_json(path: str, figures: dict) -> None:
+    """The run's figures as JSON at ``path`` (its folder created), for ``bench/capacity.py``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(figures, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(f"figures: {path}")
 
 
 if __name__ == "__main__":
