@@ -3,7 +3,10 @@
 * ``corpus_sensor`` lists the corpus root (one paginated listing per subset on S3, a directory walk
   locally; no per-file requests) and fingerprints each LibriTTS subset by the path, size and
   version (S3 ETag / local mtime) of its audio and transcripts. A subset that appears or whose
-  fingerprint changed gets a ``prepare_subset`` run; the cursor keeps the fingerprints.
+  fingerprint changed gets a ``prepare_subset`` run; the cursor keeps the fingerprints. With
+  ``COSYVOICE_CORPUS_EVENTS_QUEUE_URL`` set it lists nothing: it reads the bucket's S3
+  ObjectCreated/ObjectRemoved notifications from that SQS queue and requests each manifest
+  partition they touch once per tick (``pipelines/corpus_events.py``), for corpora too big to list.
 * ``prepare_subset_shards`` picks up successful ``prepare_subset`` runs (cursor: their update time):
   the manifest registered the subset's shard partitions, so it requests one asset backfill over
   exactly those shards (and the subset's per-subset assets). The backfill honours each asset's
@@ -24,13 +27,14 @@ from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraph
 from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from cosyvoice import storage
+from cosyvoice.corpus.events import CORPUS_SUFFIXES, is_event_cursor
+from cosyvoice.corpus.parts import parts_from_env
 from cosyvoice.corpus.shard_plan import ShardKey
+from pipelines.corpus_events import CorpusEventSettings, corpus_events_tick
 from pipelines.jobs import SHARD_ASSETS, SUBSET_ASSETS, prepare_subset
 from pipelines.partitions import SHARDS, SUBSETS
 from pipelines.resources import CorpusResource
 
-#: files whose appearance or change means the subset's manifest is out of date
-CORPUS_SUFFIXES = (".wav", ".normalized.txt")
 CORPUS_SENSOR_INTERVAL_S = int(os.environ.get("COSYVOICE_CORPUS_SENSOR_INTERVAL_S", "600"))
 WEBHOOK_ENV = "COSYVOICE_ALERT_WEBHOOK_URL"
 
@@ -66,10 +70,17 @@ def present_subsets(corpus_root: str) -> list[str]:
     job=prepare_subset,
     minimum_interval_seconds=CORPUS_SENSOR_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests prepare_subset (the manifest) for corpus subsets that are new or whose audio changed.",
+    description="Requests prepare_subset (the manifest) for corpus subsets that are new or whose audio changed: "
+                "by listing them, or from S3 notifications on the SQS queue $COSYVOICE_CORPUS_EVENTS_QUEUE_URL.",
 )
 def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusResource) -> dg.SensorResult:
+    events = CorpusEventSettings.from_env()
+    if events is not None:
+        return corpus_events_tick(context, corpus.root, events, partitions=SUBSETS.get_partition_keys(),
+                                  parts=parts_from_env())
     known: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    if is_event_cursor(known):
+        known = {}  # the event mode ran before: list everything afresh
     current = dict(known)
     requests = []
     for subset in present_subsets(corpus.root):
