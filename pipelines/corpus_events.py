@@ -4,9 +4,9 @@ Selected by ``COSYVOICE_CORPUS_EVENTS_QUEUE_URL`` (unset: the listing mode). The
 its endpoint from ``AWS_ENDPOINT_URL_SQS`` or ``AWS_ENDPOINT_URL`` and its region from
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (else the queue URL's), credentials as boto3 reads them.
 
-A tick receives at most ``max_messages`` messages within ``time_budget_s`` (10 per call, short
-waits), plans them (:func:`cosyvoice.corpus.events.plan_tick`) and returns one ``prepare_subset``
-request per affected manifest partition together with the advanced cursor. Messages are deleted
+A tick receives at most ``max_messages`` messages within ``time_budget_s`` (``receivers`` threads,
+10 messages a call, short waits), plans them (:class:`cosyvoice.corpus.events.TickPlan`) and returns
+one ``prepare_subset`` request per affected manifest partition together with the advanced cursor. Messages are deleted
 only when the stored cursor already covers them, so no event is lost between a receive and the
 daemon committing the requests:
 
@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import dagster as dg
 
-from cosyvoice.corpus.events import EventCursor, EventRouter, QueueMessage, TickPlan, plan_tick
+from cosyvoice.corpus.events import EventCursor, EventRouter, QueueMessage, TickPlan
 
 QUEUE_ENV = "COSYVOICE_CORPUS_EVENTS_QUEUE_URL"
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL")
@@ -53,6 +55,7 @@ class CorpusEventSettings:
     max_messages: int = 20_000
     time_budget_s: float = 30.0
     wait_s: int = 1
+    receivers: int = 4
 
     def __post_init__(self):
         if not self.queue_url.startswith(("http://", "https://")):
@@ -62,9 +65,10 @@ class CorpusEventSettings:
             raise ValueError(f"COSYVOICE_CORPUS_EVENTS_VISIBILITY_S ({self.visibility_timeout_s}) must exceed "
                              f"COSYVOICE_CORPUS_EVENTS_TIME_BUDGET_S ({self.time_budget_s} > 0), or one tick "
                              f"receives its own messages twice; SQS allows at most {_MAX_VISIBILITY_S} s")
-        if self.max_messages < _BATCH or not 0 <= self.wait_s <= _MAX_WAIT_S:
-            raise ValueError(f"COSYVOICE_CORPUS_EVENTS_MAX_MESSAGES must be >= {_BATCH} (got {self.max_messages}) "
-                             f"and COSYVOICE_CORPUS_EVENTS_WAIT_S within 0-{_MAX_WAIT_S} (got {self.wait_s})")
+        if self.max_messages < _BATCH or not 0 <= self.wait_s <= _MAX_WAIT_S or not 1 <= self.receivers <= 32:
+            raise ValueError(f"COSYVOICE_CORPUS_EVENTS_MAX_MESSAGES must be >= {_BATCH} (got {self.max_messages}), "
+                             f"COSYVOICE_CORPUS_EVENTS_WAIT_S within 0-{_MAX_WAIT_S} (got {self.wait_s}) and "
+                             f"COSYVOICE_CORPUS_EVENTS_RECEIVERS within 1-32 (got {self.receivers})")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> CorpusEventSettings | None:
@@ -83,7 +87,7 @@ class CorpusEventSettings:
         return cls(url, visibility_timeout_s=number("VISIBILITY_S", cls.visibility_timeout_s),
                    max_messages=number("MAX_MESSAGES", cls.max_messages),
                    time_budget_s=number("TIME_BUDGET_S", cls.time_budget_s, float),
-                   wait_s=number("WAIT_S", cls.wait_s))
+                   wait_s=number("WAIT_S", cls.wait_s), receivers=number("RECEIVERS", cls.receivers))
 
 
 def sqs_client(queue_url: str, environ: Mapping[str, str] = os.environ):
@@ -98,6 +102,14 @@ def sqs_client(queue_url: str, environ: Mapping[str, str] = os.environ):
     return boto3.client("sqs", endpoint_url=endpoint, region_name=region)
 
 
+@dataclass
+class Consumed:
+    """What one tick took from the queue: messages received, and deletions the queue refused."""
+
+    received: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
 class CorpusEventQueue:
     """Receives and deletes the notifications on one SQS queue, within a tick's bounds."""
 
@@ -106,23 +118,47 @@ class CorpusEventQueue:
         self.client = client if client is not None else sqs_client(settings.queue_url)
         self._clock = clock
 
-    def receive(self) -> list[QueueMessage]:
-        """Messages until the queue answers empty, ``max_messages`` or ``time_budget_s``; each stays
-        invisible to other receives for ``visibility_timeout_s``. A message delivered twice in
-        one tick (SQS delivers at least once) is kept once, with its latest receipt handle."""
+    def consume(self, take: Callable[[QueueMessage], bool]) -> Consumed:
+        """Receive with ``receivers`` threads (10 messages a call) until the queue answers empty,
+        ``max_messages`` were taken or ``time_budget_s`` is spent. ``take`` sees each message once
+        (under a lock) and says whether it may be deleted now; those are deleted per received batch,
+        the rest stay invisible for ``visibility_timeout_s``. Messages over the cap are not taken:
+        they come back after their visibility timeout."""
         s = self.settings
-        started = self._clock()
-        received: dict[str, QueueMessage] = {}
-        while len(received) < s.max_messages and self._clock() - started < s.time_budget_s:
-            answer = self.client.receive_message(
-                QueueUrl=s.queue_url, MaxNumberOfMessages=min(_BATCH, s.max_messages - len(received)),
-                VisibilityTimeout=s.visibility_timeout_s, WaitTimeSeconds=s.wait_s)
-            batch = answer.get("Messages", [])
-            if not batch:
-                break
-            for m in batch:
-                received[m["MessageId"]] = QueueMessage(m["MessageId"], m["Body"], m["ReceiptHandle"])
-        return list(received.values())
+        deadline = self._clock() + s.time_budget_s
+        lock = threading.Lock()
+        seen: set[str] = set()
+        consumed = Consumed()
+
+        def receiver() -> None:
+            while self._clock() < deadline:
+                with lock:
+                    room = s.max_messages - len(seen)
+                if room <= 0:
+                    return
+                batch = self.client.receive_message(
+                    QueueUrl=s.queue_url, MaxNumberOfMessages=min(_BATCH, room),
+                    VisibilityTimeout=s.visibility_timeout_s, WaitTimeSeconds=s.wait_s).get("Messages", [])
+                if not batch:
+                    return
+                deletable = []
+                with lock:
+                    for m in batch:
+                        if m["MessageId"] in seen or len(seen) >= s.max_messages:
+                            continue  # delivered twice in this tick (at least once), or over the cap
+                        seen.add(m["MessageId"])
+                        message = QueueMessage(m["MessageId"], m["Body"], m["ReceiptHandle"])
+                        if take(message):
+                            deletable.append(message)
+                refused = self.delete(deletable)
+                with lock:
+                    consumed.refused += refused
+
+        with ThreadPoolExecutor(s.receivers, thread_name_prefix="corpus-events") as pool:
+            for future in [pool.submit(receiver) for _ in range(s.receivers)]:
+                future.result()
+        consumed.received = len(seen)
+        return consumed
 
     def delete(self, messages: Sequence[QueueMessage]) -> list[str]:
         """Delete ``messages`` (10 per call); returns ``"<message id>: <reason>"`` for each the queue
@@ -152,24 +188,21 @@ def corpus_events_tick(context: dg.SensorEvaluationContext, corpus_root: str, se
                        queue: CorpusEventQueue | None = None) -> dg.SensorResult:
     """One tick of the event mode (see the module docstring): receive, plan, delete what is
     covered, log what was ignored and why, request the stale manifest partitions."""
-    router = EventRouter.for_root(corpus_root, partitions, parts)
-    queue = queue or CorpusEventQueue(settings)
-    messages = queue.receive()
-    plan = plan_tick(messages, EventCursor.from_json(context.cursor), router)
-    refused = queue.delete(plan.delete)
+    plan = TickPlan(EventCursor.from_json(context.cursor), EventRouter.for_root(corpus_root, partitions, parts))
+    consumed = (queue or CorpusEventQueue(settings)).consume(plan.add)
     log = context.log
     for message, error in plan.malformed:
         log.error(f"queue message {message.message_id} is not an S3 event notification, left on the queue for its "
                   f"dead-letter queue: {error}; body starts {message.body[:200]!r}")
     if plan.ignored.counts:
         log.warning(f"{sum(plan.ignored.counts.values())} event(s) need no manifest run: {plan.ignored.summary()}")
-    if refused:
-        log.warning(f"the queue refused {len(refused)} deletion(s); they return and a later tick deletes them: "
-                    f"{refused[:3]}")
+    if consumed.refused:
+        log.warning(f"the queue refused {len(consumed.refused)} deletion(s); they return and a later tick deletes "
+                    f"them: {consumed.refused[:3]}")
     for change in sorted(plan.changes.values(), key=lambda c: c.partition):
         log.info(f"{change.partition}: {len(change.events)} new event(s) ({change.removed} removal(s)) "
                  f"up to {change.watermark.isoformat()}")
-    summary = (f"{len(messages)} message(s): {len(plan.changes)} partition(s) changed, "
+    summary = (f"{consumed.received} message(s): {len(plan.changes)} partition(s) changed, "
                f"{plan.covered_events} event(s) already covered, {len(plan.delete)} message(s) deleted, "
                f"{len(plan.keep)} kept until covered, {len(plan.malformed)} malformed")
     log.info(summary)

@@ -249,44 +249,55 @@ class IgnoredEvents:
 
 @dataclass
 class TickPlan:
-    """What one tick does with the messages it received.
+    """What one tick does with the messages it receives, message by message (:meth:`add`), so a
+    message can be deleted as soon as it is received when nothing in it is new.
 
     ``changes``: one run request per partition. ``delete``: messages safe to delete now (every event
-    in them is irrelevant or covered by the stored cursor). ``keep``: messages with new events; they
-    are deleted by a later tick, once the cursor that covers them was stored with the requests.
+    in them is irrelevant or covered by the ``stored`` cursor). ``keep``: messages with new events;
+    a later tick deletes them, once the cursor that covers them was stored with the requests.
     ``malformed``: left on the queue (its redrive policy moves them to a dead-letter queue)."""
 
+    stored: EventCursor
+    router: EventRouter
     changes: dict[str, PartitionChange] = field(default_factory=dict)
     delete: list[QueueMessage] = field(default_factory=list)
     keep: list[QueueMessage] = field(default_factory=list)
     malformed: list[tuple[QueueMessage, str]] = field(default_factory=list)
     ignored: IgnoredEvents = field(default_factory=IgnoredEvents)
     covered_events: int = 0
-    cursor: EventCursor = field(default_factory=EventCursor)
+
+    def add(self, message: QueueMessage) -> bool:
+        """Take ``message`` into the plan; True when it may be deleted now."""
+        try:
+            parsed = parse_message(message.body)
+        except MalformedMessage as exc:
+            self.malformed.append((message, str(exc)))
+            return False
+        for reason, detail in parsed.ignored:
+            self.ignored.add(reason, detail)
+        new = False
+        for event in parsed.events:
+            partition, reason = self.router.route(event)
+            if partition is None:
+                self.ignored.add(reason or "", f"s3://{event.bucket}/{event.key}")
+            elif self.stored.covers(partition, event):
+                self.covered_events += 1
+            else:
+                self.changes.setdefault(partition, PartitionChange(partition)).add(event)
+                new = True
+        (self.keep if new else self.delete).append(message)
+        return not new
+
+    @property
+    def cursor(self) -> EventCursor:
+        """The cursor to store with this tick's requests."""
+        return self.stored.advanced(self.changes.values())
 
 
 def plan_tick(messages: Iterable[QueueMessage], cursor: EventCursor, router: EventRouter) -> TickPlan:
     """Group the messages' events into one change per manifest partition, skipping what ``cursor``
     already covers, and sort the messages into delete-now, keep-until-covered and malformed."""
-    plan = TickPlan()
+    plan = TickPlan(cursor, router)
     for message in messages:
-        try:
-            parsed = parse_message(message.body)
-        except MalformedMessage as exc:
-            plan.malformed.append((message, str(exc)))
-            continue
-        for reason, detail in parsed.ignored:
-            plan.ignored.add(reason, detail)
-        new = False
-        for event in parsed.events:
-            partition, reason = router.route(event)
-            if partition is None:
-                plan.ignored.add(reason or "", f"s3://{event.bucket}/{event.key}")
-            elif cursor.covers(partition, event):
-                plan.covered_events += 1
-            else:
-                plan.changes.setdefault(partition, PartitionChange(partition)).add(event)
-                new = True
-        (plan.keep if new else plan.delete).append(message)
-    plan.cursor = cursor.advanced(plan.changes.values())
+        plan.add(message)
     return plan

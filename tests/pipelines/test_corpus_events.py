@@ -7,7 +7,7 @@ import boto3
 import dagster as dg
 import pytest
 
-from pipelines.corpus_events import CorpusEventSettings, corpus_events_tick
+from pipelines.corpus_events import CorpusEventQueue, CorpusEventSettings, corpus_events_tick
 from pipelines.resources import CorpusResource
 from pipelines.sensors import corpus_sensor
 
@@ -115,3 +115,32 @@ def test_event_settings_are_validated_and_absent_without_a_queue_url():
                                       "COSYVOICE_CORPUS_EVENTS_VISIBILITY_S": "20"})
     with pytest.raises(ValueError, match="not an SQS queue URL"):
         CorpusEventSettings.from_env({"COSYVOICE_CORPUS_EVENTS_QUEUE_URL": "my-queue"})
+
+
+class FakeSqs:
+    """Answers receive calls from a script of batches and refuses chosen deletions (no server needed)."""
+
+    def __init__(self, batches, refuse=()):
+        self.batches, self.refuse, self.deleted = list(batches), set(refuse), []
+
+    def receive_message(self, **kwargs):
+        return {"Messages": self.batches.pop(0)[:kwargs["MaxNumberOfMessages"]] if self.batches else []}
+
+    def delete_message_batch(self, QueueUrl, Entries):  # noqa: N803 (boto3's names)
+        self.deleted += [e["ReceiptHandle"] for e in Entries if e["ReceiptHandle"] not in self.refuse]
+        return {"Failed": [{"Id": e["Id"], "Code": "ReceiptHandleIsInvalid"} for e in Entries
+                           if e["ReceiptHandle"] in self.refuse]}
+
+
+def test_a_tick_takes_each_message_once_stops_at_the_cap_and_reports_refused_deletions():
+    def batch(*ids):
+        return [{"MessageId": i, "Body": i, "ReceiptHandle": f"r-{i}"} for i in ids]
+
+    sqs = FakeSqs([batch(*"abcdefghij"), batch("a", "k", "x"), batch("l", "m"), batch("n")], refuse={"r-b"})
+    settings = CorpusEventSettings("http://127.0.0.1:1/q", max_messages=12, receivers=1)
+    taken = []
+    consumed = CorpusEventQueue(settings, client=sqs).consume(lambda m: taken.append(m.message_id) or True)
+    assert taken == [*"abcdefghij", "k", "l"]  # "a" delivered twice is taken once; no receive beyond the cap
+    assert sqs.batches == [batch("n")]
+    assert consumed.received == 12 and consumed.refused == ["b: ReceiptHandleIsInvalid"]
+    assert sqs.deleted == [f"r-{i}" for i in "acdefghijkl"]
