@@ -18,22 +18,35 @@ Output folder (``dest``):
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.corpus.kaldi import DataDir, format_tsv, spk2utt_of
-from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, ScanResult, scan_subset
-from cosyvoice.corpus.shard_plan import PLAN_FILE, dumps_plan, plan_shards
+from cosyvoice.corpus.kaldi import format_tsv
+from cosyvoice.corpus.parts import SubsetPart, check_coverage
+from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, Kept, SubsetWalk, check_stream
+from cosyvoice.corpus.shard_plan import PLAN_FILE, PlanWriter
+from cosyvoice.corpus.sorted_runs import SortedRuns
+from cosyvoice.corpus.staged_output import StagedOutput
 from cosyvoice.problems import UtteranceProblem
 
 LIBRITTS_SUBSETS = (
     "dev-clean", "test-clean", "dev-other", "test-other",
     "train-clean-100", "train-clean-360", "train-other-500",
 )
+
+
+#: checked utterances sorted in memory at a time before they are spilled to a sorted run
+DEFAULT_BATCH = 20_000
+#: durations the report keeps for its histogram; beyond that an evenly spaced sample
+DURATION_SAMPLE = 65_536
+#: characters of spk2utt blocks held before they are spilled to a sorted run
+_BLOCK_CHARS = 8 << 20
 
 
 @dataclass
@@ -50,7 +63,8 @@ class ManifestReport:
     quarantined: list[UtteranceProblem]
     long_audio: list[tuple[str, float]]
     shard_keys: list[str]
-    durations: list[float] = field(repr=False)
+    #: kept durations in utterance order: all of them up to DURATION_SAMPLE, else every k-th (a histogram's input)
+    durations: Sequence[float] = field(repr=False)
     files_written: dict[str, bool] = field(default_factory=dict)  # name -> changed
     seconds: float = 0.0
 
@@ -96,16 +110,26 @@ def subset_name(src: str) -> str:
     return os.path.basename(src.rstrip("/")) or src
 
 
-def build_data_dir(scan: ScanResult, instruct: str | None = None) -> DataDir:
-    utt2spk = {u.utt: u.spk for u in scan.kept}
-    return DataDir(
-        wav={u.utt: u.path for u in scan.kept},
-        text={u.utt: u.text for u in scan.kept},
-        utt2spk=utt2spk,
-        spk2utt=spk2utt_of(utt2spk),
-        instruct={u.utt: instruct for u in scan.kept} if instruct else None,
-        utt2dur={u.utt: u.audio.duration for u in scan.kept},
-    )
+def subset_walk(src: str, part: SubsetPart | None = None, parts: Mapping[str, list[str]] | None = None) -> SubsetWalk:
+    """The walk over ``src`` that ``part`` covers. When ``parts`` (the split spec, see
+    ``cosyvoice.corpus.parts``) splits the part's subset, ``part`` must be one of its parts and every
+    speaker folder must belong to one (else ValueError, naming the folders). Files lying directly in
+    the subset folder (always misplaced) are quarantined by the part whose prefix starts their name,
+    or by the first part when none does, so each is reported exactly once."""
+    if part is None or part.prefix is None:
+        return SubsetWalk(src)
+    prefixes = list((parts or {}).get(part.subset) or [])
+    if prefixes and part.prefix not in prefixes:
+        raise ValueError(f"{part.key}: {part.prefix!r} is not one of the prefixes {prefixes} that split {part.subset}")
+    prefix = part.prefix
+
+    def take_loose_file(name: str) -> bool:
+        return name.startswith(prefix) or (prefixes[:1] == [prefix] and not any(name.startswith(p) for p in prefixes))
+
+    walk = SubsetWalk(src, take_folder=part.selects, take_loose_file=take_loose_file)
+    if prefixes:
+        check_coverage(part.subset, walk.speaker_folders(), parts or {})
+    return walk
 
 
 def prepare_libritts(
@@ -119,36 +143,175 @@ def prepare_libritts(
     policy: AudioPolicy = DEFAULT_POLICY,
     executor: Executor | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    part: SubsetPart | None = None,
+    parts: Mapping[str, list[str]] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    work_dir: str | None = None,
 ) -> ManifestReport:
     """Scan one LibriTTS subset folder (``src``, local or ``s3://``) and write its manifest to ``dest``.
 
-    Re-running on unchanged input rewrites nothing (files are compared before they are stored).
+    ``part``: only the speaker folders of this part of a split subset (``parts``: the split spec,
+    checked for coverage; see :func:`subset_walk`); its key names the shards (``subset`` overrides).
+    Memory stays flat in the number of utterances: checked utterances are sorted ``batch_size`` at a
+    time into run files under ``work_dir`` (default TMPDIR; about 200 bytes per utterance) and merged
+    while the outputs are streamed. Re-running on unchanged input rewrites nothing.
     """
     started = time.perf_counter()
-    subset = subset or subset_name(src)
-    scan = scan_subset(src, policy=policy, executor=executor, num_workers=num_workers, progress=progress)
-    data = build_data_dir(scan, instruct)
-    plan = plan_shards(subset, data.wav, utts_per_shard)
-    long_audio = [(u.utt, u.path, u.audio.duration) for u in scan.kept
-                  if u.audio.duration > policy.long_audio_seconds]
+    subset = subset or (part.key if part is not None else subset_name(src))
+    if utts_per_shard < 1:
+        raise ValueError(f"utts_per_shard must be >= 1, got {utts_per_shard}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    walk = subset_walk(src, part, parts)
+    with tempfile.TemporaryDirectory(prefix="cosyvoice-manifest-", dir=work_dir) as tmp:
+        kept = SortedRuns(tmp, "kept", 4)
+        results: Iterable = check_stream(walk.src, walk, policy=policy, executor=executor, num_workers=num_workers)
+        problems = _sort_into_runs(progress(results) if progress is not None else results, kept, batch_size)
+        problems += walk.problems
+        storage.makedirs(dest)
+        report = _write_manifest(kept.merged(), problems, dest, subset=subset, instruct=instruct,
+                                 utts_per_shard=utts_per_shard, policy=policy, tmp=tmp)
+    report.src, report.files_found, report.seconds = src, walk.found, time.perf_counter() - started
+    return report
 
-    outputs = data.files()
-    outputs["quarantine.tsv"] = format_tsv((q.utt, q.path, q.reason) for q in scan.quarantined)
-    outputs["long_audio.tsv"] = format_tsv((utt, path, f"{secs:.4f}") for utt, path, secs in long_audio)
-    outputs[PLAN_FILE] = dumps_plan(plan)  # last: its presence marks a complete manifest
-    storage.makedirs(dest)
-    written = {name: storage.write_text(storage.join(dest, name), content).changed
-               for name, content in outputs.items()}
-    stale = [name for name in ("instruct",) if name not in outputs and storage.exists(storage.join(dest, name))]
-    for name in stale:  # a previous run with --instruct must not leave a file that no longer applies
-        storage.remove(storage.join(dest, name))
-        written[name] = True
 
-    durations = [u.audio.duration for u in scan.kept]
+def _sort_into_runs(results: Iterable[Kept | UtteranceProblem], runs: SortedRuns, batch_size: int) -> list[UtteranceProblem]:
+    problems: list[UtteranceProblem] = []
+    batch: list[tuple[str, str, str, str]] = []
+    for item in results:
+        if isinstance(item, UtteranceProblem):
+            problems.append(item)
+            continue
+        utt, path, seconds, text = item
+        batch.append((utt, path, repr(seconds), text))
+        if len(batch) >= batch_size:
+            batch.sort()
+            runs.add_sorted(batch)
+            batch = []
+    batch.sort()
+    runs.add_sorted(batch)
+    return problems
+
+
+def _write_manifest(kept: Iterator[tuple[str, ...]], problems: list[UtteranceProblem], dest: str, *, subset: str,
+                    instruct: str | None, utts_per_shard: int, policy: AudioPolicy, tmp: str) -> ManifestReport:
+    """One pass over the kept utterances in (utt, path) order: the first of equal ids is kept (the
+    smaller path), later ones are quarantined; every output is streamed; shards.json is published last."""
+    names = ["wav.scp", "text", "utt2spk", "spk2utt", *(["instruct"] if instruct else []), "utt2dur",
+             "quarantine.tsv", "long_audio.tsv", PLAN_FILE]
+    outs = {name: StagedOutput(storage.join(dest, name)) for name in names}
+    try:
+        wav, text_out, utt2spk, utt2dur, long_out = (outs[n].write for n in ("wav.scp", "text", "utt2spk", "utt2dur",
+                                                                             "long_audio.tsv"))
+        instruct_out = outs["instruct"].write if instruct else None
+        plan = PlanWriter(subset, utts_per_shard, outs[PLAN_FILE].write)
+        blocks = _SpeakerBlocks(SortedRuns(tmp, "spk2utt", 3))
+        durations = _DurationSample(DURATION_SAMPLE)
+        long_audio: list[tuple[str, float]] = []
+        count, total = 0, 0.0
+        prev_utt, prev_path = None, ""
+        for utt, path, seconds_repr, text in kept:
+            if utt == prev_utt:
+                problems.append(UtteranceProblem(utt, path, "duplicate_utt_id", f"utterance id already used by {prev_path}"))
+                continue
+            prev_utt, prev_path = utt, path
+            seconds = float(seconds_repr)
+            spk = utt.split("_", 1)[0]
+            wav(f"{utt} {path}\n")
+            text_out(f"{utt} {text}\n")
+            utt2spk(f"{utt} {spk}\n")
+            if instruct_out is not None:
+                instruct_out(f"{utt} {instruct}\n")
+            utt2dur(f"{utt} {seconds:.4f}\n")
+            if seconds > policy.long_audio_seconds:
+                long_out(f"{utt}\t{path}\t{seconds:.4f}\n")
+                long_audio.append((utt, seconds))
+            plan.add(utt)
+            blocks.add(spk, utt)
+            durations.add(seconds)
+            count += 1
+            total += seconds
+        speakers = 0
+        for line in blocks.lines():
+            outs["spk2utt"].write(line)
+            speakers += 1
+        problems.sort(key=lambda q: (q.utt, q.path))
+        outs["quarantine.tsv"].write(format_tsv((q.utt, q.path, q.reason) for q in problems))
+        keys = plan.close()
+        written = {name: out.publish() for name, out in outs.items()}  # in order: shards.json last
+    except BaseException:
+        for out in outs.values():
+            out.discard()
+        raise
+    if not instruct and storage.exists(storage.join(dest, "instruct")):
+        storage.remove(storage.join(dest, "instruct"))  # a previous run with --instruct must not leave it behind
+        written["instruct"] = True
     return ManifestReport(
-        subset=subset, src=src, dest=dest, files_found=scan.files_found,
-        utterances=len(scan.kept), speakers=len(data.spk2utt), audio_seconds=sum(durations),
-        quarantined=scan.quarantined, long_audio=[(utt, secs) for utt, _, secs in long_audio],
-        shard_keys=list(plan), durations=durations, files_written=written,
-        seconds=time.perf_counter() - started,
+        subset=subset, src="", dest=dest, files_found=0, utterances=count, speakers=speakers, audio_seconds=total,
+        quarantined=problems, long_audio=long_audio, shard_keys=keys, durations=durations.values,
+        files_written=written,
     )
+
+
+class _SpeakerBlocks:
+    """spk2utt without holding it: in utterance-id order a speaker's ids form one block (ids
+    ``S_*`` are contiguous; only an id equal to ``S`` itself may stand apart), but blocks come in
+    ``S + "_"`` order, not speaker order (``1001_*`` sorts before ``100_*``). Blocks are spilled to
+    sorted runs by (speaker, first id) and merged; consecutive blocks of one speaker are joined."""
+
+    def __init__(self, runs: SortedRuns):
+        self.runs = runs
+        self._spk: str | None = None
+        self._utts: list[str] = []
+        self._pending: list[tuple[str, str, str]] = []
+        self._chars = 0
+
+    def add(self, spk: str, utt: str) -> None:
+        if spk != self._spk:
+            self._end_block()
+            self._spk = spk
+        self._utts.append(utt)
+
+    def lines(self) -> Iterator[str]:
+        """``spk utt1 utt2 ...\\n`` per speaker, sorted by speaker."""
+        self._end_block()
+        self._spill()
+        current, joined = None, []
+        for spk, _first, utts in self.runs.merged():
+            if spk != current:
+                if current is not None:
+                    yield f"{current} {' '.join(joined)}\n"
+                current, joined = spk, []
+            joined.append(utts)
+        if current is not None:
+            yield f"{current} {' '.join(joined)}\n"
+
+    def _end_block(self) -> None:
+        if self._spk is not None and self._utts:
+            block = " ".join(self._utts)
+            self._pending.append((self._spk, self._utts[0], block))
+            self._chars += len(block)
+            self._utts = []
+            if self._chars >= _BLOCK_CHARS:
+                self._spill()
+
+    def _spill(self) -> None:
+        self._pending.sort()
+        self.runs.add_sorted(self._pending)
+        self._pending, self._chars = [], 0
+
+
+class _DurationSample:
+    """Every ``stride``-th value, the stride doubling whenever ``cap`` values are held (bounded, evenly spaced)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.stride, self.seen = cap, 1, 0
+        self.values = array("d")
+
+    def add(self, value: float) -> None:
+        if self.seen % self.stride == 0:
+            self.values.append(value)
+            if len(self.values) > self.cap:
+                self.values = self.values[::2]
+                self.stride *= 2
+        self.seen += 1

@@ -1,19 +1,29 @@
-"""Discover and validate the utterances of one LibriTTS subset.
+"""Discover and validate the utterances of one LibriTTS subset, folder by folder.
 
 Discovery follows the upstream recipe (``<subset>/<speaker>/<chapter>/*wav``, utterance id =
 file name without ``.wav``, speaker = text before the first ``_``, text = first line of
 ``<utt>.normalized.txt``), but where upstream silently skips or crashes, every candidate file
 ends up either *kept* or *quarantined with a reason*: ``kept + quarantined == found``.
+
+A subset may hold tens of millions of files, so nothing here lists it whole: :class:`SubsetWalk`
+lists the subset folder once (its speaker folders), then one speaker folder at a time (local:
+``os.scandir`` per folder; object stores: one paginated listing per speaker prefix), and
+:func:`check_stream` validates the candidates in bounded chunks on an executor, keeping a bounded
+number of chunks in flight. Speaker and chapter folders are visited in ``name + "_"`` order and files
+by utterance id, so a well-formed corpus comes out in utterance-id order (cheap to sort downstream);
+correctness never depends on it.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import multiprocessing
 import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cosyvoice import storage
@@ -24,6 +34,9 @@ TEXT_SUFFIX = ".normalized.txt"
 _WHITESPACE = re.compile(r"\s")
 #: below this many files a local scan runs in-process (a pool costs more than it saves)
 _POOL_THRESHOLD = 2000
+#: candidates per task: a process worker gets many (amortises pickling), a thread few (each check
+#: waits on its own GETs, so small tasks keep every thread's request in flight)
+PROCESS_CHUNK, THREAD_CHUNK = 256, 4
 
 #: every quarantine reason this stage can give, with what it means for the user
 QUARANTINE_REASONS = {
@@ -64,18 +77,6 @@ class Utterance:
     path: str
     text: str
     audio: AudioInfo
-
-
-@dataclass
-class ScanResult:
-    kept: list[Utterance]
-    quarantined: list[UtteranceProblem]
-    files_found: int
-
-
-def _relative_parts(root: str, url: str) -> list[str]:
-    rel = url[len(root):].lstrip("/" if not storage.is_local(root) else os.sep + "/")
-    return rel.replace(os.sep, "/").split("/")
 
 
 def utterance_id(path: str) -> str:
@@ -120,8 +121,160 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
     return Utterance(utt=utt, spk=utt.split("_")[0], path=path, text=text, audio=info)
 
 
-def _check_chunk(chunk: list[tuple[str, int, str]], policy: AudioPolicy) -> list[Utterance | UtteranceProblem]:
-    return [_check_one(path, size, text_path, policy) for path, size, text_path in chunk]
+
+#: an audio file to check: (url, size in bytes, url of its .normalized.txt)
+Candidate = tuple[str, int, str]
+#: a kept utterance as it travels between processes and into the sorted runs: (utt, url, seconds, text)
+Kept = tuple[str, str, float, str]
+
+
+def _kept(item: Utterance | UtteranceProblem) -> Kept | UtteranceProblem:
+    if isinstance(item, UtteranceProblem):
+        return item
+    return item.utt, item.path, item.audio.duration, item.text
+
+
+def _check_chunk(chunk: list[Candidate], policy: AudioPolicy) -> list[Kept | UtteranceProblem]:
+    return [_kept(_check_one(path, size, text_path, policy)) for path, size, text_path in chunk]
+
+
+def folder_order(name: str) -> str:
+    """Sort key of speaker/chapter folders: ``"100"`` after ``"1001"``, as utterance ids ``100_...``
+    sort after ``1001_...`` (``'1' < '_'``)."""
+    return name + "_"
+
+
+def classify(url: str, name: str, depth: int, has_text: Callable[[str], bool]) -> Candidate | UtteranceProblem | None:
+    """What the listing alone says about one file ``depth`` path segments below the subset folder:
+    a candidate to check (size filled in by the caller), a quarantine entry, or None (not audio)."""
+    if not name.lower().endswith("wav"):
+        return None
+    utt = utterance_id(url)
+    if name.startswith("."):
+        return UtteranceProblem(utt, url, "hidden_file", "hidden file (name starts with '.')")
+    if depth != 3:
+        return UtteranceProblem(utt, url, "misplaced_file", "expected <speaker>/<chapter>/<utt>.wav below the subset folder")
+    if not name.endswith(".wav"):
+        return UtteranceProblem(utt, url, "bad_suffix", "name ends in 'wav' but not '.wav'")
+    if _WHITESPACE.search(url):
+        return UtteranceProblem(utt, url, "whitespace_in_path",
+                                "path contains whitespace; kaldi files are whitespace separated")
+    text_path = url[: -len(".wav")] + TEXT_SUFFIX
+    if not has_text(text_path):
+        return UtteranceProblem(utt, url, "missing_text", f"{text_path} does not exist")
+    return url, 0, text_path
+
+
+class SubsetWalk:
+    """The audio candidates below one subset folder, one speaker folder at a time.
+
+    Iterating yields the candidates to check; what the listing alone rules out is appended to
+    ``problems`` and every audio file counts in ``found``. ``take_folder`` / ``take_loose_file``
+    choose the speaker folders and the files lying directly in the subset folder that this walk
+    covers (a part of a split subset); hidden folders are never entered, as upstream's glob never does.
+    """
+
+    def __init__(self, src: str, *, take_folder: Callable[[str], bool] = lambda name: True,
+                 take_loose_file: Callable[[str], bool] = lambda name: True):
+        if storage.is_local(src):
+            src = storage.strip_protocol(src)  # file:// URLs list as plain paths
+        self.src = src.rstrip("/") if len(src) > 1 else src
+        self.local = storage.is_local(self.src)
+        self.take_folder, self.take_loose_file = take_folder, take_loose_file
+        self.found = 0
+        self.problems: list[UtteranceProblem] = []
+        self._top: tuple[list[str], list[tuple[str, str, int]]] | None = None
+
+    def speaker_folders(self) -> list[str]:
+        """Every (non-hidden) folder directly in the subset folder, whichever part takes it."""
+        return list(self._top_level()[0])
+
+    def __iter__(self) -> Iterator[Candidate]:
+        folders, loose = self._top_level()
+        for url, name, size in loose:
+            if self.take_loose_file(name):
+                yield from self._emit([(url, name, 1, size)], lambda _: False)
+        for name in sorted((f for f in folders if self.take_folder(f)), key=folder_order):
+            if self.local:
+                yield from self._walk_local(os.path.join(self.src, name), 2)
+            else:
+                yield from self._walk_remote(name)
+
+    def _top_level(self) -> tuple[list[str], list[tuple[str, str, int]]]:
+        if self._top is None:
+            self._top = storage.retrying(self._list_top, what=f"list {self.src}")
+        return self._top
+
+    def _list_top(self) -> tuple[list[str], list[tuple[str, str, int]]]:
+        folders: list[str] = []
+        loose: list[tuple[str, str, int]] = []  # (url, name, size)
+        if self.local:
+            if not os.path.isdir(self.src):
+                raise FileNotFoundError(f"{self.src}: no such directory")
+            with os.scandir(self.src) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        if not entry.name.startswith("."):
+                            folders.append(entry.name)
+                    elif entry.is_file():
+                        loose.append((entry.path, entry.name, -1))
+            return folders, loose
+        fs, root = storage.filesystem(self.src), storage.strip_protocol(self.src).rstrip("/")
+        if not fs.isdir(root):
+            raise FileNotFoundError(f"{self.src}: no such prefix")
+        for info in fs.ls(root, detail=True):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "directory":
+                if not name.startswith("."):
+                    folders.append(name)
+            elif info.get("type", "file") == "file":
+                loose.append((storage.with_protocol(self.src, info["name"]), name, int(info.get("size") or 0)))
+        return folders, loose
+
+    def _emit(self, files: list[tuple[str, str, int, int]], has_text: Callable[[str], bool]) -> Iterator[Candidate]:
+        """Classify ``(url, name, depth, size)`` files of one folder in utterance-id order (size -1: stat it)."""
+        for url, name, depth, size in sorted(files, key=lambda f: (utterance_id(f[1]), f[0])):
+            verdict = classify(url, name, depth, has_text)
+            if verdict is None:
+                continue
+            self.found += 1
+            if isinstance(verdict, UtteranceProblem):
+                self.problems.append(verdict)
+            else:
+                yield url, size if size >= 0 else os.stat(url).st_size, verdict[2]
+
+    def _walk_local(self, folder: str, depth: int) -> Iterator[Candidate]:
+        """``depth``: path segments below the subset folder of the files in ``folder``."""
+        files: dict[str, str] = {}
+        subfolders: list[str] = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    if not entry.name.startswith("."):
+                        subfolders.append(entry.name)
+                elif entry.is_file():
+                    files[entry.path] = entry.name
+        yield from self._emit([(url, name, depth, -1) for url, name in files.items() if name.lower().endswith("wav")],
+                              files.__contains__)
+        for name in sorted(subfolders, key=folder_order):
+            yield from self._walk_local(os.path.join(folder, name), depth + 1)
+
+    def _walk_remote(self, speaker: str) -> Iterator[Candidate]:
+        """One paginated listing of the speaker prefix; the listing cache it fills is dropped afterwards
+        (it would otherwise grow with the whole corpus)."""
+        fs, root = storage.filesystem(self.src), storage.strip_protocol(self.src).rstrip("/")
+        prefix = f"{root}/{speaker}"
+        listing = storage.retrying(fs.find, prefix, detail=True, what=f"list {prefix}")
+        keys = {path for path, info in listing.items() if info.get("type", "file") == "file"}
+        files = []
+        for path in keys:
+            parts = path[len(root) + 1:].split("/")
+            if any(p.startswith(".") for p in parts[:-1]) or not parts[-1].lower().endswith("wav"):
+                continue
+            files.append((storage.with_protocol(self.src, path), parts[-1], len(parts), int(listing[path].get("size") or 0)))
+        for folder in {path.rsplit("/", 1)[0] for path in listing}:
+            fs.invalidate_cache(folder)
+        yield from self._emit(files, lambda text_url: storage.strip_protocol(text_url) in keys)
 
 
 def default_executor(src: str, num_files: int, num_workers: int) -> Executor | None:
@@ -138,84 +291,51 @@ def default_executor(src: str, num_files: int, num_workers: int) -> Executor | N
     return ThreadPoolExecutor(max_workers=max(1, num_workers))
 
 
-def _run_checks(candidates, policy, executor: Executor | None, workers: int) -> Iterator[Utterance | UtteranceProblem]:
-    if executor is None:
-        for path, size, text_path in candidates:
-            yield _check_one(path, size, text_path, policy)
-        return
-    size = max(16, min(512, len(candidates) // (max(workers, 1) * 8) or 16))
-    chunks = [candidates[i:i + size] for i in range(0, len(candidates), size)]
-    for results in executor.map(_check_chunk, chunks, [policy] * len(chunks)):
-        yield from results
-
-
-def scan_subset(
+def check_stream(
     src: str,
+    candidates: Iterable[Candidate],
     *,
     policy: AudioPolicy = DEFAULT_POLICY,
     executor: Executor | None = None,
     num_workers: int = 8,
-    progress: Callable[[Iterable], Iterable] | None = None,
-) -> ScanResult:
-    """Find every audio candidate below ``src`` and validate it (headers checked in parallel).
+    chunk_size: int | None = None,
+) -> Iterator[Kept | UtteranceProblem]:
+    """Validate ``candidates`` (text + header checks), yielding one result per candidate in their order.
 
-    ``executor`` may be any ``concurrent.futures.Executor``; by default see ``default_executor``.
-    ``progress`` wraps the per-file result iterator (e.g. tqdm).
+    ``executor`` may be any ``concurrent.futures.Executor``; by default see ``default_executor``
+    (decided once the first ``_POOL_THRESHOLD`` candidates are known, so a small subset runs
+    in-process). At most a few chunks per worker are in flight: memory does not grow with the subset.
     """
-    if storage.is_local(src):
-        src = storage.strip_protocol(src)  # file:// URLs list as plain paths
-    src = src.rstrip("/") if len(src) > 1 else src
-    listing = storage.list_files(src)
-    files = {url: size for url, size in listing}
-    quarantined: list[UtteranceProblem] = []
-    candidates: list[tuple[str, int, str]] = []
-    found = 0
-    for url, size in listing:
-        parts = _relative_parts(src, url)
-        name = parts[-1]
-        if not name.lower().endswith("wav") or any(p.startswith(".") for p in parts[:-1]):
-            continue  # text files, and hidden folders which upstream's glob never enters
-        found += 1
-        utt = utterance_id(url)
-        if name.startswith("."):
-            quarantined.append(UtteranceProblem(utt, url, "hidden_file", "hidden file (name starts with '.')"))
-        elif len(parts) != 3:
-            quarantined.append(UtteranceProblem(utt, url, "misplaced_file",
-                                           "expected <speaker>/<chapter>/<utt>.wav below the subset folder"))
-        elif not name.endswith(".wav"):
-            quarantined.append(UtteranceProblem(utt, url, "bad_suffix", "name ends in 'wav' but not '.wav'"))
-        elif _WHITESPACE.search(url):
-            quarantined.append(UtteranceProblem(utt, url, "whitespace_in_path",
-                                           "path contains whitespace; kaldi files are whitespace separated"))
-        else:
-            text_path = url[: -len(".wav")] + TEXT_SUFFIX
-            if text_path not in files:
-                quarantined.append(UtteranceProblem(utt, url, "missing_text", f"{text_path} does not exist"))
-            else:
-                candidates.append((url, size, text_path))
-
+    candidates = iter(candidates)
+    head = list(itertools.islice(candidates, _POOL_THRESHOLD))
     own_pool = executor is None
-    pool = default_executor(src, len(candidates), num_workers) if own_pool else executor
+    pool = default_executor(src, len(head), num_workers) if own_pool else executor
+    if pool is None:
+        for path, size, text_path in itertools.chain(head, candidates):
+            yield _kept(_check_one(path, size, text_path, policy))
+        return
+    in_flight: collections.deque[Future] = collections.deque()
+    workers = max(1, getattr(pool, "_max_workers", num_workers))
+    if chunk_size is None:
+        chunk_size = THREAD_CHUNK if isinstance(pool, ThreadPoolExecutor) else PROCESS_CHUNK
+    limit = 4 * workers
     try:
-        results: Iterable = _run_checks(candidates, policy, pool, num_workers)
-        if progress is not None:
-            results = progress(results)
-        checked = list(results)
+        chunks = _chunks(itertools.chain(head, candidates), chunk_size)
+        del head
+        for chunk in chunks:
+            in_flight.append(pool.submit(_check_chunk, chunk, policy))
+            while len(in_flight) >= limit:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
     finally:
-        if own_pool and pool is not None:
-            pool.shutdown()
+        for future in in_flight:
+            future.cancel()
+        if own_pool:
+            pool.shutdown(cancel_futures=True)
 
-    kept: list[Utterance] = []
-    seen: dict[str, str] = {}
-    for item in sorted(checked, key=lambda r: r.path):
-        if isinstance(item, UtteranceProblem):
-            quarantined.append(item)
-        elif item.utt in seen:
-            quarantined.append(UtteranceProblem(item.utt, item.path, "duplicate_utt_id",
-                                           f"utterance id already used by {seen[item.utt]}"))
-        else:
-            seen[item.utt] = item.path
-            kept.append(item)
-    kept.sort(key=lambda u: u.utt)
-    quarantined.sort(key=lambda q: (q.utt, q.path))
-    return ScanResult(kept=kept, quarantined=quarantined, files_found=found)
+
+def _chunks(items: Iterable[Candidate], size: int) -> Iterator[list[Candidate]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk

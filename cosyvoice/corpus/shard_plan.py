@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
 
 from cosyvoice import storage
 
@@ -64,6 +65,47 @@ def plan_shards(subset: str, utts: Iterable[str], utts_per_shard: int = 1000) ->
 
 def dumps_plan(plan: dict[str, list[str]]) -> str:
     return json.dumps(plan, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+#: shard indices have six digits; from a million shards on, key order stops being index order
+MAX_SHARDS = 1_000_000
+
+
+class PlanWriter:
+    """``plan_shards`` + ``dumps_plan`` one utterance at a time: the same text, written as it goes.
+
+    Feed it the utterance ids in sorted order (unique); ``write`` receives the JSON piece by piece.
+    """
+
+    def __init__(self, subset: str, utts_per_shard: int, write: Callable[[str], None]):
+        if utts_per_shard < 1:
+            raise ValueError(f"utts_per_shard must be >= 1, got {utts_per_shard}")
+        shard_key(subset, 0)  # validates the subset name before any work is done
+        self.subset, self.utts_per_shard, self._write = subset, utts_per_shard, write
+        self.keys: list[str] = []
+        self._count = 0
+        self._last: str | None = None
+
+    def add(self, utt: str) -> None:
+        if self._last is not None and utt <= self._last:
+            raise ValueError(f"shard plan: utterance ids must arrive sorted and unique, got {utt!r} after {self._last!r}")
+        self._last = utt
+        if self._count % self.utts_per_shard:
+            self._write(f",\n  {encode_basestring(utt)}")
+        else:
+            index = self._count // self.utts_per_shard
+            if index >= MAX_SHARDS:
+                raise ValueError(f"{self.subset}: more than {MAX_SHARDS - 1} shards of {self.utts_per_shard} utterances; "
+                                 "raise utts_per_shard or split the subset into parts (COSYVOICE_SUBSET_PARTS)")
+            key = shard_key(self.subset, index)
+            self.keys.append(key)
+            self._write(("{\n" if index == 0 else "\n ],\n") + f" {encode_basestring(key)}: [\n  {encode_basestring(utt)}")
+        self._count += 1
+
+    def close(self) -> list[str]:
+        """Finish the JSON text; returns the shard keys in order."""
+        self._write("\n ]\n}\n" if self._count else "{}\n")
+        return self.keys
 
 
 def loads_plan(content: str) -> dict[str, list[str]]:
