@@ -1,9 +1,10 @@
 """Sensors: new corpus data -> manifest runs -> shard backfills; failed runs -> log and webhook.
 
 * ``corpus_sensor`` lists the corpus root (one paginated listing per subset on S3, a directory walk
-  locally; no per-file requests) and fingerprints each LibriTTS subset by the path, size and
-  version (S3 ETag / local mtime) of its audio and transcripts. A subset that appears or whose
-  fingerprint changed gets a ``prepare_subset`` run; the cursor keeps the fingerprints. With
+  locally; no per-file requests) and fingerprints each manifest partition (a LibriTTS subset, or
+  a part of one split by speaker folder) by the path, size and version (S3 ETag / local mtime) of
+  its audio and transcripts. A partition that appears or whose fingerprint changed gets a
+  ``prepare_subset`` run; the cursor keeps the fingerprints. With
   ``COSYVOICE_CORPUS_EVENTS_QUEUE_URL`` set it lists nothing: it reads the bucket's S3
   ObjectCreated/ObjectRemoved notifications from that SQS queue and requests each manifest
   partition they touch once per tick (``pipelines/corpus_events.py``), for corpora too big to list.
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import urllib.request
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -28,7 +30,7 @@ from dagster._core.definitions.events import AssetKeyPartitionKey
 
 from cosyvoice import storage
 from cosyvoice.corpus.events import CORPUS_SUFFIXES, is_event_cursor
-from cosyvoice.corpus.parts import parts_from_env
+from cosyvoice.corpus.parts import PARTS_ENV, SubsetPart, partition_for, parts_from_env
 from cosyvoice.corpus.shard_plan import ShardKey
 from pipelines.corpus_events import CorpusEventSettings, corpus_events_tick
 from pipelines.jobs import SHARD_ASSETS, SUBSET_ASSETS, prepare_subset
@@ -39,31 +41,43 @@ CORPUS_SENSOR_INTERVAL_S = int(os.environ.get("COSYVOICE_CORPUS_SENSOR_INTERVAL_
 WEBHOOK_ENV = "COSYVOICE_ALERT_WEBHOOK_URL"
 
 
-def subset_fingerprint(subset_url: str) -> tuple[str, int]:
-    """(sha256 over the sorted ``relative path, size, version`` lines of the subset's corpus files, file
-    count). The version is the object's ETag on S3 and the mtime in nanoseconds locally, so a file
-    rewritten in place with the same size still changes the fingerprint."""
+def subset_fingerprints(subset_url: str, subset: str, parts: Mapping[str, list[str]]
+                        ) -> tuple[dict[str, tuple[str, int]], list[str]]:
+    """From one listing of the subset, per manifest partition (the subset, or each part of a subset
+    split by ``COSYVOICE_SUBSET_PARTS``): (sha256 over the sorted ``relative path, size, version``
+    lines of its corpus files, file count); plus the speaker folders that no part takes. The version
+    is the object's ETag on S3 and the mtime in nanoseconds locally, so a file rewritten in place with
+    the same size still changes the fingerprint."""
     fs = storage.filesystem(subset_url)
     root = storage.strip_protocol(subset_url).rstrip("/")
-    digest = hashlib.sha256()
-    count = 0
+    digests: dict[str, tuple] = {}
+    orphans: set[str] = set()
     for path, info in sorted(fs.find(root, detail=True).items()):
         if info.get("type", "file") != "file" or not path.endswith(CORPUS_SUFFIXES):
             continue
+        relative = path[len(root):]
+        folders = relative.lstrip("/").split("/")
+        partition = partition_for(subset, folders[0] if len(folders) > 1 else "", parts)
+        if partition is None:
+            orphans.add(folders[0])
+            continue
+        digest, count = digests.get(partition) or (hashlib.sha256(), 0)
         version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
-        digest.update(f"{path[len(root):]}\t{info.get('size')}\t{version}\n".encode())
-        count += 1
-    return digest.hexdigest(), count
+        digest.update(f"{relative}\t{info.get('size')}\t{version}\n".encode())
+        digests[partition] = (digest, count + 1)
+    return {p: (d.hexdigest(), n) for p, (d, n) in digests.items()}, sorted(orphans)
 
 
 def present_subsets(corpus_root: str) -> list[str]:
-    """The LibriTTS subsets that have a folder under the corpus root (other folders are ignored)."""
+    """The subsets of the manifest partitions (a split subset's parts name it) that have a folder
+    under the corpus root (other folders are ignored)."""
     fs = storage.filesystem(corpus_root)
     root = storage.strip_protocol(corpus_root).rstrip("/")
     if not fs.exists(root):
         return []
     names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
-    return [s for s in SUBSETS.get_partition_keys() if s in names]
+    subsets = dict.fromkeys(SubsetPart.parse(key).subset for key in SUBSETS.get_partition_keys())
+    return [s for s in subsets if s in names]
 
 
 @dg.sensor(
@@ -83,16 +97,25 @@ def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusResource) -
         known = {}  # the event mode ran before: list everything afresh
     current = dict(known)
     requests = []
+    parts, partitions = parts_from_env(), set(SUBSETS.get_partition_keys())
     for subset in present_subsets(corpus.root):
-        fingerprint, files = subset_fingerprint(corpus.subset_url(subset))
-        if files == 0 or known.get(subset) == fingerprint:
-            continue
-        change = "new subset" if subset not in known else "audio or transcripts changed"
-        context.log.info(f"{subset}: {change} ({files} files, fingerprint {fingerprint[:12]})")
-        current[subset] = fingerprint
-        requests.append(dg.RunRequest(partition_key=subset, run_key=f"{subset}@{fingerprint[:20]}",
-                                      tags={"cosyvoice/corpus_fingerprint": fingerprint,
-                                            "cosyvoice/corpus_files": str(files)}))
+        fingerprints, orphans = subset_fingerprints(corpus.subset_url(subset), subset, parts)
+        if orphans:
+            context.log.warning(f"{subset}: speaker folder(s) {orphans[:5]} belong to no part of {PARTS_ENV} "
+                                f"{parts[subset]}; no manifest covers them (the manifest of a part fails on them)")
+        for partition, (fingerprint, files) in sorted(fingerprints.items()):
+            if partition not in partitions:
+                context.log.warning(f"{partition}: not a manifest partition of this code location ({PARTS_ENV} "
+                                    "differs between the sensor and the definitions?)")
+                continue
+            if known.get(partition) == fingerprint:
+                continue
+            change = "new subset" if partition not in known else "audio or transcripts changed"
+            context.log.info(f"{partition}: {change} ({files} files, fingerprint {fingerprint[:12]})")
+            current[partition] = fingerprint
+            requests.append(dg.RunRequest(partition_key=partition, run_key=f"{partition}@{fingerprint[:20]}",
+                                          tags={"cosyvoice/corpus_fingerprint": fingerprint,
+                                                "cosyvoice/corpus_files": str(files)}))
     if not requests:
         return dg.SensorResult(skip_reason=dg.SkipReason("no new or changed corpus subsets"), cursor=json.dumps(current))
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(current, sort_keys=True))

@@ -144,3 +144,28 @@ def test_a_tick_takes_each_message_once_stops_at_the_cap_and_reports_refused_del
     assert sqs.batches == [batch("n")]
     assert consumed.received == 12 and consumed.refused == ["b: ReceiptHandleIsInvalid"]
     assert sqs.deleted == [f"r-{i}" for i in "acdefghijkl"]
+
+
+def test_listing_mode_fingerprints_each_part_of_a_split_subset(tmp_path, monkeypatch, capsys):
+    import pipelines.sensors as sensors
+
+    corpus = tmp_path / "LibriTTS"
+    for spk in ("1034", "2001", "3001"):
+        folder = corpus / "dev-clean" / spk / "5"
+        folder.mkdir(parents=True)
+        for suffix in (".wav", ".normalized.txt"):
+            (folder / f"{spk}_5_000000_000000{suffix}").write_bytes(spk.encode())
+    monkeypatch.setenv("COSYVOICE_SUBSET_PARTS", "dev-clean=1,2")  # as the definitions would be built with it
+    monkeypatch.setattr(sensors, "SUBSETS", dg.StaticPartitionsDefinition(["dev-clean~1", "dev-clean~2", "test-clean"]))
+    resource = CorpusResource(root=str(corpus))
+
+    def tick(cursor):
+        result = corpus_sensor(dg.build_sensor_context(cursor=cursor, resources={"corpus": resource}))
+        return sorted(r.partition_key for r in result.run_requests), result.cursor
+
+    capsys.readouterr()
+    first, cursor = tick(None)
+    assert first == ["dev-clean~1", "dev-clean~2"]
+    assert "['3001'] belong to no part" in capsys.readouterr().err
+    (corpus / "dev-clean" / "2001" / "5" / "2001_5_000000_000000.wav").write_bytes(b"changed")
+    assert tick(cursor)[0] == ["dev-clean~2"]
