@@ -150,7 +150,7 @@ def eos_bias_that_stops_midway(model, case: dict) -> float:
 
     n_text = int(case["text_len"][0])
     eos = model.speech_token_size
-    original = float(model.llm_decoder.bias[eos])
+    original = float(model.llm_decoder.bias[eos].detach())
     for bias in np.arange(0.0, 12.0, 0.25):
         with torch.no_grad():
             model.llm_decoder.bias[eos] = original + bias
@@ -159,33 +159,39 @@ def eos_bias_that_stops_midway(model, case: dict) -> float:
     raise SystemExit("no eos bias on the grid stops the prompted case between its min and max length")
 
 
-def decode_seconds(model, lm_input, steps: int, repeats: int, upstream: bool) -> float:
-    """Median seconds of ``steps`` greedy steps (eos never chosen) from the prefix rows ``lm_input``."""
+def decode_run(model, lm_input, steps: int, upstream: bool) -> float:
+    """Seconds of ``steps`` greedy steps (eos never chosen) from the prefix rows ``lm_input``."""
     import torch
 
-    times = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if upstream:
+            x, offset = lm_input, 0
+            att_cache, cnn_cache = torch.zeros(0, 0, 0, 0), torch.zeros(0, 0, 0, 0)
+            for _ in range(steps):
+                mask = torch.tril(torch.ones(1, x.shape[1], x.shape[1])).bool()
+                y, att_cache, cnn_cache = model.llm.forward_chunk(x, offset=offset, required_cache_size=-1,
+                                                                  att_cache=att_cache, cnn_cache=cnn_cache,
+                                                                  att_mask=mask)
+                token = int(model.llm_decoder(y[:, -1])[0, :-1].argmax())
+                offset += x.shape[1]
+                x = model.speech_embedding.weight[token].reshape(1, 1, -1)
+        else:
+            state, x = model.llm.decode_state(), lm_input
+            for _ in range(steps):
+                y = model.llm.extend(x, state)
+                token = int(model.llm_decoder(y[:, -1])[0, :-1].argmax())
+                x = model.speech_embedding.weight[token].reshape(1, 1, -1)
+    return time.perf_counter() - start
+
+
+def decode_seconds(models: dict, lm_input, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per model, the models taking turns (a shared machine's load hits both alike)."""
+    times = {name: [] for name in models}
     for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.inference_mode():
-            if upstream:
-                x, offset = lm_input, 0
-                att_cache, cnn_cache = torch.zeros(0, 0, 0, 0), torch.zeros(0, 0, 0, 0)
-                for _ in range(steps):
-                    mask = torch.tril(torch.ones(1, x.shape[1], x.shape[1])).bool()
-                    y, att_cache, cnn_cache = model.llm.forward_chunk(x, offset=offset, required_cache_size=-1,
-                                                                      att_cache=att_cache, cnn_cache=cnn_cache,
-                                                                      att_mask=mask)
-                    token = int(model.llm_decoder(y[:, -1])[0, :-1].argmax())
-                    offset += x.shape[1]
-                    x = model.speech_embedding.weight[token].reshape(1, 1, -1)
-            else:
-                state, x = model.llm.decode_state(), lm_input
-                for _ in range(steps):
-                    y = model.llm.extend(x, state)
-                    token = int(model.llm_decoder(y[:, -1])[0, :-1].argmax())
-                    x = model.speech_embedding.weight[token].reshape(1, 1, -1)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for name, model in models.items():
+            times[name].append(decode_run(model, lm_input, steps, upstream=name == "upstream"))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> int:
@@ -296,8 +302,7 @@ def main() -> int:
     upstream.load_state_dict(state, strict=True)
     mine.load_state_dict(state, strict=True)
     lm_input = torch.randn(1, args.prefix, dim, generator=torch.Generator().manual_seed(4))
-    seconds = {"upstream": decode_seconds(upstream, lm_input, args.steps, args.repeats, upstream=True),
-               "ours": decode_seconds(mine, lm_input, args.steps, args.repeats, upstream=False)}
+    seconds = decode_seconds({"upstream": upstream, "ours": mine}, lm_input, args.steps, args.repeats)
     ratio = seconds["ours"] / seconds["upstream"]
     print(f"greedy generation, LLM {dim}-d x {blocks} blocks, {args.prefix}-row prefix + {args.steps} steps, "
           f"{args.threads} CPU threads, median of {args.repeats}:\n"
