@@ -310,7 +310,8 @@ def main() -> int:
           f"ours {seconds['ours']:.3f} s ({args.steps / seconds['ours']:.0f} steps/s), ours/upstream = {ratio:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"dim": dim, "heads": heads, "blocks": blocks, "prefix": args.prefix, "steps": args.steps,
+            json.dump({"benchmark": "upstream_transformer_lm", "date": time.strftime("%Y-%m-%d"),
+                       "cores": os.cpu_count(), "dim": dim, "heads": heads, "blocks": blocks, "prefix": args.prefix, "steps": args.steps,
                        "threads": args.threads, "upstream_s": seconds["upstream"], "ours_s": seconds["ours"],
                        "ours_over_upstream": ratio}, f, indent=2)
     return 0
