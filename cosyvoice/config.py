@@ -42,7 +42,6 @@ ALIASES: dict[str, str] = {
     "cosyvoice.utils.common.nucleus_sampling": "cosyvoice.llm.sampling.nucleus_sampling",
     "cosyvoice.utils.common.random_sampling": "cosyvoice.llm.sampling.random_sampling",
     "cosyvoice.tokenizer.tokenizer.get_qwen_tokenizer": "cosyvoice.dataset.text.get_qwen_tokenizer",
-    "cosyvoice.tokenizer.tokenizer.get_tokenizer": "cosyvoice.dataset.text.get_whisper_tokenizer",
     "whisper.tokenizer.get_tokenizer": "cosyvoice.dataset.text.get_whisper_tokenizer",  # the v1 recipe's
     "matcha.utils.audio.mel_spectrogram": "cosyvoice.dataset.mel.mel_spectrogram",
     "cosyvoice.dataset.processor.parquet_opener": "cosyvoice.dataset.processors.parquet_opener",

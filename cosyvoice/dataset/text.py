@@ -57,7 +57,15 @@ def get_qwen_tokenizer(token_path: str, skip_special_tokens: bool = True, versio
     return qwen_tokenizer(token_path, version)
 
 
-def get_whisper_tokenizer(**_ignored) -> WhisperTextTokenizer:
+def get_whisper_tokenizer(multilingual: bool = True, num_languages: int = 100, language: str = "en",
+                          task: str = "transcribe") -> WhisperTextTokenizer:
+    """The v1 recipe face (``get_tokenizer: !name:whisper.tokenizer.get_tokenizer``). Only CosyVoice1's
+    settings exist: another language or task would change the ids, so it is refused, not ignored.
+    (The 25 Hz recipe's ``cosyvoice.tokenizer.tokenizer.get_tokenizer`` is a different tiktoken file.)"""
+    settings = (multilingual, num_languages, language, task)
+    if settings != (True, 100, "en", "transcribe"):
+        raise ValueError(f"whisper tokenizer settings (multilingual, num_languages, language, task) = {settings} are "
+                         "not supported; CosyVoice1 uses (True, 100, 'en', 'transcribe')")
     return WhisperTextTokenizer()
 
 
