@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -78,3 +79,15 @@ def test_the_model_is_linear_in_hours(capacity, capsys, results):
     for a, b in measured:
         assert b.seconds == pytest.approx(3 * a.seconds), a.name
     assert large.features_phase()[0] == pytest.approx(3 * small.features_phase()[0])
+
+
+def test_the_scaling_doc_shows_what_the_script_computes(capacity, capsys):
+    with open(os.path.join(REPO, "docs", "scaling.md"), encoding="utf-8") as f:
+        text = f.read()
+    block = re.search(r"<!-- capacity: begin python bench/capacity.py (.*?) -->\n(.*?)<!-- capacity: end -->", text, re.S)
+    assert block, "docs/scaling.md has no '<!-- capacity: begin python bench/capacity.py ... -->' block"
+    capacity.main(block.group(1).split())
+    printed = capsys.readouterr().out
+    assert block.group(2).strip() == printed.strip(), (
+        f"docs/scaling.md is stale: paste the output of `python bench/capacity.py {block.group(1)}` between its "
+        "capacity markers")
