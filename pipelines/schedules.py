@@ -4,28 +4,54 @@
 ``COSYVOICE_RETRAIN_TIMEZONE`` (default UTC) and requests a ``retrain`` run only when no check on
 an asset upstream of the run's assets currently fails with ERROR severity -- the checks that block
 (Dagster's default severity). "Currently" means the latest evaluation per partition, where the
-evaluation of a multi-partition run speaks for every partition of its range, counting only
-partitions that still exist (a shard dropped from the plan no longer blocks). So a shard that
-failed in a backfill and passed when re-run alone (or in another range) no longer holds the gate.
-Otherwise the tick is skipped, naming the failing checks and partitions; the next tick tries again.
+evaluation of a multi-partition run speaks for every partition of its range (one without any
+partition scope, for every partition of the asset), counting only partitions that still exist (a
+shard dropped from the plan no longer blocks). So a shard that failed in a backfill and passed when
+re-run alone (or in another range) no longer holds the gate, however old the failure or long the
+history. Otherwise the tick is skipped, naming the failing checks and partitions; the next tick
+tries again.
 
 Per-utterance failures hold the gate only through the checks: the feature and shard assets'
 ``all_utterances_present`` / ``row_count`` count quarantined utterances (listed with a reason) as
 accounted for, and their ``failure_budget`` check fails only when more than ``max_failed_fraction``
 of a shard failed. One permanently bad clip in a large shard is quarantined and does not block.
+
+At 50k shard partitions a check has tens of thousands of evaluations (one per backfill run of a few
+shards, per pass), so the gate reads Dagster's check-execution table directly, only the columns it
+needs: first the failed evaluations (usually none: then that one query is the whole tick); then, for
+the checks with failures, the evaluations newest first, a window of ids at a time, until every
+partition a failure spans has its latest evaluation -- bounded by the runs since the oldest failure
+that still matters, not by the history -- with only the partition tags of those runs. Only failed
+evaluations' events are deserialized. The instance API would deserialize every evaluation event and
+every run (~0.5 ms each: a minute per tick at 50k shards), and its history limit hid the older
+partitions' latest evaluations. ``bench/gate_scale.py`` measures both.
 """
 
 import os
+from collections.abc import Iterable, Sequence
 
 import dagster as dg
+import sqlalchemy as db
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+from dagster._core.storage.event_log.schema import AssetCheckExecutionsTable
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+from dagster._core.storage.runs.schema import RunTagsTable
+from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+from dagster_shared.serdes import deserialize_value
 
 from pipelines.jobs import retrain, retrain_selection
 
 RETRAIN_CRON = os.environ.get("COSYVOICE_RETRAIN_CRON", "0 3 * * 0")
 RETRAIN_TIMEZONE = os.environ.get("COSYVOICE_RETRAIN_TIMEZONE", "UTC")
-#: how many evaluations of one check are read to find the latest per partition
-CHECK_HISTORY = 5000
+#: check-execution ids read by the first query, newest first; each further query reads 4x as many (up to
+#: MAX_ID_WINDOW), so a failure superseded by the latest runs costs one small read and an old one a few
+ID_WINDOW, MAX_ID_WINDOW = 1_000, 64_000
+#: run ids per run-tag query (under SQLite's bound-parameter limit)
+RUN_IDS_PER_QUERY = 5_000
+PARTITION_TAG = "dagster/partition"
+RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+FAILED = AssetCheckExecutionRecordStatus.FAILED.value
+_DONE = (AssetCheckExecutionRecordStatus.SUCCEEDED.value, FAILED)
 
 
 def gate_check_keys(asset_graph) -> list[dg.AssetCheckKey]:
@@ -35,73 +61,153 @@ def gate_check_keys(asset_graph) -> list[dg.AssetCheckKey]:
     return sorted((k for k in asset_graph.asset_check_keys if k.asset_key in upstream), key=lambda k: k.to_user_string())
 
 
-def _current_partitions(asset_graph, instance, asset_key: dg.AssetKey) -> list[str] | None:
-    partitions_def = asset_graph.get(asset_key).partitions_def
-    if partitions_def is None:
-        return None
-    return list(partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+class _LatestPerPartition:
+    """Which partitions of one check still lack their latest evaluation. Evaluations arrive newest first
+    and each takes the positions of its scope that no newer one took; a "next untaken position" pointer
+    per position (with path halving) makes a range cost what it takes, not its length."""
 
+    def __init__(self, partitions: Sequence[str] | None, index: dict[str, int]):
+        self.partitions, self.index = partitions, index
+        self._next = list(range((1 if partitions is None else len(partitions)) + 1))  # unpartitioned: one position
+        self.pending: set[int] = set()  # positions a failed evaluation spans that no evaluation has taken yet
+        self.failed: list[tuple[list[int], str | None]] = []  # (positions a failed evaluation took, its event)
 
-def _covered(scope: str | None, partitions: list[str] | None, index: dict[str, int]) -> list[str | None]:
-    """The existing partitions an evaluation speaks for (a range expands to its partitions)."""
-    if scope is None or partitions is None:
-        return [scope]
-    if "..." in scope:
-        start, end = scope.split("...", 1)
-        if start not in index or end not in index:
-            return []  # the range's partitions are gone (e.g. shards dropped from the plan)
-        return partitions[index[start]:index[end] + 1]
-    return [scope] if scope in index else []
+    def span(self, partition: str | None, tags: dict[str, str]) -> tuple[int, int] | None:
+        """The positions an evaluation speaks for: its own partition, else its run's partition or range, else
+        (no scope at all) every partition; None when they no longer exist (e.g. shards dropped from the plan)."""
+        if self.partitions is None:
+            return 0, 0
+        single = partition if partition is not None else tags.get(PARTITION_TAG)
+        if single is not None:
+            position = self.index.get(single)
+            return None if position is None else (position, position)
+        if RANGE_START_TAG in tags:
+            first, last = self.index.get(tags[RANGE_START_TAG]), self.index.get(tags.get(RANGE_END_TAG, ""))
+            return None if first is None or last is None else (first, last)
+        return 0, len(self.partitions) - 1
 
-
-def _scope(record, tags_by_run: dict[str, dict]) -> str | None:
-    """The partition(s) an evaluation speaks for. Checks of partitioned assets are evaluated per run, so
-    an unpartitioned record gets the partition or partition range of the run that produced it."""
-    if record.partition is not None:
-        return record.partition
-    tags = tags_by_run.get(record.run_id, {})
-    if "dagster/partition" in tags:
-        return tags["dagster/partition"]
-    if "dagster/asset_partition_range_start" in tags:
-        return f"{tags['dagster/asset_partition_range_start']}...{tags['dagster/asset_partition_range_end']}"
-    return None
+    def take(self, first: int, last: int) -> list[int]:
+        taken, pointers = [], self._next
+        position = first
+        while position <= last:
+            while pointers[position] != position:  # jump to the next untaken position (halving the path)
+                pointers[position] = pointers[pointers[position]]
+                position = pointers[position]
+            if position > last:
+                break
+            taken.append(position)
+            pointers[position] = position + 1
+            position += 1
+        self.pending.difference_update(taken)
+        return taken
 
 
 def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[str | None]]:
     """``{check: [partition, ...]}`` for each blocking check whose latest evaluation of a partition failed
     (``[None]`` for an unpartitioned asset)."""
+    events, runs = instance.event_log_storage, instance.run_storage
+    if not isinstance(events, SqlEventLogStorage) or not isinstance(runs, SqlRunStorage):
+        raise TypeError(f"the retrain gate reads Dagster's SQL storage (sqlite or PostgreSQL); this instance "
+                        f"uses {type(events).__name__} / {type(runs).__name__}")
+    keys = {(key.asset_key.to_string(), key.name): key for key in gate_check_keys(asset_graph)}
+    # one connection to each database for the whole evaluation (dagster-postgres opens one per call otherwise)
+    with events.index_connection() as checks_db, runs.connect() as runs_db:
+        failed, newest = _failed_evaluations(checks_db, keys.values())
+        if not failed:
+            return {}
+        tags_by_run = _scope_tags(runs_db, {run_id for _, _, _, run_id, partition in failed if partition is None})
+        listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}
+        latest: dict[tuple[str, str], _LatestPerPartition] = {}
+        for _, asset_key, check_name, run_id, partition in failed:
+            if (asset_key, check_name) not in latest:
+                partitions_def = asset_graph.get(keys[(asset_key, check_name)].asset_key).partitions_def
+                if id(partitions_def) not in listed:
+                    partitions = (None if partitions_def is None
+                                  else list(partitions_def.get_partition_keys(dynamic_partitions_store=instance)))
+                    listed[id(partitions_def)] = partitions, {p: i for i, p in enumerate(partitions or [])}
+                latest[(asset_key, check_name)] = _LatestPerPartition(*listed[id(partitions_def)])
+            check = latest[(asset_key, check_name)]
+            span = check.span(partition, tags_by_run.get(run_id, {}))
+            if span:
+                check.pending.update(range(span[0], span[1] + 1))
+        oldest = failed[-1][0]  # nothing older than the oldest failure can be the latest evaluation of what it spans
+        high, window_size = newest + 1, ID_WINDOW
+        while high > oldest and (open_checks := {name: check for name, check in latest.items() if check.pending}):
+            low, window_size = max(oldest, high - window_size), min(4 * window_size, MAX_ID_WINDOW)
+            window = _evaluations_newest_first(checks_db, [keys[name] for name in open_checks], low, high)
+            tags_by_run.update(_scope_tags(
+                runs_db, {run_id for _, _, _, run_id, partition, *_ in window if partition is None} - tags_by_run.keys()))
+            for _, asset_key, check_name, run_id, partition, status, event in window:
+                check = open_checks[(asset_key, check_name)]
+                span = check.span(partition, tags_by_run.get(run_id, {})) if check.pending else None
+                taken = check.take(*span) if span else []
+                if taken and status == FAILED:
+                    check.failed.append((taken, event))
+            high = low
     failing: dict[str, list[str | None]] = {}
-    done = {AssetCheckExecutionRecordStatus.SUCCEEDED, AssetCheckExecutionRecordStatus.FAILED}
-    for key in gate_check_keys(asset_graph):
-        records = instance.event_log_storage.get_asset_check_execution_history(key, limit=CHECK_HISTORY, status=done)
-        if not records:
-            continue
-        runs = instance.get_runs(filters=dg.RunsFilter(run_ids=list({r.run_id for r in records})))
-        tags_by_run = {run.run_id: run.tags for run in runs}
-        partitions = _current_partitions(asset_graph, instance, key.asset_key)
-        index = {p: i for i, p in enumerate(partitions or [])}
-        latest: dict[str | None, bool] = {}  # partition -> its latest evaluation blocks
-        for record in records:  # newest first
-            blocking = _blocking_partitions(record)
-            for partition in _covered(_scope(record, tags_by_run), partitions, index):
-                latest.setdefault(partition, blocking is not None and (blocking == "all" or partition in blocking))
-        for scope, blocks in sorted(latest.items(), key=lambda item: index.get(item[0], -1)):
-            if blocks:
-                failing.setdefault(key.to_user_string(), []).append(scope)
+    for name, check in sorted(latest.items(), key=lambda item: keys[item[0]].to_user_string()):
+        blocked = sorted(p for taken, event in check.failed for p in _blocking(taken, event, check.partitions))
+        if blocked:
+            failing[keys[name].to_user_string()] = [None] if check.partitions is None else [
+                check.partitions[p] for p in blocked]
     return failing
 
 
-def _blocking_partitions(record) -> set[str] | str | None:
-    """None when the evaluation does not block (passed, or failed with WARN severity); else the shards it
-    names as failing (its ``failing_shards`` metadata, written by the per-shard assets), or ``"all"``."""
-    if record.status != AssetCheckExecutionRecordStatus.FAILED:
-        return None
-    evaluation = record.event.dagster_event.event_specific_data if record.event else None
+def _of_checks(keys: Iterable[dg.AssetCheckKey]):
+    table = AssetCheckExecutionsTable
+    return db.or_(*(db.and_(table.c.asset_key == key.asset_key.to_string(), table.c.check_name == key.name)
+                    for key in keys))
+
+
+def _failed_evaluations(checks_db, keys: Iterable[dg.AssetCheckKey]) -> tuple[list, int]:
+    """Every failed evaluation of ``keys``, newest first, as ``(id, asset key, check name, run id, partition)``,
+    and the newest check-execution id."""
+    table = AssetCheckExecutionsTable
+    query = (db.select(table.c.id, table.c.asset_key, table.c.check_name, table.c.run_id, table.c.partition)
+             .where(_of_checks(keys), table.c.execution_status == FAILED).order_by(table.c.id.desc()))
+    failed = [tuple(row) for row in checks_db.execute(query)]
+    newest = checks_db.execute(db.select(db.func.max(table.c.id))).scalar() if failed else 0
+    return failed, newest
+
+
+def _evaluations_newest_first(checks_db, keys: Iterable[dg.AssetCheckKey], low: int, high: int) -> list:
+    """Finished evaluations of ``keys`` with ids in ``[low, high)``, newest first, as tuples ``(id, asset key,
+    check name, run id, partition, status, event)``; the serialized event only of failed ones (passed ones
+    are never deserialized)."""
+    table = AssetCheckExecutionsTable
+    query = (db.select(table.c.id, table.c.asset_key, table.c.check_name, table.c.run_id, table.c.partition,
+                       table.c.execution_status,
+                       db.case((table.c.execution_status == FAILED, table.c.evaluation_event)).label("event"))
+             .where(table.c.id >= low, table.c.id < high, _of_checks(keys), table.c.execution_status.in_(_DONE))
+             .order_by(table.c.id.desc()))
+    return [tuple(row) for row in checks_db.execute(query)]
+
+
+def _scope_tags(runs_db, run_ids: set[str]) -> dict[str, dict[str, str]]:
+    """The partition and partition-range tags of these runs (a run without them maps to ``{}``)."""
+    tags: dict[str, dict[str, str]] = {run_id: {} for run_id in run_ids}
+    table = RunTagsTable
+    ordered = sorted(run_ids)
+    for chunk in (ordered[i:i + RUN_IDS_PER_QUERY] for i in range(0, len(ordered), RUN_IDS_PER_QUERY)):
+        query = db.select(table.c.run_id, table.c.key, table.c.value).where(
+            table.c.key.in_((PARTITION_TAG, RANGE_START_TAG, RANGE_END_TAG)), table.c.run_id.in_(chunk))
+        for run_id, key, value in runs_db.execute(query):
+            tags[run_id][key] = value
+    return tags
+
+
+def _blocking(taken: list[int], event_text: str | None, partitions: Sequence[str] | None) -> list[int]:
+    """Of the positions a failed evaluation is the latest for, those it blocks: none when it failed with
+    WARN severity; else the shards its ``failing_shards`` metadata names (written by the per-shard
+    assets), or all of them."""
+    event = deserialize_value(event_text) if event_text else None
+    evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
     if getattr(evaluation, "severity", dg.AssetCheckSeverity.ERROR) != dg.AssetCheckSeverity.ERROR:
-        return None
-    named = (getattr(evaluation, "metadata", None) or {}).get("failing_shards")
-    data = getattr(named, "value", None)
-    return set(data) if isinstance(data, dict) and data else "all"
+        return []
+    named = getattr((getattr(evaluation, "metadata", None) or {}).get("failing_shards"), "value", None)
+    if not isinstance(named, dict) or not named or partitions is None:
+        return taken
+    return [p for p in taken if partitions[p] in named]
 
 
 @dg.schedule(
