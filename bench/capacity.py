@@ -22,7 +22,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNMEASURED = "unmeasured"
@@ -88,8 +88,11 @@ def machine_cores(data: dict, default: float) -> float:
     return float(found or default)
 
 
-def _source(name: str, data: dict) -> str:
-    return f"bench/results/{name}.json ({data.get('date', 'undated')})"
+def _source(name: str, data: dict, figures: dict | None = None) -> str:
+    """Where a rate came from; with the machine's load average when the run started, where recorded."""
+    load = (figures or {}).get("load_average_at_start")
+    busy = f", load {load:g} on {data.get('cores', '?')} cores" if load is not None else ""
+    return f"bench/results/{name}.json ({data.get('date', 'undated')}{busy})"
 
 
 def cpu_rate(results: dict, kind: str) -> Rate:
@@ -99,7 +102,8 @@ def cpu_rate(results: dict, kind: str) -> Rate:
     if not figures:
         return unmeasured("audio s/s per core", "run bench/features.py --json bench/results/features.json")
     cores = min(data["workers"], data.get("cores") or data["workers"])
-    return Rate(data["audio_seconds"] / figures["ours_seconds"] / cores, "audio s/s per core", _source("features", data))
+    return Rate(data["audio_seconds"] / figures["ours_seconds"] / cores, "audio s/s per core",
+                _source("features", data, figures))
 
 
 def gpu_token_rate(results: dict, given: float | None) -> Rate:
@@ -122,7 +126,8 @@ def parquet_rate(results: dict) -> Rate:
     if not data:
         return unmeasured("audio s/s per core", "run bench/shards.py --json bench/results/shards.json")
     cores = min(data["processes"], data.get("cores") or data["processes"])
-    return Rate(data["audio_seconds"] / data["ours"]["seconds"] / cores, "audio s/s per core", _source("shards", data))
+    return Rate(data["audio_seconds"] / data["ours"]["seconds"] / cores, "audio s/s per core",
+                _source("shards", data, data["ours"]))
 
 
 def manifest_rate(results: dict) -> Rate:
@@ -223,7 +228,7 @@ def stages(corpus: Corpus, cluster: Cluster, rates: dict[str, Rate]) -> list[Sta
     return [
         Stage("manifest", f"{corpus.parts} manifest partitions, {min(corpus.parts, cluster.cpu_runs)} at once x "
               f"{cluster.step_cpu:g} cores", rates["manifest"], corpus.utterances, manifest_parallel,
-              note="local-disk rate: on S3 each utterance waits on 2 GETs (see the object-store limits)"),
+              note="local-disk rate: on S3 each utterance waits on a ranged GET, a HEAD and a GET"),
         Stage("speaker_embeddings", f"CPU pool, {cluster.working_cores:g} working cores", rates["embedding"],
               corpus.audio_seconds, cluster.working_cores, audio_per_run, parallel_per_run=cluster.step_cpu),
         Stage("parquet_shards", "CPU pool (shared with speaker_embeddings)", rates["parquet"], corpus.audio_seconds,
@@ -257,7 +262,6 @@ class Plan:
     training: Stage
     results: dict
     args: argparse.Namespace
-    notes: list[str] = field(default_factory=list)
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -297,11 +301,11 @@ def rate_text(rate: Rate) -> str:
 
 
 def stage_table(p: Plan) -> list[list[str]]:
-    rows = [["stage", "runs on", "rate", "rate from", "minutes per run", "wall"]]
+    rows = [["stage", "runs on", "rate", "rate from", "minutes per run", "wall", "note"]]
     for s in [*p.stages, p.training]:
         minutes = s.run_minutes
         rows.append([s.name, s.where, rate_text(s.rate), s.rate.source, "-" if minutes is None else f"{minutes:.1f}",
-                     hours(s.seconds) if s.rate.known else UNMEASURED])
+                     hours(s.seconds) if s.rate.known else UNMEASURED, s.note])
     return rows
 
 

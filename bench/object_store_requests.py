@@ -6,7 +6,8 @@ classified (LIST, GET, HEAD, PUT, multipart, DELETE) and attributed to the stage
 object's key with its numbers replaced by ``#`` (``data/speech_tokens/dev-clean/dev-clean-#.parquet``).
 A key holding an utterance id is a per-utterance request, one holding a shard number a per-shard one;
 the rest are per run (the per-shard assets run as ``--runs`` runs over the shard range, so a read of
-``wav.scp`` per run shows as such) or per partition (the per-subset assets). The manifest lists the
+``wav.scp`` per run shows as such) or per partition (the per-subset assets). Model reads are per shard
+(each shard's extraction starts a worker pool whose workers each load the model: ``--workers`` loads). The manifest lists the
 corpus one speaker folder at a time (one paginated listing each, 1000 keys a page), so its corpus LISTs
 are per speaker folder. Each stage starts with fresh S3 clients and caches, as a stage's own pod does.
 ``bench/capacity.py`` scales these counts to a corpus.
@@ -71,6 +72,8 @@ def key_pattern(path: str, query: dict[str, list[str]]) -> str:
 def unit_of(key: str, corpus_prefix: str) -> str:
     if key.startswith(f"prefix={corpus_prefix}/#"):
         return "speaker_folder"
+    if key.startswith("models/"):  # each shard's extraction starts its own workers, and each loads the model
+        return "shard"
     if _UTT.search(key):
         return "utterance"
     if _SHARD.search(key):
