@@ -505,15 +505,24 @@ def control_plane_table(p: Plan) -> list[list[str]]:
     rows.append(["runs to request", "-", f"{3 * p.corpus.runs_per_asset:,} for {3 * p.corpus.shards:,} "
                  f"asset-partitions", f"{p.corpus.shards_per_run} shards per run"])
     rows.append(["partition-status query (asset page)", seconds(dig(run, "partition_status", "worst_s")), "-", "<= 3 s"])
-    for label, key in (("prepare_subset_shards sensor tick", "prepare_subset_shards"),
-                       ("corpus_sensor tick", "corpus_sensor")):
-        rows.append([label, seconds(dig(run, "instigators", key, "seconds")), "-", "<= 5 s"])
-    gate_s = dig(run, "instigators", "retrain_schedule_gate", "seconds")
-    rows.append(["retrain schedule gate (control-plane run)", seconds(gate_s), "-", "<= 5 s"])
-    if gate:
-        rows.append([f"retrain schedule gate ({dig(gate, 'partitions') or '?'} shards, {dig(gate, 'storage') or '?'}; "
-                     "previous version)", f"{seconds(dig(gate, 'gate_seconds'))} "
-                     f"({seconds(dig(gate, 'previous_gate_seconds'))})", "-", "<= 5 s"])
+    gate_where = f" (bench/gate_scale.py, {dig(gate, 'partitions') or 0:,} shards, {dig(gate, 'storage') or '?'})"
+
+    def both(in_run, in_gate: str | None = None, extra: str = "") -> str:
+        """The control-plane run's figure and bench/gate_scale.py's, whichever exist."""
+        parts = [f"{seconds(in_run)} (control-plane run)"] if in_run is not None else []
+        if in_gate and dig(gate, in_gate) is not None:
+            parts.append(f"{seconds(dig(gate, in_gate))}{extra}{gate_where}")
+        return "; ".join(parts) or UNMEASURED
+
+    rows.append(["prepare_subset_shards sensor tick",
+                 both(dig(run, "instigators", "prepare_subset_shards", "seconds"), "prepare_subset_shards_tick_seconds"),
+                 "-", "<= 5 s"])
+    rows.append(["corpus_sensor tick", both(dig(run, "instigators", "corpus_sensor", "seconds")), "-", "<= 5 s"])
+    previous = dig(gate, "previous_gate_seconds")
+    rows.append(["retrain schedule gate", both(dig(run, "instigators", "retrain_schedule_gate", "seconds"), "gate_seconds",
+                                               f", previous version {previous:,.2f} s" if previous else ""),
+                 "-", "<= 5 s"])
+    rows.append(["retrain schedule tick (gate + decision)", both(None, "schedule_tick_seconds"), "-", "<= 5 s"])
     growth = dig(run, "db_growth_bytes")
     scaled = (f"{growth / shards * p.corpus.shards / 2**30:,.2f} GiB (linear in shards; real runs add their step "
               "events)") if growth and shards else "-"

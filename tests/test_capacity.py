@@ -81,6 +81,23 @@ def test_the_model_is_linear_in_hours(capacity, capsys, results):
     assert large.features_phase()[0] == pytest.approx(3 * small.features_phase()[0])
 
 
+def test_control_plane_figures_are_scaled_by_shards(capacity, capsys, results):
+    """bench/control_plane.py's result at 5k shards: request time and PostgreSQL growth scale to 50k shards."""
+    measured = {"partitions": 5000, "asset_partitions": 15000, "shards_per_run": 8, "runs_created": 1875,
+                "all_runs_requested_s": 60.0, "partition_status": {"worst_s": 0.5}, "db_growth_bytes": 2**30,
+                "instigators": {"prepare_subset_shards": {"seconds": 0.2}, "corpus_sensor": {"seconds": 0.1},
+                                "retrain_schedule_gate": {"seconds": 1.5}}}
+    (results / "control_plane.json").write_text(json.dumps({"results": [measured]}))
+    plan, out = run(capacity, capsys, results, "--hours", str(50_000 * 1000 * 7.2 / 3600))
+    assert plan.corpus.shards == 50_000
+    rows = {row[0]: row for row in capacity.control_plane_table(plan)}
+    assert rows["time until every run is requested"][2] == "0.2 h (linear in shards)"  # 600 s
+    assert rows["PostgreSQL growth (backfill)"][2].startswith("10.00 GiB")
+    assert rows["retrain schedule gate"][1] == "1.50 s (control-plane run)"
+    launches = next(r for r in capacity.saturation_table(plan) if r[0].startswith("runs requested"))
+    assert launches[2] == "31.2 runs/s measured"  # 1875 runs in 60 s
+
+
 def test_the_scaling_doc_shows_what_the_script_computes(capacity, capsys):
     with open(os.path.join(REPO, "docs", "scaling.md"), encoding="utf-8") as f:
         text = f.read()
