@@ -17,14 +17,15 @@ accounted for, and their ``failure_budget`` check fails only when more than ``ma
 of a shard failed. One permanently bad clip in a large shard is quarantined and does not block.
 
 At 50k shard partitions a check has tens of thousands of evaluations (one per backfill run of a few
-shards, per pass), so the gate reads Dagster's check-execution table directly, only the columns it
-needs: first the failed evaluations (usually none: then that one query is the whole tick); then, for
-the checks with failures, the evaluations newest first, a window of ids at a time, until every
-partition a failure spans has its latest evaluation -- bounded by the runs since the oldest failure
-that still matters, not by the history -- with only the partition tags of those runs. Only failed
-evaluations' events are deserialized. The instance API would deserialize every evaluation event and
-every run (~0.5 ms each: a minute per tick at 50k shards), and its history limit hid the older
-partitions' latest evaluations. ``bench/gate_scale.py`` measures both.
+shards, per pass), so the gate reads Dagster's check-execution table directly, only what it needs:
+first the failed evaluations with their events (usually none: then that one query is the whole tick),
+which tell the partitions each would block; then, for the checks with such failures, the evaluations
+newest first (ids and status only), a window of ids at a time, with the partition tags of their runs,
+until each of those partitions has its latest evaluation. That read is bounded by the runs since the
+oldest failure that still matters, not by the history; a passed evaluation's event is never read.
+The instance API would deserialize every evaluation event and every run (~0.5 ms each: a minute per
+tick at 50k shards), and its history limit (5000 evaluations per check) hid older partitions' latest
+evaluations. ``bench/gate_scale.py`` measures both.
 """
 
 import os
@@ -62,15 +63,16 @@ def gate_check_keys(asset_graph) -> list[dg.AssetCheckKey]:
 
 
 class _LatestPerPartition:
-    """Which partitions of one check still lack their latest evaluation. Evaluations arrive newest first
-    and each takes the positions of its scope that no newer one took; a "next untaken position" pointer
-    per position (with path halving) makes a range cost what it takes, not its length."""
+    """The partitions of one check and which already have their latest evaluation: evaluations arrive newest
+    first and each takes the positions of its scope that no newer one took; a "next untaken position"
+    pointer per position (with path halving) makes a range cost what it takes, not its length."""
 
     def __init__(self, partitions: Sequence[str] | None, index: dict[str, int]):
         self.partitions, self.index = partitions, index
         self._next = list(range((1 if partitions is None else len(partitions)) + 1))  # unpartitioned: one position
-        self.pending: set[int] = set()  # positions a failed evaluation spans that no evaluation has taken yet
-        self.failed: list[tuple[list[int], str | None]] = []  # (positions a failed evaluation took, its event)
+        self.would_block: dict[int, set[int]] = {}  # failed evaluation (id) -> the positions it blocks if latest
+        self.pending: set[int] = set()  # positions some failed evaluation would block, not yet taken
+        self.blocked: list[int] = []  # positions whose latest evaluation failed and blocks
 
     def span(self, partition: str | None, tags: dict[str, str]) -> tuple[int, int] | None:
         """The positions an evaluation speaks for: its own partition, else its run's partition or range, else
@@ -113,12 +115,10 @@ def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[
     # one connection to each database for the whole evaluation (dagster-postgres opens one per call otherwise)
     with events.index_connection() as checks_db, runs.connect() as runs_db:
         failed, newest = _failed_evaluations(checks_db, keys.values())
-        if not failed:
-            return {}
-        tags_by_run = _scope_tags(runs_db, {run_id for _, _, _, run_id, partition in failed if partition is None})
+        tags_by_run = _scope_tags(runs_db, {run_id for _, _, _, run_id, partition, _ in failed if partition is None})
         listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}
         latest: dict[tuple[str, str], _LatestPerPartition] = {}
-        for _, asset_key, check_name, run_id, partition in failed:
+        for evaluation_id, asset_key, check_name, run_id, partition, event in failed:
             if (asset_key, check_name) not in latest:
                 partitions_def = asset_graph.get(keys[(asset_key, check_name)].asset_key).partitions_def
                 if id(partitions_def) not in listed:
@@ -128,28 +128,30 @@ def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[
                 latest[(asset_key, check_name)] = _LatestPerPartition(*listed[id(partitions_def)])
             check = latest[(asset_key, check_name)]
             span = check.span(partition, tags_by_run.get(run_id, {}))
-            if span:
-                check.pending.update(range(span[0], span[1] + 1))
-        oldest = failed[-1][0]  # nothing older than the oldest failure can be the latest evaluation of what it spans
+            if span and (blocks := _blocking(range(span[0], span[1] + 1), event, check.partitions)):
+                check.would_block[evaluation_id] = blocks
+                check.pending.update(blocks)
+        # nothing older than the oldest failure that would block can be the latest evaluation of what it blocks
+        oldest = min((i for check in latest.values() for i in check.would_block), default=newest + 1)
         high, window_size = newest + 1, ID_WINDOW
         while high > oldest and (open_checks := {name: check for name, check in latest.items() if check.pending}):
             low, window_size = max(oldest, high - window_size), min(4 * window_size, MAX_ID_WINDOW)
             window = _evaluations_newest_first(checks_db, [keys[name] for name in open_checks], low, high)
             tags_by_run.update(_scope_tags(
-                runs_db, {run_id for _, _, _, run_id, partition, *_ in window if partition is None} - tags_by_run.keys()))
-            for _, asset_key, check_name, run_id, partition, status, event in window:
+                runs_db, {run_id for _, _, _, run_id, partition, _ in window if partition is None} - tags_by_run.keys()))
+            for evaluation_id, asset_key, check_name, run_id, partition, status in window:
                 check = open_checks[(asset_key, check_name)]
                 span = check.span(partition, tags_by_run.get(run_id, {})) if check.pending else None
                 taken = check.take(*span) if span else []
                 if taken and status == FAILED:
-                    check.failed.append((taken, event))
+                    blocks = check.would_block.get(evaluation_id, set())
+                    check.blocked.extend(p for p in taken if p in blocks)
             high = low
     failing: dict[str, list[str | None]] = {}
     for name, check in sorted(latest.items(), key=lambda item: keys[item[0]].to_user_string()):
-        blocked = sorted(p for taken, event in check.failed for p in _blocking(taken, event, check.partitions))
-        if blocked:
+        if check.blocked:
             failing[keys[name].to_user_string()] = [None] if check.partitions is None else [
-                check.partitions[p] for p in blocked]
+                check.partitions[p] for p in sorted(check.blocked)]
     return failing
 
 
@@ -160,10 +162,11 @@ def _of_checks(keys: Iterable[dg.AssetCheckKey]):
 
 
 def _failed_evaluations(checks_db, keys: Iterable[dg.AssetCheckKey]) -> tuple[list, int]:
-    """Every failed evaluation of ``keys``, newest first, as ``(id, asset key, check name, run id, partition)``,
-    and the newest check-execution id."""
+    """Every failed evaluation of ``keys``, newest first, as ``(id, asset key, check name, run id, partition,
+    serialized event)``, and the newest check-execution id."""
     table = AssetCheckExecutionsTable
-    query = (db.select(table.c.id, table.c.asset_key, table.c.check_name, table.c.run_id, table.c.partition)
+    query = (db.select(table.c.id, table.c.asset_key, table.c.check_name, table.c.run_id, table.c.partition,
+                       table.c.evaluation_event)
              .where(_of_checks(keys), table.c.execution_status == FAILED).order_by(table.c.id.desc()))
     failed = [tuple(row) for row in checks_db.execute(query)]
     newest = checks_db.execute(db.select(db.func.max(table.c.id))).scalar() if failed else 0
@@ -172,12 +175,10 @@ def _failed_evaluations(checks_db, keys: Iterable[dg.AssetCheckKey]) -> tuple[li
 
 def _evaluations_newest_first(checks_db, keys: Iterable[dg.AssetCheckKey], low: int, high: int) -> list:
     """Finished evaluations of ``keys`` with ids in ``[low, high)``, newest first, as tuples ``(id, asset key,
-    check name, run id, partition, status, event)``; the serialized event only of failed ones (passed ones
-    are never deserialized)."""
+    check name, run id, partition, status)``: no events (passed ones are never read, failed ones were)."""
     table = AssetCheckExecutionsTable
     query = (db.select(table.c.id, table.c.asset_key, table.c.check_name, table.c.run_id, table.c.partition,
-                       table.c.execution_status,
-                       db.case((table.c.execution_status == FAILED, table.c.evaluation_event)).label("event"))
+                       table.c.execution_status)
              .where(table.c.id >= low, table.c.id < high, _of_checks(keys), table.c.execution_status.in_(_DONE))
              .order_by(table.c.id.desc()))
     return [tuple(row) for row in checks_db.execute(query)]
@@ -196,18 +197,18 @@ def _scope_tags(runs_db, run_ids: set[str]) -> dict[str, dict[str, str]]:
     return tags
 
 
-def _blocking(taken: list[int], event_text: str | None, partitions: Sequence[str] | None) -> list[int]:
-    """Of the positions a failed evaluation is the latest for, those it blocks: none when it failed with
+def _blocking(span: Iterable[int], event_text: str | None, partitions: Sequence[str] | None) -> set[int]:
+    """The positions of its span a failed evaluation blocks (if it is their latest): none when it failed with
     WARN severity; else the shards its ``failing_shards`` metadata names (written by the per-shard
     assets), or all of them."""
     event = deserialize_value(event_text) if event_text else None
     evaluation = event.dagster_event.event_specific_data if event and event.dagster_event else None
     if getattr(evaluation, "severity", dg.AssetCheckSeverity.ERROR) != dg.AssetCheckSeverity.ERROR:
-        return []
+        return set()
     named = getattr((getattr(evaluation, "metadata", None) or {}).get("failing_shards"), "value", None)
     if not isinstance(named, dict) or not named or partitions is None:
-        return taken
-    return [p for p in taken if partitions[p] in named]
+        return set(span)
+    return {p for p in span if partitions[p] in named}
 
 
 @dg.schedule(
