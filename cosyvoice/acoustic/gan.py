@@ -46,7 +46,7 @@ from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, parametrize_weigh
 from cosyvoice.dataset.mel import MelConfig, mel_spectrogram
 
 __all__ = ["GanConfig", "HiFiGan", "frozen", "build_discriminator", "feature_loss", "generator_loss",
-           "discriminator_loss", "tpr_loss", "TURNS"]
+           "discriminator_loss", "tpr_loss", "recipe_loss_mel", "TURNS"]
 
 TURNS = ("generator", "discriminator")
 BATCH_KEYS = ("speech_feat", "speech", "pitch_feat")
@@ -56,13 +56,14 @@ BATCH_KEYS = ("speech_feat", "speech", "pitch_feat")
 class GanConfig:
     """Settings of the GAN (upstream's ``hifigan`` and ``mel_spec_transform1`` recipe sections).
 
-    ``hift``: the generator's settings; ``mel``: the mel-loss transform; the loss weights keep
-    upstream's names; the discriminator settings are upstream's constructor defaults (the
-    channel widths are fixed upstream; smaller ones serve fast tests).
+    ``hift``: the generator's settings; ``mel``: the mel-loss transform (``None``: the recipe's
+    for that vocoder, :func:`recipe_loss_mel`); the loss weights keep upstream's names; the
+    discriminator settings are upstream's constructor defaults (the channel widths are fixed
+    upstream; smaller ones serve fast tests).
     """
 
     hift: HiFTConfig = field(default_factory=HiFTConfig)
-    mel: MelConfig = field(default_factory=lambda: MelConfig(fmax=None))
+    mel: MelConfig | None = None
     multi_mel_spectral_recon_loss_weight: float = 45.0
     feat_match_loss_weight: float = 2.0
     tpr_loss_weight: float = 1.0
@@ -76,6 +77,8 @@ class GanConfig:
     spec_channels: int = 32
 
     def __post_init__(self) -> None:
+        if self.mel is None:
+            object.__setattr__(self, "mel", recipe_loss_mel(self.hift))
         problems = []
         for name in ("multi_mel_spectral_recon_loss_weight", "feat_match_loss_weight", "tpr_loss_weight",
                      "tpr_loss_tau"):
@@ -102,6 +105,22 @@ class GanConfig:
     def tiny(cls) -> GanConfig:
         """The tiny vocoder and narrow discriminators (same structure), for fast tests."""
         return cls(hift=HiFTConfig.tiny(), period_channels=(8, 16, 32, 32, 32), spec_channels=8)
+
+    @classmethod
+    def tiny_v1(cls) -> GanConfig:
+        """The tiny CosyVoice1 (22.05 kHz) vocoder and narrow discriminators, for fast tests."""
+        return cls(hift=HiFTConfig.tiny_v1(), period_channels=(8, 16, 32, 32, 32), spec_channels=8)
+
+
+def recipe_loss_mel(hift: HiFTConfig) -> MelConfig:
+    """The mel-loss transform of upstream's recipe for this vocoder (``mel_spec_transform1``).
+
+    80 bins up to Nyquist; CosyVoice1 (22.05 kHz, the ``SineGen`` vocoder): n_fft = win = 1024,
+    hop 256; CosyVoice2 (24 kHz): n_fft = win = 1920, hop 480.
+    """
+    if hift.sine_generator == "SineGen":
+        return MelConfig(sample_rate=22050, n_fft=1024, hop=256, win=1024, fmax=None)
+    return MelConfig(fmax=None)
 
 
 def build_discriminator(config: GanConfig) -> MultipleDiscriminator:

@@ -1,21 +1,31 @@
-"""HiFT vocoder (CosyVoice2 settings): 80-bin mel at 50 Hz -> 24 kHz waveform.
+"""HiFT vocoder: 80-bin mel -> waveform, at 24 kHz (CosyVoice2) or 22.05 kHz (CosyVoice1).
 
 The network is a neural-source-filter HiFi-GAN whose last stage predicts an iSTFT spectrum:
 
 1. an F0 predictor (five weight-normed convs + ELU, a linear head, ``abs``) gives one F0 per frame;
-2. the F0 is held for 480 samples per frame and drives a harmonic sine source (fundamental plus
-   ``nb_harmonics`` overtones, voiced/unvoiced noise), merged into one excitation by a linear layer
-   and ``tanh``;
-3. the decoder upsamples the mel (x8, x5, x3), fusing at each stage the STFT of the excitation
-   (downsampled by strided convs, refined by Snake residual blocks), and emits log-magnitude and
-   phase for a 16-point iSTFT with hop 4; the waveform is clamped to ``audio_limit``.
+2. the F0 is held for ``samples_per_frame`` samples (480 at 24 kHz, 256 at 22.05 kHz) and drives a
+   harmonic sine source (fundamental plus ``nb_harmonics`` overtones, voiced/unvoiced noise),
+   merged into one excitation by a linear layer and ``tanh``;
+3. the decoder upsamples the mel (x8, x5, x3 at 24 kHz; x8, x8 at 22.05 kHz), fusing at each stage
+   the STFT of the excitation (downsampled by strided convs, refined by Snake residual blocks), and
+   emits log-magnitude and phase for a 16-point iSTFT with hop 4; the waveform is clamped to
+   ``audio_limit``.
+
+The two versions differ, besides their sizes, in how the sine source integrates the phase, and
+upstream picks the generator by the sampling rate alone (``SineGen`` at 22050 Hz, ``SineGen2``
+otherwise); :attr:`HiFTConfig.sine_generator` follows the same rule:
+
+* ``SineGen2`` (CosyVoice2): the per-sample phase increments are averaged down to frame rate,
+  summed there and interpolated back up; random initial phases uniform in [0, 1) turns;
+* ``SineGen`` (CosyVoice1): the increments are summed sample by sample (and wrapped to whole
+  turns); random initial phases uniform in [-pi, pi) radians.
 
 It computes what upstream's ``HiFTGenerator.inference`` computes, operation for operation, so
 that with the same weights, mel and random seed the waveform is upstream's (to float rounding).
-Random draws follow upstream's order: the initial harmonic phases ``rand(1, H)`` (fundamental's
-zeroed), the sine noise ``randn(1, S, H)`` and the source module's noise ``randn(1, S, 1)`` that
-upstream draws and discards; they come from ``generator`` or, when it is ``None``, from torch's
-global generator.
+Random draws follow upstream's order: the initial harmonic phases (``rand(B, H)``, the
+fundamental's zeroed), the sine noise ``randn(B, H, S)`` and the source module's noise
+``randn(B, S, 1)`` that upstream draws and discards; they come from ``generator`` or, when it is
+``None``, from torch's global generator.
 
 Weight norm is folded at load time: the module keeps plain ``weight`` tensors, while
 ``load_hift`` accepts the released ``weight_g``/``weight_v`` naming (and torch's
@@ -33,7 +43,7 @@ autograd is off, so inference is unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -83,8 +93,6 @@ class HiFTConfig:
             problems.append("resblock_dilation_sizes must match resblock_kernel_sizes")
         if self.base_channels % (2 ** len(self.upsample_rates)):
             problems.append(f"base_channels {self.base_channels} must be divisible by 2**{len(self.upsample_rates)}")
-        if self.sampling_rate == 22050:
-            problems.append("22.05 kHz (CosyVoice1) uses a different sine generator; only the CosyVoice2 vocoder is implemented")
         if problems:
             raise ValueError("invalid HiFTConfig: " + "; ".join(problems))
 
@@ -98,9 +106,27 @@ class HiFTConfig:
         """Same topology and rates with 32 base channels, for fast tests."""
         return cls(base_channels=32, f0_cond_channels=32)
 
+    @classmethod
+    def v1(cls) -> HiFTConfig:
+        """The released CosyVoice1 (CosyVoice-300M) vocoder: 22.05 kHz, 8 * 8 * 4 = 256 samples per
+        mel frame (the ``hift`` section of upstream's examples/libritts/cosyvoice/conf/cosyvoice.yaml)."""
+        return cls(sampling_rate=22050, upsample_rates=(8, 8), upsample_kernel_sizes=(16, 16),
+                   source_resblock_kernel_sizes=(7, 11), source_resblock_dilation_sizes=((1, 3, 5),) * 2)
+
+    @classmethod
+    def tiny_v1(cls) -> HiFTConfig:
+        """The CosyVoice1 topology and rates with 32 base channels, for fast tests."""
+        return replace(cls.v1(), base_channels=32, f0_cond_channels=32)
+
     @property
     def samples_per_frame(self) -> int:
         return math.prod(self.upsample_rates) * self.hop_len
+
+    @property
+    def sine_generator(self) -> str:
+        """Upstream's sine generator for these settings: ``"SineGen"`` at 22050 Hz (CosyVoice1),
+        ``"SineGen2"`` otherwise; upstream decides by the sampling rate alone, and so do we."""
+        return "SineGen" if self.sampling_rate == 22050 else "SineGen2"
 
     def upstream_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for upstream's ``HiFTGenerator``.
@@ -216,6 +242,38 @@ class _HarmonicSource(nn.Module):
         return torch.tanh(self.l_linear(excitation))
 
     def _harmonics(self, f0_up: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Noisy harmonic sines (B, S, H) from ``f0_up`` (B, S, 1); upstream's ``SineGen(2)``."""
+        if self.cfg.sine_generator == "SineGen":
+            excitation = self._sample_integrated(f0_up, generator)
+        else:
+            excitation = self._frame_integrated(f0_up, generator)
+        # upstream's source module draws (and discards) a noise branch here; drawing it keeps the
+        # RNG stream aligned
+        torch.empty_like(f0_up).normal_(generator=generator)
+        return excitation
+
+    def _sample_integrated(self, f0_up: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """CosyVoice1's ``SineGen``: the phase is the running sum of the per-sample increments."""
+        cfg = self.cfg
+        batch = f0_up.shape[0]
+        f0 = f0_up.transpose(1, 2)  # (B, 1, S)
+        # per-sample increment (in turns) of every harmonic, laid out (B, H, S) as upstream's, so
+        # that the sums and the noise draws below run in upstream's order
+        turns = (f0 * self.harmonic_numbers.transpose(1, 2) / cfg.sampling_rate).contiguous()
+        phase = 2 * math.pi * torch.remainder(torch.cumsum(turns, dim=-1), 1)
+        # initial phases uniform in [-pi, pi), computed as torch's Uniform(-pi, pi) samples them
+        low = torch.tensor(-math.pi, dtype=torch.float32, device=f0.device)
+        span = torch.tensor(math.pi, dtype=torch.float32, device=f0.device) - low
+        start = low + torch.rand(batch, cfg.nb_harmonics + 1, 1, generator=generator, device=f0.device) * span
+        start[:, 0, :] = 0
+        sines = cfg.nsf_alpha * torch.sin(phase + start)
+        voiced = (f0 > cfg.nsf_voiced_threshold).to(torch.float32)
+        noise_scale = voiced * cfg.nsf_sigma + (1 - voiced) * cfg.nsf_alpha / 3
+        noise = noise_scale * torch.empty_like(sines).normal_(generator=generator)
+        return (sines * voiced + noise).transpose(1, 2)
+
+    def _frame_integrated(self, f0_up: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """CosyVoice2's ``SineGen2``: the phase is summed at frame rate and interpolated back up."""
         cfg = self.cfg
         hop = cfg.samples_per_frame
         n = cfg.nb_harmonics + 1
@@ -234,10 +292,7 @@ class _HarmonicSource(nn.Module):
         noise_scale = voiced * cfg.nsf_sigma + (1 - voiced) * cfg.nsf_alpha / 3
         # like randn_like: the draws fill memory order, and ``sines`` is laid out (B, H, S)
         noise = noise_scale * torch.empty_like(sines).normal_(generator=generator)
-        excitation = sines * voiced + noise
-        # upstream draws (and discards) a noise branch here; drawing it keeps the RNG stream aligned
-        torch.empty_like(voiced).normal_(generator=generator)
-        return excitation
+        return sines * voiced + noise
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +317,7 @@ def weight_normed_modules(cfg: HiFTConfig) -> list[str]:
 
 
 class HiFTGenerator(nn.Module):
-    """CosyVoice2 HiFT vocoder with folded weight norm; see the module docstring."""
+    """HiFT vocoder (CosyVoice2 or CosyVoice1 settings) with folded weight norm; see the module docstring."""
 
     def __init__(self, config: HiFTConfig | None = None) -> None:
         super().__init__()
@@ -357,7 +412,8 @@ class HiFTGenerator(nn.Module):
 
         ``mel``: (B, 80, T) float32 on the model's device (padded frames included);
         ``generator``: source of the random draws (torch's global generator when ``None``), drawn
-        in upstream's order for the whole batch. Returns ``(wav (B, 480*T), f0 (B, T))``; the F0
+        in upstream's order for the whole batch. Returns ``(wav (B, hop*T), f0 (B, T))`` (``hop``:
+        ``config.samples_per_frame``, 480 or 256); the F0
         is the predictor's output, for upstream's L1 loss against the pitch targets.
         """
         self._check_mel(mel, batched=True)
@@ -388,9 +444,10 @@ class HiFTGenerator(nn.Module):
         """Vocode one mel.
 
         ``mel``: (1, 80, T) float32. ``cache_source``: (1, 1, n) excitation of the previous chunk
-        that overwrites the first n samples of this one (streaming; n <= 480*T). ``generator``: the
+        that overwrites the first n samples of this one (streaming; n <= hop*T, ``hop`` =
+        ``config.samples_per_frame``). ``generator``: the
         source of the random draws (torch's global generator when ``None``).
-        Returns ``(wav (1, 480*T), source (1, 1, 480*T))``.
+        Returns ``(wav (1, hop*T), source (1, 1, hop*T))``.
         """
         self._check_mel(mel, batched=False)
         mel = mel.to(self.stft_window.device)
