@@ -171,7 +171,9 @@ class _Checker:
 
     def record(self, where: str, value: Any, cls: type[_Record]) -> _Record | None:
         if not isinstance(value, cls):
-            self.problems.append(f"{where} must be `!new:{cls.upstream}`, got {value!r}")
+            got = repr(value) if isinstance(value, (str, int, float, bool, list, dict, type(None))) else \
+                f"an instance of {type(value).__module__}.{type(value).__name__}"
+            self.problems.append(f"{where} must be `!new:{cls.upstream}`, got {got}")
             return None
         return value
 
@@ -371,7 +373,12 @@ def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
             raise ValueError(f"{source}: `{section}` is {found}, {_OTHER_GENERATIONS[found]}; cosyvoice.acoustic "
                              f"implements CosyVoice2's {wanted} only")
     configs = _load_sections(text, root, nodes, source, ("flow", "hift"))
-    return _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
+    flow, hift = _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
+    if (hift.sampling_rate, hift.samples_per_frame) != (24000, 480):
+        raise ValueError(f"{source}: the `hift` section: sampling_rate {hift.sampling_rate} with "
+                         f"{hift.samples_per_frame} samples per mel frame; CosyVoice2's flow makes 50 Hz mels for a "
+                         "24 kHz vocoder (480 samples per frame); 22.05 kHz is CosyVoice1's vocoder (HiFTConfig.v1())")
+    return flow, hift
 
 
 #: the discriminator classes of upstream's CosyVoice2 recipe: where each sits in `hifigan`, and its record

@@ -94,8 +94,16 @@ def test_several_unsupported_settings_are_listed_in_one_error():
 
 def test_a_class_outside_the_supported_set_is_refused_before_it_is_imported():
     text = edited("encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder",
+                  "encoder: !new:cosyvoice.flow.DiT.dit.DiT")
+    with pytest.raises(UnsafeConfigError, match="DiT"):
+        acoustic_configs(text)
+
+
+def test_cosyvoice1s_encoder_in_a_cosyvoice2_flow_is_named_not_dumped():
+    text = edited("encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder",
                   "encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder")
-    with pytest.raises(UnsafeConfigError, match="ConformerEncoder"):
+    with pytest.raises(ValueError, match=r"flow.encoder must be `!new:cosyvoice.transformer.upsample_encoder.Upsample"
+                                         r"ConformerEncoder`, got an instance of cosyvoice.llm.transformer.ConformerEncoder"):
         acoustic_configs(text)
 
 
