@@ -5,6 +5,7 @@ import dagster as dg
 from assets._metadata import histogram
 from cosyvoice.corpus.checks import check_data_dir
 from cosyvoice.corpus.manifest import prepare_libritts
+from cosyvoice.corpus.parts import SubsetPart, parts_from_env
 from cosyvoice.corpus.scan import AudioPolicy
 from cosyvoice.corpus.shard_plan import ShardKey
 from cosyvoice.stages import STAGES
@@ -38,12 +39,14 @@ class ManifestConfig(dg.Config):
 @retry_transient_only
 def manifest(context: dg.AssetExecutionContext, config: ManifestConfig, corpus: CorpusResource,
              store: DataStore) -> dg.MaterializeResult:
-    """wav.scp / text / utt2spk / spk2utt (+instruct), shards.json and quarantine.tsv for one subset."""
+    """wav.scp / text / utt2spk / spk2utt (+instruct), shards.json and quarantine.tsv for one subset
+    (or one part of a subset split by ``COSYVOICE_SUBSET_PARTS``: its key is the subset name downstream)."""
     subset = context.partition_key
+    part = SubsetPart.parse(subset)
     dest = store.layout.manifest_dir(subset)
     report = prepare_libritts(
-        corpus.subset_url(subset), dest, instruct=config.instruct or None, utts_per_shard=config.utts_per_shard,
-        num_workers=config.num_workers, subset=subset,
+        corpus.subset_url(part.subset), dest, instruct=config.instruct or None, utts_per_shard=config.utts_per_shard,
+        num_workers=config.num_workers, subset=subset, part=part, parts=parts_from_env(),
         policy=AudioPolicy(min_sample_rate=config.min_sample_rate, max_channels=config.max_channels),
     )
     for item in report.quarantined:

@@ -21,14 +21,16 @@ def _progress(desc: str, total: int | None = None):
 
 
 def cmd_prepare_libritts(args: argparse.Namespace) -> int:
-    from cosyvoice.corpus.manifest import prepare_libritts
+    from cosyvoice.corpus.manifest import prepare_libritts, subset_name
+    from cosyvoice.corpus.parts import SubsetPart
     from cosyvoice.corpus.scan import AudioPolicy
 
+    part = SubsetPart(args.subset or subset_name(args.src_dir), args.speaker_prefix) if args.speaker_prefix else None
     report = prepare_libritts(
         args.src_dir, args.des_dir, instruct=args.instruct or None, utts_per_shard=args.utts_per_shard,
-        num_workers=args.num_workers, subset=args.subset,
+        num_workers=args.num_workers, subset=part.key if part else args.subset, part=part,
         policy=AudioPolicy(min_sample_rate=args.min_sample_rate, max_channels=args.max_channels),
-        progress=_progress("checking audio"),
+        progress=_progress("checking audio"), work_dir=args.work_dir,
     )
     print(report.summary())
     for item in report.quarantined[: args.show_quarantined]:
@@ -170,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=8, help="parallel header checks")
     p.add_argument("--utts_per_shard", type=int, default=1000)
     p.add_argument("--subset", default=None, help="shard key prefix (default: the src_dir folder name)")
+    p.add_argument("--speaker_prefix", default=None,
+                   help="only the speaker folders starting with this: one part of a split subset, whose shard keys "
+                        "are <subset>~<prefix>-NNNNNN (with COSYVOICE_SUBSET_PARTS set, every folder must belong to a part)")
+    p.add_argument("--work_dir", default=None, help="local folder for the sorted runs (default: TMPDIR; "
+                   "about 200 bytes per utterance)")
     p.add_argument("--min_sample_rate", type=int, default=16000)
     p.add_argument("--max_channels", type=int, default=1)
     p.add_argument("--show_quarantined", type=int, default=20, help="how many quarantine entries to print")

@@ -13,6 +13,14 @@ Output folder (``dest``):
 ``long_audio.tsv``  ``utt<TAB>path<TAB>seconds`` for kept audio longer than the tokenizer's 30 s
 ``shards.json``     the shard plan ``{shard_key: [utt, ...]}``; written last = "manifest complete"
 ==================  =====================================================================
+
+Memory is flat in the size of the subset (50M utterances as 10k): the subset is walked one speaker
+folder at a time (:class:`~cosyvoice.corpus.scan.SubsetWalk`), checked in bounded chunks, sorted a
+batch at a time into run files (:class:`~cosyvoice.corpus.sorted_runs.SortedRuns`), and merged in
+one pass that streams every output into a staging file (:class:`~cosyvoice.corpus.staged_output.StagedOutput`)
+and the shard plan as it goes; the bytes are the same as when everything was held in lists. What
+stays in memory is per-problem (quarantine entries, long-audio rows) and per-shard (the keys).
+A huge subset can also be split into parts by speaker-folder prefix (``cosyvoice.corpus.parts``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.corpus.kaldi import format_tsv
-from cosyvoice.corpus.parts import SubsetPart, check_coverage
+from cosyvoice.corpus.parts import SubsetPart, check_coverage, parts_from_env
 from cosyvoice.corpus.scan import DEFAULT_POLICY, AudioPolicy, Kept, SubsetWalk, check_stream
 from cosyvoice.corpus.shard_plan import PLAN_FILE, PlanWriter
 from cosyvoice.corpus.sorted_runs import SortedRuns
@@ -47,6 +55,8 @@ DEFAULT_BATCH = 20_000
 DURATION_SAMPLE = 65_536
 #: characters of spk2utt blocks held before they are spilled to a sorted run
 _BLOCK_CHARS = 8 << 20
+#: utterances whose lines are buffered before they are handed to the output files
+_LINES_PER_WRITE = 1024
 
 
 @dataclass
@@ -112,13 +122,16 @@ def subset_name(src: str) -> str:
 
 def subset_walk(src: str, part: SubsetPart | None = None, parts: Mapping[str, list[str]] | None = None) -> SubsetWalk:
     """The walk over ``src`` that ``part`` covers. When ``parts`` (the split spec, see
-    ``cosyvoice.corpus.parts``) splits the part's subset, ``part`` must be one of its parts and every
-    speaker folder must belong to one (else ValueError, naming the folders). Files lying directly in
-    the subset folder (always misplaced) are quarantined by the part whose prefix starts their name,
-    or by the first part when none does, so each is reported exactly once."""
+    ``cosyvoice.corpus.parts``; None: the ``COSYVOICE_SUBSET_PARTS`` environment variable) splits the
+    part's subset, ``part`` must be one of its parts and every speaker folder must belong to one (else
+    ValueError, naming the folders). Files lying directly in the subset folder (always misplaced) are
+    quarantined by the part whose prefix starts their name, or by the first part when none does, so
+    each is reported exactly once. Duplicate ids are found within a part (parts never share a speaker
+    folder, so only a file misplaced into another speaker's folder can collide across parts)."""
     if part is None or part.prefix is None:
         return SubsetWalk(src)
-    prefixes = list((parts or {}).get(part.subset) or [])
+    parts = parts_from_env() if parts is None else parts
+    prefixes = list(parts.get(part.subset) or [])
     if prefixes and part.prefix not in prefixes:
         raise ValueError(f"{part.key}: {part.prefix!r} is not one of the prefixes {prefixes} that split {part.subset}")
     prefix = part.prefix
@@ -128,7 +141,7 @@ def subset_walk(src: str, part: SubsetPart | None = None, parts: Mapping[str, li
 
     walk = SubsetWalk(src, take_folder=part.selects, take_loose_file=take_loose_file)
     if prefixes:
-        check_coverage(part.subset, walk.speaker_folders(), parts or {})
+        check_coverage(part.subset, walk.speaker_folders(), parts)
     return walk
 
 
@@ -151,7 +164,8 @@ def prepare_libritts(
     """Scan one LibriTTS subset folder (``src``, local or ``s3://``) and write its manifest to ``dest``.
 
     ``part``: only the speaker folders of this part of a split subset (``parts``: the split spec,
-    checked for coverage; see :func:`subset_walk`); its key names the shards (``subset`` overrides).
+    default from the environment, checked for coverage; see :func:`subset_walk`); its key names the
+    shards (``subset`` overrides).
     Memory stays flat in the number of utterances: checked utterances are sorted ``batch_size`` at a
     time into run files under ``work_dir`` (default TMPDIR; about 200 bytes per utterance) and merged
     while the outputs are streamed. Re-running on unchanged input rewrites nothing.
@@ -201,9 +215,9 @@ def _write_manifest(kept: Iterator[tuple[str, ...]], problems: list[UtterancePro
              "quarantine.tsv", "long_audio.tsv", PLAN_FILE]
     outs = {name: StagedOutput(storage.join(dest, name)) for name in names}
     try:
-        wav, text_out, utt2spk, utt2dur, long_out = (outs[n].write for n in ("wav.scp", "text", "utt2spk", "utt2dur",
-                                                                             "long_audio.tsv"))
-        instruct_out = outs["instruct"].write if instruct else None
+        lines: dict[str, list[str]] = {name: [] for name in ("wav.scp", "text", "utt2spk", "instruct", "utt2dur")}
+        wav, text_out, utt2spk, instruct_out, utt2dur = (lines[n].append for n in lines)
+        long_out = outs["long_audio.tsv"].write
         plan = PlanWriter(subset, utts_per_shard, outs[PLAN_FILE].write)
         blocks = _SpeakerBlocks(SortedRuns(tmp, "spk2utt", 3))
         durations = _DurationSample(DURATION_SAMPLE)
@@ -220,7 +234,7 @@ def _write_manifest(kept: Iterator[tuple[str, ...]], problems: list[UtterancePro
             wav(f"{utt} {path}\n")
             text_out(f"{utt} {text}\n")
             utt2spk(f"{utt} {spk}\n")
-            if instruct_out is not None:
+            if instruct:
                 instruct_out(f"{utt} {instruct}\n")
             utt2dur(f"{utt} {seconds:.4f}\n")
             if seconds > policy.long_audio_seconds:
@@ -231,6 +245,9 @@ def _write_manifest(kept: Iterator[tuple[str, ...]], problems: list[UtterancePro
             durations.add(seconds)
             count += 1
             total += seconds
+            if count % _LINES_PER_WRITE == 0:
+                _hand_over(lines, outs)
+        _hand_over(lines, outs)
         speakers = 0
         for line in blocks.lines():
             outs["spk2utt"].write(line)
@@ -251,6 +268,14 @@ def _write_manifest(kept: Iterator[tuple[str, ...]], problems: list[UtterancePro
         quarantined=problems, long_audio=long_audio, shard_keys=keys, durations=durations.values,
         files_written=written,
     )
+
+
+def _hand_over(lines: dict[str, list[str]], outs: dict[str, StagedOutput]) -> None:
+    """Pass the buffered lines of each file to its output in one write (fewer calls per utterance)."""
+    for name, buffered in lines.items():
+        if buffered:
+            outs[name].write("".join(buffered))
+            buffered.clear()
 
 
 class _SpeakerBlocks:

@@ -93,6 +93,7 @@ def first_line(raw: bytes) -> str:
 
 
 def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utterance | UtteranceProblem:
+    """``size`` -1: a local file whose size is read here (in the worker, not by the walk)."""
     utt = utterance_id(path)
     try:
         text = first_line(storage.read_bytes(text_path))
@@ -105,7 +106,7 @@ def _check_one(path: str, size: int, text_path: str, policy: AudioPolicy) -> Utt
         return storage.read_bytes(path) if nbytes is None else storage.read_head(path, nbytes)
 
     try:
-        info = probe_audio(read, size)
+        info = probe_audio(read, size if size >= 0 else os.stat(path).st_size)
     except AudioProblem as problem:
         return UtteranceProblem(utt, path, problem.reason, problem.detail)
     except OSError as exc:
@@ -149,7 +150,7 @@ def classify(url: str, name: str, depth: int, has_text: Callable[[str], bool]) -
     a candidate to check (size filled in by the caller), a quarantine entry, or None (not audio)."""
     if not name.lower().endswith("wav"):
         return None
-    utt = utterance_id(url)
+    utt = utterance_id(name)
     if name.startswith("."):
         return UtteranceProblem(utt, url, "hidden_file", "hidden file (name starts with '.')")
     if depth != 3:
@@ -193,7 +194,7 @@ class SubsetWalk:
         folders, loose = self._top_level()
         for url, name, size in loose:
             if self.take_loose_file(name):
-                yield from self._emit([(url, name, 1, size)], lambda _: False)
+                yield from self._emit([(utterance_id(name), url, name, 1, size)], lambda _: False)
         for name in sorted((f for f in folders if self.take_folder(f)), key=folder_order):
             if self.local:
                 yield from self._walk_local(os.path.join(self.src, name), 2)
@@ -231,9 +232,11 @@ class SubsetWalk:
                 loose.append((storage.with_protocol(self.src, info["name"]), name, int(info.get("size") or 0)))
         return folders, loose
 
-    def _emit(self, files: list[tuple[str, str, int, int]], has_text: Callable[[str], bool]) -> Iterator[Candidate]:
-        """Classify ``(url, name, depth, size)`` files of one folder in utterance-id order (size -1: stat it)."""
-        for url, name, depth, size in sorted(files, key=lambda f: (utterance_id(f[1]), f[0])):
+    def _emit(self, files: list[tuple[str, str, str, int, int]], has_text: Callable[[str], bool]) -> Iterator[Candidate]:
+        """Classify ``(utt, url, name, depth, size)`` audio files of one folder in utterance-id order
+        (size -1: the checking worker stats the file, so the walk stays cheap)."""
+        files.sort()
+        for _, url, name, depth, size in files:
             verdict = classify(url, name, depth, has_text)
             if verdict is None:
                 continue
@@ -241,7 +244,7 @@ class SubsetWalk:
             if isinstance(verdict, UtteranceProblem):
                 self.problems.append(verdict)
             else:
-                yield url, size if size >= 0 else os.stat(url).st_size, verdict[2]
+                yield url, size, verdict[2]
 
     def _walk_local(self, folder: str, depth: int) -> Iterator[Candidate]:
         """``depth``: path segments below the subset folder of the files in ``folder``."""
@@ -254,8 +257,8 @@ class SubsetWalk:
                         subfolders.append(entry.name)
                 elif entry.is_file():
                     files[entry.path] = entry.name
-        yield from self._emit([(url, name, depth, -1) for url, name in files.items() if name.lower().endswith("wav")],
-                              files.__contains__)
+        yield from self._emit([(utterance_id(name), url, name, depth, -1) for url, name in files.items()
+                               if name.lower().endswith("wav")], files.__contains__)
         for name in sorted(subfolders, key=folder_order):
             yield from self._walk_local(os.path.join(folder, name), depth + 1)
 
@@ -271,7 +274,8 @@ class SubsetWalk:
             parts = path[len(root) + 1:].split("/")
             if any(p.startswith(".") for p in parts[:-1]) or not parts[-1].lower().endswith("wav"):
                 continue
-            files.append((storage.with_protocol(self.src, path), parts[-1], len(parts), int(listing[path].get("size") or 0)))
+            files.append((utterance_id(parts[-1]), storage.with_protocol(self.src, path), parts[-1], len(parts),
+                          int(listing[path].get("size") or 0)))
         for folder in {path.rsplit("/", 1)[0] for path in listing}:
             fs.invalidate_cache(folder)
         yield from self._emit(files, lambda text_url: storage.strip_protocol(text_url) in keys)
@@ -300,31 +304,38 @@ def check_stream(
     num_workers: int = 8,
     chunk_size: int | None = None,
 ) -> Iterator[Kept | UtteranceProblem]:
-    """Validate ``candidates`` (text + header checks), yielding one result per candidate in their order.
+    """Validate ``candidates`` (text + header checks): an iterator of one result per candidate, in their order.
 
     ``executor`` may be any ``concurrent.futures.Executor``; by default see ``default_executor``
-    (decided once the first ``_POOL_THRESHOLD`` candidates are known, so a small subset runs
-    in-process). At most a few chunks per worker are in flight: memory does not grow with the subset.
+    (decided here, once the first ``_POOL_THRESHOLD`` candidates are known, so a small subset runs
+    in-process; deciding before the caller wraps the iterator, e.g. in tqdm with its monitor thread,
+    keeps the fast fork start). At most 16 chunks per worker are in flight: memory does not grow with
+    the subset. Iterate to the end or close the iterator: an own pool is shut down then.
     """
     candidates = iter(candidates)
-    head = list(itertools.islice(candidates, _POOL_THRESHOLD))
     own_pool = executor is None
-    pool = default_executor(src, len(head), num_workers) if own_pool else executor
+    pool = executor
+    if own_pool:
+        head: list[Candidate] = []
+        if storage.is_local(src) and min(num_workers, os.cpu_count() or 1) >= 2:  # a pool only pays off above
+            head = list(itertools.islice(candidates, _POOL_THRESHOLD))            # _POOL_THRESHOLD files
+        pool = default_executor(src, len(head), num_workers)
+        candidates = itertools.chain(head, candidates)
+        del head  # the chain holds it only until it is consumed
     if pool is None:
-        for path, size, text_path in itertools.chain(head, candidates):
-            yield _kept(_check_one(path, size, text_path, policy))
-        return
-    in_flight: collections.deque[Future] = collections.deque()
-    workers = max(1, getattr(pool, "_max_workers", num_workers))
+        return (_kept(_check_one(path, size, text_path, policy)) for path, size, text_path in candidates)
     if chunk_size is None:
         chunk_size = THREAD_CHUNK if isinstance(pool, ThreadPoolExecutor) else PROCESS_CHUNK
-    limit = 4 * workers
+    return _pooled(pool, own_pool, candidates, policy, chunk_size, max(1, getattr(pool, "_max_workers", num_workers)))
+
+
+def _pooled(pool: Executor, own_pool: bool, candidates: Iterator[Candidate], policy: AudioPolicy, chunk_size: int,
+            workers: int) -> Iterator[Kept | UtteranceProblem]:
+    in_flight: collections.deque[Future] = collections.deque()
     try:
-        chunks = _chunks(itertools.chain(head, candidates), chunk_size)
-        del head
-        for chunk in chunks:
+        for chunk in _chunks(candidates, chunk_size):
             in_flight.append(pool.submit(_check_chunk, chunk, policy))
-            while len(in_flight) >= limit:
+            while len(in_flight) >= 16 * workers:
                 yield from in_flight.popleft().result()
         while in_flight:
             yield from in_flight.popleft().result()

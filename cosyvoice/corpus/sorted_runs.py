@@ -3,8 +3,9 @@
 Rows arrive in batches that the caller has sorted; each batch is appended to a *run* file on local
 disk (a batch that starts at or after the end of the current run extends it, so a walk that is
 already in order costs one run), and ``merged()`` streams every row back in order with a k-way
-merge that holds one row per run. When runs pile up beyond ``max_runs`` they are merged into one
-first, so the open files stay bounded whatever the input order.
+merge that holds one row per run. When ``max_runs`` runs exist, the smaller half of them is merged
+into one (so a row is rewritten a logarithmic number of times), keeping the open files bounded
+whatever the input order.
 
 Rows are tuples of ``fields`` strings compared as tuples; only the last field may contain a tab and
 no field may contain a newline (the manifest's ids and paths hold no whitespace, and its text is
@@ -33,6 +34,7 @@ class SortedRuns:
             raise ValueError(f"need fields >= 1 and max_runs >= 2, got {fields} and {max_runs}")
         self.folder, self.name, self.fields, self.max_runs = folder, name, fields, max_runs
         self.runs: list[str] = []
+        self.sizes: dict[str, int] = {}  # run -> rows
         self.rows = 0
         self._out: IO[str] | None = None
         self._last: Row | None = None
@@ -49,6 +51,7 @@ class SortedRuns:
         self._out.writelines(["\t".join(row) + "\n" for row in rows])
         self._last = rows[-1]
         self.rows += len(rows)
+        self.sizes[self.runs[-1]] += len(rows)
 
     def merged(self) -> Iterator[Row]:
         """Every row added, in sorted order (rows that compare equal keep no particular order)."""
@@ -65,6 +68,7 @@ class SortedRuns:
         self._made += 1
         path = os.path.join(self.folder, f"{self.name}.{self._made:06d}.run")
         self.runs.append(path)
+        self.sizes[path] = 0
         self._out = open(path, "w", **_ENCODING)  # noqa: SIM115 - closed by _close_run
         self._last = None
 
@@ -74,15 +78,18 @@ class SortedRuns:
             self._out = None
 
     def _collapse(self) -> None:
-        """Merge every run so far into one (bounded open files; one extra pass over the data)."""
+        """Merge the smaller half of the runs into one (bounded open files, few passes over the data)."""
+        chosen = sorted(self.runs, key=self.sizes.__getitem__)[: max(2, self.max_runs // 2)]
         self._made += 1
         self.collapses += 1
         path = os.path.join(self.folder, f"{self.name}.{self._made:06d}.run")
         with open(path, "w", **_ENCODING) as out:
-            out.writelines("\t".join(row) + "\n" for row in heapq.merge(*(self._read(run) for run in self.runs)))
-        for run in self.runs:
+            out.writelines("\t".join(row) + "\n" for row in heapq.merge(*(self._read(run) for run in chosen)))
+        for run in chosen:
             os.unlink(run)
-        self.runs = [path]
+            self.runs.remove(run)
+        self.sizes[path] = sum(self.sizes.pop(run) for run in chosen)
+        self.runs.append(path)
 
     def _read(self, path: str) -> Iterable[Row]:
         split = self.fields - 1

@@ -15,7 +15,8 @@ import os
 
 from cosyvoice import storage
 
-_FLUSH_LINES = 4096
+#: characters buffered before they are encoded, hashed and written
+_FLUSH_CHARS = 256 << 10
 _READ_CHUNK = 8 << 20
 
 
@@ -27,11 +28,13 @@ class StagedOutput:
         self._file = open(self._staged, "wb")  # noqa: SIM115 - closed by publish/discard
         self._hash = hashlib.sha256()
         self._pending: list[str] = []
+        self._chars = 0
 
     def write(self, text: str) -> None:
         """Append ``text`` (typically one line); buffered, so many small writes stay cheap."""
         self._pending.append(text)
-        if len(self._pending) >= _FLUSH_LINES:
+        self._chars += len(text)
+        if self._chars >= _FLUSH_CHARS:
             self._flush()
 
     def publish(self) -> bool:
@@ -58,6 +61,7 @@ class StagedOutput:
         if self._pending:
             data = "".join(self._pending).encode("utf-8")
             self._pending.clear()
+            self._chars = 0
             self._file.write(data)
             self._hash.update(data)
             self.bytes += len(data)
@@ -71,9 +75,11 @@ class StagedOutput:
             if storage.is_local(self.url):
                 if os.path.getsize(path) != self.bytes:
                     return None
-                with open(path, "rb") as f:
-                    while block := f.read(_READ_CHUNK):
-                        digest.update(block)
+                buffer = bytearray(64 << 10)
+                view = memoryview(buffer)
+                with open(path, "rb", buffering=0) as f:
+                    while n := f.readinto(buffer):
+                        digest.update(view[:n])
                 return digest.digest()
             if storage.retrying(fs.size, path, what=f"size {self.url}") != self.bytes:
                 return None

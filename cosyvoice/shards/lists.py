@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
 from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS
+from cosyvoice.corpus.parts import expand_subsets, parts_from_env
 from cosyvoice.corpus.shard_plan import ShardKey
 from cosyvoice.shards.make_parquet import parquet_name
 
@@ -30,11 +32,15 @@ class ListsReport:
 
 
 def make_data_lists(layout, train_subsets: list[str] | tuple[str, ...] = TRAIN_SUBSETS,
-                    cv_subsets: list[str] | tuple[str, ...] = CV_SUBSETS) -> ListsReport:
+                    cv_subsets: list[str] | tuple[str, ...] = CV_SUBSETS,
+                    parts: Mapping[str, list[str]] | None = None) -> ListsReport:
     """The training lists of a pipeline data root (a :class:`cosyvoice.layout.DataLayout`): every
     subset asked for that has a shard plan gets its ``data.list`` (all planned shards must exist),
     then ``train.data.list`` / ``cv.data.list`` concatenate them. A subset without a shard plan is
-    not listed and is named in the report."""
+    not listed and is named in the report. A subset split into parts (``parts``; default: the
+    ``COSYVOICE_SUBSET_PARTS`` environment variable) stands for all of its parts, in spec order."""
+    parts = parts_from_env() if parts is None else parts
+    train_subsets, cv_subsets = expand_subsets(train_subsets, parts), expand_subsets(cv_subsets, parts)
     per_subset, unprepared = {}, []
     for subset in sorted(set(train_subsets) | set(cv_subsets)):
         if not layout.has_shard_plan(subset):
