@@ -153,15 +153,9 @@ def _memory_kb(pid: int) -> tuple[int, int]:
 
 
 def run(code: str, args: list[str]) -> tuple[float, dict]:
-    """Wall time, peak summed PSS and peak single-process RSS (MB) of the tool's process tree, its CPU
-    seconds and the machine's load average when it started (other jobs on the machine slow it down)."""
-    import resource
-
-    def children_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return usage.ru_utime + usage.ru_stime
-
-    cpu, load = children_cpu(), os.getloadavg()[0]
+    """Wall time, peak summed PSS and peak single-process RSS (MB) of the tool's process tree, and the
+    machine's load average when it started (other jobs on the machine slow it down)."""
+    load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_pss = peak_rss = 0
@@ -173,7 +167,7 @@ def run(code: str, args: list[str]) -> tuple[float, dict]:
     wall = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(proc.stderr.read().decode()[-2000:])
-    return wall, {"pss_mb": peak_pss / 1024, "rss_mb": peak_rss / 1024, "cpu_s": children_cpu() - cpu, "load": load}
+    return wall, {"pss_mb": peak_pss / 1024, "rss_mb": peak_rss / 1024, "load": load}
 
 
 def main() -> None:
@@ -205,8 +199,7 @@ def main() -> None:
     print(f"speed-up {t_up / t_ours:.2f}x, peak memory ours/upstream {mem_ours['pss_mb'] / mem_up['pss_mb']:.2f}")
     if args.json:
         tools = {name: {"seconds": round(wall, 3), "peak_pss_mb": round(mem["pss_mb"], 1),
-                        "peak_rss_mb": round(mem["rss_mb"], 1), "cpu_seconds": round(mem["cpu_s"], 3),
-                        "load_average_at_start": round(mem["load"], 2)}
+                        "peak_rss_mb": round(mem["rss_mb"], 1), "load_average_at_start": round(mem["load"], 2)}
                  for name, wall, mem in (("upstream", t_up, mem_up), ("ours", t_ours, mem_ours))}
         write_json(args.json, {
             "benchmark": "shards", "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
