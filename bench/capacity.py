@@ -138,8 +138,10 @@ def manifest_rate(results: dict) -> Rate:
         return unmeasured("utterances/s per core", "bench/manifest.py --json bench/results/manifest.json not run")
     largest = max(points, key=lambda p: p["utterances"])
     cores = machine_cores(data, 2)  # the project's CPU machine unless the file says otherwise
+    load = f", load {largest['load_average']:.0f}" if largest.get("load_average") is not None else ""
+    cpu = f"; {largest['cpu_seconds']:,.0f} CPU s of {largest['seconds']:,.0f} s" if largest.get("cpu_seconds") else ""
     return Rate(largest["utterances"] / largest["seconds"] / cores, "utterances/s per core",
-                f"{_source('manifest', data)}, {largest['utterances']:,} utterances on {cores:g} cores")
+                f"bench/results/manifest.json ({largest['utterances']:,} utterances on {cores:g} cores{load}{cpu})")
 
 
 def train_rate(given: float | None) -> Rate:
@@ -453,29 +455,33 @@ def request_classes(counts: dict[str, float]) -> tuple[float, float, float]:
     return lists, gets, sum(v for k, v in counts.items() if k in PUT_CLASS) - lists
 
 
-def peak_get_rate(p: Plan) -> tuple[float, str] | None:
-    """The highest GET-class rate (requests/s, when): the manifest over its wall time, or the features
-    phase. In that phase embeddings and parquet share the CPU pool and tokens run beside them; parquet
+def get_rates(p: Plan) -> list[tuple[str, float]] | None:
+    """GET-class requests per second of each phase, ``(phase, rate)``: the manifest over its wall time,
+    the features phase as modelled, and the features phase with GPU tokens at the break-even rate. In
+    the features phase embeddings and parquet share the CPU pool and tokens run beside them; parquet
     of a shard needs its tokens, so it goes no faster than the tokens do."""
     rows = request_rows(p)
     if rows is None:
         return None
     gets = {r["stage"]: request_classes(r["counts"])[1] for r in rows}
-    candidates = []
+    features = sum(gets.get(s, 0.0) for s in ("speaker_embeddings", "speech_tokens", "parquet_shards"))
+    out = []
     manifest_s = p.stage("manifest").seconds
     if manifest_s:
-        candidates.append((gets.get("manifest", 0.0) / manifest_s, "manifest"))
+        out.append(("manifest, at the local-disk rate", gets.get("manifest", 0.0) / manifest_s))
     embeddings_s, parquet_s = p.stage("speaker_embeddings").seconds, p.stage("parquet_shards").seconds
     tokens_s = p.stage("speech_tokens (GPU)").seconds or p.stage("speech_tokens (device=cpu in the GPU steps)").seconds
     if embeddings_s and parquet_s and tokens_s:
         cpu_s = embeddings_s + parquet_s
         if tokens_s <= cpu_s:
-            rate = sum(gets.get(s, 0.0) for s in ("speaker_embeddings", "speech_tokens", "parquet_shards")) / cpu_s
+            rate = features / cpu_s
         else:
             rate = (gets.get("speaker_embeddings", 0.0) / embeddings_s
                     + (gets.get("speech_tokens", 0.0) + gets.get("parquet_shards", 0.0)) / tokens_s)
-        candidates.append((rate, "features phase"))
-    return max(candidates) if candidates else None
+        out.append(("features phase", rate))
+        if tokens_s > cpu_s:
+            out.append(("features phase, GPU tokens at the break-even rate", features / cpu_s))
+    return out
 
 
 # --- control plane and saturation ------------------------------------------------------------------
@@ -537,32 +543,22 @@ def saturation_table(p: Plan) -> list[list[str]]:
     phase, side = p.features_phase()
     rows.append(["CPU pool / GPU tokens (features phase)", hours(phase) if phase else UNMEASURED, side,
                  "the longest phase" if phase else UNMEASURED])
-    peak = peak_get_rate(p)
-    if peak:
-        rate, where = peak
-        over = rate / PREFIX_LIMITS["GET"]
-        verdict = (f"{over:.1f}x one prefix's limit: needs >= {math.ceil(over)} prefix partitions (S3 splits by key "
-                   "prefix as load grows; SlowDown answers until then, retried)") if over > 1 else "within one prefix"
-        rows.append([f"object store GETs ({where})", f"{rate:,.0f} GET/s", f"{PREFIX_LIMITS['GET']:,} GET/s per prefix",
-                     verdict])
-        rows_by_stage = {r["stage"]: request_classes(r["counts"])[1] for r in request_rows(p)}
-        cpu = [p.stage("speaker_embeddings").seconds, p.stage("parquet_shards").seconds]
-        if all(cpu):
-            balanced = sum(rows_by_stage.get(s, 0.0) for s in ("speaker_embeddings", "speech_tokens", "parquet_shards"))
-            rate = balanced / sum(cpu)
-            rows.append(["object store GETs (features phase, GPU tokens at the break-even rate)", f"{rate:,.0f} GET/s",
-                         f"{PREFIX_LIMITS['GET']:,} GET/s per prefix", f"{rate / PREFIX_LIMITS['GET']:.1f}x one prefix's "
-                         "limit" + (": spread the corpus over prefixes (S3 splits them as load grows)"
-                                    if rate > PREFIX_LIMITS["GET"] else "")])
-        manifest_gets = (request_rows(p) or [{}])[0]
-        if manifest_gets.get("stage") == "manifest":
-            gets = sum(v for k, v in manifest_gets["counts"].items() if k in GET_CLASS)
-            rows.append(["manifest on S3 at the per-prefix GET limit", f"{gets:,.0f} GETs",
-                         f"{PREFIX_LIMITS['GET']:,} GET/s per prefix",
-                         f">= {hours(gets / PREFIX_LIMITS['GET'])} per prefix partition"])
-    else:
+    rates = get_rates(p)
+    if rates is None:
         rows.append(["object store", UNMEASURED, f"{PREFIX_LIMITS['GET']:,} GET / {PREFIX_LIMITS['PUT']:,} PUT per s "
                      "per prefix", UNMEASURED])
+    for phase_name, rate in rates or []:
+        over = rate / PREFIX_LIMITS["GET"]
+        verdict = (f"{over:,.1f}x one prefix's limit: needs >= {math.ceil(over)} prefix partitions (S3 adds them "
+                   "as load stays high; SlowDown answers until then, retried)") if over > 1 else "within one prefix"
+        rows.append([f"object store GETs ({phase_name})", f"{rate:,.0f} GET/s",
+                     f"{PREFIX_LIMITS['GET']:,} GET/s per prefix", verdict])
+    manifest = next((r for r in request_rows(p) or [] if r["stage"] == "manifest"), None)
+    if manifest:
+        gets = request_classes(manifest["counts"])[1]
+        rows.append(["manifest on S3 at the per-prefix GET limit", f"{gets:,.0f} GETs",
+                     f"{PREFIX_LIMITS['GET']:,} GET/s per prefix", f">= {hours(gets / PREFIX_LIMITS['GET'])} per prefix "
+                     "partition"])
     busy = p.cluster.cpu_runs + p.cluster.gpus
     run_minutes = p.stage("speaker_embeddings").run_minutes
     run = control_plane_run(p)
