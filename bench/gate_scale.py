@@ -409,6 +409,7 @@ def main() -> None:
         start = time.perf_counter()
         history, expected = plant_history(instance, graph, args.partitions, shards_per_run, args.backfills)
         write_s = time.perf_counter() - start
+        stored_runs, stored_evaluations = history.runs, history.evaluations
         print(f"stored {history.runs} runs, {history.evaluations} check evaluations over {args.partitions} shard "
               f"partitions ({args.backfills} backfill passes of {shards_per_run} shards per run) in {write_s:.1f} s")
 
@@ -437,7 +438,7 @@ def main() -> None:
 
     figures = {
         "partitions": args.partitions, "shards_per_run": shards_per_run, "backfills": args.backfills,
-        "storage": args.storage, "runs": history.runs, "check_evaluations": history.evaluations,
+        "storage": args.storage, "runs": stored_runs, "check_evaluations": stored_evaluations,
         "write_seconds": round(write_s, 1),
         "previous_gate_seconds": round(previous_s, 3), "gate_seconds": round(gate_s, 3),
         "speedup": round(previous_s / gate_s, 1), "schedule_tick_seconds": round(schedule_s, 3),
@@ -447,7 +448,8 @@ def main() -> None:
         "prepare_subset_shards_subset": largest[0], "prepare_subset_shards_asset_partitions": requested,
         "expected_failing": expected, "previous_correct": previous == expected, "gate_correct": current == expected,
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *sys.argv[1:]]),
-        "machine": "2 cores, shared with other jobs", "date": datetime.date.today().isoformat(),
+        "machine": "2 cores, shared with other jobs",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1), "date": datetime.date.today().isoformat(),
     }
     print(f"previous gate (5000-evaluation history, instance API): {previous_s:.2f} s, "
           f"{'correct' if figures['previous_correct'] else 'WRONG: ' + json.dumps(previous)}")

@@ -116,43 +116,58 @@ def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[
     with events.index_connection() as checks_db, runs.connect() as runs_db:
         failed, newest = _failed_evaluations(checks_db, keys.values())
         tags_by_run = _scope_tags(runs_db, {run_id for _, _, _, run_id, partition, _ in failed if partition is None})
-        listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}
-        latest: dict[tuple[str, str], _LatestPerPartition] = {}
-        for evaluation_id, asset_key, check_name, run_id, partition, event in failed:
-            if (asset_key, check_name) not in latest:
-                partitions_def = asset_graph.get(keys[(asset_key, check_name)].asset_key).partitions_def
-                if id(partitions_def) not in listed:
-                    partitions = (None if partitions_def is None
-                                  else list(partitions_def.get_partition_keys(dynamic_partitions_store=instance)))
-                    listed[id(partitions_def)] = partitions, {p: i for i, p in enumerate(partitions or [])}
-                latest[(asset_key, check_name)] = _LatestPerPartition(*listed[id(partitions_def)])
-            check = latest[(asset_key, check_name)]
-            span = check.span(partition, tags_by_run.get(run_id, {}))
-            if span and (blocks := _blocking(range(span[0], span[1] + 1), event, check.partitions)):
-                check.would_block[evaluation_id] = blocks
-                check.pending.update(blocks)
-        # nothing older than the oldest failure that would block can be the latest evaluation of what it blocks
-        oldest = min((i for check in latest.values() for i in check.would_block), default=newest + 1)
-        high, window_size = newest + 1, ID_WINDOW
-        while high > oldest and (open_checks := {name: check for name, check in latest.items() if check.pending}):
-            low, window_size = max(oldest, high - window_size), min(4 * window_size, MAX_ID_WINDOW)
-            window = _evaluations_newest_first(checks_db, [keys[name] for name in open_checks], low, high)
-            tags_by_run.update(_scope_tags(
-                runs_db, {run_id for _, _, _, run_id, partition, _ in window if partition is None} - tags_by_run.keys()))
-            for evaluation_id, asset_key, check_name, run_id, partition, status in window:
-                check = open_checks[(asset_key, check_name)]
-                span = check.span(partition, tags_by_run.get(run_id, {})) if check.pending else None
-                taken = check.take(*span) if span else []
-                if taken and status == FAILED:
-                    blocks = check.would_block.get(evaluation_id, set())
-                    check.blocked.extend(p for p in taken if p in blocks)
-            high = low
+        checks = _what_failures_would_block(instance, asset_graph, keys, failed, tags_by_run)
+        _follow_back(checks_db, runs_db, keys, checks, tags_by_run, newest)
     failing: dict[str, list[str | None]] = {}
-    for name, check in sorted(latest.items(), key=lambda item: keys[item[0]].to_user_string()):
+    for name, check in sorted(checks.items(), key=lambda item: keys[item[0]].to_user_string()):
         if check.blocked:
-            failing[keys[name].to_user_string()] = [None] if check.partitions is None else [
-                check.partitions[p] for p in sorted(check.blocked)]
+            partitions = check.partitions
+            failing[keys[name].to_user_string()] = [None] if partitions is None else [
+                partitions[p] for p in sorted(check.blocked)]
     return failing
+
+
+def _what_failures_would_block(instance, asset_graph, keys: dict, failed: list,
+                               tags_by_run: dict) -> dict[tuple[str, str], _LatestPerPartition]:
+    """Per check with failures: the positions each failed evaluation blocks if it is their latest."""
+    listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}  # per partitions definition
+    checks: dict[tuple[str, str], _LatestPerPartition] = {}
+    for evaluation_id, asset_key, check_name, run_id, partition, event in failed:
+        if (asset_key, check_name) not in checks:
+            partitions_def = asset_graph.get(keys[(asset_key, check_name)].asset_key).partitions_def
+            if id(partitions_def) not in listed:
+                partitions = (None if partitions_def is None
+                              else list(partitions_def.get_partition_keys(dynamic_partitions_store=instance)))
+                listed[id(partitions_def)] = partitions, {p: i for i, p in enumerate(partitions or [])}
+            checks[(asset_key, check_name)] = _LatestPerPartition(*listed[id(partitions_def)])
+        check = checks[(asset_key, check_name)]
+        span = check.span(partition, tags_by_run.get(run_id, {}))
+        if span and (blocks := _blocking(range(span[0], span[1] + 1), event, check.partitions)):
+            check.would_block[evaluation_id] = blocks
+            check.pending.update(blocks)
+    return checks
+
+
+def _follow_back(checks_db, runs_db, keys: dict, checks: dict[tuple[str, str], _LatestPerPartition],
+                 tags_by_run: dict, newest: int) -> None:
+    """Read the evaluations of the checks with pending positions newest first, in growing windows of ids,
+    until each pending position has its latest evaluation; a failed one blocks what it would block."""
+    # nothing older than the oldest failure that would block can be the latest evaluation of what it blocks
+    oldest = min((i for check in checks.values() for i in check.would_block), default=newest + 1)
+    high, window_size = newest + 1, ID_WINDOW
+    while high > oldest and (open_checks := {name: check for name, check in checks.items() if check.pending}):
+        low, window_size = max(oldest, high - window_size), min(4 * window_size, MAX_ID_WINDOW)
+        window = _evaluations_newest_first(checks_db, [keys[name] for name in open_checks], low, high)
+        tags_by_run.update(_scope_tags(
+            runs_db, {run_id for _, _, _, run_id, partition, _ in window if partition is None} - tags_by_run.keys()))
+        for evaluation_id, asset_key, check_name, run_id, partition, status in window:
+            check = open_checks[(asset_key, check_name)]
+            span = check.span(partition, tags_by_run.get(run_id, {})) if check.pending else None
+            taken = check.take(*span) if span else []
+            if taken and status == FAILED:
+                blocks = check.would_block.get(evaluation_id, set())
+                check.blocked.extend(p for p in taken if p in blocks)
+        high = low
 
 
 def _of_checks(keys: Iterable[dg.AssetCheckKey]):
