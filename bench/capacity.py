@@ -7,6 +7,7 @@ by a flag is labelled as given, not measured. Nothing here is timed: the script 
 
     python bench/capacity.py [--hours 100000] [--gpus 8] [--cpu_cores 512] [--results bench/results]
                              [--gpu_tokens_rate AUDIO_S_PER_S] [--gpu_train_tokens_per_s TOKENS] [--markdown]
+    python bench/capacity.py --update_doc [docs/scaling.md]   # its tables, recomputed with the doc's command
 
 Inputs it reads (each optional): ``features.json`` (bench/features.py: CAM++ and speech tokens on CPU;
 a file whose ``speech_token_torch`` ran on ``cuda`` gives the GPU token rate), ``shards.json``
@@ -627,14 +628,53 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--price_put", type=float, default=0.005, help="$ per 1,000 PUT/COPY/POST/LIST")
     ap.add_argument("--price_get", type=float, default=0.0004, help="$ per 1,000 GET/HEAD")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--update_doc", nargs="?", const=os.path.join(REPO, "docs", "scaling.md"), default=None,
+                    metavar="DOC", help="rewrite DOC's capacity block with its own command's output (other flags unused)")
     return ap
 
 
-def main(argv: list[str] | None = None) -> Plan:
+#: the block of a doc that holds this script's --markdown output, with the command that printed it
+DOC_BLOCK = re.compile(r"(<!-- capacity: begin python bench/capacity.py (?P<argv>.*?) -->\n)(?P<body>.*?)"
+                       r"(<!-- capacity: end -->)", re.S)
+
+
+def doc_block(path: str) -> tuple[list[str], str]:
+    """The arguments and the body of the capacity block in the doc at ``path``."""
+    with open(path, encoding="utf-8") as f:
+        match = DOC_BLOCK.search(f.read())
+    if not match:
+        raise SystemExit(f"{path}: no '<!-- capacity: begin python bench/capacity.py ... -->' block")
+    return match["argv"].split(), match["body"]
+
+
+def compute(argv: list[str] | None) -> tuple[Plan, str]:
     args = parser().parse_args(argv)
     args.shards_per_run = args.shards_per_run or shards_per_run_in_code()
     p = plan(args)
-    print(report(p, args.markdown))
+    return p, report(p, args.markdown)
+
+
+def update_doc(path: str) -> bool:
+    """Rewrite the capacity block of ``path`` with what its own command prints now; True if it changed."""
+    argv, body = doc_block(path)
+    fresh = compute(argv)[1].strip() + "\n"
+    if fresh == body:
+        return False
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    match = DOC_BLOCK.search(text)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:match.start("body")] + fresh + text[match.end("body"):])
+    return True
+
+
+def main(argv: list[str] | None = None) -> Plan | None:
+    args = parser().parse_args(argv)
+    if args.update_doc:
+        print(f"{args.update_doc}: {'updated' if update_doc(args.update_doc) else 'already current'}")
+        return None
+    p, text = compute(argv)
+    print(text)
     return p
 
 

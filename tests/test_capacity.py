@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import sys
 
 import pytest
@@ -98,13 +97,19 @@ def test_control_plane_figures_are_scaled_by_shards(capacity, capsys, results):
     assert launches[2] == "31.2 runs/s measured"  # 1875 runs in 60 s
 
 
-def test_the_scaling_doc_shows_what_the_script_computes(capacity, capsys):
-    with open(os.path.join(REPO, "docs", "scaling.md"), encoding="utf-8") as f:
-        text = f.read()
-    block = re.search(r"<!-- capacity: begin python bench/capacity.py (.*?) -->\n(.*?)<!-- capacity: end -->", text, re.S)
-    assert block, "docs/scaling.md has no '<!-- capacity: begin python bench/capacity.py ... -->' block"
-    capacity.main(block.group(1).split())
-    printed = capsys.readouterr().out
-    assert block.group(2).strip() == printed.strip(), (
-        f"docs/scaling.md is stale: paste the output of `python bench/capacity.py {block.group(1)}` between its "
-        "capacity markers")
+def test_the_scaling_doc_shows_what_the_script_computes(capacity):
+    doc = os.path.join(REPO, "docs", "scaling.md")
+    argv, body = capacity.doc_block(doc)
+    assert body.strip() == capacity.compute(argv)[1].strip(), (
+        "docs/scaling.md is stale (a benchmark's JSON changed): run `python bench/capacity.py --update_doc`")
+
+
+def test_update_doc_rewrites_only_the_block(capacity, results, tmp_path):
+    doc = tmp_path / "doc.md"
+    command = f"--results {results} --hours 10 --markdown"
+    doc.write_text(f"before\n<!-- capacity: begin python bench/capacity.py {command} -->\nold\n"
+                   "<!-- capacity: end -->\nafter\n")
+    assert capacity.update_doc(str(doc)) and not capacity.update_doc(str(doc))
+    text = doc.read_text()
+    assert text.startswith("before\n<!-- capacity") and text.endswith("<!-- capacity: end -->\nafter\n")
+    assert "| speaker_embeddings | CPU pool" in text and "\nold\n" not in text
