@@ -363,14 +363,14 @@ def settings_table(p: Plan) -> list[list[str]]:
     return [["setting", "value", "where"],
             ["max concurrent runs", f"{runs + 4}", "k8s/helm/values.yaml dagsterDaemon.runCoordinator ... "
              "maxConcurrentRuns (CPU runs + GPU runs + 4 for manifest/per-subset runs)"],
-            ["runs per backfill", f"{runs}", "same file, tagConcurrencyLimits dagster/backfill limit (today 10: "
-             "one backfill would use 10 runs)"],
+            ["runs per backfill", f"{runs}", "same file, tagConcurrencyLimits dagster/backfill limit (the chart's "
+             "default: 232; a lower limit leaves cores idle)"],
             ["gpu pool", f"{c.gpus}", "COSYVOICE_GPU_POOL_LIMIT (code server env and k8s/pool-limits-job.yaml)"],
             ["run pod CPU request", f"{c.run_pod_cpu:g}", "k8s/helm/values.yaml runLauncher ... runK8sConfig "
-             "containerConfig.resources.requests.cpu (today 1)"],
+             "containerConfig.resources.requests.cpu (the chart's default: 250m)"],
             ["step CPU request", f"{c.step_cpu:g}", "pipelines/executors.py STEP_K8S_CONFIG (fixed in code)"],
             ["speaker_embeddings run config", f"num_workers: {c.step_cpu:g}",
-             "backfill run config ops.speaker_embeddings.config (0 = os.cpu_count(): the node's cores, not the request)"],
+             "backfill run config ops.speaker_embeddings.config (0 = the cores the pod may use: its cgroup CPU quota)"],
             ["speech_tokens run config", f"device: cuda, runtime: torch, batch_size: 64, num_workers: {c.gpu_step_cpu:g}",
              "backfill run config ops.speech_tokens.config"],
             ["shards per run", f"{p.corpus.shards_per_run}", "assets/_per_shard.py SHARDS_PER_RUN (BackfillPolicy.multi_run)"],

@@ -273,4 +273,14 @@ def speaker_means(utt2embedding: dict[str, list[float]], utt2spk: dict[str, str]
 
 
 def default_workers() -> int:
-    return os.cpu_count() or 1
+    """The cores this process may use: inside a Kubernetes pod ``os.cpu_count()`` is the node's core count,
+    so the CPU affinity and the cgroup v2 quota (``cpu.max``, what a pod's CPU limit sets) bound it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
