@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from cosyvoice.triton.server import TritonServer, free_port
+from tests.support.tritonserver import stop_servers
 from tests.triton.conftest import data_dir, model_dir, triton_env  # noqa: F401 (fixtures used here)
 
 ALL_MODELS = ("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
@@ -188,8 +189,7 @@ def triton_replicas(serve_repo, triton_env, tmp_path_factory):  # noqa: F811
     try:
         yield servers
     finally:
-        for server in servers:
-            server.stop()
+        stop_servers(servers)
 
 
 @pytest.fixture(scope="session")

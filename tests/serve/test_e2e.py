@@ -5,7 +5,7 @@ request that had not started streaming, a request cut mid-stream fails visibly, 
 comes back when a replacement answers on its address; /metrics shows what happened.
 
 Requests cost 1-3 CPU seconds each (see conftest: the LLM stand-in stops after tens of tokens), so
-the file sends about twenty.
+the file sends about twenty. Each test makes the traffic it asserts on: any one runs alone.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from tests.serve.conftest import (
     REPLICA_ENV,
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
+    start_replica,
     triton_stream,
     wait_until,
 )
+from tests.support.tritonserver import remove_files, shm_regions
 
 pytestmark = pytest.mark.slow
 
@@ -205,7 +207,10 @@ def _replica_states(http) -> dict[str, dict]:
 
 
 class _Outcome:
+    """One streamed request of the load: where the gateway sent it, when its first bytes came, how it ended."""
+
     def __init__(self):
+        self.replica: str | None = None
         self.first_byte: float | None = None
         self.body = b""
         self.status: int | None = None
@@ -213,13 +218,17 @@ class _Outcome:
         self.done = False
 
 
-async def _sft(client: httpx.AsyncClient, outcome: _Outcome, text: str) -> None:
+async def _sft(client: httpx.AsyncClient, outcome: _Outcome, text: str, on_first_byte=None) -> None:
+    """POST /inference_sft and read the stream into ``outcome``; ``on_first_byte(outcome)`` runs as soon as
+    the first audio bytes arrive (synchronously, before anything else reads)."""
     try:
         async with client.stream("POST", "/inference_sft", data={"tts_text": text, "spk_id": SPEAKER}) as response:
             outcome.status = response.status_code
             async for part in response.aiter_raw():
                 if part and outcome.first_byte is None:
                     outcome.first_byte = time.monotonic()
+                    if on_first_byte is not None:
+                        on_first_byte(outcome)
                 outcome.body += part
     except httpx.HTTPError as exc:
         outcome.error = exc
@@ -236,76 +245,173 @@ def _metric(families, name: str, **labels) -> float:
     return total
 
 
-def _metrics(http):
+def _parse_metrics(text: str):
     from prometheus_client.parser import text_string_to_metric_families
 
-    return list(text_string_to_metric_families(http.get("/metrics").text))
+    return list(text_string_to_metric_families(text))
+
+
+def _metrics(http):
+    return _parse_metrics(http.get("/metrics").text)
+
+
+async def _dispatched_to(client: httpx.AsyncClient, sent: dict[str, float], labels: list[str]) -> str:
+    """The replica the gateway sent the one request just made to: the one whose
+    ``backend_requests_total`` rose past ``sent`` (updated). A counter, so completions cannot hide it."""
+    deadline = time.monotonic() + 60
+    while True:
+        families = _parse_metrics((await client.get("/metrics")).text)
+        now = {label: _metric(families, "cosyvoice_gateway_backend_requests_total", replica=label) for label in labels}
+        risen = [label for label in labels if now[label] > sent[label]]
+        if risen:
+            assert len(risen) == 1 and now[risen[0]] == sent[risen[0]] + 1, (sent, now)
+            sent.update(now)
+            return risen[0]
+        assert time.monotonic() < deadline, "the gateway did not send the request to a replica within 60 s"
+        await asyncio.sleep(0.005)
 
 
 def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_streaming(
         gateway, http, speaker, triton_replicas, triton_env):
+    """Four streams over two replicas (2 BLS instances each), placed one at a time while the replicas are
+    frozen, so the test knows where each went; one replica is SIGKILLed the moment its first stream delivers
+    audio. That stream is then mid-way (>= 3 chunks, each a token2wav call) and the replica's other request
+    has sent nothing yet: a moment every run reaches, not a race on how many streams happen to overlap."""
     reference = http.post("/inference_sft", data={"tts_text": LONG_TEXT, "spk_id": SPEAKER})
     assert reference.status_code == 200
     tokens = len(reference.content) // 2 // SAMPLES_PER_TOKEN
     assert tokens >= 43, f"{tokens} tokens: LONG_TEXT must make >= 3 chunks (pick another text)"
-    victim = triton_replicas[1]
-    label = victim.grpc_url
-    ports = (victim.http_port, victim.grpc_port)
+    labels = [server.grpc_url for server in triton_replicas]
+    families = _metrics(http)
+    errors_before = {label: _metric(families, "cosyvoice_gateway_backend_errors_total", replica=label)
+                     for label in labels}
+    retries_before = _metric(families, "cosyvoice_gateway_backend_retries_total", model="cosyvoice2")
+    kill: dict = {}
+
+    def kill_on_the_victims_first_audio(outcome: _Outcome) -> None:
+        if "label" in kill and outcome.replica == kill["label"] and "at" not in kill:
+            os.killpg(kill["server"].process.pid, signal.SIGKILL)  # a crash: no draining
+            kill.update(at=time.monotonic(), trigger=outcome)
 
     async def load():
-        outcomes = [_Outcome() for _ in range(6)]  # 3 a replica: 2 streaming (BLS instances), 1 queued
+        outcomes = [_Outcome() for _ in range(4)]  # 2 a replica: as many as its BLS instances stream at once
         late = [_Outcome() for _ in range(2)]  # sent after the kill, before the health check noticed
         async with httpx.AsyncClient(base_url=gateway, timeout=300) as client:
-            tasks = [asyncio.create_task(_sft(client, o, LONG_TEXT)) for o in outcomes]
-
-            # >= 3 streams in progress: a replica streams at most 2 (BLS instances), so both replicas stream
-            def streaming() -> int:
-                return sum(o.first_byte is not None and not o.done for o in outcomes)
-
+            sent = {label: _metric(_parse_metrics((await client.get("/metrics")).text),
+                                   "cosyvoice_gateway_backend_requests_total", replica=label) for label in labels}
+            tasks = []
+            # frozen while the requests go out one at a time, each one's replica read off the gateway's
+            # counters before the next: no audio can come before the test knows where each request went
+            _signal_replicas(triton_replicas, signal.SIGSTOP)
+            try:
+                for outcome in outcomes:
+                    tasks.append(asyncio.create_task(_sft(client, outcome, LONG_TEXT, kill_on_the_victims_first_audio)))
+                    outcome.replica = await _dispatched_to(client, sent, labels)
+                placed = {label: [o for o in outcomes if o.replica == label] for label in labels}
+                label = max(labels, key=lambda lb: len(placed[lb]))  # least loaded first: 2 each
+                assert len(placed[label]) >= 2, placed
+                server = triton_replicas[labels.index(label)]
+                kill.update(label=label, server=server, regions=shm_regions(server))
+            finally:
+                _signal_replicas(triton_replicas, signal.SIGCONT)
             deadline = time.monotonic() + 240
-            while streaming() < 3:
-                assert time.monotonic() < deadline, "the load never had 3 streams in progress"
-                assert not all(o.done for o in outcomes)
-                await asyncio.sleep(0.02)
-            os.killpg(victim.process.pid, signal.SIGKILL)  # a crash: no draining
-            killed_at = time.monotonic()
+            while "at" not in kill:
+                assert time.monotonic() < deadline, "no stream of the victim replica started within 240 s"
+                assert not all(o.done for o in placed[label]), "the victim's requests ended without audio"
+                await asyncio.sleep(0.01)
             tasks += [asyncio.create_task(_sft(client, o, LONG_TEXT)) for o in late]
             await asyncio.gather(*tasks)
-        return outcomes + late, killed_at
+        return outcomes + late, placed[label]
 
-    outcomes, killed_at = asyncio.run(load())
-    victim.stop()  # reaps the killed group
-    started = [o for o in outcomes if o.first_byte is not None and o.first_byte < killed_at]
-    not_started = [o for o in outcomes if o not in started]
-    for o in not_started:  # retried on (or sent to) the surviving replica: complete
-        assert o.error is None and o.status == 200, (o.status, o.error)
-        assert o.body == reference.content
-    cut = [o for o in started if o.error is not None]
-    print(f"replica killed with {len(started)} streams started: {len(cut)} cut mid-stream, "
-          f"{len(not_started)} not yet streaming (all complete)")
-    assert cut, "no stream was in progress on the killed replica"
-    for o in started:  # either complete on the survivor, or an error the client sees: never a short 200 body
-        assert o.error is not None or (o.status == 200 and o.body == reference.content)
-    for o in cut:
-        assert isinstance(o.error, (httpx.RemoteProtocolError, httpx.ReadError)), repr(o.error)
-        assert len(o.body) < len(reference.content)
+    try:
+        outcomes, on_victim = asyncio.run(load())
+        index = labels.index(kill["label"])
+        victim = triton_replicas[index]
+        victim.stop()  # reaps the killed group
+        started = [o for o in outcomes if o.first_byte is not None and o.first_byte <= kill["at"]]
+        not_started = [o for o in outcomes if o not in started]
+        cut = [o for o in started if o.error is not None]
+        print(f"replica killed with {len(started)} streams started: {len(cut)} cut mid-stream "
+              f"({len(kill['trigger'].body)} of {len(reference.content)} bytes), {len(not_started)} not yet "
+              f"streaming ({sum(o in on_victim for o in not_started)} of them on the victim): all complete")
+        for o in not_started:  # retried on (or sent to) the surviving replica: complete
+            assert o.error is None and o.status == 200, (o.status, o.error)
+            assert o.body == reference.content
+        assert kill["trigger"] in cut, "the stream in progress on the killed replica was not cut"
+        assert any(o in on_victim for o in not_started), "no request on the killed replica was waiting to stream"
+        for o in started:  # either complete on the survivor, or an error the client sees: never a short 200 body
+            assert o.error is not None or (o.status == 200 and o.body == reference.content)
+        for o in cut:
+            assert isinstance(o.error, (httpx.RemoteProtocolError, httpx.ReadError)), repr(o.error)
+            assert len(o.body) < len(reference.content)
+        families = _metrics(http)  # the cut stream is counted against the victim; the waiting one was retried
+        assert _metric(families, "cosyvoice_gateway_backend_errors_total", replica=victim.grpc_url) \
+            >= errors_before[victim.grpc_url] + 1
+        assert _metric(families, "cosyvoice_gateway_backend_retries_total", model="cosyvoice2") >= retries_before + 1
 
-    def victim_out():
-        states = _replica_states(http)
-        return states if not states[label]["healthy"] else None
+        def victim_out():
+            states = _replica_states(http)
+            return states if not states[victim.grpc_url]["healthy"] else None
 
-    states = wait_until(victim_out, timeout=30, what="the killed replica out of rotation")
-    assert states[label]["status"] == 200  # still ready: the other replica serves
-    assert sum(s["healthy"] for s in states.values()) == 1
+        states = wait_until(victim_out, timeout=30, what="the killed replica out of rotation")
+        assert states[victim.grpc_url]["status"] == 200  # still ready: the other replica serves
+        assert sum(s["healthy"] for s in states.values()) == 1
 
-    # a replacement on the same address comes back into rotation and takes requests again
-    before = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=label, model="cosyvoice2")
-    replacement = TritonServer(victim.repo, env=triton_env, ports=ports, log_path=victim.log_path,
-                               extra_env=REPLICA_ENV)
-    triton_replicas[1] = replacement  # the fixture stops whatever the list holds
-    replacement.start()
-    replacement.load("speaker_embedding", "audio_tokenizer", "tensorrt_llm", "token2wav", "cosyvoice2")
-    wait_until(lambda: _replica_states(http)[label]["healthy"], timeout=30, what="the replacement back in rotation")
+        # a replacement on the same address comes back into rotation and takes requests again
+        before = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=victim.grpc_url,
+                         model="cosyvoice2")
+        triton_replicas[index] = _replacement(victim, triton_env)
+        wait_until(lambda: _replica_states(http)[victim.grpc_url]["healthy"], timeout=30,
+                   what="the replacement back in rotation")
+
+        async def two():
+            async with httpx.AsyncClient(base_url=gateway, timeout=300) as client:
+                return await asyncio.gather(*(client.post("/inference_sft", data={"tts_text": TEXT, "spk_id": SPEAKER})
+                                              for _ in range(2)))
+
+        assert all(r.status_code == 200 for r in asyncio.run(two()))
+        after = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=victim.grpc_url,
+                        model="cosyvoice2")
+        assert after > before
+    finally:
+        if "at" in kill:  # a SIGKILLed server's stubs cannot unlink their shared memory
+            remove_files(kill["regions"])
+        for i, server in enumerate(triton_replicas):  # whatever failed, the next tests get two live replicas
+            if server.process is None or server.process.poll() is not None:
+                server.stop()
+                triton_replicas[i] = _replacement(server, triton_env)
+
+
+def _signal_replicas(servers: list[TritonServer], sig: signal.Signals) -> None:
+    for server in servers:
+        os.killpg(server.process.pid, sig)
+
+
+def _replacement(dead: TritonServer, triton_env) -> TritonServer:
+    """A tritonserver with every model loaded on the address (ports, repo, log file) of a dead one."""
+    return start_replica(dead.repo, triton_env, dead.log_path, ports=(dead.http_port, dead.grpc_port),
+                         extra_env=REPLICA_ENV)
+
+
+def test_metrics_show_requests_first_chunk_latency_and_each_replica(http, gateway, zero_shot, speaker,
+                                                                    triton_replicas):
+    """Its own traffic (two concurrent sft streams, one a replica) read as differences: no other test's
+    requests, kill or restart is needed for it to pass, in any order."""
+    labels = [server.grpc_url for server in triton_replicas]
+    wait_until(lambda: all(s["healthy"] for s in _replica_states(http).values()), timeout=60,
+               what="every replica in rotation")
+
+    def figures() -> dict:
+        families = _metrics(http)
+        return {"ok": _metric(families, "cosyvoice_gateway_requests_total", endpoint="/inference_sft", status="ok"),
+                "first_chunks": _metric(families, "cosyvoice_gateway_first_chunk_seconds_count",
+                                        endpoint="/inference_sft"),
+                "first_chunks_inf": _metric(families, "cosyvoice_gateway_first_chunk_seconds_bucket",
+                                            endpoint="/inference_sft", le="+Inf"),
+                **{label: _metric(families, "cosyvoice_gateway_backend_requests_total", replica=label)
+                   for label in labels}}
+
+    before = figures()
 
     async def two():
         async with httpx.AsyncClient(base_url=gateway, timeout=300) as client:
@@ -313,19 +419,12 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_started_stre
                                           for _ in range(2)))
 
     assert all(r.status_code == 200 for r in asyncio.run(two()))
-    after = _metric(_metrics(http), "cosyvoice_gateway_backend_requests_total", replica=label, model="cosyvoice2")
-    assert after > before
-
-
-def test_metrics_show_requests_first_chunk_latency_and_each_replica(http, triton_replicas):
+    after = figures()
     families = _metrics(http)
-    assert _metric(families, "cosyvoice_gateway_requests_total", endpoint="/inference_sft", status="ok") >= 3
+    assert after["ok"] == before["ok"] + 2
+    assert after["first_chunks"] == before["first_chunks"] + 2
+    assert after["first_chunks_inf"] == before["first_chunks_inf"] + 2
+    for label in labels:  # two requests at once: the least loaded replica takes each, one a replica
+        assert after[label] == before[label] + 1, (before, after)
+        assert _metric(families, "cosyvoice_gateway_backend_healthy", replica=label) == 1
     assert _metric(families, "cosyvoice_gateway_requests_total", endpoint="/inference_zero_shot", status="ok") >= 1
-    assert _metric(families, "cosyvoice_gateway_first_chunk_seconds_count", endpoint="/inference_sft") >= 3
-    assert _metric(families, "cosyvoice_gateway_first_chunk_seconds_bucket", endpoint="/inference_sft",
-                   le="+Inf") >= 3
-    for server in triton_replicas:
-        assert _metric(families, "cosyvoice_gateway_backend_requests_total", replica=server.grpc_url) > 0
-        assert _metric(families, "cosyvoice_gateway_backend_healthy", replica=server.grpc_url) == 1
-    # the killed replica's cut streams (and its refused connections) are counted against it
-    assert _metric(families, "cosyvoice_gateway_backend_errors_total", replica=triton_replicas[1].grpc_url) >= 1
