@@ -2,7 +2,12 @@
 deployment on Kubernetes), ``dagster-webserver`` and ``dagster-daemon`` on 127.0.0.1 (free ports
 chosen at run time) against a temporary DAGSTER_HOME. Every process runs in its own session and is
 stopped with everything it started (``stop_process_groups``: SIGTERM, a grace period, SIGKILL, wait).
-Webserver and daemon share the one code server, so the definitions are loaded once per stack."""
+Webserver and daemon share the one code server, so the definitions are loaded once per stack.
+
+A test that waits on backfills may ask for a faster backfill tick (``backfill_interval_s``): the daemon's
+backfill loop sleeps dagster's ``DEFAULT_DAEMON_INTERVAL_SECONDS`` (30 s, no setting), so a backfill took
+one to three 30 s ticks to start and finish. The daemon is then the same ``dagster-daemon run``, started by
+a python line that sets that constant first."""
 
 import json
 import os
@@ -39,6 +44,13 @@ query Backfill($id: String!) {
   }
 }"""
 
+#: ``dagster-daemon`` (its console script) with the backfill loop's interval set from argv[1] first
+_DAEMON_WITH_BACKFILL_INTERVAL = (
+    "import sys; import dagster._daemon.controller as controller; "
+    "assert hasattr(controller, 'DEFAULT_DAEMON_INTERVAL_SECONDS'), 'dagster renamed the daemon interval'; "
+    "controller.DEFAULT_DAEMON_INTERVAL_SECONDS = float(sys.argv.pop(1)); "
+    "from dagster._daemon.cli import main; sys.argv[0] = 'dagster-daemon'; sys.exit(main())")
+
 FINAL_BACKFILL_STATES = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED", "FAILING"}
 
 
@@ -49,8 +61,9 @@ def free_port() -> int:
 
 
 class DagsterStack:
-    def __init__(self, home: Path, env: dict[str, str]):
+    def __init__(self, home: Path, env: dict[str, str], *, backfill_interval_s: float | None = None):
         self.home = Path(home)
+        self.backfill_interval_s = backfill_interval_s
         self.env = {**os.environ, **env, "DAGSTER_HOME": str(self.home)}
         self.port = free_port()
         self.grpc_port = free_port()
@@ -73,7 +86,9 @@ class DagsterStack:
                                     "-m", "pipelines.definitions", "-d", str(REPO), "--location-name", "cosyvoice"])
         self._spawn("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
                                   "-w", workspace])
-        self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace])
+        daemon = ([sys.executable, "-c", _DAEMON_WITH_BACKFILL_INTERVAL, str(self.backfill_interval_s)]
+                  if self.backfill_interval_s else [str(BIN / "dagster-daemon")])
+        self._spawn("daemon", [*daemon, "run", "-w", workspace])
         return self
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -144,5 +159,10 @@ class DagsterStack:
     def tail(log: Path, n: int = 4000) -> str:
         return log.read_text(errors="replace")[-n:] if log.exists() else "(no log)"
 
-    def stop(self) -> None:
-        stop_process_groups(self.procs, grace=20)
+    def stop(self, grace: float = 20) -> None:
+        stop_process_groups(self.procs, grace=grace)
+
+
+def stop_stacks(stacks, grace: float = 20) -> None:
+    """Stop several stacks at once: one grace period for all their processes, not one per stack."""
+    stop_process_groups([proc for stack in stacks for proc in stack.procs], grace=grace)
