@@ -112,11 +112,22 @@ def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[
         raise TypeError(f"the retrain gate reads Dagster's SQL storage (sqlite or PostgreSQL); this instance "
                         f"uses {type(events).__name__} / {type(runs).__name__}")
     keys = {(key.asset_key.to_string(), key.name): key for key in gate_check_keys(asset_graph)}
-    # one connection to each database for the whole evaluation (dagster-postgres opens one per call otherwise)
-    with events.index_connection() as checks_db, runs.connect() as runs_db:
+    with events.index_connection() as checks_db:
         failed, newest = _failed_evaluations(checks_db, keys.values())
+    if not failed:
+        return {}
+    # listed while no connection is open: SQLite's event log holds a process-wide lock per open connection
+    checks = _with_current_partitions(instance, asset_graph, {(asset, name): keys[(asset, name)]
+                                                              for _, asset, name, *_ in failed})
+    # then one connection to each database for the rest (dagster-postgres opens one per call otherwise)
+    with events.index_connection() as checks_db, runs.connect() as runs_db:
         tags_by_run = _scope_tags(runs_db, {run_id for _, _, _, run_id, partition, _ in failed if partition is None})
-        checks = _what_failures_would_block(instance, asset_graph, keys, failed, tags_by_run)
+        for evaluation_id, asset_key, check_name, run_id, partition, event in failed:
+            check = checks[(asset_key, check_name)]
+            span = check.span(partition, tags_by_run.get(run_id, {}))
+            if span and (blocks := _blocking(range(span[0], span[1] + 1), event, check.partitions)):
+                check.would_block[evaluation_id] = blocks
+                check.pending.update(blocks)
         _follow_back(checks_db, runs_db, keys, checks, tags_by_run, newest)
     failing: dict[str, list[str | None]] = {}
     for name, check in sorted(checks.items(), key=lambda item: keys[item[0]].to_user_string()):
@@ -127,24 +138,17 @@ def failing_checks(instance: dg.DagsterInstance, asset_graph) -> dict[str, list[
     return failing
 
 
-def _what_failures_would_block(instance, asset_graph, keys: dict, failed: list,
-                               tags_by_run: dict) -> dict[tuple[str, str], _LatestPerPartition]:
-    """Per check with failures: the positions each failed evaluation blocks if it is their latest."""
-    listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}  # per partitions definition
-    checks: dict[tuple[str, str], _LatestPerPartition] = {}
-    for evaluation_id, asset_key, check_name, run_id, partition, event in failed:
-        if (asset_key, check_name) not in checks:
-            partitions_def = asset_graph.get(keys[(asset_key, check_name)].asset_key).partitions_def
-            if id(partitions_def) not in listed:
-                partitions = (None if partitions_def is None
-                              else list(partitions_def.get_partition_keys(dynamic_partitions_store=instance)))
-                listed[id(partitions_def)] = partitions, {p: i for i, p in enumerate(partitions or [])}
-            checks[(asset_key, check_name)] = _LatestPerPartition(*listed[id(partitions_def)])
-        check = checks[(asset_key, check_name)]
-        span = check.span(partition, tags_by_run.get(run_id, {}))
-        if span and (blocks := _blocking(range(span[0], span[1] + 1), event, check.partitions)):
-            check.would_block[evaluation_id] = blocks
-            check.pending.update(blocks)
+def _with_current_partitions(instance, asset_graph, keys: dict) -> dict[tuple[str, str], _LatestPerPartition]:
+    """A fresh tracker per check over its asset's current partitions (each partitions definition listed once)."""
+    listed: dict[int, tuple[list[str] | None, dict[str, int]]] = {}
+    checks = {}
+    for name, key in keys.items():
+        partitions_def = asset_graph.get(key.asset_key).partitions_def
+        if id(partitions_def) not in listed:
+            partitions = (None if partitions_def is None
+                          else list(partitions_def.get_partition_keys(dynamic_partitions_store=instance)))
+            listed[id(partitions_def)] = partitions, {p: i for i, p in enumerate(partitions or [])}
+        checks[name] = _LatestPerPartition(*listed[id(partitions_def)])
     return checks
 
 

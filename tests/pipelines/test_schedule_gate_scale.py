@@ -74,8 +74,8 @@ def test_a_failure_deeper_than_5000_evaluations_still_holds_the_gate_until_its_s
         assert failing_checks(instance, graph) == {}
 
 
-def test_an_evaluation_without_partition_scope_speaks_for_every_partition(graph, tmp_path):
-    with sqlite_instance(tmp_path) as instance:
+def test_an_evaluation_without_partition_scope_speaks_for_every_partition(graph):
+    with dg.instance_for_test() as instance:  # the default SQLite storage (one lock per open event-log connection)
         instance.add_dynamic_partitions(SHARDS.name, DEV[:20])
         history = CheckHistory(instance, bulk=False)
         history.add(scope_tags(DEV[:10]), [Outcome(BUDGET)], shards=DEV[:10])
