@@ -21,6 +21,7 @@ import pytest
 
 from cosyvoice.serve.backend import BackendError, NoHealthyReplica, Replica, TritonPool
 from cosyvoice.serve.metrics import REGISTRY
+from tests.support.tritonserver import remove_files, shm_regions, stop_servers
 
 MODELS = os.path.join(os.path.dirname(__file__), "backend_models")
 
@@ -67,9 +68,11 @@ class Echo:
         return None
 
     def kill(self) -> None:
-        """Crash the server (SIGKILL to its process group), then reap it."""
+        """Crash the server (SIGKILL to its process group), then reap it and remove its stub's shared memory."""
+        regions = shm_regions(self.server)
         os.killpg(self.server.process.pid, signal.SIGKILL)
         self.server.stop()
+        remove_files(regions)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +83,7 @@ def pair(tmp_path_factory, triton_env):
         servers = [Echo(root, triton_env, 1), Echo(root, triton_env, 2)]
         yield servers
     finally:
-        for echo in servers:
-            echo.server.stop()
+        stop_servers([echo.server for echo in servers])
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ def doomed(tmp_path, triton_env):
     try:
         yield echo
     finally:
-        echo.server.stop()
+        stop_servers([echo.server])
 
 
 class HealthSwitch:
@@ -232,7 +234,7 @@ def test_a_replica_stopped_before_the_request_is_retried_on_the_other_then_taken
     async def main():
         async with TritonPool([doomed.replica, a.replica], health_interval_s=600, max_failures=2) as pool:
             assert pool.ready() and all(s["healthy"] for s in pool.states())
-            doomed.server.stop()
+            stop_servers([doomed.server])
             first = await collect(pool, "chunks=3", "retried-1")  # the dead replica is picked first
             after_one = pool.states()[0]
             second = await collect(pool, "chunks=3", "retried-2")  # round robin: the dead one again
