@@ -272,12 +272,12 @@ def speaker_means(utt2embedding: dict[str, list[float]], utt2spk: dict[str, str]
     return {spk: torch.tensor(vectors).mean(dim=0).tolist() for spk, vectors in sorted(grouped.items())}
 
 
-def default_workers() -> int:
+def default_workers(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """The cores this process may use: inside a Kubernetes pod ``os.cpu_count()`` is the node's core count,
     so the CPU affinity and the cgroup v2 quota (``cpu.max``, what a pod's CPU limit sets) bound it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(cpu_max) as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(int(quota) / int(period))))
