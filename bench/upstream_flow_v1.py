@@ -9,11 +9,12 @@
    several seeds in eval mode (plus the estimator's prediction for some) and in train mode (dropout
    draws), and two seeded inference calls with a prompt, the second fed the first's flow cache (a
    stream's next chunk), the first long enough for the regulator's head / middle / tail split.
-3. Times ours and upstream's on the same inputs (median of --repeats, taking turns): a training step
-   (forward + backward, tiny config, B=8) and one full-size inference call (prompt 150 + 200 tokens),
-   printing ours/upstream.
+3. Times ours and upstream's on the same inputs (median of --repeats, taking turns, wall and process
+   CPU seconds: on a shared machine the CPU figure is the steadier one): a training step (forward +
+   backward, tiny config, B=8) and one full-size inference call (prompt 60 + 150 tokens), printing
+   ours/upstream.
 
-    PYTHONPATH=/tmp/upsite python bench/upstream_flow_v1.py --upstream_src /tmp/up [--json out.json]
+    PYTHONPATH=/tmp/upsite python bench/upstream_flow_v1.py --upstream_src /tmp/up [--json out.json] [--timing_only]
 
 (``--upstream_src``: a FunAudioLLM/CosyVoice checkout with third_party/Matcha-TTS; its Python extras,
 e.g. HyperPyYAML, diffusers, omegaconf, on PYTHONPATH.)
@@ -161,16 +162,24 @@ def seeded_loss(model, batch: dict, seed: int) -> float:
         return float(model(batch, torch.device("cpu"))["loss"])
 
 
-def medians(calls: dict, repeats: int) -> dict[str, float]:
-    """Median wall seconds per call, the callers taking turns (a shared machine's load hits both alike);
-    the first round warms up."""
+def medians(calls: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds per call, the callers taking turns (a shared machine's load
+    hits both alike); the first round warms up."""
     times = {name: [] for name in calls}
     for _ in range(repeats + 1):
         for name, call in calls.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: {"wall": statistics.median(w for w, _ in t[1:]), "cpu": statistics.median(c for _, c in t[1:])}
+            for name, t in times.items()}
+
+
+def ratio_line(what: str, figures: dict[str, dict[str, float]]) -> str:
+    up, ours = figures["upstream"], figures["ours"]
+    return (f"{what}:\n  wall: upstream {up['wall']:.3f} s, ours {ours['wall']:.3f} s, ours/upstream = "
+            f"{ours['wall'] / up['wall']:.2f}\n  CPU:  upstream {up['cpu']:.3f} s, ours {ours['cpu']:.3f} s, "
+            f"ours/upstream = {ours['cpu'] / up['cpu']:.2f}")
 
 
 def main() -> int:
@@ -181,6 +190,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the timing figures here")
+    ap.add_argument("--timing_only", action="store_true", help="skip recording the key table and the oracles")
     args = ap.parse_args()
 
     import torch
@@ -199,6 +209,15 @@ def main() -> int:
     ours_full.eval()
 
     import_upstream(args.upstream_src)
+
+    if not args.timing_only:
+        record_oracles(args, tiny, state, ours)
+    timing(args, tiny, full, state, full_state, ours_full)
+    return 0
+
+
+def record_oracles(args, tiny, state: dict, ours) -> None:
+    import torch
 
     # 1. the released layout: keys and shapes of the yaml-built full-size flow
     from_yaml = build_full_from_yaml(args.upstream_src)
@@ -255,7 +274,13 @@ def main() -> int:
     os.replace(tmp, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e3:.0f} kB)")
 
-    # 3. timing
+
+
+def timing(args, tiny, full, state: dict, full_state: dict, ours_full) -> None:
+    import torch
+
+    from cosyvoice.acoustic.flow_v1 import FlowV1Model
+
     timing = make_batch(TIMING_LENGTHS, [int(n * 1.72) for n in TIMING_LENGTHS], tiny.vocab_size, seed=1)
     upstream_train = build_upstream(tiny.to_dict())
     upstream_train.load_state_dict(state, strict=True)
@@ -274,7 +299,7 @@ def main() -> int:
     train = medians({"upstream": step(upstream_train), "ours": step(ours_train)}, args.repeats)
     upstream_full = build_upstream(full.to_dict())
     upstream_full.load_state_dict(full_state, strict=True)
-    long = inference_inputs(full.vocab_size, seed=2, prompt=(150, 258), lengths=(200, 1))
+    long = inference_inputs(full.vocab_size, seed=2, prompt=(60, 103), lengths=(150, 1))
 
     def infer(model, is_upstream):
         def call():
@@ -289,19 +314,18 @@ def main() -> int:
     infer_s = medians({"upstream": infer(upstream_full, True), "ours": infer(ours_full, False)}, args.repeats)
     figures = {
         "threads": args.threads, "repeats": args.repeats,
-        "train_step_tiny_b8_s": train, "train_step_ratio": train["ours"] / train["upstream"],
-        "inference_full_prompt150_tokens200_s": infer_s,
-        "inference_ratio": infer_s["ours"] / infer_s["upstream"],
+        "train_step_tiny_b8_s": train,
+        "train_step_ratio": {k: train["ours"][k] / train["upstream"][k] for k in ("wall", "cpu")},
+        "inference_full_prompt60_tokens150_s": infer_s,
+        "inference_ratio": {k: infer_s["ours"][k] / infer_s["upstream"][k] for k in ("wall", "cpu")},
     }
-    print(f"training step (tiny, B={len(TIMING_LENGTHS)}, {max(TIMING_LENGTHS)} tokens, forward + backward, "
-          f"{args.threads} threads, median of {args.repeats}): upstream {train['upstream']:.3f} s, "
-          f"ours {train['ours']:.3f} s, ours/upstream = {figures['train_step_ratio']:.2f}")
-    print(f"inference (full size, prompt 150 + 200 tokens, 10 Euler steps, CFG batch of 2): upstream "
-          f"{infer_s['upstream']:.3f} s, ours {infer_s['ours']:.3f} s, ours/upstream = {figures['inference_ratio']:.2f}")
+    print(ratio_line(f"training step (tiny, B={len(TIMING_LENGTHS)}, {max(TIMING_LENGTHS)} tokens, forward + "
+                     f"backward, {args.threads} threads, median of {args.repeats})", train))
+    print(ratio_line(f"inference (full size, prompt 60 + 150 tokens = 361 frames, 10 Euler steps, CFG batch of 2, "
+                     f"{args.threads} threads, median of {args.repeats})", infer_s))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":
