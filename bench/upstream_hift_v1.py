@@ -56,9 +56,9 @@ def seeded_weights(seed: int = 0):
     import torch
 
     from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator
-    from cosyvoice.acoustic.reference import _seeded
+    from cosyvoice.acoustic.reference import seeded_module
 
-    model = _seeded(lambda: HiFTGenerator(HiFTConfig.tiny_v1()), seed)
+    model = seeded_module(lambda: HiFTGenerator(HiFTConfig.tiny_v1()), seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         model.f0_predictor.classifier.bias.fill_(30.0)
@@ -128,14 +128,14 @@ def main() -> int:
     import torch
 
     from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, hift_state_dict, load_hift
-    from cosyvoice.acoustic.reference import _seeded
+    from cosyvoice.acoustic.reference import seeded_module
 
     torch.set_num_threads(args.threads)
     tiny, full = HiFTConfig.tiny_v1(), HiFTConfig.v1()
     ours = seeded_weights()
     state = hift_state_dict(ours)
     ours = load_hift(state, tiny)  # as the test loads it: from the released naming
-    ours_full = _seeded(lambda: HiFTGenerator(full), 0)
+    ours_full = seeded_module(lambda: HiFTGenerator(full), 0)
     full_state = hift_state_dict(ours_full)
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -61,7 +61,10 @@ def _perturb_constant_parameters(model, torch) -> None:
                 param.add_(torch.randn_like(param) * PERTURBATION)
 
 
-def _seeded(build, seed: int):
+def seeded_module(build, seed: int):
+    """``build()`` under torch seeded with ``seed`` (the global RNG restored afterwards), constant
+    parameters (norm gains, biases) perturbed so a swapped key shows; in eval mode. Shared by the
+    reference models and the CosyVoice1 oracles (bench/upstream_*_v1.py)."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -77,7 +80,7 @@ def flow_state(seed: int, size: str) -> dict:
 
     _check_size(size)
     config = FlowConfig.full() if size == "full" else FlowConfig.tiny()
-    model = _seeded(lambda: FlowModel(config), seed)
+    model = seeded_module(lambda: FlowModel(config), seed)
     return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
 
 
@@ -87,7 +90,7 @@ def hift_state(seed: int, size: str) -> dict:
 
     _check_size(size)
     config = HiFTConfig.full() if size == "full" else HiFTConfig.tiny()
-    return dict(hift_state_dict(_seeded(lambda: HiFTGenerator(config), seed)))
+    return dict(hift_state_dict(seeded_module(lambda: HiFTGenerator(config), seed)))
 
 
 def _tensor_bytes(state: dict) -> bytes:
