@@ -346,8 +346,8 @@ def _attention_mask(lengths: torch.Tensor, size: int, chunk: int) -> torch.Tenso
 _BATCH_KEYS = ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding")
 
 
-def _training_batch(batch: dict, cfg: FlowConfig):
-    """The flow's five batch tensors, checked against what upstream's forward silently assumes."""
+def flow_batch_tensors(batch: dict, spk_embed_dim: int) -> tuple[torch.Tensor, ...]:
+    """The five tensors of a flow training batch (both flows), with their presence and shapes checked."""
     missing = [k for k in _BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"flow training batch lacks {missing} (it needs {list(_BATCH_KEYS)}: the speech tokens, "
@@ -355,11 +355,18 @@ def _training_batch(batch: dict, cfg: FlowConfig):
     token, token_len, feat, feat_len, embedding = (batch[k] for k in _BATCH_KEYS)
     b = token.shape[0] if token.dim() == 2 else -1
     if (token.dim() != 2 or token_len.shape != (b,) or feat.dim() != 3 or feat.shape[0] != b
-            or feat.shape[2] != MEL_BINS or feat_len.shape != (b,) or embedding.shape != (b, cfg.spk_embed_dim)):
+            or feat.shape[2] != MEL_BINS or feat_len.shape != (b,) or embedding.shape != (b, spk_embed_dim)):
         raise ValueError(f"flow training batch shapes: speech_token {tuple(token.shape)}, speech_token_len "
                          f"{tuple(token_len.shape)}, speech_feat {tuple(feat.shape)}, speech_feat_len "
                          f"{tuple(feat_len.shape)}, embedding {tuple(embedding.shape)}; expected (B, S), (B,), "
-                         f"(B, T, {MEL_BINS}), (B,), (B, {cfg.spk_embed_dim})")
+                         f"(B, T, {MEL_BINS}), (B,), (B, {spk_embed_dim})")
+    return token, token_len, feat, feat_len, embedding
+
+
+def _training_batch(batch: dict, cfg: FlowConfig):
+    """The flow's five batch tensors, checked against what upstream's forward silently assumes."""
+    token, token_len, feat, feat_len, embedding = flow_batch_tensors(batch, cfg.spk_embed_dim)
+    b = token.shape[0]
     lengths = token_len.cpu().long()
     if b == 0 or int(lengths.min()) < 1:
         raise ValueError(f"flow training batch: every utterance needs at least one speech token; speech_token_len = "

@@ -37,7 +37,7 @@ from torch import nn
 
 from cosyvoice.acoustic.encoder import ConformerBlock, LinearEmbed, relative_positions
 from cosyvoice.acoustic.estimator_v1 import ConditionalDecoder
-from cosyvoice.acoustic.flow import MEL_BINS, token_tensor
+from cosyvoice.acoustic.flow import MEL_BINS, flow_batch_tensors, token_tensor
 
 
 @dataclass(frozen=True)
@@ -357,23 +357,10 @@ def _ids(tokens, cfg: FlowV1Config, name: str) -> torch.Tensor:
     return token_tensor(array, cfg.vocab_size, name)
 
 
-_BATCH_KEYS = ("speech_token", "speech_token_len", "speech_feat", "speech_feat_len", "embedding")
-
-
 def _training_batch(batch: dict, cfg: FlowV1Config):
     """The flow's five batch tensors, checked against what upstream's forward silently assumes."""
-    missing = [k for k in _BATCH_KEYS if k not in batch]
-    if missing:
-        raise ValueError(f"flow training batch lacks {missing} (it needs {list(_BATCH_KEYS)}: the speech tokens, "
-                         "mel and speaker embedding of each utterance)")
-    token, token_len, feat, feat_len, embedding = (batch[k] for k in _BATCH_KEYS)
-    b = token.shape[0] if token.dim() == 2 else -1
-    if (token.dim() != 2 or token_len.shape != (b,) or feat.dim() != 3 or feat.shape[0] != b
-            or feat.shape[2] != MEL_BINS or feat_len.shape != (b,) or embedding.shape != (b, cfg.spk_embed_dim)):
-        raise ValueError(f"flow training batch shapes: speech_token {tuple(token.shape)}, speech_token_len "
-                         f"{tuple(token_len.shape)}, speech_feat {tuple(feat.shape)}, speech_feat_len "
-                         f"{tuple(feat_len.shape)}, embedding {tuple(embedding.shape)}; expected (B, S), (B,), "
-                         f"(B, T, {MEL_BINS}), (B,), (B, {cfg.spk_embed_dim})")
+    token, token_len, feat, feat_len, embedding = flow_batch_tensors(batch, cfg.spk_embed_dim)
+    b = token.shape[0]
     lengths, frames = token_len.cpu().long(), feat_len.cpu().long()
     if b == 0 or int(lengths.min()) < 1 or int(frames.min()) < 1:
         raise ValueError(f"flow training batch: every utterance needs at least one speech token and one mel frame; "
