@@ -27,6 +27,7 @@ from cosyvoice.features import frontend
 from cosyvoice.triton import runtime
 from cosyvoice.triton.render import render_repo, repo_values
 from cosyvoice.triton.server import TritonServer
+from tests.support.tritonserver import stop_servers
 from tests.triton.helpers import EOS1, ORIGINAL_VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -50,11 +51,14 @@ def _serve(triton_env, hf_dir, model_dir, out, *, decoupled):
 @pytest.fixture(scope="module")
 def server(triton_env, hf_dir, model_dir, tmp_path_factory):
     """The decoupled (streaming) repository, as published."""
-    with _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served") / "model_repo"),
-                decoupled=True) as srv:
+    srv = _serve(triton_env, hf_dir, model_dir, str(tmp_path_factory.mktemp("served") / "model_repo"),
+                 decoupled=True).start()
+    try:
         srv.load(*ALL_MODELS)
         assert srv.ready()
         yield srv
+    finally:
+        stop_servers([srv])  # not waiting out a lingering backend stub (tests/support/tritonserver.py)
     assert srv.process is None
 
 
@@ -210,7 +214,7 @@ def offline(triton_env, hf_dir, model_dir, tmp_path_factory, utterance):
         client = grpcclient.InferenceServerClient(srv.grpc_url)
         assert not client.get_model_config("cosyvoice2").config.model_transaction_policy.decoupled
         result = client.infer("cosyvoice2", _reference_inputs(*utterance), client_timeout=600)
-        stopping = threading.Thread(target=srv.stop, name="stop-offline-tritonserver")
+        stopping = threading.Thread(target=stop_servers, args=([srv],), name="stop-offline-tritonserver")
         stopping.start()
         yield result.as_numpy("waveform").reshape(-1)
         stopping.join()
