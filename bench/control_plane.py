@@ -16,6 +16,15 @@ A baseline in the same run (``--baseline``, default N/10) gives the per-partitio
 means the control plane scales linearly. Needs PostgreSQL on ``DAGSTER_PG_HOST:DAGSTER_PG_PORT`` with a
 role that may create databases (``.ci/postgres``); each measurement gets a fresh database, dropped
 afterwards unless ``--keep``.
+
+What the knobs compare (each is deployment configuration, not code):
+``--batch`` shards per backfill run (the three assets share partitions and policy, so one run takes all
+three: runs = ceil(N / batch)); ``--planned-events subset`` sets ``DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS``
+on the stack (one planned event per asset and run instead of one per partition, each of which the daemon
+stores on a new PostgreSQL connection); ``--metadata run|shard`` whether each partition's materialization
+carries the whole run's ``per_shard`` metadata (the assets today) or its own shard's. Besides wall times
+the figures include what does not depend on how busy the machine is: CPU seconds per stack process and
+PostgreSQL sessions (connections) per run.
 """
 
 from __future__ import annotations
@@ -176,19 +185,15 @@ def subset_of(key: str) -> str:
 
 
 class BenchStack(DagsterStack):
-    """The tests' stack with the code location module chosen and the daemon started separately: the
-    backfill is launched before the daemon so its first backfill iteration (every 30 s) takes it."""
-
-    def __init__(self, home: Path, env: dict[str, str], module: str):
-        super().__init__(home, env)
-        self.module = module
+    """The tests' stack (code server of ``pipelines.definitions``, webserver) with the daemon started
+    separately, so the backfill can be launched first and the daemon's first iteration takes it."""
 
     def start(self) -> BenchStack:
         workspace = self.home / "workspace.yaml"
         workspace.write_text(f"load_from:\n  - grpc_server:\n      host: 127.0.0.1\n      port: {self.grpc_port}\n"
                              f"      location_name: cosyvoice\n")
         self._spawn("code-server", [str(BIN / "dagster"), "api", "grpc", "-h", "127.0.0.1", "-p", str(self.grpc_port),
-                                    "-m", self.module, "-d", str(REPO), "--location-name", "cosyvoice"])
+                                    "-m", "pipelines.definitions", "-d", str(REPO), "--location-name", "cosyvoice"])
         self._spawn("webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
                                   "-w", str(workspace)])
         return self
@@ -255,6 +260,27 @@ def wait_for_backfill(instance: dg.DagsterInstance, backfill_id: str, timeout: f
                     "failed": _partition_count(data.failed_and_downstream_subset) if data else None}
         time.sleep(POLL_S)
     raise TimeoutError(f"backfill {backfill_id} not final after {timeout:.0f} s:\n{stack.tail(stack.logs[-1])}")
+
+
+def cpu_seconds(stack: DagsterStack) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each stack process and what it started (its process group), the
+    stand-in run worker apart: a load-independent measure next to the wall times on a shared machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {proc.pid: log.stem for proc, log in zip(stack.procs, stack.logs)}
+    out = dict.fromkeys([*names.values(), "run_worker"], 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # exited meanwhile
+        group = int(fields[2])  # pgrp; the stack's processes lead their own sessions
+        if group in names:
+            name = "run_worker" if b"bench.recording_launcher" in cmdline else names[group]
+            out[name] += (int(fields[11]) + int(fields[12])) / tick
+    return {name: round(value, 2) for name, value in out.items()}
 
 
 def last_run_created(instance: dg.DagsterInstance, backfill_id: str) -> tuple[int, float]:
@@ -369,15 +395,14 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
         env[PLANNED_EVENTS_ENV] = "true"
     elif planned_events != "per-partition":
         raise ValueError(f"planned_events is 'per-partition' (dagster's default) or 'subset', got {planned_events!r}")
-    module = "pipelines.definitions"
-    if batch is not None:
-        env["COSYVOICE_BENCH_SHARDS_PER_RUN"] = str(batch)
-        module = "bench.control_plane_defs"
+    if batch is not None:  # the deployment's setting (assets/_per_shard.py), read when the code location loads
+        env["COSYVOICE_SHARDS_PER_RUN"] = str(batch)
     keys = plan_shard_keys(partitions)
     result: dict = {"partitions": partitions, "asset_partitions": partitions * len(SHARD_ASSETS), "database": dbname,
-                    "max_concurrent_runs": max_concurrent_runs, "code_location": module,
+                    "max_concurrent_runs": max_concurrent_runs,
                     "planned_events": planned_events, "metadata": metadata}
-    stack = BenchStack(home / "home", env, module)
+    stack = BenchStack(home / "home", env)
+    result["load_average_start"] = round(os.getloadavg()[0], 2)  # 2 shared cores: say how busy they were
     _current_storage.set(None)
     try:
         with dg.DagsterInstance.from_config(str(stack.home)) as instance:
@@ -391,7 +416,7 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
             stack.wait_ready(timeout=300)
             from assets._per_shard import SHARDS_PER_RUN
 
-            result["shards_per_run"] = batch or SHARDS_PER_RUN
+            result["shards_per_run"] = batch or SHARDS_PER_RUN  # the stack has the bench's environment
             log(f"[{partitions}] {len(keys)} shards registered in {result['register_s']} s; launching the backfill")
             result["connect_s"] = round(pg.connect_seconds(), 4)
             if idle_window_s:  # what the idle stack alone opens (webserver polling, daemon loops)
@@ -401,6 +426,7 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
                 time.sleep(idle_window_s)
                 result["idle_sessions_per_s"] = round((pg.size(dbname)["sessions"] - first) / idle_window_s, 2)
             result["db_before_backfill"] = pg.size(dbname)
+            cpu_before = cpu_seconds(stack)
             launched_at = time.time()
             backfill_id = stack.launch_backfill(backfill_params(keys, f"control plane {partitions}"))
             result["launch_mutation_s"] = round(time.time() - launched_at, 3)
@@ -409,6 +435,10 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
             final = wait_for_backfill(instance, backfill_id, timeout, stack)
             runs, last_created = last_run_created(instance, backfill_id)
             result["db_backfilled"] = pg.size(dbname)
+            cpu_after = cpu_seconds(stack)
+            result["backfill_cpu_s"] = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2)
+                                        for name in cpu_after}
+            result["daemon_cpu_s_per_run"] = round(result["backfill_cpu_s"]["daemon"] / max(runs, 1), 3)
             result["sessions_per_run"] = round((result["db_backfilled"]["sessions"]
                                                 - result["db_before_backfill"]["sessions"]) / max(runs, 1), 1)
             records = read_launches(records_path)
@@ -438,6 +468,7 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
                 os.environ[key] = value
         if not keep:
             pg.drop_database(dbname)
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
     result["db_growth_bytes"] = result["db_after"]["bytes"] - result["db_registered"]["bytes"]
     result["instance_config"] = {k: v for k, v in config.items() if k != "storage"}
     return result
@@ -481,8 +512,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--partitions", type=int, default=GOAL_PARTITIONS, help="shard partitions (default 50000)")
     parser.add_argument("--batch", type=int, action="append",
-                        help="shards per backfill run (repeatable: one measurement each; default: the project's "
-                             "SHARDS_PER_RUN)")
+                        help="shards per backfill run, COSYVOICE_SHARDS_PER_RUN on the stack (repeatable: one "
+                             "measurement each; default: the project's SHARDS_PER_RUN)")
     parser.add_argument("--baseline", type=int, default=None,
                         help="partitions of the baseline measured first (default partitions/10; 0 = none)")
     parser.add_argument("--max-concurrent-runs", type=int, default=200,

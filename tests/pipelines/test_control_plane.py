@@ -16,7 +16,7 @@ from bench.control_plane import SHARD_ASSETS, Postgres, measure
 from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS
 
 SHARDS = 5000
-BATCH = 500  # ten runs: the harness' path at a size the suite affords (the 50k run uses the project's batch)
+BATCH = 1000  # five runs: the harness' path at a size the suite affords (the 50k run: bench/results)
 PG = Postgres(host="127.0.0.1", port=os.environ.get("COSYVOICE_TEST_PG_PORT", "5432"),
               user=os.environ.get("COSYVOICE_TEST_PG_USER", "dagster"),
               password=os.environ.get("COSYVOICE_TEST_PG_PASSWORD", "dagster"))
@@ -74,3 +74,16 @@ def test_sensors_and_the_retrain_gate_evaluate_against_the_grown_instance(measur
     assert grown["dynamic_partitions"] == SHARDS
     assert grown["runs"] >= math.ceil(SHARDS / BATCH)
     assert measured["db_growth_bytes"] > 0
+
+
+def test_shards_per_run_is_a_deployment_setting_with_a_clear_error(monkeypatch):
+    from assets._per_shard import shards_per_run
+
+    monkeypatch.delenv("COSYVOICE_SHARDS_PER_RUN", raising=False)
+    assert shards_per_run() == 8
+    monkeypatch.setenv("COSYVOICE_SHARDS_PER_RUN", "100")
+    assert shards_per_run() == 100
+    for bad, says in (("0", ">= 1"), ("lots", "must be an integer")):
+        monkeypatch.setenv("COSYVOICE_SHARDS_PER_RUN", bad)
+        with pytest.raises(ValueError, match=says):
+            shards_per_run()
