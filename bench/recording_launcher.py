@@ -127,8 +127,7 @@ class RecordingRunLauncher(RunLauncher, ConfigurableClass):
             if isinstance(partitions_def, dg.DynamicPartitionsDefinition) and partitions_def.name:
                 keys, index = self._dynamic_keys(partitions_def.name, (start, end))
                 return keys[index[start]:index[end] + 1]
-            return list(partitions_def.get_partition_keys_in_range(
-                dg.PartitionKeyRange(start, end), dynamic_partitions_store=self._instance))
+            return list(partitions_def.get_partition_keys_in_range(dg.PartitionKeyRange(start, end)))  # static, time
         if PARTITION_NAME_TAG in tags:
             return [tags[PARTITION_NAME_TAG]]
         raise ValueError(f"run {run.run_id} targets a partitioned asset but has no partition tags: {dict(tags)}")
