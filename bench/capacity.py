@@ -509,8 +509,9 @@ def control_plane_table(p: Plan) -> list[list[str]]:
     ratio = dig(p.results, "control_plane", "per_partition_ratio_vs_baseline")
     rows.append(["request cost per asset-partition vs a tenth of the shards",
                  UNMEASURED if ratio is None else f"{ratio:.2f}x", "-", "1.0 = linear"])
-    rows.append(["runs to request", "-", f"{3 * p.corpus.runs_per_asset:,} for {3 * p.corpus.shards:,} "
-                 f"asset-partitions", f"{p.corpus.shards_per_run} shards per run"])
+    rows.append(["runs to request", "-", f"{p.corpus.runs_per_asset:,} for {3 * p.corpus.shards:,} "
+                 f"asset-partitions (one run takes all three shard assets)",
+                 f"{p.corpus.shards_per_run} shards per run"])
     rows.append(["partition-status query (asset page)", seconds(dig(run, "partition_status", "worst_s")), "-", "<= 3 s"])
     gate_where = f" (bench/gate_scale.py, {dig(gate, 'partitions') or 0:,} shards, {dig(gate, 'storage') or '?'})"
 
@@ -602,9 +603,14 @@ def report(p: Plan, markdown: bool) -> str:
 
 
 def shards_per_run_in_code() -> int:
-    """``SHARDS_PER_RUN`` as assets/_per_shard.py sets it (read as text: no dagster import here)."""
+    """The default of ``COSYVOICE_SHARDS_PER_RUN`` in assets/_per_shard.py (read as text: no dagster import
+    here, and the model describes the project's default, not this shell's environment)."""
     with open(os.path.join(REPO, "assets", "_per_shard.py")) as f:
-        return int(re.search(r"^SHARDS_PER_RUN = (\d+)", f.read(), re.M).group(1))
+        found = re.search(r"""COSYVOICE_SHARDS_PER_RUN["'], ["'](\d+)["']""", f.read())
+    if found is None:
+        raise RuntimeError("assets/_per_shard.py no longer reads COSYVOICE_SHARDS_PER_RUN with a default; "
+                           "update bench/capacity.py's shards_per_run_in_code")
+    return int(found.group(1))
 
 
 def parser() -> argparse.ArgumentParser:
