@@ -108,7 +108,7 @@ def test_the_blocker_refuses_dagster_and_the_source_check_sees_an_import():
 OTHER_TEST_FOLDERS = {"assets": "assets/", "pipelines": "pipelines/", "k8s": "k8s/ manifests",
                       "support": "helpers shared by the tests"}
 #: tests at the root that check the repository as a whole rather than one module
-REPOSITORY_TESTS = {"test_layering.py", "test_docs.py"}
+REPOSITORY_TESTS = {"test_layering.py", "test_docs.py", "test_capacity.py"}  # the last: bench/capacity.py
 
 
 def test_the_test_folders_mirror_the_packages():
