@@ -100,13 +100,6 @@ def stacks(corpus_root, tiny_models, tmp_path_factory, postgres_env):
                     "asset", "materialize", "-m", "pipelines.definitions", "--select", "manifest",
                     "--partition", "dev-clean", "-c", str(stack.home / "manifest.yaml"))
                 for storage, stack in stacks.items()}
-        # the job a person or the corpus sensor launches; its success sensor backfills the subset's shards.
-        # Launched as soon as the code location answers: its run, the sensor's tick and that backfill go on
-        # while the CLIs finish and the tests before the one that waits for it run
-        sqlite = stacks["sqlite"]
-        sqlite.wait_ready()
-        launch = sqlite.dagster_async("job", "launch", "-w", str(sqlite.home / "workspace.yaml"), "-j", "prepare_subset",
-                                      "--tags", json.dumps({"dagster/partition": PREPARED}))
         results = {}
         for storage, stack in stacks.items():
             cli = stack.finish(clis[storage])
@@ -121,7 +114,9 @@ def stacks(corpus_root, tiny_models, tmp_path_factory, postgres_env):
                     "title": f"test backfill ({storage})",
                 })
             results[storage] = (stack, cli, backfill)
-        launch = sqlite.finish(launch)
+        # the job a person or the corpus sensor launches; its success sensor backfills the subset's shards
+        launch = stacks["sqlite"].dagster("job", "launch", "-w", str(stacks["sqlite"].home / "workspace.yaml"),
+                                          "-j", "prepare_subset", "--tags", json.dumps({"dagster/partition": PREPARED}))
         assert launch.returncode == 0, launch.stderr[-3000:]
         yield results, skipped
     finally:  # nothing left to check in them: a short grace, both stacks at once
