@@ -234,7 +234,7 @@ def test_a_replica_stopped_before_the_request_is_retried_on_the_other_then_taken
     async def main():
         async with TritonPool([doomed.replica, a.replica], health_interval_s=600, max_failures=2) as pool:
             assert pool.ready() and all(s["healthy"] for s in pool.states())
-            stop_servers([doomed.server])
+            doomed.server.stop()
             first = await collect(pool, "chunks=3", "retried-1")  # the dead replica is picked first
             after_one = pool.states()[0]
             second = await collect(pool, "chunks=3", "retried-2")  # round robin: the dead one again

@@ -1,13 +1,11 @@
-"""Stopping test tritonservers quickly, and the shared memory a killed one leaves behind.
+"""Stopping test tritonservers at once, and the shared memory that leaves behind.
 
 ``TritonServer.stop`` sends SIGTERM to the server's process group and waits up to its grace (30 s) for
-every member. The server itself exits after ``--exit-timeout-secs`` (its python models do not finish
-unloading in time), but a backend stub it leaves behind lingers ~20 s more before it notices, so a stop
-took ~25 s. A test has nothing to wait for there: ``stop_servers`` stops several at once and kills the
-stubs as soon as their server is gone.
-
-A stub removes its /dev/shm region when it exits by itself; killed, it cannot, so whoever kills a
-server or its stubs removes the regions (named on each stub's command line) afterwards.
+every member. On SIGTERM the server waits ``--exit-timeout-secs`` (5 s) for its python models to unload,
+which they do not finish in time, then exits; a backend stub it leaves behind lingers ~20 s more before it
+notices. A stop took 7-25 s, for nothing a test looks at. ``stop_servers`` kills the servers' process
+groups at once instead and removes what the killed stubs would have removed themselves: their /dev/shm
+regions (named on each stub's command line; the only files a server leaves there).
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import time
 
 import psutil
 
@@ -42,18 +38,13 @@ def remove_files(paths: list[str]) -> None:
             os.unlink(path)
 
 
-def stop_servers(servers: list[TritonServer], exit_timeout: float = 30.0) -> None:
-    """SIGTERM to every server's process group at once; once a server has exited (or after
-    ``exit_timeout``), ``stop`` kills what is left of its group, then the stubs' regions are removed."""
+def stop_servers(servers: list[TritonServer]) -> None:
+    """SIGKILL to every server's process group, each group reaped (``stop``), then the stubs' regions removed."""
     running = [s for s in servers if s.process is not None]
     regions = [path for server in running for path in shm_regions(server)]
     for server in running:
         with contextlib.suppress(OSError):
-            os.killpg(server.process.pid, signal.SIGTERM)
-    deadline = time.monotonic() + exit_timeout
-    for server in running:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            os.killpg(server.process.pid, signal.SIGKILL)
     for server in running:
         server.stop(grace=1.0)
     remove_files(regions)  # every process that could use them is gone
