@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.figures import write_figures  # noqa: E402
 from cosyvoice.features.extract import run_extraction  # noqa: E402
 from cosyvoice.features.options import OPTIONS_BY_KIND, SpeechTokenOptions  # noqa: E402
 from tests.support.upstream import upstream_embedding, upstream_session, upstream_speech_token  # noqa: E402
@@ -166,16 +166,7 @@ def main() -> None:
                 "ours_audio_s_per_s": round(audio / t_ours, 3), "speed_up": round(t_up / t_ours, 3),
                 "failed_utterances": len(ours.failures), "agreement": agree}
     if args.json:
-        write_json(args.json, results)
-
-
-def write_json(path: str, figures: dict) -> None:
-    """The run's figures as JSON at ``path`` (its folder created), for ``bench/capacity.py``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(figures, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(f"figures: {path}")
+        write_figures(args.json, results)
 
 
 if __name__ == "__main__":

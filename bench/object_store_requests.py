@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import re
@@ -35,6 +34,8 @@ from collections import Counter
 from urllib.parse import parse_qs, unquote
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.figures import write_figures  # noqa: E402
 
 #: S3 lists at most this many keys per ListObjectsV2 page
 LIST_PAGE_KEYS = 1000
@@ -255,11 +256,7 @@ def main() -> None:
                 mismatches.append(f"{stage}: {got:g} {kind} per utterance, the code says {want:g}")
     print("counts as read from the code" if not mismatches else "MISMATCH: " + "; ".join(mismatches))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
-            f.write("\n")
-        print(f"figures: {args.json}")
+        write_figures(args.json, results)
     sys.exit(1 if mismatches else 0)
 
 

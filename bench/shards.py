@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -27,6 +26,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bench.figures import write_figures  # noqa: E402
 
 UPSTREAM = r'''
 import json, multiprocessing, os, sys
@@ -201,21 +203,12 @@ def main() -> None:
         tools = {name: {"seconds": round(wall, 3), "peak_pss_mb": round(mem["pss_mb"], 1),
                         "peak_rss_mb": round(mem["rss_mb"], 1), "load_average_at_start": round(mem["load"], 2)}
                  for name, wall, mem in (("upstream", t_up, mem_up), ("ours", t_ours, mem_ours))}
-        write_json(args.json, {
+        write_figures(args.json, {
             "benchmark": "shards", "command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
             "cores": os.cpu_count(), "processes": args.processes, "utterances": args.utterances,
             "per_shard": args.per_shard, "audio_seconds": round(seconds, 3), "audio_bytes": audio_bytes,
             "output_bytes": size, "parquet_files": parquet_files, **tools,
             "speed_up": round(t_up / t_ours, 3)})
-
-
-def write_json(path: str, figures: dict) -> None:
-    """The run's figures as JSON at ``path`` (its folder created), for ``bench/capacity.py``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(figures, f, indent=1, sort_keys=True)
-        f.write("\n")
-    print(f"figures: {path}")
 
 
 if __name__ == "__main__":
