@@ -1,12 +1,12 @@
 """What the per-shard assets (``speaker_embeddings``, ``speech_tokens``, ``parquet_shards``) share:
 multi-shard backfill runs, transient-only retries, the failure budget and per-run check results."""
 
-import os
 
 import dagster as dg
 from pydantic import Field
 
 from cosyvoice.corpus.checks import DEFAULT_MAX_FAILED_FRACTION
+from pipelines.instance import positive_int_env
 from pipelines.retries import transient_retry_policy
 
 
@@ -14,14 +14,7 @@ def shards_per_run() -> int:
     """``COSYVOICE_SHARDS_PER_RUN`` (default 8). The control plane pays per run, not per shard (measured by
     bench/control_plane.py: about a second of daemon CPU and a hundred PostgreSQL connections per run), so
     a corpus of tens of thousands of shards raises it: 100 at 50k shards gives 500 runs."""
-    value = os.environ.get("COSYVOICE_SHARDS_PER_RUN", "8")
-    try:
-        shards = int(value)
-    except ValueError:
-        raise ValueError(f"COSYVOICE_SHARDS_PER_RUN must be an integer, got {value!r}") from None
-    if shards < 1:
-        raise ValueError(f"COSYVOICE_SHARDS_PER_RUN must be >= 1 (shards per backfill run), got {shards}")
-    return shards
+    return positive_int_env("COSYVOICE_SHARDS_PER_RUN", 8, "shards per backfill run")
 
 
 #: a backfill loads each model once per run of this many shards (one run takes all three per-shard assets)

@@ -606,7 +606,7 @@ def shards_per_run_in_code() -> int:
     """The default of ``COSYVOICE_SHARDS_PER_RUN`` in assets/_per_shard.py (read as text: no dagster import
     here, and the model describes the project's default, not this shell's environment)."""
     with open(os.path.join(REPO, "assets", "_per_shard.py")) as f:
-        found = re.search(r"""COSYVOICE_SHARDS_PER_RUN["'], ["'](\d+)["']""", f.read())
+        found = re.search(r"""COSYVOICE_SHARDS_PER_RUN["'],\s*["']?(\d+)""", f.read())
     if found is None:
         raise RuntimeError("assets/_per_shard.py no longer reads COSYVOICE_SHARDS_PER_RUN with a default; "
                            "update bench/capacity.py's shards_per_run_in_code")

@@ -17,15 +17,20 @@ import yaml
 GPU_POOL = "gpu"
 
 
-def gpu_pool_limit() -> int:
-    value = os.environ.get("COSYVOICE_GPU_POOL_LIMIT", "1")
+def positive_int_env(name: str, default: int, why: str) -> int:
+    """An integer >= 1 from the environment variable ``name``; ``why`` says what a smaller value would mean."""
+    value = os.environ.get(name, str(default))
     try:
-        limit = int(value)
+        number = int(value)
     except ValueError:
-        raise ValueError(f"COSYVOICE_GPU_POOL_LIMIT must be an integer, got {value!r}") from None
-    if limit < 1:
-        raise ValueError(f"COSYVOICE_GPU_POOL_LIMIT must be >= 1 (0 would block every GPU step), got {limit}")
-    return limit
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1 ({why}), got {number}")
+    return number
+
+
+def gpu_pool_limit() -> int:
+    return positive_int_env("COSYVOICE_GPU_POOL_LIMIT", 1, "0 would block every GPU step")
 
 
 def postgres_storage() -> dict:
