@@ -83,10 +83,9 @@ def inference_inputs(vocab: int, seed: int = 1, prompt=(PROMPT_TOKENS, PROMPT_FR
 def seeded_state(config, seed: int = 0) -> dict:
     """Our model's seeded reference weights (default init + perturbed constants, as reference.py does)."""
     from cosyvoice.acoustic.flow_v1 import FlowV1Model
-    from cosyvoice.acoustic.reference import seeded_module
+    from cosyvoice.acoustic.reference import seeded_state_dict
 
-    model = seeded_module(lambda: FlowV1Model(config), seed)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return seeded_state_dict(lambda: FlowV1Model(config), seed)
 
 
 def state_digest(state: dict) -> str:

@@ -74,14 +74,18 @@ def seeded_module(build, seed: int):
     return model.eval()
 
 
+def seeded_state_dict(build, seed: int) -> dict:
+    """The state dict of :func:`seeded_module` as plain contiguous tensors (what a released file holds)."""
+    return {key: value.detach().contiguous() for key, value in seeded_module(build, seed).state_dict().items()}
+
+
 def flow_state(seed: int, size: str) -> dict:
     """The seeded random flow's state dict, in the released ``flow.pt`` layout (a plain dict)."""
     from cosyvoice.acoustic.flow import FlowConfig, FlowModel
 
     _check_size(size)
     config = FlowConfig.full() if size == "full" else FlowConfig.tiny()
-    model = seeded_module(lambda: FlowModel(config), seed)
-    return {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    return seeded_state_dict(lambda: FlowModel(config), seed)
 
 
 def hift_state(seed: int, size: str) -> dict:

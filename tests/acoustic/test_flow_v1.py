@@ -21,7 +21,7 @@ import torch
 
 from cosyvoice.acoustic.flow import FlowConfig, FlowModel
 from cosyvoice.acoustic.flow_v1 import FlowV1Config, FlowV1Model, load_flow_v1
-from cosyvoice.acoustic.reference import seeded_module
+from cosyvoice.acoustic.reference import seeded_state_dict
 
 HERE = os.path.dirname(__file__)
 ORACLES = os.path.join(HERE, "data", "upstream_flow_v1.npz")
@@ -36,8 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def seeded_state(config: FlowV1Config, seed: int = 0) -> dict:
     """The bench's seeded weights: default initialisation + perturbed constants (reference.py's recipe)."""
-    model = seeded_module(lambda: FlowV1Model(config), seed)
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return seeded_state_dict(lambda: FlowV1Model(config), seed)
 
 
 def make_batch(token_lengths, feat_lengths, seed=0, vocab=4096) -> dict:
