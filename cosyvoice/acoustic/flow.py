@@ -115,6 +115,23 @@ def noise_table(frames: int, seed: int) -> torch.Tensor:
     return _NOISE[key]
 
 
+def flow_matching_loss(x1: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor, cond: torch.Tensor,
+                       sigma_min: float, cfg_rate: float, estimate) -> torch.Tensor:
+    """Upstream's conditional flow-matching loss (both flows): ``t`` uniform, noise, then the guidance dropout
+    of the conditions, drawn from torch's global RNG in that order; MSE of ``estimate(y, mu, t, spks, cond)``
+    against the straight-path velocity over the real frames (``mask`` (B, 1, T))."""
+    b = mu.shape[0]
+    t = torch.rand([b, 1, 1], device=mu.device, dtype=mu.dtype)
+    z = torch.randn_like(x1)
+    y = (1 - (1 - sigma_min) * t) * z + t * x1
+    u = x1 - (1 - sigma_min) * z
+    if cfg_rate > 0:
+        keep = torch.rand(b, device=x1.device) > cfg_rate
+        mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
+    pred = estimate(y, mu, t.view(b), spks, cond)
+    return F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])
+
+
 class FlowMatching(nn.Module):
     """The conditional flow-matching sampler around the estimator (upstream's ``decoder``)."""
 
@@ -177,18 +194,8 @@ class FlowMatching(nn.Module):
         mask. Draws ``t`` (uniform), the noise and the guidance dropout from torch's global RNG in
         upstream's order.
         """
-        b = mu.shape[0]
-        t = torch.rand([b, 1, 1], device=mu.device, dtype=mu.dtype)
-        z = torch.randn_like(x1)
-        sigma = self.config.sigma_min
-        y = (1 - (1 - sigma) * t) * z + t * x1
-        u = x1 - (1 - sigma) * z
-        rate = self.config.training_cfg_rate
-        if rate > 0:
-            keep = torch.rand(b, device=x1.device) > rate
-            mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
-        pred = self.estimator.padded(y, mu, t.view(b), spks, cond, mask, attn_mask)
-        return F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])
+        return flow_matching_loss(x1, mask, mu, spks, cond, self.config.sigma_min, self.config.training_cfg_rate,
+                                  lambda y, mu, t, spks, cond: self.estimator.padded(y, mu, t, spks, cond, mask, attn_mask))
 
 
 @dataclass

@@ -37,7 +37,7 @@ from torch import nn
 
 from cosyvoice.acoustic.encoder import ConformerBlock, LinearEmbed, relative_positions
 from cosyvoice.acoustic.estimator_v1 import ConditionalDecoder
-from cosyvoice.acoustic.flow import MEL_BINS, flow_batch_tensors, token_tensor
+from cosyvoice.acoustic.flow import MEL_BINS, flow_batch_tensors, flow_matching_loss, token_tensor
 
 
 @dataclass(frozen=True)
@@ -234,18 +234,8 @@ class FlowMatchingV1(nn.Module):
         ``mask`` (B, 1, T) marks real frames. Draws ``t`` (uniform), the noise and the guidance
         dropout from torch's global RNG in upstream's order.
         """
-        b = mu.shape[0]
-        t = torch.rand([b, 1, 1], device=mu.device, dtype=mu.dtype)
-        z = torch.randn_like(x1)
-        sigma = self.config.sigma_min
-        y = (1 - (1 - sigma) * t) * z + t * x1
-        u = x1 - (1 - sigma) * z
-        rate = self.config.training_cfg_rate
-        if rate > 0:
-            keep = torch.rand(b, device=x1.device) > rate
-            mu, spks, cond = mu * keep.view(-1, 1, 1), spks * keep.view(-1, 1), cond * keep.view(-1, 1, 1)
-        pred = self.estimator(y, mask, mu, t.view(b), spks, cond)
-        return F.mse_loss(pred * mask, u * mask, reduction="sum") / (torch.sum(mask) * u.shape[1])
+        return flow_matching_loss(x1, mask, mu, spks, cond, self.config.sigma_min, self.config.training_cfg_rate,
+                                  lambda y, mu, t, spks, cond: self.estimator(y, mask, mu, t, spks, cond))
 
 
 class FlowV1Model(nn.Module):
