@@ -67,3 +67,12 @@ def check_state(state: Mapping[str, Any], expected: Mapping[str, torch.Tensor], 
         problems.append(f"shape mismatches {describe_keys(mismatched)}")
     if problems:
         raise ValueError(f"{where} does not match the model: " + "; ".join(problems))
+
+
+def load_released(model: torch.nn.Module, source: StateSource, what: str) -> torch.nn.Module:
+    """``model`` with a released plain state dict (path, bytes or dict) loaded strictly, in eval mode: every
+    key and shape must match, and a mismatch names the keys."""
+    state, where = read_state_dict(source, what)
+    check_state(state, model.state_dict(), where)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -415,10 +415,6 @@ def load_flow(source, config: FlowConfig | None = None) -> FlowModel:
 
     The file is upstream's plain state dict (no ``flow.`` prefix); every key and shape must match.
     """
-    from cosyvoice.acoustic.checkpoint import check_state, read_state_dict
+    from cosyvoice.acoustic.checkpoint import load_released
 
-    state, where = read_state_dict(source, "flow")
-    model = FlowModel(config)
-    check_state(state, model.state_dict(), where)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return load_released(FlowModel(config), source, "flow")

@@ -370,10 +370,6 @@ def load_flow_v1(source, config: FlowV1Config | None = None) -> FlowV1Model:
 
     The file is upstream's plain state dict (no ``flow.`` prefix); every key and shape must match.
     """
-    from cosyvoice.acoustic.checkpoint import check_state, read_state_dict
+    from cosyvoice.acoustic.checkpoint import load_released
 
-    state, where = read_state_dict(source, "flow")
-    model = FlowV1Model(config)
-    check_state(state, model.state_dict(), where)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return load_released(FlowV1Model(config), source, "flow")
