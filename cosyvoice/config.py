@@ -63,6 +63,10 @@ ALIASES: dict[str, str] = {
     "cosyvoice.flow.flow_matching.CausalConditionalCFM": "cosyvoice.acoustic.recipe.CFMRecord",
     "omegaconf.DictConfig": "cosyvoice.acoustic.recipe.CFMParamsRecord",
     "cosyvoice.flow.decoder.CausalConditionalDecoder": "cosyvoice.acoustic.recipe.EstimatorRecord",
+    "cosyvoice.flow.flow.MaskedDiffWithXvec": "cosyvoice.acoustic.recipe.FlowV1Record",  # CosyVoice1's flow
+    "cosyvoice.flow.length_regulator.InterpolateRegulator": "cosyvoice.acoustic.recipe.RegulatorRecord",
+    "cosyvoice.flow.flow_matching.ConditionalCFM": "cosyvoice.acoustic.recipe.CFMV1Record",
+    "cosyvoice.flow.decoder.ConditionalDecoder": "cosyvoice.acoustic.recipe.EstimatorV1Record",
     "cosyvoice.hifigan.generator.HiFTGenerator": "cosyvoice.acoustic.recipe.HiFTRecord",
     "cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor": "cosyvoice.acoustic.recipe.F0PredictorRecord",
     "cosyvoice.hifigan.hifigan.HiFiGan": "cosyvoice.acoustic.recipe.HiFiGanRecord",

@@ -9,6 +9,13 @@ key of the file (``llm``, ``hifigan``, the data processors, the seed calls, ...)
 ``None``, so it is neither checked nor built nor run; only the plain values the two sections
 ``!ref`` (``sample_rate``, ``chunk_size``, ...) are kept.
 
+A CosyVoice1 recipe (upstream's ``examples/libritts/cosyvoice``, a CosyVoice-300M model dir's
+``cosyvoice.yaml``) is read the same way by :func:`acoustic_configs_v1` into
+:class:`~cosyvoice.acoustic.flow_v1.FlowV1Config` and the 22.05 kHz ``HiFTConfig``; its flow
+encoder (``cosyvoice.transformer.encoder.ConformerEncoder``) shares its upstream class path with
+the v1 LLM's text encoder, which the alias table maps to a module, so that one node is retagged to
+:class:`EncoderV1Record` in the text before loading (:func:`flow_generation` tells the two apart).
+
 The records are then turned into :class:`~cosyvoice.acoustic.flow.FlowConfig` and
 :class:`~cosyvoice.acoustic.hift.HiFTConfig`. A setting our implementation would not honour
 (another flow or vocoder class, solver, time schedule, input layer, a convolution module ...)
@@ -33,9 +40,10 @@ from typing import Any, ClassVar
 import yaml
 
 from cosyvoice.acoustic.flow import MEL_BINS, FlowConfig
+from cosyvoice.acoustic.flow_v1 import FlowV1Config
 from cosyvoice.acoustic.hift import HiFTConfig
 
-__all__ = ["acoustic_configs", "gan_config", "RECORDS"]
+__all__ = ["acoustic_configs", "acoustic_configs_v1", "flow_generation", "gan_config", "RECORDS"]
 
 _REQUIRED = object()  # marks an upstream constructor argument without a default
 
@@ -46,6 +54,8 @@ _OTHER_GENERATIONS = {
     "cosyvoice.hifigan.generator.CausalHiFTGenerator": "the CosyVoice 3 causal vocoder",
 }
 _FLOW_CLASS = "cosyvoice.flow.flow.CausalMaskedDiffWithXvec"
+_FLOW_V1_CLASS = "cosyvoice.flow.flow.MaskedDiffWithXvec"
+_ENCODER_V1_CLASS = "cosyvoice.transformer.encoder.ConformerEncoder"
 _HIFT_CLASS = "cosyvoice.hifigan.generator.HiFTGenerator"
 _HIFIGAN_CLASS = "cosyvoice.hifigan.hifigan.HiFiGan"
 
@@ -113,6 +123,37 @@ class EstimatorRecord(_Record):
                  "static_chunk_size": 50, "num_decoding_left_chunks": 2}
 
 
+class FlowV1Record(_Record):
+    upstream = _FLOW_V1_CLASS
+    signature = {"input_size": 512, "output_size": 80, "spk_embed_dim": 192, "output_type": "mel",
+                 "vocab_size": 4096, "input_frame_rate": 50, "only_mask_loss": True, "encoder": None,
+                 "length_regulator": None, "decoder": None, "decoder_conf": None}
+
+
+class EncoderV1Record(_Record):
+    """The v1 flow's ``ConformerEncoder`` (same constructor as the upsampling one). Not in ``RECORDS``:
+    the alias table maps that class path to the v1 LLM's text encoder; see :func:`acoustic_configs_v1`."""
+
+    upstream = _ENCODER_V1_CLASS
+    signature = EncoderRecord.signature
+
+
+class RegulatorRecord(_Record):
+    upstream = "cosyvoice.flow.length_regulator.InterpolateRegulator"
+    signature = {"channels": _REQUIRED, "sampling_ratios": _REQUIRED, "out_channels": None, "groups": 1}
+
+
+class CFMV1Record(_Record):
+    upstream = "cosyvoice.flow.flow_matching.ConditionalCFM"
+    signature = CFMRecord.signature
+
+
+class EstimatorV1Record(_Record):
+    upstream = "cosyvoice.flow.decoder.ConditionalDecoder"
+    signature = {"in_channels": _REQUIRED, "out_channels": _REQUIRED, "channels": (256, 256), "dropout": 0.05,
+                 "attention_head_dim": 64, "n_blocks": 1, "num_mid_blocks": 2, "num_heads": 4, "act_fn": "snake"}
+
+
 class HiFTRecord(_Record):
     upstream = _HIFT_CLASS
     signature = {"in_channels": 80, "base_channels": 512, "nb_harmonics": 8, "sampling_rate": 22050,
@@ -154,7 +195,8 @@ class MultiResSpecDiscriminatorRecord(_Record):
 #: upstream class path -> the record class that stands in for it (``cosyvoice.config.ALIASES``)
 RECORDS: dict[str, type[_Record]] = {cls.upstream: cls for cls in (
     FlowRecord, EncoderRecord, CFMRecord, CFMParamsRecord, EstimatorRecord, HiFTRecord, F0PredictorRecord,
-    HiFiGanRecord, MultipleDiscriminatorRecord, MultiPeriodDiscriminatorRecord, MultiResSpecDiscriminatorRecord)}
+    HiFiGanRecord, MultipleDiscriminatorRecord, MultiPeriodDiscriminatorRecord, MultiResSpecDiscriminatorRecord,
+    FlowV1Record, RegulatorRecord, CFMV1Record, EstimatorV1Record)}
 
 _CFM_PARAMS = {"sigma_min", "solver", "t_scheduler", "training_cfg_rate", "inference_cfg_rate", "reg_loss_type"}
 
@@ -170,7 +212,7 @@ class _Checker:
             self.problems.append(f"{where} = {value!r} (only {wanted!r} is supported{': ' + why if why else ''})")
 
     def record(self, where: str, value: Any, cls: type[_Record]) -> _Record | None:
-        if not isinstance(value, cls):
+        if type(value) is not cls:
             got = repr(value) if isinstance(value, (str, int, float, bool, list, dict, type(None))) else \
                 f"an instance of {type(value).__module__}.{type(value).__name__}"
             self.problems.append(f"{where} must be `!new:{cls.upstream}`, got {got}")
@@ -199,27 +241,7 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
         check.problems.append(f"flow.input_frame_rate {flow['input_frame_rate']} x token_mel_ratio {ratio} must be "
                               "50 mel frames per second (24 kHz, hop 480)")
     enc = check.record("flow.encoder", flow["encoder"], EncoderRecord)
-    cfm = check.record("flow.decoder", flow["decoder"], CFMRecord)
-    est = params = None
-    if cfm is not None:
-        check.equal("flow.decoder.n_spks", cfm["n_spks"], 1)
-        check.equal("flow.decoder.spk_emb_dim", cfm["spk_emb_dim"], MEL_BINS, "the speaker projection gives 80 channels")
-        est = check.record("flow.decoder.estimator", cfm["estimator"], EstimatorRecord)
-        record = check.record("flow.decoder.cfm_params", cfm["cfm_params"], CFMParamsRecord)
-        if record is not None:
-            params = record["content"]
-            if not isinstance(params, Mapping):
-                check.problems.append(f"flow.decoder.cfm_params.content must be a mapping, got {params!r}")
-                params = None
-    if params is not None:
-        unknown = sorted(set(params) - _CFM_PARAMS)
-        if unknown:
-            check.problems.append(f"flow.decoder.cfm_params: unknown setting(s) {unknown}")
-        for key in ("solver", "t_scheduler", "inference_cfg_rate", "training_cfg_rate"):
-            if key not in params:
-                check.problems.append(f"flow.decoder.cfm_params.{key} is missing (upstream requires it)")
-        check.equal("flow.decoder.cfm_params.solver", params.get("solver", "euler"), "euler")
-        check.equal("flow.decoder.cfm_params.t_scheduler", params.get("t_scheduler", "cosine"), "cosine")
+    est, params = _decoder(flow, check, CFMRecord, EstimatorRecord)
     if enc is not None:
         check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
         check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
@@ -254,6 +276,95 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
             estimator_heads=int(est["num_heads"]), estimator_blocks=int(est["n_blocks"]),
             estimator_mid_blocks=int(est["num_mid_blocks"]), cfg_rate=float(params["inference_cfg_rate"]),
             encoder_dropout=float(enc["dropout_rate"]), encoder_positional_dropout=float(enc["positional_dropout_rate"]),
+            encoder_attention_dropout=float(enc["attention_dropout_rate"]), estimator_dropout=float(est["dropout"]),
+            sigma_min=float(params.get("sigma_min", 1e-4)),  # upstream's BASECFM default when the file omits it
+            training_cfg_rate=float(params["training_cfg_rate"]), only_mask_loss=flow["only_mask_loss"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: the `flow` section: {exc}") from exc
+
+
+def _decoder(flow: _Record, check: _Checker, cfm_cls: type[_Record], estimator_cls: type[_Record]
+             ) -> tuple[_Record | None, Mapping | None]:
+    """(estimator record, cfm_params) of ``flow.decoder``, its CFM settings checked (both flows)."""
+    cfm = check.record("flow.decoder", flow["decoder"], cfm_cls)
+    if cfm is None:
+        return None, None
+    check.equal("flow.decoder.n_spks", cfm["n_spks"], 1)
+    check.equal("flow.decoder.spk_emb_dim", cfm["spk_emb_dim"], MEL_BINS, "the speaker projection gives 80 channels")
+    est = check.record("flow.decoder.estimator", cfm["estimator"], estimator_cls)
+    record = check.record("flow.decoder.cfm_params", cfm["cfm_params"], CFMParamsRecord)
+    params = None if record is None else record["content"]
+    if record is not None and not isinstance(params, Mapping):
+        check.problems.append(f"flow.decoder.cfm_params.content must be a mapping, got {params!r}")
+        params = None
+    if params is not None:
+        unknown = sorted(set(params) - _CFM_PARAMS)
+        if unknown:
+            check.problems.append(f"flow.decoder.cfm_params: unknown setting(s) {unknown}")
+        for key in ("solver", "t_scheduler", "inference_cfg_rate", "training_cfg_rate"):
+            if key not in params:
+                check.problems.append(f"flow.decoder.cfm_params.{key} is missing (upstream requires it)")
+        check.equal("flow.decoder.cfm_params.solver", params.get("solver", "euler"), "euler")
+        check.equal("flow.decoder.cfm_params.t_scheduler", params.get("t_scheduler", "cosine"), "cosine")
+    return est, params
+
+
+def _flow_v1_config(flow: Any, source: str) -> FlowV1Config:
+    """The v1 flow's records as a FlowV1Config; every setting the v1 modules do not honour is named."""
+    check = _Checker("flow")
+    if type(flow) is not FlowV1Record:
+        raise ValueError(f"{source}: `flow` must be `!new:{_FLOW_V1_CLASS}`, got {flow!r}")
+    dim = flow["input_size"]
+    check.equal("flow.output_size", flow["output_size"], MEL_BINS)
+    check.equal("flow.output_type", flow["output_type"], "mel")
+    check.equal("flow.only_mask_loss", flow["only_mask_loss"], True, "upstream's MaskedDiffWithXvec stores the flag "
+                "but always averages its loss over the real frames")
+    for key in ("input_size", "vocab_size", "spk_embed_dim", "input_frame_rate"):
+        value = flow[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            check.problems.append(f"flow.{key} = {value!r} (a positive integer)")
+    enc = check.record("flow.encoder", flow["encoder"], EncoderV1Record)
+    regulator = check.record("flow.length_regulator", flow["length_regulator"], RegulatorRecord)
+    est, params = _decoder(flow, check, CFMV1Record, EstimatorV1Record)
+    if enc is not None:
+        check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
+        check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
+        for key, wanted in (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
+                            ("selfattention_layer_type", "rel_selfattn"), ("activation_type", "swish"),
+                            ("normalize_before", True), ("macaron_style", False), ("use_cnn_module", False),
+                            ("global_cmvn", None), ("key_bias", True), ("use_dynamic_chunk", False)):
+            check.equal(f"flow.encoder.{key}", enc[key], wanted)
+        check.equal("flow.encoder.static_chunk_size", enc["static_chunk_size"], 0,
+                    "the CosyVoice1 flow's encoder attends to every token")
+        heads = enc["attention_heads"]
+        if not (isinstance(heads, int) and heads > 0 and isinstance(dim, int) and dim % heads == 0):
+            check.problems.append(f"flow.encoder.attention_heads = {heads!r} (a positive divisor of {dim!r})")
+    if regulator is not None:
+        check.equal("flow.length_regulator.channels", regulator["channels"], MEL_BINS, "the encoder projects to 80")
+        check.equal("flow.length_regulator.out_channels", regulator["out_channels"] or MEL_BINS, MEL_BINS)
+        check.equal("flow.length_regulator.groups", regulator["groups"], 1)
+        if not isinstance(regulator["sampling_ratios"], (list, tuple)):
+            check.problems.append(f"flow.length_regulator.sampling_ratios = {regulator['sampling_ratios']!r} (a list: "
+                                  "one convolution layer per entry)")
+    if est is not None:
+        check.equal("flow.decoder.estimator.in_channels", est["in_channels"], 4 * MEL_BINS, "x, mu, speaker, prompt")
+        check.equal("flow.decoder.estimator.out_channels", est["out_channels"], MEL_BINS)
+        check.equal("flow.decoder.estimator.act_fn", est["act_fn"], "gelu")
+        channels = est["channels"]
+        if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) for c in channels)):
+            check.problems.append(f"flow.decoder.estimator.channels = {channels!r} (a list of channel widths, "
+                                  "one per U-Net level, e.g. [256, 256])")
+    check.fail_if_any(source)
+    try:
+        return FlowV1Config(
+            vocab_size=flow["vocab_size"], dim=dim, spk_embed_dim=flow["spk_embed_dim"],
+            input_frame_rate=flow["input_frame_rate"], encoder_heads=int(enc["attention_heads"]),
+            encoder_hidden=int(enc["linear_units"]), encoder_blocks=int(enc["num_blocks"]),
+            regulator_layers=len(regulator["sampling_ratios"]), estimator_channels=tuple(est["channels"]),
+            estimator_head_dim=int(est["attention_head_dim"]), estimator_heads=int(est["num_heads"]),
+            estimator_blocks=int(est["n_blocks"]), estimator_mid_blocks=int(est["num_mid_blocks"]),
+            cfg_rate=float(params["inference_cfg_rate"]), encoder_dropout=float(enc["dropout_rate"]),
+            encoder_positional_dropout=float(enc["positional_dropout_rate"]),
             encoder_attention_dropout=float(enc["attention_dropout_rate"]), estimator_dropout=float(est["dropout"]),
             sigma_min=float(params.get("sigma_min", 1e-4)),  # upstream's BASECFM default when the file omits it
             training_cfg_rate=float(params["training_cfg_rate"]), only_mask_loss=flow["only_mask_loss"])
@@ -362,22 +473,84 @@ def _load_sections(text: str, root: yaml.MappingNode, nodes: dict[str, yaml.Node
         raise ValueError(f"{source}: {exc}") from exc
 
 
+def _sections(source: str, nodes: dict[str, yaml.Node], generation: int) -> None:
+    """Refuse a recipe without ``flow``/``hift`` or with another generation's classes, by name."""
+    flow_class = {1: _FLOW_V1_CLASS, 2: _FLOW_CLASS}[generation]
+    reader = {1: "acoustic_configs_v1", 2: "acoustic_configs"}
+    for section, wanted in (("flow", flow_class), ("hift", _HIFT_CLASS)):
+        if section not in nodes:
+            raise ValueError(f"{source}: no `{section}` section (a CosyVoice{generation} recipe or model-dir "
+                             f"{'cosyvoice.yaml' if generation == 1 else 'cosyvoice2.yaml'} has one)")
+        found = _section_class(nodes[section])
+        other = {k: v for k, v in {**_OTHER_GENERATIONS, _FLOW_CLASS: "the CosyVoice 2 flow (causal, chunked)"}.items()
+                 if k != wanted}
+        if found in other:
+            hint = {_FLOW_V1_CLASS: reader[1], _FLOW_CLASS: reader[2]}.get(found)
+            raise ValueError(f"{source}: `{section}` is {found}, {other[found]}; {reader[generation]} reads "
+                             f"CosyVoice{generation}'s {wanted} only" + (f" (read this recipe with {hint})" if hint else ""))
+
+
+def flow_generation(yaml_url_or_text: str) -> int:
+    """1 for a CosyVoice1 recipe (``MaskedDiffWithXvec``: read it with :func:`acoustic_configs_v1`), 2 for a
+    CosyVoice2 one (``CausalMaskedDiffWithXvec``: :func:`acoustic_configs`); anything else is refused by name."""
+    source, _, _, nodes = _parse(yaml_url_or_text)
+    if "flow" not in nodes:
+        raise ValueError(f"{source}: no `flow` section (a CosyVoice1/2 recipe or model-dir yaml has one)")
+    found = _section_class(nodes["flow"])
+    generations = {_FLOW_V1_CLASS: 1, _FLOW_CLASS: 2}
+    if found not in generations:
+        known = f", {_OTHER_GENERATIONS[found]}" if found in _OTHER_GENERATIONS else ""
+        raise ValueError(f"{source}: `flow` is {found!r}{known}; cosyvoice.acoustic reads {_FLOW_V1_CLASS} "
+                         f"(CosyVoice1) and {_FLOW_CLASS} (CosyVoice2)")
+    return generations[found]
+
+
 def acoustic_configs(yaml_url_or_text: str) -> tuple[FlowConfig, HiFTConfig]:
     """(FlowConfig, HiFTConfig) of a CosyVoice2 recipe or model-dir yaml (a path/URL or the text itself)."""
     source, text, root, nodes = _parse(yaml_url_or_text)
-    for section, wanted in (("flow", _FLOW_CLASS), ("hift", _HIFT_CLASS)):
-        if section not in nodes:
-            raise ValueError(f"{source}: no `{section}` section (a CosyVoice2 recipe or model-dir cosyvoice2.yaml has one)")
-        found = _section_class(nodes[section])
-        if found in _OTHER_GENERATIONS:
-            raise ValueError(f"{source}: `{section}` is {found}, {_OTHER_GENERATIONS[found]}; cosyvoice.acoustic "
-                             f"implements CosyVoice2's {wanted} only")
+    _sections(source, nodes, 2)
     configs = _load_sections(text, root, nodes, source, ("flow", "hift"))
     flow, hift = _flow_config(configs["flow"], source), _hift_config(configs["hift"], source)
     if (hift.sampling_rate, hift.samples_per_frame) != (24000, 480):
         raise ValueError(f"{source}: the `hift` section: sampling_rate {hift.sampling_rate} with "
                          f"{hift.samples_per_frame} samples per mel frame; CosyVoice2's flow makes 50 Hz mels for a "
                          "24 kHz vocoder (480 samples per frame); 22.05 kHz is CosyVoice1's vocoder (HiFTConfig.v1())")
+    return flow, hift
+
+
+def _encoder_as_record(text: str, flow: yaml.Node, nodes: dict[str, yaml.Node]) -> str:
+    """``text`` with the v1 flow encoder's tag (upstream's ConformerEncoder, or the LLM class it is aliased
+    to) replaced, at that node only, by :class:`EncoderV1Record`; a ``!ref <key>`` is followed to ``key``."""
+    node = _child(flow, "encoder")
+    if isinstance(node, yaml.ScalarNode) and node.tag == "!ref":
+        match = re.fullmatch(r"\s*<([^<>\[\]]+)>\s*", str(node.value))
+        node = nodes.get(match.group(1).strip()) if match else None
+    if node is None or node.tag not in (f"!new:{_ENCODER_V1_CLASS}", "!new:cosyvoice.llm.transformer.ConformerEncoder"):
+        return text  # absent or another class: the record check names it
+    start = node.start_mark.index
+    if not text.startswith(node.tag, start):
+        raise ValueError(f"flow.encoder: cannot locate its tag {node.tag} in the text (line {node.start_mark.line + 1});"
+                         " write it as `encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder`")
+    return text[:start] + f"!new:{__name__}.{EncoderV1Record.__name__}" + text[start + len(node.tag):]
+
+
+def acoustic_configs_v1(yaml_url_or_text: str) -> tuple[FlowV1Config, HiFTConfig]:
+    """(FlowV1Config, HiFTConfig) of a CosyVoice1 recipe or model-dir ``cosyvoice.yaml`` (a path/URL or the text).
+
+    The vocoder must make 22.05 kHz audio at 256 samples per mel frame: upstream's v1 flow hard-codes
+    that mel rate."""
+    source, text, root, nodes = _parse(yaml_url_or_text)
+    _sections(source, nodes, 1)
+    try:
+        text = _encoder_as_record(text, nodes["flow"], nodes)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    configs = _load_sections(text, root, nodes, source, ("flow", "hift"))
+    flow, hift = _flow_v1_config(configs["flow"], source), _hift_config(configs["hift"], source)
+    if (hift.sampling_rate, hift.samples_per_frame) != (flow.sample_rate, flow.hop):
+        raise ValueError(f"{source}: the `hift` section: sampling_rate {hift.sampling_rate} with "
+                         f"{hift.samples_per_frame} samples per mel frame; CosyVoice1's flow makes mels at "
+                         f"{flow.sample_rate} Hz, hop {flow.hop} (upsample_rates x istft hop_len must be {flow.hop})")
     return flow, hift
 
 
