@@ -14,6 +14,7 @@ import dagster as dg
 from cosyvoice.export.hf import export_hf
 from cosyvoice.export.trtllm import CONTAINER_IMAGE
 from cosyvoice.export.variants import convert_variants, variant_name, variant_options
+from cosyvoice.model_family import recipe_family
 from cosyvoice.stages import STAGES
 from pipelines.launchers import EngineBuilder
 from pipelines.resources import DataStore, TrainingResource, project_path
@@ -35,12 +36,24 @@ class HfExportConfig(dg.Config):
     dtype: str = "auto"
 
 
-@dg.asset(deps=[dg.AssetKey("llm_averaged")], group_name="export", kinds={"pytorch"},
-          description=STAGES["hf_checkpoint"].description)
+@dg.asset(deps=[dg.AssetKey("llm_averaged")], group_name="export", kinds={"pytorch"}, output_required=False,
+          description=f"{STAGES['hf_checkpoint'].description}\n\nSkipped (with the TensorRT-LLM assets after it) for a "
+                      "CosyVoice1 recipe: its TransformerLM is no Qwen2 model.")
 def hf_checkpoint(context: dg.AssetExecutionContext, config: HfExportConfig, store: DataStore,
-                  training: TrainingResource) -> dg.MaterializeResult:
-    """``<data root>/export/hf``: the averaged LLM as an HF ``Qwen2ForCausalLM`` with speech tokens."""
+                  training: TrainingResource):
+    """``<data root>/export/hf``: the averaged LLM as an HF ``Qwen2ForCausalLM`` with speech tokens. A
+    recipe whose LLM is no Qwen2 model (CosyVoice1) is skipped, saying why: nothing is materialized, and
+    ``trtllm_checkpoint`` / ``trtllm_engine`` of the same run are skipped with it."""
     recipe = project_path(config.recipe) if config.recipe else training.recipe_path()
+    family = recipe_family(recipe) if recipe.endswith((".yaml", ".yml")) else None  # else a Qwen2 config dir
+    if family is not None and family.trtllm_unsupported:
+        context.log.warning(f"hf_checkpoint skipped for {recipe} ({family.name}): {family.trtllm_unsupported}")
+        return
+    yield _export_hf(context, config, store, training, recipe)
+
+
+def _export_hf(context: dg.AssetExecutionContext, config: HfExportConfig, store: DataStore,
+               training: TrainingResource, recipe: str) -> dg.MaterializeResult:
     tokenizer_dir = config.tokenizer_dir or training.qwen_dir()
     with tempfile.TemporaryDirectory() as tmp:
         if not tokenizer_dir:

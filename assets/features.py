@@ -14,9 +14,11 @@ from assets._per_shard import (
     BACKFILL,
     RETRY,
     SHARDS_PER_RUN,  # noqa: F401  (re-exported: how many shards a backfill run takes)
+    add_shard_metadata,
     budget_field,
     check_result,
     check_specs,
+    log_run_totals,
     shard_report,
 )
 from cosyvoice.corpus.shard_plan import ShardKey
@@ -42,7 +44,7 @@ from cosyvoice.features.stages import (
 from cosyvoice.stages import STAGES
 from pipelines.k8s import gpu_op_tags
 from pipelines.partitions import SHARDS, SUBSETS
-from pipelines.resources import DataStore, ModelStore
+from pipelines.resources import DataStore, ModelStore, TrainingResource
 from pipelines.retries import retry_transient_only
 
 GPU_K8S = gpu_op_tags()  # nvidia.com/gpu limit, GPU node selector and tolerations (pipelines/k8s.py)
@@ -75,9 +77,8 @@ def _run_shards(context: dg.AssetExecutionContext, extract, options, check, budg
                 model: str) -> dg.MaterializeResult:
     """``extract`` (the stage's library function) for every shard of the run, each into its own parquet
     table, then the stage's ``check`` of every written shard."""
-    stage, layout = context.asset_key.path[-1], store.layout
-    per_shard, failed, outcomes = {}, 0, {}
-    totals = {"utterances": 0, "audio_hours": 0.0, "wall_seconds": 0.0}
+    layout = store.layout
+    stage, per_shard, outcomes = context.asset_key.path[-1], {}, {}
     sources: dict[str, ShardSource] = {}  # one read of wav.scp / shards.json per subset and run
     for shard in context.partition_keys:
         subset = ShardKey.parse(shard).subset
@@ -88,20 +89,16 @@ def _run_shards(context: dg.AssetExecutionContext, extract, options, check, budg
         report = extract(source, model, options, shard=shard, parquet=out)
         for failure in report.failures:
             context.log.warning(str(failure))
-        meta = report.as_metadata()
-        failed += len(report.failures)
-        for key in totals:
-            totals[key] += meta[key]
         results = check(out, source.plan[shard], max_failed_fraction=budget)
         for name, result in results.items():
             outcomes.setdefault(name, []).append((shard, result))
-        per_shard[shard] = {**meta, **shard_report(results["failure_budget"], report.failures_url,
-                                                   [f"{f.utt}: {f.reason}" for f in report.failures])}
+        per_shard[shard] = {**report.as_metadata(),
+                            **shard_report(results["failure_budget"], report.failures_url,
+                                           [f"{f.utt}: {f.reason}" for f in report.failures])}
+        add_shard_metadata(context, shard, per_shard[shard])
+    log_run_totals(context, per_shard, ("utterances", "failed", "quarantined", "audio_hours", "wall_seconds"))
     return dg.MaterializeResult(
-        metadata={**totals, "shards": len(per_shard), "failed_utterances": failed,
-                  "quarantined_utterances": sum(m["quarantined"] for m in per_shard.values()),
-                  "throughput_audio_s_per_s": round(totals["audio_hours"] * 3600 / max(totals["wall_seconds"], 1e-9), 2),
-                  "per_shard": dg.MetadataValue.json(per_shard), "model": dg.MetadataValue.path(model)},
+        metadata={"model": dg.MetadataValue.path(model)},
         check_results=[check_result(name, rows) for name, rows in outcomes.items()])
 
 
@@ -124,11 +121,19 @@ def speaker_embeddings(context: dg.AssetExecutionContext, config: EmbeddingsConf
 @dg.asset(**_shard_asset("speech_tokens", TOKEN_CHECKS, pool="gpu", op_tags=GPU_K8S))
 @retry_transient_only
 def speech_tokens(context: dg.AssetExecutionContext, config: SpeechTokensConfig, store: DataStore,
-                  models: ModelStore) -> dg.MaterializeResult:
-    """S3 speech tokens of each shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration)."""
-    check = functools.partial(check_token_shard, version=models.tokenizer_version)
+                  models: ModelStore, training: TrainingResource) -> dg.MaterializeResult:
+    """S3 speech tokens of each shard -> ``speech_tokens/<subset>/<shard>.parquet`` (utt, speech_token, duration),
+    made by the tokenizer of the training recipe's generation (CosyVoice1: ``speech_tokenizer_v1.onnx``, 50 Hz,
+    < 4096; CosyVoice2: v2, 25 Hz, < 6561), which the token checks hold them to."""
+    family = training.family()
+    try:
+        model, version = models.speech_tokenizer_for(family, training.recipe)
+    except ValueError as exc:  # a tokenizer of another generation: refused before any shard is read
+        raise dg.Failure(str(exc), allow_retries=False) from exc
+    context.log.info(f"{training.recipe}: {family.name} recipe -> {version} speech tokens from {model}")
+    check = functools.partial(check_token_shard, version=version)
     return _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,
-                       config.max_failed_fraction, store, models.speech_tokenizer_url())
+                       config.max_failed_fraction, store, model)
 
 
 @dg.asset(

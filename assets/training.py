@@ -143,6 +143,7 @@ class ReleasedCheckpoint:
     cv_loss: float | None
     cv_list_sha256: str | None
     recipe: str | None = None  # the recipe it was trained with (None: not recorded)
+    family: str | None = None  # the recipe's model generation, cosyvoice.model_family (None: not recorded)
 
 
 def released_checkpoint(instance: dg.DagsterInstance, asset_key: dg.AssetKey = LLM_CHECKPOINT
@@ -169,23 +170,32 @@ def released_checkpoint(instance: dg.DagsterInstance, asset_key: dg.AssetKey = L
             loss = meta.get("cv_loss")
             return ReleasedCheckpoint(run_id=target.run_id, run_dir=meta.get("run_dir"),
                                       cv_loss=float(loss) if loss is not None else None,
-                                      cv_list_sha256=meta.get("cv_list_sha256"), recipe=meta.get("recipe"))
+                                      cv_list_sha256=meta.get("cv_list_sha256"), recipe=meta.get("recipe"),
+                                      family=meta.get("model_family"))
         if len(records) < 50:
             return None
         cursor = records[-1].id
 
 
 def cv_gate(instance: dg.DagsterInstance, cv_loss: float | None, cv_sha256: str, tolerance: float = 0.0,
-            asset_key: dg.AssetKey = LLM_CHECKPOINT) -> dg.AssetCheckResult:
+            asset_key: dg.AssetKey = LLM_CHECKPOINT, family: str | None = None) -> dg.AssetCheckResult:
     """``cv_loss_finite_and_not_worse``: the CV loss is finite and at most ``(1 + tolerance)`` times
     that of ``asset_key``'s released checkpoint (:func:`released_checkpoint`), compared only when both
-    were measured on the same CV list (same ``cv_list_sha256``). No released checkpoint, or a changed
-    CV list: no baseline; the check passes on a finite loss and says why nothing was compared."""
+    were measured on the same CV list (same ``cv_list_sha256``) with a recipe of the same model
+    ``family`` (a CosyVoice1 loss over 4097 classes says nothing about a CosyVoice2 one). No released
+    checkpoint, a changed CV list or family: no baseline; the check passes on a finite loss and says
+    why nothing was compared."""
     finite = cv_loss is not None and math.isfinite(cv_loss)
     baseline = released_checkpoint(instance, asset_key)
-    compared = baseline is not None and baseline.cv_loss is not None and baseline.cv_list_sha256 == cv_sha256
+    family_changed = baseline is not None and None not in (baseline.family, family) and baseline.family != family
+    reset = baseline is not None and (baseline.cv_list_sha256 != cv_sha256 or family_changed)
+    compared = baseline is not None and baseline.cv_loss is not None and not reset
     if baseline is None:
         why = "no released checkpoint yet: this run sets the first baseline"
+    elif family_changed:
+        why = (f"the recipe's model family changed since the released checkpoint of run {baseline.run_id} "
+               f"({baseline.family} -> {family}): baseline reset, CV losses of different model families are not "
+               "compared")
     elif baseline.cv_list_sha256 != cv_sha256:
         why = (f"the CV list changed since the released checkpoint of run {baseline.run_id} "
                f"(cv.data.list sha256 {baseline.cv_list_sha256 or 'not recorded'} -> {cv_sha256}): baseline reset, "
@@ -208,7 +218,7 @@ def cv_gate(instance: dg.DagsterInstance, cv_loss: float | None, cv_sha256: str,
         metadata={"cv_loss": cv_loss if finite else float("nan"),
                   "baseline_cv_loss": baseline.cv_loss if compared else float("nan"),
                   "baseline_run_id": baseline.run_id if baseline is not None else "",
-                  "baseline_reset": baseline is not None and baseline.cv_list_sha256 != cv_sha256,
+                  "baseline_reset": reset,
                   "cv_list_sha256": cv_sha256})
 
 
@@ -251,6 +261,7 @@ def train_and_gate(context: dg.AssetExecutionContext, model: TrainedModel, confi
     """Train ``model`` on ``train.data.list`` / ``cv.data.list`` into this run's own dir and judge
     the result with the model's CV gate."""
     layout = store.layout
+    family = training.family()  # the generation the recipe trains: the gate compares only within it
     cv_sha256 = cv_list_sha256(layout.cv_list())  # before training: the list the trainer evaluates on
     options = train_options(config, training, context.run.run_id, layout.train_list(), layout.cv_list(), model.name)
     invocation = train_launcher.launch(context, [*options.to_argv(), *config.extra_args],
@@ -262,12 +273,12 @@ def train_and_gate(context: dg.AssetExecutionContext, model: TrainedModel, confi
     metadata.update(progress_metadata(model, invocation.get_custom_messages()))
     if model.acoustic:
         metadata.update(preview_metadata(model, reported.get("checkpoint"), training.recipe_path(), layout.cv_list()))
-    metadata.update(run_dir=options.model_dir, recipe=options.config, cv_list_sha256=cv_sha256,
-                    engine=config.engine.value, gpus=config.gpus_per_node * config.nodes)
+    metadata.update(run_dir=options.model_dir, recipe=options.config, model_family=family.name,
+                    cv_list_sha256=cv_sha256, engine=config.engine.value, gpus=config.gpus_per_node * config.nodes)
     if config.resume_from:
         metadata["resumed_from"] = config.resume_from
     return dg.MaterializeResult(metadata=metadata, check_results=[
-        cv_gate(context.instance, cv_loss, cv_sha256, config.cv_tolerance, model.checkpoint_key)])
+        cv_gate(context.instance, cv_loss, cv_sha256, config.cv_tolerance, model.checkpoint_key, family.name)])
 
 
 class AverageConfig(dg.Config):

@@ -19,6 +19,7 @@ import dagster as dg
 
 from cosyvoice import storage
 from cosyvoice.layout import DataLayout
+from cosyvoice.model_family import COSYVOICE1, ModelFamily, recipe_family
 from cosyvoice.train.options import TrainEngine, TrainOptions
 from pipelines.launchers import (
     PROJECT_ROOT,
@@ -50,20 +51,25 @@ class DataStore(dg.ConfigurableResource):
 
 
 class ModelStore(dg.ConfigurableResource):
-    """Where the ONNX models live (the released files, or the reference models of ``make demo``)."""
+    """Where the ONNX models live (the released files, or the reference models of ``make demo``).
+    ``speech_tokenizer`` / ``tokenizer_version`` empty (the default): the training recipe's model family
+    decides (:mod:`cosyvoice.model_family`: ``speech_tokenizer_v1.onnx`` / v1 for a CosyVoice1 recipe,
+    ``speech_tokenizer_v2.onnx`` / v2 for CosyVoice2); set, they must agree with it."""
 
     root: str
     campplus: str = "campplus.onnx"
-    speech_tokenizer: str = "speech_tokenizer_v2.onnx"
-    tokenizer_version: str = "v2"  # v1: 50 Hz, < 4096; v2/v3: 25 Hz, < 6561 (used by the checks)
+    speech_tokenizer: str = ""
+    tokenizer_version: str = ""  # v1: 50 Hz, < 4096; v2/v3: 25 Hz, < 6561 (used by the checks)
 
     def campplus_url(self) -> str:
         """The CAM++ speaker-embedding model."""
         return storage.join(self.root, self.campplus)
 
-    def speech_tokenizer_url(self) -> str:
-        """The S3 speech-tokenizer model."""
-        return storage.join(self.root, self.speech_tokenizer)
+    def speech_tokenizer_for(self, family: ModelFamily, recipe: str) -> tuple[str, str]:
+        """(the S3 speech-tokenizer model's URL, its token version) for ``recipe`` of ``family``;
+        a setting of this resource that belongs to another generation raises ValueError."""
+        family.check_tokenizer(self.speech_tokenizer, self.tokenizer_version, recipe)
+        return storage.join(self.root, self.speech_tokenizer or family.speech_tokenizer), family.tokenizer_version
 
 
 #: the models the pipeline trains -> the trainer's ``--model`` (HiFT is trained with its GAN: ``hifigan``)
@@ -93,11 +99,19 @@ class TrainingResource(dg.ConfigurableResource):
     def recipe_path(self) -> str:
         return project_path(self.recipe)
 
+    def family(self) -> ModelFamily:
+        """The model generation the recipe trains (CosyVoice1/2/3): what the token extraction, the
+        export and serving follow (:mod:`cosyvoice.model_family`)."""
+        return recipe_family(self.recipe_path())
+
     def deepspeed_config_path(self) -> str:
         return project_path(self.deepspeed_config)
 
     def qwen_dir(self) -> str:
-        return self.qwen_pretrain_path or (_default_qwen_dir() if self.bundled_tokenizer else "")
+        """The Qwen2 tokenizer dir; "" for a CosyVoice1 recipe (whisper text ids, no Qwen2 body)."""
+        if self.qwen_pretrain_path or not self.bundled_tokenizer:
+            return self.qwen_pretrain_path
+        return "" if self.family() is COSYVOICE1 else _default_qwen_dir()
 
     def model_root(self, model: str = "llm") -> str:
         """The folder of ``model``'s runs (``llm``, ``flow`` or ``hift``)."""

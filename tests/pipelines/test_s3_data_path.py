@@ -14,14 +14,14 @@ from assets.features import speaker_embeddings, speaker_means, speech_tokens, up
 from assets.manifest import manifest
 from assets.shards import parquet_shards, training_data_lists
 from cosyvoice.features.feature_files import load_pt
-from pipelines.resources import CorpusResource, DataStore, ModelStore
+from pipelines.resources import CorpusResource, DataStore, ModelStore, TrainingResource
 
 SHARDS = ("dev-clean-000000", "dev-clean-000002")  # 15 utterances, 5 per shard
 
 
 def run_graph(corpus: str, data: str, models: str) -> None:
     resources = {"corpus": CorpusResource(root=corpus), "store": DataStore(root=data),
-                 "models": ModelStore(root=models)}
+                 "models": ModelStore(root=models), "training": TrainingResource(model_dir=os.path.join(data, "llm"))}
     shard_range = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[1]}
     with dg.instance_for_test() as instance:
         steps = [
