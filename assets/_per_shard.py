@@ -39,6 +39,20 @@ def shard_report(budget, failures_url: str, quarantined: list[str]) -> dict:
     return {**budget.metadata, "quarantine_file": failures_url, "quarantined_utterances": quarantined[:LISTED_PER_SHARD]}
 
 
+def add_shard_metadata(context: dg.AssetExecutionContext, shard: str, report: dict) -> None:
+    """``report`` on ``shard``'s own materialization. Metadata of the run's result would be copied into every
+    partition's event: a run of B shards carrying all B reports writes B x B entries (bench/control_plane.py
+    ``--metadata``), which at 100 shards per run is most of PostgreSQL's growth."""
+    context.add_asset_metadata({key: dg.MetadataValue.json(value) if isinstance(value, (dict, list)) else value
+                                for key, value in report.items()}, partition_key=shard)
+
+
+def log_run_totals(context: dg.AssetExecutionContext, reports: dict[str, dict], keys: tuple[str, ...]) -> None:
+    """One line with the run's totals over its shards (each shard's figures are on its own partition)."""
+    totals = {key: round(sum(r.get(key) or 0 for r in reports.values()), 5) for key in keys}
+    context.log.info(f"{len(reports)} shard(s): " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+
+
 def check_specs(asset: str, checks: tuple[str, ...]) -> list[dg.AssetCheckSpec]:
     return [dg.AssetCheckSpec(n, asset=asset, blocking=n in BLOCKING_CHECKS) for n in checks]
 

@@ -5,7 +5,16 @@ Faces of ``make_parquet`` (called with ``shard=`` and that shard's features) and
 
 import dagster as dg
 
-from assets._per_shard import BACKFILL, RETRY, budget_field, check_result, check_specs, shard_report
+from assets._per_shard import (
+    BACKFILL,
+    RETRY,
+    add_shard_metadata,
+    budget_field,
+    check_result,
+    check_specs,
+    log_run_totals,
+    shard_report,
+)
 from cosyvoice.corpus.shard_plan import ShardKey
 from cosyvoice.shards.lists import CV_SUBSETS, TRAIN_SUBSETS, make_data_lists
 from cosyvoice.shards.make_parquet import (
@@ -64,13 +73,9 @@ def parquet_shards(context: dg.AssetExecutionContext, config: ParquetShardsConfi
                             "audio_hours": round(report.audio_seconds / 3600, 5), "skipped": len(report.skipped),
                             **shard_report(results["failure_budget"], report.failures_url,
                                            [f"{p.utt}: {p.stage} {p.reason}" for p in report.skipped])}
+        add_shard_metadata(context, shard, per_shard[shard])
+    log_run_totals(context, per_shard, ("rows", "bytes", "audio_hours", "skipped", "quarantined"))
     return dg.MaterializeResult(
-        metadata={"shards": len(per_shard), "rows": sum(v["rows"] for v in per_shard.values()),
-                  "bytes": sum(v["bytes"] for v in per_shard.values()),
-                  "audio_hours": round(sum(v["audio_hours"] for v in per_shard.values()), 5),
-                  "skipped": sum(v["skipped"] for v in per_shard.values()),
-                  "quarantined_utterances": sum(v["quarantined"] for v in per_shard.values()),
-                  "per_shard": dg.MetadataValue.json(per_shard)},
         check_results=[check_result(name, rows) for name, rows in outcomes.items()])
 
 
