@@ -34,10 +34,11 @@ sysdeps:
 	  if [ "$$(id -u)" = 0 ]; then echo "installing$$missing" && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "missing system packages:$$missing -- run:  sudo apt-get install -y$$missing  (continuing with the fallback synthesiser)"; fi; fi
 
-# PostgreSQL on 127.0.0.1 for the instance tests (installed from Debian packages and started when
-# missing; needs root, otherwise it prints the command and the PostgreSQL tests skip).
+# PostgreSQL on 127.0.0.1 for the instance tests, and PgBouncer for the control-plane test (installed
+# from Debian packages and started when missing; needs root, otherwise it prints the command and the
+# PostgreSQL tests skip).
 postgres:
-	.ci/postgres
+	.ci/postgres --with-pgbouncer
 
 # Queued runs, op-granularity pools, run monitoring (pipelines/instance.py); kept when it exists.
 $(DAGSTER_HOME)/dagster.yaml: | venv

@@ -21,10 +21,11 @@ What the knobs compare (each is deployment configuration, not code):
 ``--batch`` shards per backfill run (the three assets share partitions and policy, so one run takes all
 three: runs = ceil(N / batch)); ``--planned-events subset`` sets ``DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS``
 on the stack (one planned event per asset and run instead of one per partition, each of which the daemon
-stores on a new PostgreSQL connection); ``--metadata run|shard`` whether each partition's materialization
-carries the whole run's ``per_shard`` metadata (the assets today) or its own shard's. Besides wall times
-the figures include what does not depend on how busy the machine is: CPU seconds per stack process and
-PostgreSQL sessions (connections) per run.
+stores on a new PostgreSQL connection); ``--metadata shard|run`` whether each partition's materialization
+carries its own shard's report (the assets) or the whole run's (the assets before); ``--pgbouncer`` puts
+a PgBouncer between the stack and PostgreSQL (k8s/pgbouncer.yaml). Besides wall times the figures include
+what does not depend on how busy the machine is: CPU seconds per stack process and PostgreSQL sessions
+(server connections) per run.
 """
 
 from __future__ import annotations
@@ -375,8 +376,29 @@ def evaluate_instigators(instance: dg.DagsterInstance, keys: list[str], corpus_r
 
 def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None = None, keep: bool = False,
             max_concurrent_runs: int = 200, planned_events: str = "per-partition", timeout: float = 3600,
-            idle_window_s: float = 0, metadata: str = "run", log=print) -> dict:
+            idle_window_s: float = 0, metadata: str = "shard", pgbouncer: bool = False, log=print) -> dict:
     """One measurement at ``partitions`` shards on a fresh database (see the module docstring)."""
+    if not pgbouncer:
+        return _measure(partitions, workdir=workdir, pg=pg, stack_pg=pg, batch=batch, keep=keep,
+                        max_concurrent_runs=max_concurrent_runs, planned_events=planned_events, timeout=timeout,
+                        idle_window_s=idle_window_s, metadata=metadata, log=log)
+    from bench.pgbouncer import PgBouncer
+
+    with PgBouncer(pg.host, pg.port, pg.user, pg.password) as bouncer:
+        result = _measure(partitions, workdir=workdir, pg=pg, stack_pg=Postgres("127.0.0.1", str(bouncer.port), pg.user,
+                                                                                 pg.password),
+                          batch=batch, keep=keep, max_concurrent_runs=max_concurrent_runs,
+                          planned_events=planned_events, timeout=timeout, idle_window_s=idle_window_s,
+                          metadata=metadata, log=log)
+    result["direct_connect_s"] = round(pg.connect_seconds(), 4)
+    return result
+
+
+def _measure(partitions: int, *, workdir: Path, pg: Postgres, stack_pg: Postgres, batch: int | None, keep: bool,
+             max_concurrent_runs: int, planned_events: str, timeout: float, idle_window_s: float, metadata: str,
+             log) -> dict:
+    """``measure`` with the stack (and the in-process instance) connecting through ``stack_pg``; ``pg`` creates,
+    sizes and drops the database."""
     from dagster._core.storage.defs_state.base import _current_storage
 
     home = Path(tempfile.mkdtemp(prefix=f"cp{partitions}-", dir=workdir))
@@ -384,10 +406,10 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
     corpus_root = home / "corpus"
     corpus_root.mkdir()
     dbname = pg.create_database()
-    saved = {k: os.environ.get(k) for k in pg.env(dbname)}
-    os.environ.update(pg.env(dbname))  # the instance config references the connection from the environment
+    saved = {k: os.environ.get(k) for k in stack_pg.env(dbname)}
+    os.environ.update(stack_pg.env(dbname))  # the instance config references the connection from the environment
     config = write_bench_instance(home / "home", records_path, max_concurrent_runs, metadata=metadata)
-    env = {**pg.env(dbname), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    env = {**stack_pg.env(dbname), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "COSYVOICE_DATA_ROOT": str(home / "data"), "COSYVOICE_CORPUS_ROOT": str(corpus_root),
            "COSYVOICE_MODEL_ROOT": str(home / "models"), "COSYVOICE_DEPLOYMENT": "embedded",
            "COSYVOICE_EXECUTOR": "in_process"}
@@ -400,7 +422,7 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
     keys = plan_shard_keys(partitions)
     result: dict = {"partitions": partitions, "asset_partitions": partitions * len(SHARD_ASSETS), "database": dbname,
                     "max_concurrent_runs": max_concurrent_runs,
-                    "planned_events": planned_events, "metadata": metadata}
+                    "planned_events": planned_events, "metadata": metadata, "pgbouncer": stack_pg is not pg}
     stack = BenchStack(home / "home", env)
     result["load_average_start"] = round(os.getloadavg()[0], 2)  # 2 shared cores: say how busy they were
     _current_storage.set(None)
@@ -418,7 +440,7 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
 
             result["shards_per_run"] = batch or SHARDS_PER_RUN  # the stack has the bench's environment
             log(f"[{partitions}] {len(keys)} shards registered in {result['register_s']} s; launching the backfill")
-            result["connect_s"] = round(pg.connect_seconds(), 4)
+            result["connect_s"] = round(stack_pg.connect_seconds(), 4)
             if idle_window_s:  # what the idle stack alone opens (webserver polling, daemon loops)
                 stack.start_daemon()
                 time.sleep(5)  # past the daemon's start-up
@@ -520,12 +542,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="run queue limit (the launcher finishes runs at once, so this caps launches per dequeue)")
     parser.add_argument("--planned-events", choices=("per-partition", "subset"), default="per-partition",
                         help=f"per-partition: dagster's default; subset: {PLANNED_EVENTS_ENV}=true on the stack")
-    parser.add_argument("--metadata", choices=("run", "shard"), default="run",
-                        help="run: each partition's materialization carries the per_shard metadata of the whole run "
-                             "(the assets today); shard: only its own shard's")
+    parser.add_argument("--metadata", choices=("run", "shard"), default="shard",
+                        help="shard: each partition's materialization carries its own shard's report (the assets, "
+                             "assets/_per_shard.add_shard_metadata); run: the whole run's, copied into every "
+                             "partition's event (the assets before that change)")
     parser.add_argument("--idle-window", type=float, default=20,
                         help="seconds of an idle stack measured for its own PostgreSQL sessions (0: none; then the "
                              "daemon starts after the backfill is launched, so its first backfill iteration takes it)")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="the stack connects through a PgBouncer (session pooling, bench/pgbouncer.py), as the "
+                             "Kubernetes deployment does (k8s/pgbouncer.yaml)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds to wait for a backfill")
     parser.add_argument("--workdir", default=None, help="DAGSTER_HOMEs and launch records (default: a tmp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the databases (their names are in the JSON)")
@@ -537,7 +563,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = args.batch or [None]
     common = dict(workdir=workdir, pg=pg, keep=args.keep, max_concurrent_runs=args.max_concurrent_runs,
                   planned_events=args.planned_events, idle_window_s=args.idle_window, metadata=args.metadata,
-                  timeout=args.timeout)
+                  timeout=args.timeout, pgbouncer=args.pgbouncer)
     baseline_n = args.partitions // 10 if args.baseline is None else args.baseline
     baseline = measure(baseline_n, batch=batches[0], **common) if baseline_n else None
     results = [measure(args.partitions, batch=b, **common) for b in batches]

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from bench.control_plane import SHARD_ASSETS, Postgres, measure
+from bench.pgbouncer import pgbouncer_binary
 from cosyvoice.corpus.manifest import LIBRITTS_SUBSETS
 
 SHARDS = 5000
@@ -30,8 +31,13 @@ def measured(tmp_path_factory):
         PG.connect().close()
     except psycopg2.OperationalError as exc:
         pytest.skip(f"PostgreSQL not reachable on {PG.host}:{PG.port} as {PG.user} (run .ci/postgres as root): {exc}")
+    try:
+        pgbouncer_binary()
+    except SystemExit as exc:
+        pytest.skip(str(exc))
+    # the stack connects as the Kubernetes deployment does: through a PgBouncer (k8s/pgbouncer.yaml)
     return measure(SHARDS, workdir=tmp_path_factory.mktemp("control-plane"), pg=PG, batch=BATCH,
-                   planned_events="subset", metadata="shard", timeout=240, log=lambda _: None)
+                   planned_events="subset", metadata="shard", pgbouncer=True, timeout=240, log=lambda _: None)
 
 
 @pytest.mark.slow
@@ -74,6 +80,15 @@ def test_sensors_and_the_retrain_gate_evaluate_against_the_grown_instance(measur
     assert grown["dynamic_partitions"] == SHARDS
     assert grown["runs"] >= math.ceil(SHARDS / BATCH)
     assert measured["db_growth_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_through_pgbouncer_the_stack_reuses_server_connections(measured):
+    """dagster-postgres connects once per storage call (~110 per run measured directly); the bouncer turns
+    those into a handful of PostgreSQL sessions, and a connect costs less than one to PostgreSQL itself."""
+    assert measured["pgbouncer"] is True
+    assert measured["sessions_per_run"] < 20
+    assert measured["connect_s"] < measured["direct_connect_s"]
 
 
 def test_shards_per_run_is_a_deployment_setting_with_a_clear_error(monkeypatch):
