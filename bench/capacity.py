@@ -375,7 +375,11 @@ def settings_table(p: Plan) -> list[list[str]]:
              "backfill run config ops.speech_tokens.config"],
             ["shards per run", f"{p.corpus.shards_per_run}", "assets/_per_shard.py SHARDS_PER_RUN (BackfillPolicy.multi_run)"],
             ["manifest partitions", f"{p.corpus.parts} speaker-folder prefixes",
-             "COSYVOICE_SUBSET_PARTS (cosyvoice/corpus/parts.py)"]]
+             "COSYVOICE_SUBSET_PARTS (cosyvoice/corpus/parts.py)"],
+            ["PostgreSQL connections", "through PgBouncer (session pooling)",
+             "k8s/pgbouncer.yaml; k8s/helm/values.yaml postgresql.enabled: false, postgresqlHost: cosyvoice-pgbouncer"],
+            ["planned events", "one per asset and run", "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true on "
+             "dagsterDaemon and dagsterWebserver (k8s/helm/values.yaml)"]]
 
 
 # --- object store -----------------------------------------------------------------------------------

@@ -234,6 +234,31 @@ def test_helm_values_deploy_our_code_location_with_postgres_and_the_k8s_run_laun
     validate(job)
 
 
+def test_pgbouncer_serves_the_charts_database_user_and_secret_in_session_mode():
+    """k8s/pgbouncer.yaml is what the values' "at scale" PostgreSQL host names; planned events name subsets."""
+    import configparser
+
+    values = yaml.safe_load((K8S / "helm" / "values.yaml").read_text())
+    config_map, deployment, service = yaml.safe_load_all((K8S / "pgbouncer.yaml").read_text())
+    ini = configparser.ConfigParser(inline_comment_prefixes=(";",), comment_prefixes=(";", "#"))
+    ini.read_string(config_map["data"]["pgbouncer.ini"])
+    assert ini["pgbouncer"]["pool_mode"] == "session"  # LISTEN/NOTIFY (the event-log watcher) needs it
+    assert ini["pgbouncer"]["auth_file"].startswith("/run/pgbouncer/")
+    pg = values["postgresql"]
+    assert values["postgresql"]["postgresqlDatabase"] in ini["databases"]
+    assert int(ini["pgbouncer"]["listen_port"]) == pg["service"]["port"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["PGUSER"]["value"] == pg["postgresqlUsername"]
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == values["global"]["postgresqlSecretName"]
+    assert service["metadata"]["name"] == "cosyvoice-pgbouncer" and "cosyvoice-pgbouncer" in (
+        (K8S / "helm" / "values.yaml").read_text())
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    for component in ("dagsterDaemon", "dagsterWebserver"):  # the processes that create runs
+        env = {e["name"]: e["value"] for e in values[component]["env"]}
+        assert env["DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"] == "true", component
+
+
 def test_pool_limits_job_uses_the_charts_instance_config_map_and_our_cli():
     job = yaml.safe_load((K8S / "pool-limits-job.yaml").read_text())
     pod = job["spec"]["template"]["spec"]
