@@ -58,6 +58,13 @@ REQUIRED_PARAMETER_VARIABLES = frozenset({"model_dir", "llm_tokenizer_dir", "eng
 KEEP_UNSET_PARAMETERS = frozenset({"tensorrt_llm"})
 #: the python model that stands in for the TensorRT-LLM backend (``llm_backend="python"``)
 HF_LLM_MODEL = "hf_llm_model.py"
+#: a CosyVoice1 (CosyVoice-300M) repository: its BLS ``cosyvoice`` and the python-backend ``transformer_llm``
+#: (a TransformerLM has no TensorRT-LLM engine) take the places of ``cosyvoice2`` and ``tensorrt_llm``
+V1_MODELS = ("cosyvoice", "transformer_llm", "token2wav")
+#: every model a template exists for
+KNOWN_MODELS = MODELS + ("cosyvoice", "transformer_llm")
+#: the python model rendered as ``transformer_llm/1/model.py``
+TRANSFORMER_LLM_MODEL = "transformer_llm_model.py"
 
 _PLACEHOLDER = re.compile(r"\$(?:\{([_a-zA-Z][_a-zA-Z0-9]*)\}|([_a-zA-Z][_a-zA-Z0-9]*))")
 _OPTIONAL_LINE = re.compile(r'^\s*parameters:\s*\{\s*key:\s*"[^"]+"\s*value:\s*\{\s*string_value:\s*"\$\{(\w+)\}"\s*\}\s*\}\s*$')
@@ -154,6 +161,16 @@ def repo_values(*, engine_dir: str, hf_dir: str, model_dir: str, decoupled: bool
     return values
 
 
+def repo_values_v1(*, model_dir: str, decoupled: bool = True, max_batch_size: int = 16, bls_instances: int = 4,
+                   overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The variable values of a CosyVoice1 repository (``V1_MODELS``): only ``model_dir`` is a path."""
+    values = {k: UPSTREAM_DEFAULTS[k] for k in ("max_queue_delay_microseconds", "max_queue_size")}
+    values.update(model_dir=model_dir, decoupled_mode=str(bool(decoupled)), triton_max_batch_size=str(max_batch_size),
+                  bls_instance_num=str(bls_instances))
+    values.update(overrides or {})
+    return values
+
+
 def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend: str = "tensorrtllm") -> RenderReport:
     """Write the repository ``out/<model>/{config.pbtxt, 1/...}`` for ``models``.
 
@@ -167,16 +184,16 @@ def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend:
     ``1/model.py`` (same interface; for CPU serving and tests). Raises ``RenderError`` listing every
     unknown key (not a variable of any selected template) and every unfilled variable.
     """
-    unknown_models = sorted(set(models) - set(MODELS))
+    unknown_models = sorted(set(models) - set(KNOWN_MODELS))
     if unknown_models:
-        raise RenderError(f"unknown model(s) {unknown_models}; choose from {list(MODELS)}")
+        raise RenderError(f"unknown model(s) {unknown_models}; choose from {list(KNOWN_MODELS)}")
     if llm_backend not in ("tensorrtllm", "python"):
         raise RenderError(f"llm_backend must be 'tensorrtllm' or 'python', got {llm_backend!r}")
     values = {k: str(v) for k, v in values.items()}
     if "tensorrt_llm" in models and llm_backend == "python":
         values["triton_backend"] = "python"
     required, _ = all_variables(models)
-    known = set().union(*all_variables(MODELS))
+    known = set().union(*all_variables(KNOWN_MODELS))
     problems = []
     unknown = sorted(set(values) - known)
     if unknown:
@@ -214,6 +231,9 @@ def _render_model(model: str, dest: str, values: dict[str, str], llm_backend: st
         gitkeep = os.path.join(dest, "1", ".gitkeep")
         if os.path.exists(gitkeep):
             os.unlink(gitkeep)
+    if model == "transformer_llm":
+        shutil.copyfile(os.path.join(os.path.dirname(__file__), TRANSFORMER_LLM_MODEL), os.path.join(dest, "1", "model.py"))
+        os.unlink(os.path.join(dest, "1", ".gitkeep"))
 
 
 # --- atomic replacement of a repository folder ----------------------------------------------------

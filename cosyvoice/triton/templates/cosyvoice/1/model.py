@@ -1,0 +1,204 @@
+"""cosyvoice: the CosyVoice1 BLS that turns (a voice, text) into speech with transformer_llm + token2wav.
+
+The client protocol is cosyvoice2's (target_text, reference_text, the cached-prompt tensors, mode,
+speed -> waveform). The voice is a cached prompt (``prompt_speech_tokens`` 0-based v1 tokens,
+``prompt_speech_feat``, ``prompt_spk_embedding``: a registered speaker of the gateway) or, with none,
+speaker "001" of ``<model_dir>/spk2info.pt`` (an SFT model's entry may hold only its ``embedding``).
+``mode`` (sft, zero_shot, cross_lingual, instruct) decides what the LLM and token2wav see
+(``runtime_v1.llm_request`` / ``token2wav_prompt``: upstream's v1 frontend). Text is tokenized with the
+model dir's recipe tokenizer (whisper's multilingual tiktoken). Decoupled: token2wav chunks of 100
+tokens + 20 lookahead as upstream CosyVoiceModel streams (``runtime_v1.ChunkSchedule``), then the rest
+with ``finalize``; not decoupled: one waveform. token2wav takes speech tokens as LLM ids (+151663, its
+protocol for both families).
+"""
+
+import json
+import os
+from contextlib import closing
+from uuid import uuid4
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from cosyvoice.triton import runtime, runtime_v1
+
+
+def _check(response):
+    if response.has_error():
+        raise pb_utils.TritonModelException(response.error().message())
+    return response
+
+
+def _output(response, name):
+    tensor = pb_utils.get_output_tensor_by_name(response, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _optional(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _text(request, name):
+    value = _optional(request, name)
+    if value is None:
+        return None
+    value = value.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _cancelled(request) -> bool:
+    is_cancelled = getattr(request, "is_cancelled", None)
+    return bool(is_cancelled()) if is_cancelled is not None else False
+
+
+class _Cancelled(Exception):
+    """The client cancelled a streaming request."""
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.config = json.loads(args["model_config"])
+        params = runtime.parameters(self.config)
+        self.tokenizer = runtime_v1.text_tokenizer(params["model_dir"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+        self.default_speaker = None  # (transcript, tokens or None, mel or None, embedding) of speaker "001"
+        cache = os.path.join(params["model_dir"], "spk2info.pt")
+        if os.path.exists(cache):
+            entry = torch.load(cache, map_location="cpu", weights_only=True).get("001")
+            if entry is not None:
+                tokens, feat = entry.get("speech_token"), entry.get("speech_feat")
+                self.default_speaker = (
+                    entry.get("prompt_text", ""),
+                    None if tokens is None else runtime_v1.check_speech_tokens(np.asarray(tokens), "spk2info speech_token"),
+                    None if feat is None else np.asarray(feat, dtype=np.float32).reshape(-1, runtime.MEL_BINS),
+                    np.asarray(entry["embedding"], dtype=np.float32).reshape(-1))
+
+    def _voice(self, request):
+        """(transcript, prompt tokens or None, mel or None, embedding [192]) of the request's voice."""
+        if _optional(request, "reference_wav") is not None:
+            raise ValueError("a CosyVoice1 repository takes a cached prompt (prompt_speech_tokens, prompt_speech_feat, "
+                             "prompt_spk_embedding; e.g. a speaker registered with the gateway) or spk2info.pt's "
+                             "speaker 001, not reference_wav")
+        cached = [_optional(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
+        if all(value is None for value in cached):
+            if self.default_speaker is None:
+                raise ValueError("no cached prompt and no speaker 001 in model_dir/spk2info.pt: send "
+                                 f"{', '.join(runtime.CACHED_PROMPT_INPUTS)}")
+            return self.default_speaker
+        if any(value is None for value in cached):
+            raise ValueError(f"incomplete cached prompt: {', '.join(runtime.CACHED_PROMPT_INPUTS)} go together")
+        tokens, feat, embedding = cached
+        embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        if embedding.size != runtime_v1.SPEAKER_EMBEDDING_DIM:
+            raise ValueError(f"prompt_spk_embedding: expected {runtime_v1.SPEAKER_EMBEDDING_DIM} values, got {embedding.size}")
+        return ("", runtime_v1.check_speech_tokens(tokens, "prompt_speech_tokens"),
+                np.asarray(feat, dtype=np.float32).reshape(-1, runtime.MEL_BINS), embedding)
+
+    def _llm_stream(self, llm_request):
+        """0-based v1 speech tokens from transformer_llm, per response as they arrive."""
+        inputs = llm_request.tensors()
+        inputs["streaming"] = np.array([[self.decoupled]], dtype=np.bool_)
+        inputs["random_seed"] = np.array([[runtime_v1.SEED]], dtype=np.uint64)
+        request = pb_utils.InferenceRequest(model_name="transformer_llm",
+                                            requested_output_names=["output_ids", "sequence_length"],
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
+        responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
+        finished = False
+        try:
+            for response in responses:
+                _check(response)
+                ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
+                if ids is None:  # the empty final response of a decoupled stream
+                    continue
+                yield ids[0][0][: int(lengths[0][0])].tolist()
+            finished = True
+        finally:
+            if not finished:
+                cancel = getattr(responses, "cancel", None)
+                if cancel is not None:
+                    cancel()
+                else:
+                    try:
+                        for _ in responses:
+                            pass
+                    except Exception as exc:
+                        pb_utils.Logger.log_verbose(f"cosyvoice: draining an abandoned LLM stream: {exc}")
+
+    def _token2wav(self, tokens, prompt, request_id, speed, offset=None, finalize=None):
+        prompt_tokens, feat, embedding = prompt
+        inputs = {"target_speech_tokens": (np.asarray(tokens, dtype=np.int64) + runtime.ORIGINAL_VOCAB_SIZE).astype(np.int32)[None],
+                  "prompt_spk_embedding": embedding.astype(np.float16)[None]}
+        if prompt_tokens is not None and feat is not None:
+            inputs["prompt_speech_tokens"] = (prompt_tokens + runtime.ORIGINAL_VOCAB_SIZE).astype(np.int32)[None]
+            inputs["prompt_speech_feat"] = feat.astype(np.float16)[None]
+        if speed != 1.0:
+            inputs["speed"] = np.array([[speed]], dtype=np.float32)
+        if offset is not None:
+            inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
+            inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
+        request = pb_utils.InferenceRequest(model_name="token2wav", requested_output_names=["waveform"],
+                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
+                                            request_id=request_id)
+        return _output(_check(request.exec()), "waveform").astype(np.float32)
+
+    def _synthesize(self, request, send):
+        mode = runtime_v1.parse_mode(_text(request, "mode"))
+        speed = runtime.parse_speed(_optional(request, "speed"))
+        transcript, tokens, feat, embedding = self._voice(request)
+        reference_text = _text(request, "reference_text")
+        prompt_text = transcript if reference_text is None else reference_text
+        if mode in ("zero_shot", "cross_lingual") and (tokens is None or feat is None):
+            raise ValueError(f"mode {mode} needs a prompt with speech tokens and mel; this voice has only an embedding "
+                             "(use sft or instruct)")
+        llm_request = runtime_v1.llm_request(self.tokenizer, mode, _text(request, "target_text"), prompt_text=prompt_text,
+                                             prompt_speech_tokens=tokens, embedding=embedding)
+        prompt = runtime_v1.token2wav_prompt(mode, tokens, feat, embedding)
+        request_id = request.request_id() or str(uuid4())
+        if not self.decoupled:
+            ids = [t for chunk in self._llm_stream(llm_request) for t in chunk]
+            if not ids:
+                raise ValueError("the LLM generated no speech tokens")
+            send(self._token2wav(ids, prompt, request_id, speed))
+            return
+        schedule = runtime_v1.ChunkSchedule()
+        ids = []
+        with closing(self._llm_stream(llm_request)) as stream:
+            for chunk in stream:
+                if _cancelled(request):
+                    raise _Cancelled(repr(request_id))
+                ids.extend(chunk)
+                while schedule.ready(len(ids)):
+                    send(self._token2wav(ids[: schedule.chunk_end()], prompt, request_id, speed, schedule.offset, False))
+                    schedule.advance()
+        send(self._token2wav(ids, prompt, request_id, speed, schedule.offset, True))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            if self.decoupled:
+                sender = request.get_response_sender()
+
+                def send(wav, sender=sender):
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", wav)]))
+                try:
+                    self._synthesize(request, send)
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except _Cancelled as stopped:
+                    pb_utils.Logger.log_info(f"cosyvoice: request {stopped} cancelled by the client; stopped")
+                    try:
+                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    except Exception as exc:
+                        pb_utils.Logger.log_verbose(f"cosyvoice: closing cancelled request {stopped}: {exc}")
+                except Exception as exc:
+                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice: {exc}")),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                out = []
+                try:
+                    self._synthesize(request, out.append)
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", out[0])]))
+                except Exception as exc:
+                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice: {exc}")))
+        return None if self.decoupled else responses

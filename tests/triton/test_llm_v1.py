@@ -1,0 +1,320 @@
+"""Serving the CosyVoice1 LLM: sampled generation equal to upstream's, the v1 frontend per mode, and a CPU
+tritonserver running the ``transformer_llm`` python model behind the ``cosyvoice`` BLS.
+
+The sampled oracle (``tests/llm/data/upstream_transformer_lm_sampled.npz``) was recorded from upstream's
+``TransformerLM.inference`` with upstream's ``ras_sampling`` by ``bench/upstream_transformer_lm_sampling.py``
+on the greedy oracle's weights. The server's token2wav runs :class:`EchoToken2WavV1` (its "waveform" is
+the chunk's speech tokens), so the BLS's token stream and chunking are visible in what comes back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+
+import numpy as np
+import pytest
+import torch
+
+from cosyvoice.triton import runtime_v1
+
+LLM_DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "llm", "data")
+SAMPLED_ORACLE = os.path.join(LLM_DATA, "upstream_transformer_lm_sampled.npz")
+GREEDY_ORACLE = os.path.join(LLM_DATA, "upstream_transformer_lm.npz")
+TARGET = "the quick brown fox jumps over the lazy dog"
+INSTRUCTION = "Theo is a fiery, passionate rebel leader."
+
+#: a tiny v1 model dir's recipe: upstream's class paths and sampling, whisper text ids, 4096 speech codes
+TINY_V1_YAML = """
+llm: !new:cosyvoice.llm.llm.TransformerLM
+    text_encoder_input_size: 8
+    llm_input_size: 16
+    llm_output_size: 16
+    text_token_size: 51866
+    speech_token_size: 4096
+    length_normalized_loss: True
+    lsm_weight: 0
+    spk_embed_dim: 192
+    text_encoder: !new:cosyvoice.transformer.encoder.ConformerEncoder
+        input_size: 8
+        output_size: 16
+        attention_heads: 2
+        linear_units: 32
+        num_blocks: 1
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.0
+        normalize_before: True
+        input_layer: 'linear'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        use_cnn_module: False
+        macaron_style: False
+        use_dynamic_chunk: False
+        use_dynamic_left_chunk: False
+        static_chunk_size: 1
+    llm: !new:cosyvoice.transformer.encoder.TransformerEncoder
+        input_size: 16
+        output_size: 16
+        attention_heads: 2
+        linear_units: 32
+        num_blocks: 2
+        dropout_rate: 0.1
+        positional_dropout_rate: 0.1
+        attention_dropout_rate: 0.0
+        input_layer: 'linear_legacy'
+        pos_enc_layer_type: 'rel_pos_espnet'
+        selfattention_layer_type: 'rel_selfattn'
+        static_chunk_size: 1
+    sampling: !name:cosyvoice.utils.common.ras_sampling
+        top_p: 0.8
+        top_k: 25
+        win_size: 10
+        tau_r: 0.1
+get_tokenizer: !name:whisper.tokenizer.get_tokenizer
+    multilingual: True
+    num_languages: 100
+    language: 'en'
+    task: 'transcribe'
+"""
+
+
+class EchoToken2WavV1:
+    """token2wav runtime for tests: a chunk's "waveform" is its new speech tokens (0-based) as floats. A
+    non-final chunk covers ``[token_offset, len - 20)`` (v1's 20-token overlap), the final one the rest;
+    chunks of a request must be contiguous, and sft/instruct chunks carry no prompt tokens or mel."""
+
+    OVERLAP = runtime_v1.TOKEN_OVERLAP_LEN
+
+    def __init__(self, model_dir: str):
+        self.next_offset: dict[str, int] = {}
+
+    def synthesize(self, tokens, prompt_tokens, prompt_feat, embedding, *, token_offset, finalize, request_id):
+        if embedding is None or len(embedding) != 192:
+            raise ValueError("token2wav needs the speaker embedding")
+        prompt = -1.0 if prompt_tokens is None else float(len(prompt_tokens))  # first sample: the prompt's length
+        if token_offset is None:
+            return np.concatenate([[prompt], np.asarray(tokens, dtype=np.float32)]).astype(np.float32)
+        expected = self.next_offset.get(request_id, 0)
+        if token_offset != expected:
+            raise ValueError(f"request {request_id}: chunk at offset {token_offset}, expected {expected}")
+        end = len(tokens) if finalize else len(tokens) - self.OVERLAP
+        self.next_offset[request_id] = end
+        return np.concatenate([[prompt], np.asarray(tokens[token_offset:end], dtype=np.float32)]).astype(np.float32)
+
+    def release(self, request_id):
+        self.next_offset.pop(request_id, None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from cosyvoice.dataset.text import get_whisper_tokenizer
+
+    return get_whisper_tokenizer()
+
+
+# --- the library: sampled generation and the per-mode frontend ------------------------------------
+
+def _oracle_lm():
+    """Ours, loaded strictly from the oracle's weights, sampling with the recipe's ras_sampling."""
+    from cosyvoice.llm import ConformerEncoder, TransformerEncoder, TransformerLM, ras_sampling
+
+    with np.load(GREEDY_ORACLE) as f:
+        record = {k: f[k] for k in f.files}
+    with np.load(SAMPLED_ORACLE) as f:
+        sampled = {k: f[k] for k in f.files}
+    settings = json.loads(str(record["settings"]))
+    lm = TransformerLM(text_encoder=ConformerEncoder(**settings["text_encoder"]),
+                       llm=TransformerEncoder(**settings["llm"]),
+                       sampling=functools.partial(ras_sampling, **json.loads(str(sampled["ras"]))), **settings["lm"])
+    lm.load_state_dict({k[len("weight/"):]: torch.from_numpy(v) for k, v in record.items() if k.startswith("weight/")},
+                       strict=True)
+    return lm.eval(), record, sampled
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sampled_generation_equals_upstreams_for_a_fixed_seed():
+    """Upstream's ras_sampling (nucleus top_p 0.8/top_k 25, resampled from the full distribution when the pick
+    repeats within 10 tokens) and ours make the same draws from torch's generator: same ids per seed, with the
+    resample path taken in every run, for a prompted case (speaker, prompt text and speech) and a bare one."""
+    lm, record, sampled = _oracle_lm()
+    served = runtime_v1.ServedLM(lm)
+    for case in ("prompted", "bare"):
+        inputs = {k.split("/")[-1]: v for k, v in record.items() if k.startswith(f"infer/{case}/")}
+        n_prompt = int(inputs["prompt_text_len"][0])
+        text_ids = np.concatenate([inputs["prompt_text"][0, :n_prompt], inputs["text"][0]])
+        embedding = inputs["embedding"][0] if inputs["embedding"].shape[0] else None
+        for seed in sampled["seeds"].tolist():
+            expected = sampled[f"{case}/{seed}/ids"].tolist()
+            assert int(sampled[f"{case}/{seed}/resamples"]) > 0
+            ids = list(served.generate(text_ids, prompt_text_len=n_prompt, prompt_speech_tokens=inputs["prompt_speech_token"],
+                                       embedding=embedding, seed=seed))
+            assert ids == expected, (case, seed)
+        assert len(set(map(tuple, (sampled[f"{case}/{s}/ids"].tolist() for s in sampled["seeds"].tolist())))) > 1
+    assert list(served.generate(text_ids, seed=0, max_new_tokens=3)) == sampled["bare/0/ids"].tolist()[:3]
+
+
+def test_each_mode_gives_the_llm_and_token2wav_upstreams_v1_inputs(tokenizer):
+    tokens, embedding = np.array([5, 6, 7]), np.arange(192, dtype=np.float32)
+    target = tokenizer.encode(TARGET)
+    transcript = "a reference transcript."
+    zero = runtime_v1.llm_request(tokenizer, "zero_shot", TARGET, prompt_text=transcript, prompt_speech_tokens=tokens,
+                                  embedding=embedding)
+    assert zero.text_ids.tolist() == tokenizer.encode(transcript) + target
+    assert zero.prompt_text_len == len(tokenizer.encode(transcript)) and zero.prompt_speech_tokens.tolist() == [5, 6, 7]
+    for mode in ("sft", "cross_lingual"):
+        req = runtime_v1.llm_request(tokenizer, mode, TARGET, prompt_text=transcript, prompt_speech_tokens=tokens,
+                                     embedding=embedding)
+        assert (req.text_ids.tolist(), req.prompt_text_len, len(req.prompt_speech_tokens)) == (target, 0, 0)
+        np.testing.assert_array_equal(req.embedding, embedding)
+    instruct = runtime_v1.llm_request(tokenizer, "instruct", TARGET, prompt_text=INSTRUCTION, prompt_speech_tokens=tokens,
+                                      embedding=embedding)
+    instruction_ids = tokenizer.encode(INSTRUCTION + "<|endofprompt|>")
+    assert instruct.text_ids.tolist() == instruction_ids + target and instruct.prompt_text_len == len(instruction_ids)
+    assert instruct.embedding is None and len(instruct.prompt_speech_tokens) == 0  # no speaker row, no prompt speech
+    tensors = instruct.tensors()
+    assert set(tensors) == {"input_ids", "input_lengths", "prompt_text_len"}
+    assert runtime_v1.llm_request(tokenizer, "instruct", TARGET, prompt_text=INSTRUCTION + "<|endofprompt|>"
+                                  ).text_ids.tolist() == instruct.text_ids.tolist()  # not appended twice
+    feat = np.zeros((6, 80), np.float32)
+    assert runtime_v1.token2wav_prompt("instruct", tokens, feat, embedding)[:2] == (None, None)
+    assert runtime_v1.token2wav_prompt("sft", tokens, feat, embedding)[:2] == (None, None)
+    assert runtime_v1.token2wav_prompt("cross_lingual", tokens, feat, embedding)[0] is tokens
+    with pytest.raises(ValueError, match="instruct needs an instruction"):
+        runtime_v1.llm_request(tokenizer, "instruct", TARGET, prompt_text=" ")
+    with pytest.raises(ValueError, match="instruct2"):
+        runtime_v1.llm_request(tokenizer, "instruct2", TARGET, embedding=embedding)
+    with pytest.raises(ValueError, match="not CosyVoice1 speech tokens .*first: 6000"):
+        runtime_v1.llm_request(tokenizer, "zero_shot", TARGET, prompt_speech_tokens=np.array([1, 6000]),
+                               embedding=embedding)
+
+
+# --- a CPU tritonserver with the v1 LLM, the v1 BLS and an echo token2wav -------------------------
+
+@pytest.fixture(scope="module")
+def v1_model_dir(tmp_path_factory) -> str:
+    """cosyvoice.yaml (tiny) + a seeded llm.pt whose eos never wins (so a request yields 20 tokens per
+    target text token, exercising the 100 + 20 chunking) + spk2info.pt with an SFT-style speaker 001."""
+    from cosyvoice.config import load_recipe, training_overrides
+
+    out = tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny"
+    out.mkdir()
+    (out / runtime_v1.RECIPE_FILE).write_text(TINY_V1_YAML)
+    torch.manual_seed(7)
+    lm = load_recipe(str(out / runtime_v1.RECIPE_FILE), training_overrides("llm"))["llm"]
+    state = lm.state_dict()
+    state["llm_decoder.bias"][4096] = -1e4
+    torch.save(state, out / runtime_v1.LLM_FILE)
+    torch.save({"001": {"embedding": torch.randn(1, 192)}}, out / "spk2info.pt")
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def served_lm(v1_model_dir):
+    return runtime_v1.ServedLM.from_model_dir(v1_model_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def v1_server(triton_env, v1_model_dir, tmp_path_factory):
+    from cosyvoice.triton.render import V1_MODELS, render_repo, repo_values_v1
+    from cosyvoice.triton.server import TritonServer
+    from tests.support.tritonserver import stop_servers
+
+    repo = str(tmp_path_factory.mktemp("v1_served") / "model_repo")
+    values = repo_values_v1(model_dir=v1_model_dir, bls_instances=1, overrides={
+        "token2wav_runtime": f"{os.path.abspath(__file__)}:EchoToken2WavV1", "transformer_llm_device": "cpu"})
+    report = render_repo(repo, values, models=V1_MODELS)
+    assert sorted(os.listdir(repo)) == sorted(V1_MODELS) and report.models == list(V1_MODELS)
+    assert os.listdir(os.path.join(repo, "transformer_llm", "1")) == ["model.py"]
+    srv = TritonServer(repo, env=triton_env).start()
+    try:
+        srv.load(*V1_MODELS)
+        yield srv
+    finally:
+        stop_servers([srv])
+
+
+def _stream(url, model, inputs):
+    """Every response of one decoupled request: a list of {output: array}, then the final flag."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensors = []
+    for name, array in inputs.items():
+        dtype = "BYTES" if array.dtype == object else {np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32",
+                                                       np.dtype(np.float16): "FP16", np.dtype(np.bool_): "BOOL",
+                                                       np.dtype(np.uint64): "UINT64"}[array.dtype]
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    responses = []
+    try:
+        client.async_stream_infer(model, tensors, enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                raise RuntimeError(str(error))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return responses
+            responses.append(result)
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.slow
+def test_transformer_llm_streams_one_sampled_token_per_response(v1_server, served_lm, tokenizer):
+    request = runtime_v1.llm_request(tokenizer, "zero_shot", TARGET, prompt_text="a prompt.",
+                                     prompt_speech_tokens=np.array([1, 2, 4095]), embedding=np.ones(192, np.float32))
+    inputs = dict(request.tensors(), streaming=np.array([[True]]), random_seed=np.array([[5]], dtype=np.uint64))
+    responses = _stream(v1_server.grpc_url, "transformer_llm", inputs)
+    tokens = [r.as_numpy("output_ids").reshape(-1).tolist() for r in responses]
+    assert all(len(t) == 1 and r.as_numpy("sequence_length").reshape(-1).tolist() == [1] for t, r in zip(tokens, responses))
+    expected = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len,
+                                       prompt_speech_tokens=request.prompt_speech_tokens, embedding=request.embedding,
+                                       seed=5))
+    assert [t[0] for t in tokens] == expected and len(expected) == 20 * len(tokenizer.encode(TARGET))
+    assert max(expected) < 4096
+
+
+@pytest.mark.slow
+def test_instruct_through_the_v1_bls_streams_chunks_of_the_llms_tokens(v1_server, served_lm, tokenizer):
+    """mode instruct with a registered speaker's cached prompt: the LLM sees the instruction (+ <|endofprompt|>)
+    and no speaker row; token2wav gets 100-token chunks (+ 20 lookahead) with the embedding only."""
+    inputs = {"target_text": np.array([[TARGET]], dtype=object), "reference_text": np.array([[INSTRUCTION]], dtype=object),
+              "mode": np.array([["instruct"]], dtype=object),
+              "prompt_speech_tokens": np.array([[3, 4, 5]], dtype=np.int32),
+              "prompt_speech_feat": np.zeros((1, 7, 80), dtype=np.float16),
+              "prompt_spk_embedding": np.ones((1, 192), dtype=np.float16)}
+    chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
+    request = runtime_v1.llm_request(tokenizer, "instruct", TARGET, prompt_text=INSTRUCTION)
+    expected = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len, seed=runtime_v1.SEED))
+    n = len(expected)  # 20 per target token (eos never wins)
+    assert n == 20 * len(tokenizer.encode(TARGET)) and n >= 120
+    assert [len(c) - 1 for c in chunks] == [100] * ((n - 20) // 100) + [n - 100 * ((n - 20) // 100)]
+    assert all(c[0] == -1.0 for c in chunks)  # no prompt tokens reached token2wav
+    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+
+
+@pytest.mark.slow
+def test_sft_with_the_default_speaker_and_v2_tokens_refused_through_the_v1_bls(v1_server, v1_model_dir, served_lm,
+                                                                             tokenizer):
+    """No prompt: speaker 001 of spk2info.pt (an SFT entry, embedding only) in sft mode; zero_shot with v2
+    tokens (>= 4096) is refused with a message naming the tensor."""
+    inputs = {"target_text": np.array([["hello"]], dtype=object), "mode": np.array([["sft"]], dtype=object)}
+    chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
+    spk = torch.load(os.path.join(v1_model_dir, "spk2info.pt"), weights_only=True)["001"]["embedding"]
+    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.numpy())
+    expected = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
+    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+    bad = {"target_text": np.array([["hello"]], dtype=object), "reference_text": np.array([["hi"]], dtype=object),
+           "prompt_speech_tokens": np.array([[6000]], dtype=np.int32),
+           "prompt_speech_feat": np.zeros((1, 2, 80), dtype=np.float16),
+           "prompt_spk_embedding": np.ones((1, 192), dtype=np.float16)}
+    with pytest.raises(RuntimeError, match="prompt_speech_tokens: 1 of 1 are not CosyVoice1 speech tokens"):
+        _stream(v1_server.grpc_url, "cosyvoice", bad)
+
