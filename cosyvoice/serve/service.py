@@ -28,7 +28,8 @@ from cosyvoice.serve.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-#: the Triton BLS model every segment is sent to
+#: the Triton BLS model every segment is sent to: the model family's name (``GatewaySettings.model``), i.e.
+#: ``cosyvoice2`` for a CosyVoice2/3 repository, ``cosyvoice`` for a CosyVoice1 (CosyVoice-300M) one
 BLS_MODEL = "cosyvoice2"
 #: OpenAI's accepted speed range
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
@@ -48,6 +49,10 @@ class Mode(str, Enum):
 #: upstream's ``add_zero_shot_spk`` semantics)
 BLS_MODES = {Mode.sft: "zero_shot", Mode.zero_shot: "zero_shot", Mode.cross_lingual: "cross_lingual",
              Mode.instruct: "instruct", Mode.instruct2: "instruct2"}
+#: the CosyVoice1 BLS (``cosyvoice``) has upstream v1's own sft (the LLM and the flow see the speaker
+#: embedding only) and instruct (CosyVoice-300M-Instruct), and no instruct2 (a CosyVoice2 mode)
+V1_BLS_MODES = {Mode.sft: "sft", Mode.zero_shot: "zero_shot", Mode.cross_lingual: "cross_lingual",
+                Mode.instruct: "instruct"}
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Synthesizer:
         self.sample_rate: int | None = None
         self._speed_input: bool | None = None
         self._frontend_lock = threading.Lock()  # text normalization runs in threads; one at a time per process
+        #: the Triton BLS this gateway's family is served by (``cosyvoice2`` or the CosyVoice1 ``cosyvoice``)
+        self.bls_model = settings.model
 
     # --- readiness -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,7 +142,7 @@ class Synthesizer:
         ``model_inputs`` when it offers one; without it, speed is unsupported."""
         if self._speed_input is None:
             inputs = getattr(self.pool, "model_inputs", None)
-            self._speed_input = callable(inputs) and "speed" in set(await inputs(BLS_MODEL))
+            self._speed_input = callable(inputs) and "speed" in set(await inputs(self.bls_model))
         return self._speed_input
 
     # --- one request -----------------------------------------------------------------------------
@@ -157,7 +164,8 @@ class Synthesizer:
             first = True
             for index, segment in enumerate(plan.segments):
                 inputs = self._inputs(plan, segment)
-                async with contextlib.aclosing(self.pool.stream(inputs, request_id=f"{request_id}-{index}")) as chunks:
+                async with contextlib.aclosing(self.pool.stream(inputs, request_id=f"{request_id}-{index}",
+                                                                model=self.bls_model)) as chunks:
                     async for chunk in chunks:
                         chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
                         if not chunk.size:
@@ -213,6 +221,9 @@ class Synthesizer:
             raise BadRequest(400, "/inference_instruct needs a CosyVoice1 model (speaker + instruction); this "
                              f"gateway serves {self.settings.model}: use /inference_instruct2 (instruct_text + "
                              "prompt_wav or spk_id)", reason="unsupported_mode")
+        if mode is Mode.instruct2 and self.settings.model == "cosyvoice":
+            raise BadRequest(400, "/inference_instruct2 needs a CosyVoice2/3 model; this gateway serves a CosyVoice1 model: "
+                             "use /inference_instruct (spk_id + instruct_text)", reason="unsupported_mode")
         if mode in (Mode.instruct, Mode.instruct2) and not (req.instruct_text or "").strip():
             raise BadRequest(400, f"{mode.value} needs instruct_text (the instruction)", reason="missing_field")
         prompt = await self._prompt(mode, req)
@@ -221,7 +232,8 @@ class Synthesizer:
         segments = await asyncio.to_thread(self._segments, text)
         if not segments:
             raise BadRequest(400, "tts_text has nothing to speak (only punctuation or spaces)", reason="empty_text")
-        return _Plan(voice=prompt.bls_inputs(), reference_text=reference_text, bls_mode=BLS_MODES[mode],
+        bls_modes = V1_BLS_MODES if self.settings.model == "cosyvoice" else BLS_MODES
+        return _Plan(voice=prompt.bls_inputs(), reference_text=reference_text, bls_mode=bls_modes[mode],
                      segments=segments, speed=speed)
 
     def _segments(self, text: str) -> list[str]:
@@ -317,7 +329,7 @@ def build_synthesizer(settings: GatewaySettings, *, pool=None, registry=None, fr
     if pool is None:
         from cosyvoice.serve.backend import Replica, TritonPool
 
-        pool = TritonPool([Replica.parse(spec) for spec in settings.triton])
+        pool = TritonPool([Replica.parse(spec) for spec in settings.triton], model=settings.model)
     if registry is None:
         from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
 

@@ -1,0 +1,93 @@
+"""The gateway in front of a CosyVoice1 repository (``COSYVOICE_GATEWAY_MODEL=cosyvoice``): requests go to the
+``cosyvoice`` BLS, ``/inference_instruct`` carries the instruction, ``/inference_sft`` is v1's own sft, and the
+CosyVoice2-only ``/inference_instruct2`` is a clear 400 (over a recording fake Triton pool)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from cosyvoice.serve.app import create_app
+from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
+from cosyvoice.serve.settings import GatewaySettings
+from tests.serve.app_helpers import FakePool, SplitFrontend
+
+PROMPT_16K = (0.2 * np.sin(np.arange(32000) / 16000 * 2 * np.pi * 180)).astype(np.float32)
+INSTRUCTION = "Theo 'Crimson', is a fiery, passionate rebel leader.<|endofprompt|>"
+
+
+class ModelRecordingPool(FakePool):
+    """The fake pool, also recording which Triton model each stream and config question went to."""
+
+    def __init__(self, **kwargs):
+        super().__init__(sample_rate=22050, inputs=["target_text", "reference_text", "mode", "speed"], **kwargs)
+        self.models: list[str | None] = []
+        self.asked: list[str] = []
+
+    async def stream(self, inputs, *, request_id: str, model=None, parameters=None):
+        self.models.append(model)
+        async for piece in super().stream(inputs, request_id=request_id, model=model, parameters=parameters):
+            yield piece
+
+    async def model_inputs(self, model: str) -> list[str]:
+        self.asked.append(model)
+        return await super().model_inputs(model)
+
+
+@pytest.fixture
+def v1_client():
+    pool = ModelRecordingPool()
+    registry = SpeakerRegistry(None, pool=pool, cache=PromptCache())
+    asyncio.run(registry.register("theo", PROMPT_16K, "the prompt transcript"))
+    app = create_app(GatewaySettings(model="cosyvoice"), pool=pool, registry=registry, frontend=SplitFrontend())
+    with TestClient(app) as client:
+        yield client, pool, registry
+
+
+def _sent(pool, name):
+    return pool.sent[-1][0][name][0, 0]
+
+
+def test_instruct_reaches_the_v1_bls_with_the_instruction_and_the_speakers_voice(v1_client):
+    client, pool, registry = v1_client
+    response = client.post("/inference_instruct", data={"tts_text": "Hello there.| Go on.", "spk_id": "theo",
+                                                         "instruct_text": INSTRUCTION, "speed": "1.5"})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == "22050"
+    assert pool.models == ["cosyvoice", "cosyvoice"] and "cosyvoice" in pool.asked  # one request per segment
+    assert [inputs["target_text"][0, 0] for inputs, _ in pool.sent] == ["Hello there.", "Go on."]
+    assert _sent(pool, "mode") == "instruct" and _sent(pool, "reference_text") == INSTRUCTION
+    assert float(_sent(pool, "speed")) == 1.5
+    voice = registry.get("theo")
+    np.testing.assert_array_equal(pool.sent[-1][0]["prompt_speech_tokens"][0], voice.speech_token)
+    get = client.get("/inference_instruct", params={"tts_text": "Hi.", "spk_id": "theo", "instruct_text": " Calm. "})
+    assert get.status_code == 200 and _sent(pool, "reference_text") == "Calm."
+    empty = client.post("/inference_instruct", data={"tts_text": "Hi.", "spk_id": "theo", "instruct_text": " "})
+    assert empty.status_code == 400 and "instruct_text" in empty.json()["detail"]
+
+
+def test_sft_is_v1s_own_sft_and_instruct2_is_refused_on_a_v1_model(v1_client):
+    client, pool, _ = v1_client
+    assert client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "theo"}).status_code == 200
+    assert _sent(pool, "mode") == "sft" and pool.models[-1] == "cosyvoice"
+    assert client.post("/inference_zero_shot", data={"tts_text": "Hi.", "prompt_text": "x", "spk_id": "theo"}
+                       ).status_code == 200
+    assert _sent(pool, "mode") == "zero_shot"
+    sent = len(pool.sent)
+    refused = client.post("/inference_instruct2", data={"tts_text": "Hi.", "instruct_text": "Softly.", "spk_id": "theo"})
+    assert refused.status_code == 400 and "/inference_instruct " in refused.json()["detail"]
+    assert len(pool.sent) == sent  # nothing reached Triton
+
+
+def test_a_cosyvoice2_gateway_still_sends_to_the_cosyvoice2_bls():
+    pool = ModelRecordingPool()
+    registry = SpeakerRegistry(None, pool=pool, cache=PromptCache())
+    asyncio.run(registry.register("theo", PROMPT_16K, "the prompt transcript"))
+    with TestClient(create_app(GatewaySettings(), pool=pool, registry=registry, frontend=SplitFrontend())) as client:
+        assert client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "theo"}).status_code == 200
+        assert client.post("/inference_instruct", data={"tts_text": "Hi.", "spk_id": "theo", "instruct_text": "x"}
+                           ).status_code == 400
+    assert pool.models == ["cosyvoice2"] and _sent(pool, "mode") == "zero_shot"
