@@ -373,7 +373,9 @@ def settings_table(p: Plan) -> list[list[str]]:
              "backfill run config ops.speaker_embeddings.config (0 = the cores the pod may use: its cgroup CPU quota)"],
             ["speech_tokens run config", f"device: cuda, runtime: torch, batch_size: 64, num_workers: {c.gpu_step_cpu:g}",
              "backfill run config ops.speech_tokens.config"],
-            ["shards per run", f"{p.corpus.shards_per_run}", "assets/_per_shard.py SHARDS_PER_RUN (BackfillPolicy.multi_run)"],
+            ["shards per run", f"{p.corpus.shards_per_run}",
+             f"COSYVOICE_SHARDS_PER_RUN on the code location (project default {shards_per_run_in_code()}; the "
+             "smallest batch whose runs the control plane requests within 10 min at the measured time per run)"],
             ["manifest partitions", f"{p.corpus.parts} speaker-folder prefixes",
              "COSYVOICE_SUBSET_PARTS (cosyvoice/corpus/parts.py)"],
             ["PostgreSQL connections", "through PgBouncer (session pooling)",
@@ -507,7 +509,9 @@ def control_plane_table(p: Plan) -> list[list[str]]:
     shards = dig(run, "partitions")
     requested = dig(run, "all_runs_requested_s")
     where = f" at {shards:,} shards x 3 assets, {dig(run, 'runs_created') or '?'} runs" if shards else ""
-    scaled = hours(requested * p.corpus.shards / shards) + " (linear in shards)" if requested and shards else "-"
+    per_run = request_seconds_per_run(p.results)
+    scaled = (f"{p.corpus.runs_per_asset * per_run / 60:,.1f} min ({p.corpus.runs_per_asset:,} runs x "
+              f"{per_run:.2f} s per run measured)") if per_run else "-"
     rows.append(["time until every run is requested", seconds(requested) + where, scaled,
                  "<= 10 min for 150k asset-partitions"])
     ratio = dig(p.results, "control_plane", "per_partition_ratio_vs_baseline")
@@ -622,7 +626,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--hours", type=float, default=100_000)
     ap.add_argument("--utterance_seconds", type=float, default=7.2, help="mean utterance length (100k h / 50M)")
     ap.add_argument("--utts_per_shard", type=int, default=1000)
-    ap.add_argument("--shards_per_run", type=int, default=None, help="default: SHARDS_PER_RUN of assets/_per_shard.py")
+    ap.add_argument("--shards_per_run", type=int, default=None,
+                    help="default: SHARDS_PER_RUN of assets/_per_shard.py, raised until the backfill's runs are "
+                         "requested within 10 min at the control-plane measurement's time per run")
     ap.add_argument("--utts_per_part", type=int, default=1_000_000, help="utterances per manifest partition")
     ap.add_argument("--speakers", type=int, default=10_000, help="speaker folders (each is one LIST page more)")
     ap.add_argument("--gpus", type=int, default=8)
@@ -657,9 +663,36 @@ def doc_block(path: str) -> tuple[list[str], str]:
     return match["argv"].split(), match["body"]
 
 
+#: the COSYVOICE_SHARDS_PER_RUN values the model chooses from
+BATCH_STEPS = (8, 16, 25, 50, 100, 200, 250, 500, 1000)
+#: the issue's goal for requesting every run of the shard backfill
+REQUEST_GOAL_S = 600
+
+
+def request_seconds_per_run(results: dict) -> float | None:
+    """Wall time the backfill daemon took per run it requested, in the control-plane measurement."""
+    run = (dig(results, "control_plane", "results") or [None])[0]
+    if not dig(run, "runs_created") or not dig(run, "all_runs_requested_s"):
+        return None
+    return run["all_runs_requested_s"] / run["runs_created"]
+
+
+def shards_per_run_for(shards: int, results: dict, default: int) -> int:
+    """The project's default if the daemon requests that many runs within the goal at the measured time per run;
+    else the smallest listed batch that does (fewer, larger runs: the control plane pays per run)."""
+    per_run = request_seconds_per_run(results)
+    if per_run is None:
+        return default
+    fitting = [b for b in sorted({default, *BATCH_STEPS})
+               if b >= default and math.ceil(shards / b) * per_run <= REQUEST_GOAL_S]
+    return fitting[0] if fitting else BATCH_STEPS[-1]
+
+
 def compute(argv: list[str] | None) -> tuple[Plan, str]:
     args = parser().parse_args(argv)
-    args.shards_per_run = args.shards_per_run or shards_per_run_in_code()
+    if not args.shards_per_run:
+        shards = Corpus(args.hours, args.utterance_seconds, args.utts_per_shard, 1, args.utts_per_part).shards
+        args.shards_per_run = shards_per_run_for(shards, load_results(args.results), shards_per_run_in_code())
     p = plan(args)
     return p, report(p, args.markdown)
 

@@ -80,8 +80,9 @@ def test_the_model_is_linear_in_hours(capacity, capsys, results):
     assert large.features_phase()[0] == pytest.approx(3 * small.features_phase()[0])
 
 
-def test_control_plane_figures_are_scaled_by_shards(capacity, capsys, results):
-    """bench/control_plane.py's result at 5k shards: request time and PostgreSQL growth scale to 50k shards."""
+def test_control_plane_figures_are_scaled_to_the_corpus(capacity, capsys, results):
+    """bench/control_plane.py's result at 5k shards: request time scales with the runs, PostgreSQL growth with
+    the shards."""
     measured = {"partitions": 5000, "asset_partitions": 15000, "shards_per_run": 8, "runs_created": 1875,
                 "all_runs_requested_s": 60.0, "partition_status": {"worst_s": 0.5}, "db_growth_bytes": 2**30,
                 "instigators": {"prepare_subset_shards": {"seconds": 0.2}, "corpus_sensor": {"seconds": 0.1},
@@ -90,11 +91,24 @@ def test_control_plane_figures_are_scaled_by_shards(capacity, capsys, results):
     plan, out = run(capacity, capsys, results, "--hours", str(50_000 * 1000 * 7.2 / 3600))
     assert plan.corpus.shards == 50_000
     rows = {row[0]: row for row in capacity.control_plane_table(plan)}
-    assert rows["time until every run is requested"][2] == "0.2 h (linear in shards)"  # 600 s
+    assert plan.corpus.shards_per_run == 8  # 6,250 runs at 0.032 s each fit the 10-minute goal
+    assert rows["time until every run is requested"][2] == "3.3 min (6,250 runs x 0.03 s per run measured)"
     assert rows["PostgreSQL growth (backfill)"][2].startswith("10.00 GiB")
     assert rows["retrain schedule gate"][1] == "1.50 s (control-plane run)"
     launches = next(r for r in capacity.saturation_table(plan) if r[0].startswith("runs requested"))
     assert launches[2] == "31.2 runs/s measured"  # 1875 runs in 60 s
+
+
+def test_the_batch_is_raised_until_the_runs_are_requested_within_the_goal(capacity, capsys, results):
+    """At 1 s per run, 50k shards in runs of 8 would take 104 min to request: the model picks 100 (500 runs)."""
+    measured = {"partitions": 50_000, "shards_per_run": 100, "runs_created": 500, "all_runs_requested_s": 500.0}
+    (results / "control_plane.json").write_text(json.dumps({"results": [measured]}))
+    plan, _ = run(capacity, capsys, results, "--hours", str(50_000 * 1000 * 7.2 / 3600))
+    assert plan.corpus.shards_per_run == 100 and plan.corpus.runs_per_asset == 500
+    rows = {row[0]: row for row in capacity.control_plane_table(plan)}
+    assert rows["time until every run is requested"][2] == "8.3 min (500 runs x 1.00 s per run measured)"
+    forced, _ = run(capacity, capsys, results, "--hours", str(50_000 * 1000 * 7.2 / 3600), "--shards_per_run", "8")
+    assert forced.corpus.runs_per_asset == 6250  # an explicit batch is kept
 
 
 def test_the_scaling_doc_shows_what_the_script_computes(capacity):
