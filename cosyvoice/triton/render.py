@@ -51,7 +51,8 @@ UPSTREAM_DEFAULTS = {
 }
 #: parameter variables that must be given (paths the models open, the batching mode the backend
 #: requires); every other variable alone on a ``parameters:`` line is optional
-REQUIRED_PARAMETER_VARIABLES = frozenset({"model_dir", "llm_tokenizer_dir", "engine_dir", "batching_strategy"})
+REQUIRED_PARAMETER_VARIABLES = frozenset({"model_dir", "llm_tokenizer_dir", "engine_dir", "batching_strategy",
+                                          "token2wav_sample_rate"})
 #: models served by a backend that looks its parameters up by name and reads an unfilled
 #: ``${key}`` as unset (the TensorRT-LLM backend): an optional parameter not given keeps its line,
 #: with the placeholder as its value, instead of being dropped
@@ -171,6 +172,21 @@ def repo_values_v1(*, model_dir: str, decoupled: bool = True, max_batch_size: in
     return values
 
 
+def token2wav_sample_rate(values: dict[str, str], models) -> str:
+    """token2wav's ``sample_rate`` (what clients are told): ``token2wav_sample_rate`` when given, else
+    the rate of the acoustic models in ``model_dir`` when it is a folder here (``cosyvoice.yaml``:
+    CosyVoice1, 22050), else 22050 for a repository with the CosyVoice1 BLS (``cosyvoice``), else 24000.
+    The token2wav model refuses to load when its runtime produces another rate."""
+    from cosyvoice.acoustic import runtimes
+
+    if "token2wav_sample_rate" in values:
+        return str(values["token2wav_sample_rate"])
+    model_dir = str(values.get("model_dir", ""))
+    if model_dir and os.path.isdir(model_dir):
+        return str(runtimes.sample_rate(model_dir))
+    return str(runtimes.SAMPLE_RATES[runtimes.V1 if "cosyvoice" in models else runtimes.V2])
+
+
 def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend: str = "tensorrtllm") -> RenderReport:
     """Write the repository ``out/<model>/{config.pbtxt, 1/...}`` for ``models``.
 
@@ -190,6 +206,8 @@ def render_repo(out: str, values: dict[str, str], *, models=MODELS, llm_backend:
     if llm_backend not in ("tensorrtllm", "python"):
         raise RenderError(f"llm_backend must be 'tensorrtllm' or 'python', got {llm_backend!r}")
     values = {k: str(v) for k, v in values.items()}
+    if "token2wav" in models:
+        values["token2wav_sample_rate"] = token2wav_sample_rate(values, models)
     if "tensorrt_llm" in models and llm_backend == "python":
         values["triton_backend"] = "python"
     required, _ = all_variables(models)

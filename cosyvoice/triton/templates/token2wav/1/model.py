@@ -1,10 +1,12 @@
-"""token2wav: LLM speech ids -> 24 kHz waveform, offline or streamed per request id.
+"""token2wav: LLM speech ids -> waveform (24 kHz, 22.05 kHz for CosyVoice1), offline or streamed per request id.
 
 This adapter owns the Triton protocol (optional prompt inputs, the 151663 id offset,
 ``token_offset``/``finalize`` streaming, per-request cache release). The acoustic model itself
 (flow matching + HiFT on ``model_dir``'s ``flow.pt``/``hift.pt``) is a runtime object made by a
 factory named by the ``token2wav_runtime`` parameter ("module:attribute" or
-"/path/file.py:attribute"; by default ``cosyvoice.acoustic.token2wav:Token2Wav``), called as
+"/path/file.py:attribute"; by default ``cosyvoice.acoustic.token2wav:Token2Wav``, which stands for
+``cosyvoice.acoustic.runtimes:load_token2wav``: ``Token2Wav``, or ``Token2WavV1`` for a CosyVoice1 model
+dir, one holding ``cosyvoice.yaml``), called as
 ``factory(model_dir, **options)``; the runtime has ``synthesize(tokens, prompt_tokens, prompt_feat,
 embedding, *, token_offset, finalize, request_id[, speed]) -> float32 samples`` and
 ``release(request_id)`` (``speed`` is passed only when a request sets it to another value than 1).
@@ -12,7 +14,7 @@ embedding, *, token_offset, finalize, request_id[, speed]) -> float32 samples`` 
 ``chunk_causal_final``, ``estimator_dtype``, ``seed``, ``max_stream_cache_bytes``, ``compile``; see
 ``runtime.token2wav_options``), only those that are set; on a ``KIND_GPU`` instance without a
 ``device`` parameter the instance's GPU is the device. The output rate is the config's
-``sample_rate`` (24000): a runtime whose ``sample_rate`` differs fails the model load.
+``sample_rate`` (24000; 22050 for CosyVoice1): a runtime whose ``sample_rate`` differs fails the model load.
 
 Inputs are checked before the runtime sees them: every id must be a speech token (151663 +
 0..6560), ``token_offset`` must lie within the tokens; a bad request gets an error response, the
@@ -31,6 +33,8 @@ import triton_python_backend_utils as pb_utils
 from cosyvoice.triton import runtime
 
 DEFAULT_RUNTIME = runtime.DEFAULT_TOKEN2WAV_RUNTIME
+#: what the default runtime's name loads: the acoustic runtime of the model dir's generation
+DEFAULT_FACTORY = "cosyvoice.acoustic.runtimes:load_token2wav"
 
 
 def _optional(request, name):
@@ -57,7 +61,7 @@ class TritonPythonModel:
         max_live = runtime.positive_parameter(params, "max_live_requests", runtime.MAX_LIVE_REQUESTS, cast=int)
         spec = params.get("token2wav_runtime") or DEFAULT_RUNTIME
         try:
-            factory = runtime.load_object(spec)
+            factory = runtime.load_object(DEFAULT_FACTORY if spec == DEFAULT_RUNTIME else spec)
         except (ImportError, AttributeError) as exc:
             raise RuntimeError(f"token2wav: acoustic runtime {spec!r} is not available ({exc}); install the package "
                                "providing it or set the token2wav_runtime parameter") from exc
