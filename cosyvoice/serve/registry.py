@@ -71,7 +71,9 @@ def _frozen(values: Any, dtype, shape: tuple[int, ...]) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class Prompt:
     """A voice prompt as token2wav and the LLM need it: transcript, 0-based S3 tokens ``[T]``, flow-prompt
-    mel ``[2T, 80]`` (24 kHz recipe mel) and CAM++ embedding ``[192]``; arrays are read-only."""
+    mel ``[2T, 80]`` (24 kHz recipe mel) and CAM++ embedding ``[192]``; arrays are read-only. A speaker of
+    an upstream CosyVoice1 SFT model (``spk2info.pt`` entry with only its ``embedding``) is an
+    :attr:`embedding_only` prompt: no transcript, tokens or mel (good for sft and instruct only)."""
 
     text: str
     speech_token: np.ndarray
@@ -85,7 +87,7 @@ class Prompt:
         set_(self, "embedding", _frozen(self.embedding, np.float32, (-1,)))
         if self.embedding.size != EMBEDDING_DIM:
             raise ValueError(f"prompt embedding has {self.embedding.size} values, expected {EMBEDDING_DIM}")
-        if len(self.speech_token) == 0:
+        if len(self.speech_token) == 0 and (len(self.speech_feat) or self.text):
             raise ValueError("prompt has no speech tokens")
         if not isinstance(self.text, str):
             raise ValueError(f"prompt text must be a str, got {type(self.text).__name__}")
@@ -99,10 +101,17 @@ class Prompt:
             "reference_text": np.array([[self.text]], dtype=object),
         }
 
+    @property
+    def embedding_only(self) -> bool:
+        return len(self.speech_token) == 0
+
     def to_spk2info(self) -> dict:
-        """One ``spk2info.pt`` entry, dtypes and shapes as ``build_spk2info`` writes them."""
+        """One ``spk2info.pt`` entry, dtypes and shapes as ``build_spk2info`` writes them (an
+        embedding-only prompt: upstream's SFT entry, ``{"embedding": [1, 192]}``)."""
         import torch
 
+        if self.embedding_only:
+            return {"embedding": torch.tensor(self.embedding, dtype=torch.float32)[None]}
         return {
             "prompt_text": self.text,
             "speech_token": torch.tensor(self.speech_token, dtype=torch.int32)[None],
@@ -112,6 +121,8 @@ class Prompt:
 
     @classmethod
     def from_spk2info(cls, entry: dict) -> Prompt:
+        if set(entry) == {"embedding"}:  # an upstream CosyVoice1 SFT speaker
+            return cls(text="", speech_token=np.zeros(0), speech_feat=np.zeros((0, MEL_BINS)), embedding=entry["embedding"])
         missing = [k for k in _SPK2INFO_KEYS if k not in entry]
         if missing:
             raise ValueError(f"spk2info entry lacks {missing}")

@@ -227,6 +227,10 @@ class Synthesizer:
         if mode in (Mode.instruct, Mode.instruct2) and not (req.instruct_text or "").strip():
             raise BadRequest(400, f"{mode.value} needs instruct_text (the instruction)", reason="missing_field")
         prompt = await self._prompt(mode, req)
+        if prompt.embedding_only and (mode not in (Mode.sft, Mode.instruct) or self.settings.model != "cosyvoice"):
+            raise BadRequest(400, f"speaker {req.speaker_id!r} has only a speaker embedding (a CosyVoice1 SFT speaker): "
+                             f"it serves /inference_sft and /inference_instruct of a CosyVoice1 model, not {mode.value} "
+                             f"on {self.settings.model}", reason="bad_field")
         reference_text = {Mode.sft: prompt.text, Mode.zero_shot: prompt.text, Mode.cross_lingual: "",
                           Mode.instruct: req.instruct_text.strip(), Mode.instruct2: req.instruct_text.strip()}[mode]
         segments = await asyncio.to_thread(self._segments, text)

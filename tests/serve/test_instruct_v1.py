@@ -91,3 +91,28 @@ def test_a_cosyvoice2_gateway_still_sends_to_the_cosyvoice2_bls():
         assert client.post("/inference_instruct", data={"tts_text": "Hi.", "spk_id": "theo", "instruct_text": "x"}
                            ).status_code == 400
     assert pool.models == ["cosyvoice2"] and _sent(pool, "mode") == "zero_shot"
+
+
+def test_an_upstream_sft_speaker_with_only_an_embedding_serves_sft_and_instruct(tmp_path):
+    """CosyVoice-300M-SFT's spk2info.pt holds ``{speaker: {"embedding": [1, 192]}}``: such a speaker is
+    sent with an empty prompt (the v1 BLS then conditions on the embedding only); zero_shot is a 400."""
+    import torch
+
+    path = tmp_path / "spk2info.pt"
+    embedding = torch.randn(1, 192)
+    torch.save({"中文女": {"embedding": embedding}}, path)
+    pool = ModelRecordingPool()
+    registry = SpeakerRegistry(str(path), pool=pool, cache=PromptCache())
+    app = create_app(GatewaySettings(model="cosyvoice"), pool=pool, registry=registry, frontend=SplitFrontend())
+    with TestClient(app) as client:
+        assert client.get("/speakers").json() is not None
+        ok = client.post("/inference_instruct", data={"tts_text": "Hi.", "spk_id": "中文女", "instruct_text": INSTRUCTION})
+        assert ok.status_code == 200, ok.text
+        inputs = pool.sent[-1][0]
+        assert inputs["prompt_speech_tokens"].shape == (1, 0) and inputs["prompt_speech_feat"].shape == (1, 0, 80)
+        np.testing.assert_allclose(inputs["prompt_spk_embedding"][0], embedding[0].numpy(), atol=1e-3)
+        assert _sent(pool, "mode") == "instruct" and _sent(pool, "reference_text") == INSTRUCTION
+        assert client.post("/inference_sft", data={"tts_text": "Hi.", "spk_id": "中文女"}).status_code == 200
+        refused = client.post("/inference_cross_lingual", data={"tts_text": "Hi.", "spk_id": "中文女"})
+        assert refused.status_code == 400 and "only a speaker embedding" in refused.json()["detail"]
+    assert registry.get("中文女").to_spk2info().keys() == {"embedding"}  # written back in upstream's form

@@ -311,6 +311,16 @@ def test_sft_with_the_default_speaker_and_v2_tokens_refused_through_the_v1_bls(v
     request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.numpy())
     expected = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
     assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+    # the same speaker as the gateway sends an embedding-only (SFT) speaker: an empty cached prompt
+    inputs.update(prompt_speech_tokens=np.zeros((1, 0), np.int32), prompt_speech_feat=np.zeros((1, 0, 80), np.float16),
+                  prompt_spk_embedding=spk.numpy().astype(np.float16))
+    chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
+    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.numpy().astype(np.float16))
+    expected = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
+    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+    inputs["mode"] = np.array([["zero_shot"]], dtype=object)
+    with pytest.raises(RuntimeError, match="only an embedding"):
+        _stream(v1_server.grpc_url, "cosyvoice", inputs)
     bad = {"target_text": np.array([["hello"]], dtype=object), "reference_text": np.array([["hi"]], dtype=object),
            "prompt_speech_tokens": np.array([[6000]], dtype=np.int32),
            "prompt_speech_feat": np.zeros((1, 2, 80), dtype=np.float16),

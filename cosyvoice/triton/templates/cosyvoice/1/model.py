@@ -90,9 +90,13 @@ class TritonPythonModel:
         if any(value is None for value in cached):
             raise ValueError(f"incomplete cached prompt: {', '.join(runtime.CACHED_PROMPT_INPUTS)} go together")
         tokens, feat, embedding = cached
+        if np.asarray(tokens).size == 0:  # an embedding-only (SFT) speaker of the gateway's registry
+            tokens = feat = None
         embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if embedding.size != runtime_v1.SPEAKER_EMBEDDING_DIM:
             raise ValueError(f"prompt_spk_embedding: expected {runtime_v1.SPEAKER_EMBEDDING_DIM} values, got {embedding.size}")
+        if tokens is None:
+            return "", None, None, embedding
         return ("", runtime_v1.check_speech_tokens(tokens, "prompt_speech_tokens"),
                 np.asarray(feat, dtype=np.float32).reshape(-1, runtime.MEL_BINS), embedding)
 
