@@ -7,6 +7,14 @@ values, plus the ``cosyvoice2.yaml`` that describes them (a copy of ``configs/co
 ``configs/cosyvoice2-tiny.yaml``). A user points the pipeline at a released model dir and nothing
 else changes.
 
+CosyVoice1 (CosyVoice-300M): :func:`write_v1_model_files` writes the torch files of upstream's released
+dir -- ``llm.pt`` (TransformerLM), ``flow.pt`` (``MaskedDiffWithXvec``), ``hift.pt`` (22.05 kHz), the
+``cosyvoice.yaml`` that sizes them (``configs/cosyvoice.yaml`` or ``configs/cosyvoice-tiny.yaml``) and an
+SFT-style ``spk2info.pt``; the modules are built from that yaml (LLM through the recipe loader, flow and
+HiFT from :func:`~cosyvoice.acoustic.recipe.acoustic_configs_v1`), so the files load strictly with the
+real loaders of the released ones (``load_flow_v1``, ``load_hift``, ``TransformerLM.load_state_dict``).
+``cosyvoice.features.reference_models.make_reference_models(family="cosyvoice1")`` adds the ONNX files.
+
 Weights: PyTorch's default initialisation drawn from ``seed`` (in a forked RNG, so the caller's
 global generator is untouched), then every parameter that initialisation leaves constant (norm
 gains and biases, Snake ``alpha``, the attention position biases) is moved by a small seeded
@@ -21,12 +29,18 @@ import io
 import os
 
 from cosyvoice import storage
-from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
+from cosyvoice.acoustic import CONFIG_FILE, CONFIG_FILE_V1, FLOW_FILE, HIFT_FILE
 
 SIZES = ("full", "tiny")
 PARTS = ("flow", "hift", "config")
 FILES = {"flow": FLOW_FILE, "hift": HIFT_FILE, "config": CONFIG_FILE}
 CONFIG_FILES = {"full": "cosyvoice2.yaml", "tiny": "cosyvoice2-tiny.yaml"}
+#: CosyVoice1: the torch parts of a released CosyVoice-300M dir, their files and the recipes that size them
+V1_PARTS = ("llm", "flow", "hift", "config", "spk2info")
+V1_FILES = {"llm": "llm.pt", "flow": FLOW_FILE, "hift": HIFT_FILE, "config": CONFIG_FILE_V1, "spk2info": "spk2info.pt"}
+V1_CONFIG_FILES = {"full": "cosyvoice.yaml", "tiny": "cosyvoice-tiny.yaml"}
+#: the speaker an SFT-style spk2info.pt of a reference dir holds (the key the BLS falls back to)
+REFERENCE_SPEAKER = "001"
 PERTURBATION = 0.1  # std of the noise added to parameters the default initialisation leaves constant
 
 
@@ -45,6 +59,16 @@ def config_text(size: str) -> str:
     """The recipe text a ``size`` model dir carries as its ``cosyvoice2.yaml``."""
     _check_size(size)
     with open(os.path.join(configs_dir(), CONFIG_FILES[size]), encoding="utf-8") as f:
+        return f.read()
+
+
+def v1_config_text(size: str) -> str:
+    """The recipe text a ``size`` CosyVoice1 model dir carries as its ``cosyvoice.yaml``."""
+    _check_size(size)
+    path = os.path.join(configs_dir(), V1_CONFIG_FILES[size])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: the CosyVoice1 recipe that sizes a {size} reference dir is missing")
+    with open(path, encoding="utf-8") as f:
         return f.read()
 
 
@@ -95,6 +119,73 @@ def hift_state(seed: int, size: str) -> dict:
     _check_size(size)
     config = HiFTConfig.full() if size == "full" else HiFTConfig.tiny()
     return dict(hift_state_dict(seeded_module(lambda: HiFTGenerator(config), seed)))
+
+
+def llm_v1_state(seed: int, size: str) -> dict:
+    """The seeded random TransformerLM of the ``size`` CosyVoice1 recipe, in the released ``llm.pt`` layout.
+    Built through the recipe loader with the recipe's own ``__set_seed*`` calls left out, so ``seed`` decides."""
+    from cosyvoice.config import load_recipe, training_overrides
+
+    text = v1_config_text(size)
+    overrides = {**training_overrides("llm"), **{f"__set_seed{i}": None for i in range(1, 5)}}
+    return seeded_state_dict(lambda: load_recipe(text, overrides)["llm"], seed)
+
+
+def flow_v1_state(seed: int, size: str) -> dict:
+    """The seeded random CosyVoice1 flow (``MaskedDiffWithXvec`` layout) sized by the ``size`` recipe."""
+    from cosyvoice.acoustic.flow_v1 import FlowV1Model
+    from cosyvoice.acoustic.recipe import acoustic_configs_v1
+
+    flow, _ = acoustic_configs_v1(v1_config_text(size))
+    return seeded_state_dict(lambda: FlowV1Model(flow), seed)
+
+
+def hift_v1_state(seed: int, size: str) -> dict:
+    """The seeded random 22.05 kHz vocoder sized by the ``size`` CosyVoice1 recipe (``weight_g``/``weight_v``)."""
+    from cosyvoice.acoustic.hift import HiFTGenerator, hift_state_dict
+    from cosyvoice.acoustic.recipe import acoustic_configs_v1
+
+    _, hift = acoustic_configs_v1(v1_config_text(size))
+    return dict(hift_state_dict(seeded_module(lambda: HiFTGenerator(hift), seed)))
+
+
+def spk2info_v1(seed: int) -> dict:
+    """An SFT-style ``spk2info.pt`` table (upstream ``frontend_sft`` reads ``[spk]["embedding"]``, (1, 192)):
+    one seeded speaker, :data:`REFERENCE_SPEAKER`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return {REFERENCE_SPEAKER: {"embedding": torch.randn(1, 192, generator=generator)}}
+
+
+def v1_part_bytes(part: str, *, seed: int, size: str) -> bytes:
+    """The bytes of one CosyVoice1 model-dir file (one of :data:`V1_PARTS`)."""
+    builders = {"llm": llm_v1_state, "flow": flow_v1_state, "hift": hift_v1_state}
+    if part in builders:
+        return _tensor_bytes(builders[part](seed, size))
+    if part == "spk2info":
+        return _tensor_bytes(spk2info_v1(seed))
+    if part == "config":
+        return v1_config_text(size).encode("utf-8")
+    raise ValueError(f"unknown CosyVoice1 model part {part!r}; choose from {V1_PARTS}")
+
+
+def write_v1_model_files(out: str, *, seed: int = 0, size: str = "full",
+                         parts: tuple[str, ...] | list[str] = V1_PARTS) -> dict[str, dict]:
+    """Write the CosyVoice1 torch files (``llm.pt``, ``flow.pt``, ``hift.pt``, ``cosyvoice.yaml``,
+    ``spk2info.pt``, or the ``parts`` asked for) into ``out``, atomically and only when the bytes differ.
+    Returns, per part, ``{"file", "sha256", "bytes", "changed"}``."""
+    _check_size(size)
+    unknown = sorted(set(parts) - set(V1_PARTS))
+    if unknown:
+        raise ValueError(f"unknown CosyVoice1 model part(s) {unknown}; choose from {list(V1_PARTS)}")
+    report: dict[str, dict] = {}
+    for part in parts:
+        data = v1_part_bytes(part, seed=seed, size=size)
+        written = storage.write_bytes(storage.join(out, V1_FILES[part]), data)
+        report[part] = {"file": V1_FILES[part], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                        "changed": written.changed}
+    return report
 
 
 def _tensor_bytes(state: dict) -> bytes:

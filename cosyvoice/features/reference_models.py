@@ -28,6 +28,11 @@ either, the dir also gets the matching ``cosyvoice2.yaml``, so ``out`` is the mo
 repository expects (``cosyvoice2.yaml``, ``flow.pt``, ``hift.pt``, ``campplus.onnx``,
 ``speech_tokenizer_v2.onnx``).
 
+``family="cosyvoice1"`` makes a CosyVoice-300M-layout dir instead: ``campplus.onnx``,
+``speech_tokenizer_v1.onnx`` and the torch files of :func:`cosyvoice.acoustic.reference.write_v1_model_files`
+(``llm.pt``, ``flow.pt``, ``hift.pt``, ``cosyvoice.yaml``, ``spk2info.pt``), the files of upstream's
+released dir, so the pipeline runs the CosyVoice1 recipe against it as against the released one.
+
 Needs the ``dev`` extra (torch, onnx, onnxscript, s3tokenizer, speakerlab-slim).
 """
 
@@ -46,6 +51,10 @@ ONNX_MODELS = ("campplus", "speech_tokenizer_v1", "speech_tokenizer_v2", "speech
 ACOUSTIC_MODELS = ("flow", "hift")
 MODEL_NAMES = ONNX_MODELS + ACOUSTIC_MODELS
 ACOUSTIC_CONFIG = "cosyvoice2.yaml"  # written (and recorded) with the acoustic models
+#: CosyVoice1 (CosyVoice-300M): its front-end ONNX models and its torch files (cosyvoice.acoustic.reference.V1_PARTS)
+V1_ONNX_MODELS = ("campplus", "speech_tokenizer_v1")
+V1_TORCH_MODELS = ("llm", "flow", "hift", "spk2info")
+FAMILIES = ("cosyvoice2", "cosyvoice1")
 SPEC_FILE = "reference_models.json"
 FORMAT_VERSION = 1  # bump when the export recipe changes, so stale models are rebuilt
 ACOUSTIC_FORMAT_VERSION = 1  # the same for flow.pt / hift.pt / cosyvoice2.yaml
@@ -197,14 +206,20 @@ def _build_onnx(name: str, size: str, seed: int) -> bytes:
 
 
 def make_reference_models(out: str, *, seed: int = 0, size: str = "full",
-                          models: list[str] | tuple[str, ...] = MODEL_NAMES, force: bool = False) -> dict:
+                          models: list[str] | tuple[str, ...] | None = None, force: bool = False,
+                          family: str = "cosyvoice2") -> dict:
     """Write ``<name>.onnx`` files (and ``flow.pt`` / ``hift.pt`` / ``cosyvoice2.yaml``) to ``out``;
-    skip a file whose recorded spec and bytes match.
+    skip a file whose recorded spec and bytes match. ``models``: default every model of ``family``'s dir.
 
     Deterministic: the same seed and size give the same weights (and the same outputs).
     """
+    if family == "cosyvoice1":
+        return _make_v1_dir(out, seed=seed, size=size, models=models, force=force)
+    if family != "cosyvoice2":
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     from cosyvoice.acoustic.reference import part_bytes
 
+    models = MODEL_NAMES if models is None else models
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
         raise ValueError(f"unknown reference model(s) {unknown}; choose from {list(MODEL_NAMES)}")
@@ -230,6 +245,40 @@ def make_reference_models(out: str, *, seed: int = 0, size: str = "full",
         else:
             data = part_bytes("config" if name == ACOUSTIC_CONFIG else name, seed=seed, size=size)
         storage.write_bytes(storage.join(out, _file_of(name)), data)
+        recorded[name] = {**wanted, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        report[name] = {**recorded[name], "status": "built"}
+        storage.write_text(spec_url, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def _make_v1_dir(out: str, *, seed: int, size: str, models, force: bool) -> dict:
+    """The CosyVoice1 dir: its ONNX models as above, then its torch files, each recorded in the same spec
+    file and rebuilt only when its spec (seed, size, format, family) or bytes changed."""
+    from cosyvoice.acoustic.reference import V1_FILES, v1_part_bytes
+
+    models = V1_ONNX_MODELS + V1_TORCH_MODELS if models is None else tuple(models)
+    unknown = sorted(set(models) - set(V1_ONNX_MODELS + V1_TORCH_MODELS))
+    if unknown:
+        raise ValueError(f"unknown CosyVoice1 reference model(s) {unknown}; choose from "
+                         f"{list(V1_ONNX_MODELS + V1_TORCH_MODELS)}")
+    onnx = [m for m in models if m in V1_ONNX_MODELS]
+    report = make_reference_models(out, seed=seed, size=size, models=onnx, force=force) if onnx else {}
+    spec_url = storage.join(out, SPEC_FILE)
+    recorded = json.loads(storage.read_text(spec_url)) if storage.exists(spec_url) else {}
+    torch_parts = [m for m in models if m in V1_TORCH_MODELS]
+    for part in torch_parts + (["config"] if set(torch_parts) & {"llm", "flow", "hift"} else []):
+        wanted = {"size": size, "format": ACOUSTIC_FORMAT_VERSION, "family": "cosyvoice1"}
+        if part != "config":  # the recipe text depends on the size only
+            wanted["seed"] = seed
+        name = V1_FILES[part]
+        url = storage.join(out, name)
+        previous = recorded.get(name, {})
+        if (not force and {k: previous.get(k) for k in wanted} == wanted and storage.exists(url)
+                and hashlib.sha256(storage.read_bytes(url)).hexdigest() == previous.get("sha256")):
+            report[name] = {**previous, "status": "up to date"}
+            continue
+        data = v1_part_bytes(part, seed=seed, size=size)
+        storage.write_bytes(url, data)
         recorded[name] = {**wanted, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
         report[name] = {**recorded[name], "status": "built"}
         storage.write_text(spec_url, json.dumps(recorded, indent=2, sort_keys=True) + "\n")
