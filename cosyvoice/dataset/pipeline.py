@@ -66,9 +66,10 @@ class PipelineConfig:
         mel_kw = dict(getattr(fbank.get("feat_extractor"), "keywords", {}) or kw("feat_extractor"))
         tok = kw("get_tokenizer")
         names = {getattr(getattr(stage, "func", None), "__name__", "") for stage in configs.get("data_pipeline") or []}
+        text_tokenizer = _text_tokenizer(configs)
         values = dict(
             qwen_pretrain_path=qwen_pretrain_path or tok.get("token_path", ""),
-            text_tokenizer="whisper" if "get_whisper_tokenizer" in str(configs.get("get_tokenizer")) else "qwen",
+            text_tokenizer=text_tokenizer,
             tokenizer_version=tok.get("version", "cosyvoice2"),
             resample_rate=kw("resample").get("resample_rate", configs.get("sample_rate", 24000)),
             max_length=f.get("max_length", 10240), min_length=f.get("min_length", 10),
@@ -79,8 +80,10 @@ class PipelineConfig:
             max_frames_in_batch=batching.get("max_frames_in_batch", 2000),
             max_tokens_in_batch=batching.get("max_tokens_in_batch", 16384),
             use_spk_embedding=kw("padding").get("use_spk_embedding", False),
-            whisper_feat=not names or "compute_whisper_fbank" in names,
-            samples_per_token=fbank.get("num_frames", 960),
+            # CosyVoice1 (whisper text) has no online speech-token path, so no whisper features (D4)
+            whisper_feat="compute_whisper_fbank" in names if names else text_tokenizer != "whisper",
+            # upstream's compute_fbank pads nothing unless the recipe gives num_frames (v2/v3: 960; v1: none)
+            samples_per_token=max(int(fbank.get("num_frames", -1)), 0) if fbank else 960,
             truncate_length=kw("truncate").get("truncate_length", 24480),
             f0_hop=f0.get("hop_size", 480),
         )
@@ -94,6 +97,24 @@ class PipelineConfig:
                                       fmax=mel_kw.get("fmax", 8000))
         values.update(changes)
         return cls(**values)
+
+
+def _text_tokenizer(configs: dict) -> str:
+    """``whisper`` for a recipe whose ``get_tokenizer`` is CosyVoice1's, else ``qwen``. The recipe's whisper
+    settings are checked here (the pipeline builds its own tokenizer, so they would otherwise go unread), and
+    so is ``allowed_special``: the v1 ids are ``encode(text, allowed_special='all')``, nothing else is built."""
+    from cosyvoice.dataset.text import get_whisper_tokenizer
+
+    stage = configs.get("get_tokenizer")
+    if getattr(stage, "func", None) is not get_whisper_tokenizer:
+        return "qwen"
+    get_whisper_tokenizer(**dict(getattr(stage, "keywords", {}) or {}))  # raises on unsupported settings
+    tokenize = dict(getattr(configs.get("tokenize"), "keywords", {}) or {})
+    allowed = tokenize.get("allowed_special", configs.get("allowed_special", "all"))
+    if allowed != "all":
+        raise ValueError(f"allowed_special = {allowed!r}: the whisper text tokenizer encodes with "
+                         "allowed_special='all' (CosyVoice1's recipe); other settings are not supported")
+    return "whisper"
 
 
 #: key of the counter deltas a ``report_stats`` dataset attaches to its batches

