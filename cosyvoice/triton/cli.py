@@ -27,13 +27,23 @@ def _models(args) -> list[str]:
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
-    from cosyvoice.triton.render import render_repo, repo_values
+    from cosyvoice.triton.render import V1_MODELS, render_repo, repo_values, repo_values_v1
+    from cosyvoice.triton.runtime_v1 import model_family
     from cosyvoice.triton.validate import validate_repo
 
-    values = repo_values(engine_dir=args.engine_dir, hf_dir=args.hf_dir, model_dir=args.model_dir,
-                         decoupled=args.decoupled, max_batch_size=args.max_batch_size,
-                         bls_instances=args.bls_instances, overrides=_parse_sets(args.set))
-    report = render_repo(args.out, values, models=_models(args), llm_backend=args.llm_backend)
+    if model_family(args.model_dir) == "cosyvoice":  # CosyVoice1: TransformerLM on the python backend, no engine
+        values = repo_values_v1(model_dir=args.model_dir, decoupled=args.decoupled, max_batch_size=args.max_batch_size,
+                                bls_instances=args.bls_instances, overrides=_parse_sets(args.set))
+        report = render_repo(args.out, values, models=V1_MODELS)
+    else:
+        missing = [f"--{k}" for k in ("engine_dir", "hf_dir") if not getattr(args, k)]
+        if missing:
+            raise ValueError(f"triton-repo for a CosyVoice2/3 model dir needs {', '.join(missing)} (a CosyVoice1 dir, "
+                             "with cosyvoice.yaml building TransformerLM, needs neither)")
+        values = repo_values(engine_dir=args.engine_dir, hf_dir=args.hf_dir, model_dir=args.model_dir,
+                             decoupled=args.decoupled, max_batch_size=args.max_batch_size,
+                             bls_instances=args.bls_instances, overrides=_parse_sets(args.set))
+        report = render_repo(args.out, values, models=_models(args), llm_backend=args.llm_backend)
     print(report.summary())
     for model, dropped in report.dropped_optional.items():
         if dropped:
@@ -113,11 +123,15 @@ def cmd_triton_server_env(args: argparse.Namespace) -> int:
     return 0
 
 
-def _repo_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--engine_dir", required=required, help="TensorRT-LLM engine dir (gpt_model_path)")
-    p.add_argument("--hf_dir", required=required, help="HF export of the LLM (the BLS tokenizer: llm_tokenizer_dir)")
+def _repo_flags(p: argparse.ArgumentParser, required: bool, *, v1: bool = False) -> None:
+    engine_required = required and not v1
+    p.add_argument("--engine_dir", required=engine_required, help="TensorRT-LLM engine dir (gpt_model_path)"
+                   + ("; not for a CosyVoice1 model dir" if v1 else ""))
+    p.add_argument("--hf_dir", required=engine_required, help="HF export of the LLM (the BLS tokenizer: llm_tokenizer_dir)"
+                   + ("; not for a CosyVoice1 model dir" if v1 else ""))
     p.add_argument("--model_dir", required=required, help="CosyVoice2 model dir (campplus.onnx, speech_tokenizer_v2.onnx, "
-                   "flow/hift, spk2info.pt)")
+                   "flow/hift, spk2info.pt)" + ("; a CosyVoice1 dir (cosyvoice.yaml with TransformerLM, llm.pt, "
+                                                "flow.pt, hift.pt) renders the cosyvoice + transformer_llm repo" if v1 else ""))
     p.add_argument("--decoupled", action=argparse.BooleanOptionalAction, default=True,
                    help="streaming (decoupled) cosyvoice2 + tensorrt_llm (default) or offline")
     p.add_argument("--max_batch_size", type=int, default=16)
@@ -132,7 +146,7 @@ def add_subcommands(sub) -> None:
     from cosyvoice.stages import command_help
 
     p = sub.add_parser("triton-repo", help=command_help("triton-repo"))
-    _repo_flags(p, required=True)
+    _repo_flags(p, required=True, v1=True)
     p.add_argument("--out", required=True, help="the model repository folder to write")
     p.add_argument("--spk2info_only", action="store_true",
                    help="leave out audio_tokenizer/speaker_embedding (requests use the spk2info.pt cache)")

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from cosyvoice.acoustic import CONFIG_FILE, MODEL_FILES
-from cosyvoice.triton.render import MODELS, REFERENCE_AUDIO_MODELS
+from cosyvoice.triton.render import MODELS, REFERENCE_AUDIO_MODELS, V1_MODELS
 
 GPT_MODEL_TYPES = ("V1", "v1", "inflight_batching", "inflight_fused_batching")
 #: tensors the cosyvoice2 BLS sends/reads, per model: (inputs, outputs) name -> data type
@@ -40,7 +40,18 @@ BLS_INTERFACE = {
     "audio_tokenizer": ({"reference_wav": "TYPE_FP32", "reference_wav_len": "TYPE_INT32"},
                         {"prompt_speech_tokens": "TYPE_INT32"}),
     "speaker_embedding": ({"reference_wav": "TYPE_FP32"}, {"prompt_spk_embedding": "TYPE_FP16"}),
+    # a CosyVoice1 repository: the client protocol of cosyvoice2, and the LLM the v1 BLS calls
+    "cosyvoice": ({"reference_text": "TYPE_STRING", "target_text": "TYPE_STRING", "prompt_speech_tokens": "TYPE_INT32",
+                   "prompt_speech_feat": "TYPE_FP16", "prompt_spk_embedding": "TYPE_FP16", "mode": "TYPE_STRING",
+                   "speed": "TYPE_FP32"},
+                  {"waveform": "TYPE_FP32"}),
+    "transformer_llm": ({"input_ids": "TYPE_INT32", "input_lengths": "TYPE_INT32", "prompt_text_len": "TYPE_INT32",
+                         "prompt_speech_tokens": "TYPE_INT32", "speaker_embedding": "TYPE_FP32",
+                         "streaming": "TYPE_BOOL", "random_seed": "TYPE_UINT64"},
+                        {"output_ids": "TYPE_INT32", "sequence_length": "TYPE_INT32"}),
 }
+#: what a CosyVoice1 model_dir must hold for the v1 BLS and transformer_llm (the recipe and the LLM weights)
+V1_MODEL_DIR_FILES = ("cosyvoice.yaml", "llm.pt")
 TOKENIZER_TOKENS = ("<|sos|>", "<|task_id|>", "<|eos1|>")
 PATH_PARAMETERS = ("model_dir", "llm_tokenizer_dir", "gpt_model_path")
 #: parameters the TensorRT-LLM backend (tensorrtllm_backend ``model_instance_state.cc``) looks up
@@ -273,6 +284,9 @@ def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str,
     for name in present:
         checks[name], configs[name] = _check_model(repo, name, base_dir, path_map)
     errors: list[str] = []
+    if "cosyvoice" in present:  # a CosyVoice1 repository (the v1 BLS)
+        _check_v1_repo(present, configs, base_dir, path_map, errors)
+        return ValidationReport(repo=repo, models=checks, errors=errors, warnings=[])
     extra = sorted(set(present) - set(MODELS))
     if extra:
         errors.append(f"unexpected model folder(s) {extra}; the CosyVoice2 repo holds {list(MODELS)}")
@@ -319,3 +333,27 @@ def validate_repo(repo: str, *, base_dir: str | None = None, path_map: dict[str,
         if name == "token2wav":
             warnings.extend(_acoustic_warnings(params, folder))
     return ValidationReport(repo=repo, models=checks, errors=errors, warnings=warnings)
+
+
+def _check_v1_repo(present: list[str], configs: dict, base_dir: str, path_map: dict[str, str],
+                   errors: list[str]) -> None:
+    """A CosyVoice1 repository holds ``V1_MODELS`` (nothing of the CosyVoice2 set but token2wav), both
+    python models stream alike, and the model dir has the v1 recipe and LLM weights."""
+    extra = sorted(set(present) - set(V1_MODELS))
+    if extra:
+        errors.append(f"unexpected model folder(s) {extra} in a CosyVoice1 repo (it holds {list(V1_MODELS)})")
+    errors.extend(f"model {name} is missing" for name in V1_MODELS if name not in present)
+    bls, llm = configs.get("cosyvoice"), configs.get("transformer_llm")
+    if bls is not None and llm is not None and llm.model_transaction_policy.decoupled != bls.model_transaction_policy.decoupled:
+        errors.append(f"decoupled differs: cosyvoice={bls.model_transaction_policy.decoupled}, "
+                      f"transformer_llm={llm.model_transaction_policy.decoupled} (the BLS streams only when both are)")
+    for name in ("cosyvoice", "transformer_llm"):
+        config = configs.get(name)
+        if config is None:
+            continue
+        raw = config.parameters["model_dir"].string_value if "model_dir" in config.parameters else ""
+        folder = _resolve(raw, base_dir, path_map)
+        if os.path.isdir(folder):
+            absent = [f for f in V1_MODEL_DIR_FILES if not os.path.isfile(os.path.join(folder, f))]
+            if absent:
+                errors.append(f"{name}: model_dir {raw!r} lacks {absent} (a CosyVoice1 model dir)")

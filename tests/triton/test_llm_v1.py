@@ -328,3 +328,32 @@ def test_sft_with_the_default_speaker_and_v2_tokens_refused_through_the_v1_bls(v
     with pytest.raises(RuntimeError, match="prompt_speech_tokens: 1 of 1 are not CosyVoice1 speech tokens"):
         _stream(v1_server.grpc_url, "cosyvoice", bad)
 
+
+
+def test_triton_repo_renders_a_v1_repository_from_the_model_dirs_recipe(v1_model_dir, tmp_path, capsys):
+    """``cosyvoice-pipeline triton-repo --model_dir <CosyVoice1 dir>``: the family comes from cosyvoice.yaml
+    (TransformerLM), no engine or HF export is asked for, and the repository validates; validation names a
+    v1 model dir without llm.pt and a BLS that streams while its LLM does not."""
+    from cosyvoice.cli import main
+    from cosyvoice.triton.validate import validate_repo
+
+    assert runtime_v1.model_family(v1_model_dir) == "cosyvoice" and runtime_v1.model_family(str(tmp_path)) == "cosyvoice2"
+    out = str(tmp_path / "repo")
+    assert main(["triton-repo", "--model_dir", v1_model_dir, "--out", out, "--bls_instances", "1", "--no_validate"]) == 0
+    assert sorted(os.listdir(out)) == ["cosyvoice", "token2wav", "transformer_llm"]
+    report = validate_repo(out)  # (token2wav's own checks are the acoustic side's)
+    assert report.errors == [] and report.models["cosyvoice"].errors == report.models["transformer_llm"].errors == []
+    assert report.models["cosyvoice"].schema_ok and report.models["transformer_llm"].schema_ok
+    assert main(["triton-repo", "--model_dir", str(tmp_path), "--out", str(tmp_path / "v2")]) == 2
+    assert "needs --engine_dir, --hf_dir" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / runtime_v1.RECIPE_FILE).write_text(TINY_V1_YAML)
+    config = os.path.join(out, "transformer_llm", "config.pbtxt")
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(text.replace(v1_model_dir, str(broken)).replace("decoupled: True", "decoupled: False"))
+    errors = " ".join(validate_repo(out).errors)
+    assert "decoupled differs: cosyvoice=True, transformer_llm=False" in errors
+    assert "lacks ['llm.pt']" in errors
