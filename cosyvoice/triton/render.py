@@ -251,7 +251,8 @@ def _render_model(model: str, dest: str, values: dict[str, str], llm_backend: st
             os.unlink(gitkeep)
     if model == "transformer_llm":
         shutil.copyfile(os.path.join(os.path.dirname(__file__), TRANSFORMER_LLM_MODEL), os.path.join(dest, "1", "model.py"))
-        os.unlink(os.path.join(dest, "1", ".gitkeep"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(dest, "1", ".gitkeep"))
 
 
 # --- atomic replacement of a repository folder ----------------------------------------------------

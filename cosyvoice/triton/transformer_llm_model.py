@@ -31,6 +31,11 @@ def _scalar(request, name, default):
     return default if value is None else value.reshape(-1)[0].item()
 
 
+def _cancelled(request) -> bool:
+    is_cancelled = getattr(request, "is_cancelled", None)  # python backend >= 23.10
+    return bool(is_cancelled()) if is_cancelled is not None else False
+
+
 def _ids_response(ids):
     ids = np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)
     return pb_utils.InferenceResponse(output_tensors=[
@@ -66,6 +71,9 @@ class TritonPythonModel:
             tokens = self._tokens(request)
             if bool(_scalar(request, "streaming", False)):
                 for token in tokens:
+                    if _cancelled(request):  # the BLS abandoned the stream: stop sampling for it
+                        tokens.close()
+                        break
                     sender.send(_ids_response([token]))
             else:
                 sender.send(_ids_response(list(tokens)))
