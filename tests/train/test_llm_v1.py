@@ -168,3 +168,34 @@ def test_options_only_the_qwen2_llm_has_are_refused_before_any_data_is_read(flag
     err = capsys.readouterr().err
     assert code == 2 and named in err and "TransformerLM" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_upstreams_v1_recipe_loads_whole_and_unchanged_and_ours_describes_the_same_models():
+    """No section overridden: the LLM is built (meta device), the acoustic sections become records, the
+    processors ours; configs/cosyvoice.yaml gives the same LLM layout, acoustic settings and train confs."""
+    from cosyvoice.acoustic.recipe import FlowV1Record, HiFiGanRecord, HiFTRecord, acoustic_configs_v1
+
+    with torch.device("meta"):
+        upstream, ours = load_recipe(UPSTREAM_V1), load_recipe(V1_FULL)
+    for configs in (upstream, ours):
+        assert type(configs["llm"]) is TransformerLM and type(configs["flow"]) is FlowV1Record
+        assert type(configs["hift"]) is HiFTRecord and type(configs["hifigan"]) is HiFiGanRecord
+    shapes = [{k: tuple(v.shape) for k, v in c["llm"].state_dict().items()} for c in (upstream, ours)]
+    assert list(shapes[0].items()) == list(shapes[1].items())
+    assert acoustic_configs_v1(V1_FULL) == acoustic_configs_v1(UPSTREAM_V1)
+    for key in ("train_conf", "train_conf_gan", "sample_rate", "allowed_special"):
+        assert ours[key] == upstream[key], key
+
+
+@pytest.mark.parametrize("old,new", [
+    ("cosyvoice.flow.length_regulator.InterpolateRegulator", "cosyvoice.flow.length_regulator.OtherRegulator"),
+    ("!name:whisper.tokenizer.get_tokenizer", "!name:whisper.tokenizer.get_encoding"),
+])
+def test_other_classes_in_upstreams_v1_recipe_are_still_refused(tmp_path, old, new):
+    from cosyvoice.config import UnsafeConfigError
+
+    text = open(UPSTREAM_V1).read()
+    assert old in text
+    (tmp_path / "cosyvoice.yaml").write_text(text.replace(old, new))
+    with pytest.raises(UnsafeConfigError, match=new.split(":")[-1]):
+        load_recipe(str(tmp_path / "cosyvoice.yaml"))
