@@ -145,10 +145,12 @@ def test_parquet_shards_equal_make_parquet_on_the_exported_pt_files(pipeline_run
     assert shards.success and lists.success
     checks = {e.check_name: e.passed for e in shards.get_asset_check_evaluations()}
     assert checks == {"row_count": True, "schema_matches_contract": True, "failure_budget": True}
-    meta = shards.asset_materializations_for_node("parquet_shards")[0].metadata
-    assert meta["rows"].value == 15 and meta["skipped"].value == 0
-    embedding_hours = features.asset_materializations_for_node("speech_tokens")[0].metadata["audio_hours"].value
-    assert meta["audio_hours"].value == pytest.approx(embedding_hours, rel=1e-3)
+    parquet = {m.partition: m.metadata for m in shards.asset_materializations_for_node("parquet_shards")}
+    tokens = {m.partition: m.metadata for m in features.asset_materializations_for_node("speech_tokens")}
+    assert sorted(parquet) == sorted(tokens) == SHARDS
+    for shard, meta in parquet.items():  # each partition reports its own shard
+        assert meta["rows"].value == 5 and meta["skipped"].value == 0
+        assert meta["audio_hours"].value == pytest.approx(tokens[shard]["audio_hours"].value, rel=1e-3)
     report = make_parquet(str(root / "manifest" / "dev-clean"), str(tmp_path / "cli"), num_utts_per_parquet=5)
     assert report.skipped == [] and per_subset.asset_materializations_for_node("upstream_feature_files")[0].metadata[
         "failed_extract_embedding.tsv"].value == 0  # the shards' failure lists are exported beside the .pt files
