@@ -3,8 +3,9 @@ tritonserver running the ``transformer_llm`` python model behind the ``cosyvoice
 
 The sampled oracle (``tests/llm/data/upstream_transformer_lm_sampled.npz``) was recorded from upstream's
 ``TransformerLM.inference`` with upstream's ``ras_sampling`` by ``bench/upstream_transformer_lm_sampling.py``
-on the greedy oracle's weights. The server's token2wav runs :class:`EchoToken2WavV1` (its "waveform" is
-the chunk's speech tokens), so the BLS's token stream and chunking are visible in what comes back.
+on the greedy oracle's weights. The server serves the tiny CosyVoice1 reference dir (cosyvoice/acoustic/reference.py)
+with the real v1 token2wav (22.05 kHz, seeded), so the BLS's audio is compared with what the acoustic runtime
+makes in-process of the tokens the LLM samples.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import json
 import os
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ LLM_DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "llm", "data
 SAMPLED_ORACLE = os.path.join(LLM_DATA, "upstream_transformer_lm_sampled.npz")
 GREEDY_ORACLE = os.path.join(LLM_DATA, "upstream_transformer_lm.npz")
 TARGET = "the quick brown fox jumps over the lazy dog"
+SHORT_TARGET = "the quick brown fox jumps over the"  # 7 whisper ids: 140 tokens, a chunk of 100 + 20 and the rest
 INSTRUCTION = "Theo is a fiery, passionate rebel leader."
 
 #: a tiny v1 model dir's recipe: upstream's class paths and sampling, whisper text ids, 4096 speech codes
@@ -79,33 +82,6 @@ get_tokenizer: !name:whisper.tokenizer.get_tokenizer
     language: 'en'
     task: 'transcribe'
 """
-
-
-class EchoToken2WavV1:
-    """token2wav runtime for tests: a chunk's "waveform" is its new speech tokens (0-based) as floats. A
-    non-final chunk covers ``[token_offset, len - 20)`` (v1's 20-token overlap), the final one the rest;
-    chunks of a request must be contiguous, and sft/instruct chunks carry no prompt tokens or mel."""
-
-    OVERLAP = runtime_v1.TOKEN_OVERLAP_LEN
-
-    def __init__(self, model_dir: str):
-        self.next_offset: dict[str, int] = {}
-
-    def synthesize(self, tokens, prompt_tokens, prompt_feat, embedding, *, token_offset, finalize, request_id):
-        if embedding is None or len(embedding) != 192:
-            raise ValueError("token2wav needs the speaker embedding")
-        prompt = -1.0 if prompt_tokens is None else float(len(prompt_tokens))  # first sample: the prompt's length
-        if token_offset is None:
-            return np.concatenate([[prompt], np.asarray(tokens, dtype=np.float32)]).astype(np.float32)
-        expected = self.next_offset.get(request_id, 0)
-        if token_offset != expected:
-            raise ValueError(f"request {request_id}: chunk at offset {token_offset}, expected {expected}")
-        end = len(tokens) if finalize else len(tokens) - self.OVERLAP
-        self.next_offset[request_id] = end
-        return np.concatenate([[prompt], np.asarray(tokens[token_offset:end], dtype=np.float32)]).astype(np.float32)
-
-    def release(self, request_id):
-        self.next_offset.pop(request_id, None)
 
 
 @pytest.fixture(scope="module")
@@ -191,29 +167,37 @@ def test_each_mode_gives_the_llm_and_token2wav_upstreams_v1_inputs(tokenizer):
                                embedding=embedding)
 
 
-# --- a CPU tritonserver with the v1 LLM, the v1 BLS and an echo token2wav -------------------------
+# --- a CPU tritonserver: transformer_llm, the cosyvoice BLS and the real v1 token2wav -------------
+
+TOKEN2WAV_SEED = 1234
+
 
 @pytest.fixture(scope="module")
 def v1_model_dir(tmp_path_factory) -> str:
-    """cosyvoice.yaml (tiny) + a seeded llm.pt whose eos never wins (so a request yields 20 tokens per
-    target text token, exercising the 100 + 20 chunking) + spk2info.pt with an SFT-style speaker 001."""
-    from cosyvoice.config import load_recipe, training_overrides
+    """The tiny CosyVoice1 reference dir (cosyvoice.yaml, llm.pt, flow.pt, hift.pt, spk2info.pt with an
+    SFT-style speaker 001: embedding only), its llm.pt changed so that eos never wins: a request then yields
+    20 tokens per target text token, enough for the 100 + 20 chunking."""
+    from cosyvoice.acoustic.reference import write_v1_model_files
 
-    out = tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny"
-    out.mkdir()
-    (out / runtime_v1.RECIPE_FILE).write_text(TINY_V1_YAML)
-    torch.manual_seed(7)
-    lm = load_recipe(str(out / runtime_v1.RECIPE_FILE), training_overrides("llm"))["llm"]
-    state = lm.state_dict()
+    out = str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny")
+    write_v1_model_files(out, seed=0, size="tiny")
+    state = torch.load(os.path.join(out, runtime_v1.LLM_FILE), weights_only=True)
     state["llm_decoder.bias"][4096] = -1e4
-    torch.save(state, out / runtime_v1.LLM_FILE)
-    torch.save({"001": {"embedding": torch.randn(1, 192)}}, out / "spk2info.pt")
-    return str(out)
+    torch.save(state, os.path.join(out, runtime_v1.LLM_FILE))
+    return out
 
 
 @pytest.fixture(scope="module")
 def served_lm(v1_model_dir):
     return runtime_v1.ServedLM.from_model_dir(v1_model_dir, "cpu")
+
+
+@pytest.fixture(scope="module")
+def acoustic(v1_model_dir):
+    """The acoustic runtime token2wav serves, in-process, with the served model's seed."""
+    from cosyvoice.acoustic.token2wav_v1 import Token2WavV1
+
+    return Token2WavV1(v1_model_dir, device="cpu", seed=TOKEN2WAV_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +208,43 @@ def v1_server(triton_env, v1_model_dir, tmp_path_factory):
 
     repo = str(tmp_path_factory.mktemp("v1_served") / "model_repo")
     values = repo_values_v1(model_dir=v1_model_dir, bls_instances=1, overrides={
-        "token2wav_runtime": f"{os.path.abspath(__file__)}:EchoToken2WavV1", "transformer_llm_device": "cpu"})
+        "token2wav_seed": str(TOKEN2WAV_SEED), "token2wav_device": "cpu", "transformer_llm_device": "cpu"})
     report = render_repo(repo, values, models=V1_MODELS)
     assert sorted(os.listdir(repo)) == sorted(V1_MODELS) and report.models == list(V1_MODELS)
+    assert report.values["token2wav_sample_rate"] == "22050"
     assert os.listdir(os.path.join(repo, "transformer_llm", "1")) == ["model.py"]
-    srv = TritonServer(repo, env=triton_env).start()
+    srv = TritonServer(repo, env=triton_env, explicit=False).start()  # the three models load side by side
     try:
-        srv.load(*V1_MODELS)
+        deadline = time.monotonic() + 300
+        while not srv.ready():
+            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
         yield srv
     finally:
         stop_servers([srv])
+
+
+def _expected_stream(acoustic, tokens, prompt_tokens, prompt_feat, embedding, request_id):
+    """The audio chunks upstream's CosyVoiceModel streams for ``tokens`` (chunks of 100 + 20 tokens, then
+    the rest), from the acoustic runtime in-process; prompt mel and embedding as FP16 like the BLS sends."""
+    feat = None if prompt_feat is None else prompt_feat.astype(np.float16).astype(np.float32)
+    embedding = embedding.astype(np.float16).astype(np.float32)
+    schedule, chunks = runtime_v1.ChunkSchedule(), []
+    while schedule.ready(len(tokens)):
+        chunks.append(acoustic.synthesize(tokens[: schedule.chunk_end()], prompt_tokens, feat, embedding,
+                                          token_offset=schedule.offset, finalize=False, request_id=request_id))
+        schedule.advance()
+    chunks.append(acoustic.synthesize(tokens, prompt_tokens, feat, embedding, token_offset=schedule.offset,
+                                      finalize=True, request_id=request_id))
+    return chunks
+
+
+def _assert_audio(got, want):
+    from tests.acoustic.test_token2wav_v1 import ATOL
+
+    assert [len(c) for c in got] == [len(c) for c in want]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=ATOL)
 
 
 def _stream(url, model, inputs):
@@ -282,42 +293,43 @@ def test_transformer_llm_streams_one_sampled_token_per_response(v1_server, serve
 
 
 @pytest.mark.slow
-def test_instruct_through_the_v1_bls_streams_chunks_of_the_llms_tokens(v1_server, served_lm, tokenizer):
-    """mode instruct with a registered speaker's cached prompt: the LLM sees the instruction (+ <|endofprompt|>)
-    and no speaker row; token2wav gets 100-token chunks (+ 20 lookahead) with the embedding only."""
-    inputs = {"target_text": np.array([[TARGET]], dtype=object), "reference_text": np.array([[INSTRUCTION]], dtype=object),
+def test_instruct_through_the_v1_bls_is_upstreams_stream_of_the_llms_tokens(v1_server, served_lm, acoustic, tokenizer):
+    """mode instruct with a registered speaker's cached prompt, end to end at 22.05 kHz: the LLM sees the
+    instruction (+ <|endofprompt|>) and no speaker row; token2wav gets 100-token chunks (+ 20 lookahead) with the
+    speaker embedding only, and the streamed audio is what the acoustic runtime makes of those tokens."""
+    embedding = np.linspace(-1, 1, 192).astype(np.float32)
+    inputs = {"target_text": np.array([[SHORT_TARGET]], dtype=object), "reference_text": np.array([[INSTRUCTION]], dtype=object),
               "mode": np.array([["instruct"]], dtype=object),
               "prompt_speech_tokens": np.array([[3, 4, 5]], dtype=np.int32),
               "prompt_speech_feat": np.zeros((1, 7, 80), dtype=np.float16),
-              "prompt_spk_embedding": np.ones((1, 192), dtype=np.float16)}
+              "prompt_spk_embedding": embedding.astype(np.float16)[None]}
     chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
-    request = runtime_v1.llm_request(tokenizer, "instruct", TARGET, prompt_text=INSTRUCTION)
-    expected = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len, seed=runtime_v1.SEED))
-    n = len(expected)  # 20 per target token (eos never wins)
-    assert n == 20 * len(tokenizer.encode(TARGET)) and n >= 120
-    assert [len(c) - 1 for c in chunks] == [100] * ((n - 20) // 100) + [n - 100 * ((n - 20) // 100)]
-    assert all(c[0] == -1.0 for c in chunks)  # no prompt tokens reached token2wav
-    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+    request = runtime_v1.llm_request(tokenizer, "instruct", SHORT_TARGET, prompt_text=INSTRUCTION)
+    tokens = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len, seed=runtime_v1.SEED))
+    n = len(tokens)  # 20 per target token (eos never wins)
+    assert n == 20 * len(tokenizer.encode(SHORT_TARGET)) == 140
+    assert len(chunks) == (n - 20) // 100 + 1
+    _assert_audio(chunks, _expected_stream(acoustic, tokens, None, None, embedding, "instruct"))
 
 
 @pytest.mark.slow
 def test_sft_with_the_default_speaker_and_v2_tokens_refused_through_the_v1_bls(v1_server, v1_model_dir, served_lm,
-                                                                             tokenizer):
-    """No prompt: speaker 001 of spk2info.pt (an SFT entry, embedding only) in sft mode; zero_shot with v2
-    tokens (>= 4096) is refused with a message naming the tensor."""
+                                                                             acoustic, tokenizer):
+    """No prompt: speaker 001 of spk2info.pt (an SFT entry, embedding only) in sft mode, and the same speaker
+    as the gateway sends an embedding-only one (an empty cached prompt); zero_shot without prompt speech
+    and v2 tokens (>= 4096) are refused with a message naming what is wrong."""
+    spk = torch.load(os.path.join(v1_model_dir, "spk2info.pt"), weights_only=True)["001"]["embedding"].numpy()[0]
+    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk)
+    tokens = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
     inputs = {"target_text": np.array([["hello"]], dtype=object), "mode": np.array([["sft"]], dtype=object)}
     chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
-    spk = torch.load(os.path.join(v1_model_dir, "spk2info.pt"), weights_only=True)["001"]["embedding"]
-    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.numpy())
-    expected = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
-    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
-    # the same speaker as the gateway sends an embedding-only (SFT) speaker: an empty cached prompt
+    _assert_audio(chunks, _expected_stream(acoustic, tokens, None, None, spk, "sft"))
     inputs.update(prompt_speech_tokens=np.zeros((1, 0), np.int32), prompt_speech_feat=np.zeros((1, 0, 80), np.float16),
-                  prompt_spk_embedding=spk.numpy().astype(np.float16))
+                  prompt_spk_embedding=spk.astype(np.float16)[None])
+    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.astype(np.float16))
+    tokens = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
     chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
-    request = runtime_v1.llm_request(tokenizer, "sft", "hello", embedding=spk.numpy().astype(np.float16))
-    expected = list(served_lm.generate(request.text_ids, embedding=request.embedding, seed=runtime_v1.SEED))
-    assert np.concatenate([c[1:] for c in chunks]).astype(int).tolist() == expected
+    _assert_audio(chunks, _expected_stream(acoustic, tokens, None, None, spk, "sft-cached"))
     inputs["mode"] = np.array([["zero_shot"]], dtype=object)
     with pytest.raises(RuntimeError, match="only an embedding"):
         _stream(v1_server.grpc_url, "cosyvoice", inputs)
@@ -327,7 +339,6 @@ def test_sft_with_the_default_speaker_and_v2_tokens_refused_through_the_v1_bls(v
            "prompt_spk_embedding": np.ones((1, 192), dtype=np.float16)}
     with pytest.raises(RuntimeError, match="prompt_speech_tokens: 1 of 1 are not CosyVoice1 speech tokens"):
         _stream(v1_server.grpc_url, "cosyvoice", bad)
-
 
 
 def test_triton_repo_renders_a_v1_repository_from_the_model_dirs_recipe(v1_model_dir, tmp_path, capsys):
