@@ -51,6 +51,8 @@ GPU_K8S = gpu_op_tags()  # nvidia.com/gpu limit, GPU node selector and toleratio
 EMBEDDING_CHECKS = ("dim_192_finite", "all_utterances_present", "failure_budget")
 TOKEN_CHECKS = ("codes_in_vocabulary", "token_rate", "all_utterances_present", "failure_budget")
 MANIFEST = dg.AssetKey("manifest")
+#: the speech_tokens metadata key naming the token version (v1/v2/v3) a run extracted
+TOKEN_VERSION = "token_version"
 
 
 class EmbeddingsConfig(dg.Config):
@@ -132,8 +134,11 @@ def speech_tokens(context: dg.AssetExecutionContext, config: SpeechTokensConfig,
         raise dg.Failure(str(exc), allow_retries=False) from exc
     context.log.info(f"{training.recipe}: {family.name} recipe -> {version} speech tokens from {model}")
     check = functools.partial(check_token_shard, version=version)
-    return _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,
-                       config.max_failed_fraction, store, model)
+    result = _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,
+                         config.max_failed_fraction, store, model)
+    # what the training assets compare with their recipe before they launch (assets/training.py)
+    return dg.MaterializeResult(metadata={**(result.metadata or {}), TOKEN_VERSION: version},
+                                check_results=result.check_results)
 
 
 @dg.asset(

@@ -28,9 +28,11 @@ import dagster as dg
 from pydantic import Field
 
 from assets._metadata import line_plot, png_markdown
+from assets.features import TOKEN_VERSION
 from assets.shards import training_data_lists
 from cosyvoice import storage
 from cosyvoice.checkpoint_preview import ACOUSTIC_MODELS, CheckpointPreview, checkpoint_preview, load_trained
+from cosyvoice.model_family import ModelFamily
 from cosyvoice.stages import STAGES
 from cosyvoice.train.checkpoint import average_checkpoints
 from cosyvoice.train.options import BatchType, TrainEngine, TrainOptions
@@ -39,6 +41,7 @@ from pipelines.resources import DataStore, TrainingResource, project_path
 
 TRAIN_CHECK = "cv_loss_finite_and_not_worse"
 LLM_CHECKPOINT = dg.AssetKey("llm_checkpoint")
+SPEECH_TOKENS = dg.AssetKey("speech_tokens")
 
 
 class TrainConfig(dg.Config):
@@ -256,12 +259,29 @@ def preview_metadata(model: TrainedModel, checkpoint: str | None, recipe: str, c
     return metadata
 
 
+def check_token_version(instance: dg.DagsterInstance, family: ModelFamily, recipe: str) -> None:
+    """Refuse to train ``recipe`` on speech tokens of another generation (``dg.Failure`` before any launch):
+    the newest ``speech_tokens`` run's token version must be the recipe's. After a recipe switch (v2 -> v1) the
+    shards still hold the old tokens until ``speech_tokens`` and ``parquet_shards`` are backfilled again;
+    v1 codes (< 4096) would even pass a v2 LLM's vocabulary silently. Nothing recorded: nothing to compare."""
+    event = instance.get_latest_materialization_event(SPEECH_TOKENS)
+    recorded = event.asset_materialization.metadata.get(TOKEN_VERSION) if event is not None else None
+    version = getattr(recorded, "value", recorded)
+    if version is not None and version != family.tokenizer_version:
+        raise dg.Failure(f"{recipe} trains {family.name} on {family.tokenizer_version} speech tokens "
+                         f"({family.speech_tokenizer}), but the newest speech_tokens run (run {event.run_id}) "
+                         f"extracted {version} tokens: backfill speech_tokens and parquet_shards (and "
+                         "training_data_lists) with this recipe first", allow_retries=False)
+
+
 def train_and_gate(context: dg.AssetExecutionContext, model: TrainedModel, config: TrainConfig, store: DataStore,
                    training: TrainingResource, train_launcher: Launcher) -> dg.MaterializeResult:
     """Train ``model`` on ``train.data.list`` / ``cv.data.list`` into this run's own dir and judge
     the result with the model's CV gate."""
     layout = store.layout
     family = training.family()  # the generation the recipe trains: the gate compares only within it
+    if model.name != "hift":  # the LLM and the flow read the speech tokens
+        check_token_version(context.instance, family, training.recipe)
     cv_sha256 = cv_list_sha256(layout.cv_list())  # before training: the list the trainer evaluates on
     options = train_options(config, training, context.run.run_id, layout.train_list(), layout.cv_list(), model.name)
     invocation = train_launcher.launch(context, [*options.to_argv(), *config.extra_args],

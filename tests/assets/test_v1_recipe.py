@@ -63,7 +63,7 @@ def v1_run(small_corpus, tiny_models, tmp_path_factory):
             ops={"llm_checkpoint": LlmTrainConfig(use_amp=False, num_workers=0, max_epoch=1)}))
         exported = dg.materialize([hf_checkpoint, trtllm_checkpoint], instance=instance, resources=res)
         export_logs = [r.user_message for r in instance.all_logs(exported.run_id)]
-        yield root, features, shards, trained, (exported, export_logs)
+        yield root, features, shards, trained, (exported, export_logs), (instance, res)
 
 
 def test_the_v1_recipe_alone_makes_the_token_stage_extract_50hz_v1_tokens(v1_run):
@@ -86,7 +86,7 @@ def test_the_v1_recipe_alone_makes_the_token_stage_extract_50hz_v1_tokens(v1_run
 
 
 def test_the_v1_recipe_trains_a_transformer_lm_and_skips_the_qwen2_export(v1_run):
-    root, _, _, trained, (exported, export_logs) = v1_run
+    root, _, _, trained, (exported, export_logs), _ = v1_run
     assert trained.success
     meta = trained.asset_materializations_for_node("llm_checkpoint")[0].metadata
     assert meta["model_family"].value == "cosyvoice1" and meta["recipe"].value.endswith(V1_TINY)
@@ -107,6 +107,17 @@ def test_the_v1_recipe_trains_a_transformer_lm_and_skips_the_qwen2_export(v1_run
     (reason,) = [m for m in export_logs if "hf_checkpoint skipped" in m]
     assert "cosyvoice1" in reason and "not a Qwen2 model" in reason and "python-backend" in reason
     assert not os.path.exists(root / "export" / "hf")
+
+
+def test_switching_back_to_a_v2_recipe_refuses_to_train_on_the_v1_tokens_before_launching(v1_run, tmp_path):
+    *_, (instance, res) = v1_run
+    res = {**res, "training": TrainingResource(model_dir=str(tmp_path / "llm"), recipe="configs/cosyvoice2-tiny.yaml")}
+    result = dg.materialize([llm_checkpoint], instance=instance, resources=res, raise_on_error=False)
+    assert not result.success and not (tmp_path / "llm").exists()
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "trains cosyvoice2 on v2 speech tokens" in message and "extracted v1 tokens" in message
+    assert "backfill speech_tokens and parquet_shards" in message
 
 
 def test_a_v2_tokenizer_with_the_v1_recipe_is_refused_before_any_shard_is_written(small_corpus, tiny_models,
