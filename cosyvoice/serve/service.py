@@ -268,6 +268,9 @@ class Synthesizer:
             if not req.speaker_id:
                 raise BadRequest(400, f"{mode.value} needs spk_id (a registered speaker; GET /speakers lists them)",
                                  reason="missing_field")
+        elif has_audio and self.settings.model == "cosyvoice":
+            raise BadRequest(400, "this CosyVoice1 deployment takes a registered spk_id, not prompt audio (the v1 "
+                             "repository computes no prompt from audio)", reason="bad_field")
         elif has_audio and req.speaker_id:
             raise BadRequest(400, "give prompt_wav or spk_id, not both", reason="bad_field")
         elif not has_audio and not req.speaker_id:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from cosyvoice.serve.app import create_app
 from cosyvoice.serve.registry import PromptCache, SpeakerRegistry
 from cosyvoice.serve.settings import GatewaySettings
-from tests.serve.app_helpers import FakePool, SplitFrontend
+from tests.serve.app_helpers import FakePool, SplitFrontend, wav_bytes
 
 PROMPT_16K = (0.2 * np.sin(np.arange(32000) / 16000 * 2 * np.pi * 180)).astype(np.float32)
 INSTRUCTION = "Theo 'Crimson', is a fiery, passionate rebel leader.<|endofprompt|>"
@@ -77,6 +77,9 @@ def test_sft_is_v1s_own_sft_and_instruct2_is_refused_on_a_v1_model(v1_client):
                        ).status_code == 200
     assert _sent(pool, "mode") == "zero_shot"
     sent = len(pool.sent)
+    files = {"prompt_wav": ("p.wav", wav_bytes(1.0, 16000), "audio/wav")}
+    audio = client.post("/inference_zero_shot", data={"tts_text": "Hi.", "prompt_text": "x"}, files=files)
+    assert audio.status_code == 400 and "registered spk_id, not prompt audio" in audio.json()["detail"]
     refused = client.post("/inference_instruct2", data={"tts_text": "Hi.", "instruct_text": "Softly.", "spk_id": "theo"})
     assert refused.status_code == 400 and "/inference_instruct " in refused.json()["detail"]
     assert len(pool.sent) == sent  # nothing reached Triton
