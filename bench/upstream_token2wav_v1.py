@@ -13,15 +13,16 @@ stream's chunks (``N_TOKENS`` = 235: two 120-token chunks, then a 35-token final
 flow regulator's two 20-token edges).
 
 Then times upstream's loop and ours (``Token2WavV1.stream`` / offline) on the same inputs, median of
---repeats taking turns, wall and process CPU seconds, and prints ours/upstream.
+--repeats taking turns, wall and process CPU seconds, and prints ours/upstream; ``--timing_size full``
+times seeded CosyVoice-300M-size models instead of the tiny ones.
 
     PYTHONPATH=/tmp/upsite python bench/upstream_token2wav_v1.py --upstream_src /tmp/up [--json out.json]
+        [--timing_size full]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -60,6 +61,22 @@ def tiny_model_dir(out: str) -> tuple[str, dict]:
     for name, state in states.items():
         torch.save(state, os.path.join(out, f"{name}.pt"))
     return out, states
+
+
+def full_model_dir(out: str) -> str:
+    """Seeded CosyVoice-300M-size flow.pt and hift.pt (for timing only)."""
+    import torch
+    from upstream_flow_v1 import seeded_state
+
+    from cosyvoice.acoustic.flow_v1 import FlowV1Config
+    from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, hift_state_dict
+    from cosyvoice.acoustic.reference import seeded_module
+
+    os.makedirs(out, exist_ok=True)
+    torch.save(seeded_state(FlowV1Config.full()), os.path.join(out, "flow.pt"))
+    torch.save(dict(hift_state_dict(seeded_module(lambda: HiFTGenerator(HiFTConfig.v1()), 0))),
+               os.path.join(out, "hift.pt"))
+    return out
 
 
 class UpstreamV1:
@@ -101,6 +118,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the test runs with one)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the timing figures here")
+    ap.add_argument("--timing_size", choices=("tiny", "full"), default="tiny",
+                    help="models timed: the oracle's tiny ones, or seeded CosyVoice-300M-size ones")
     args = ap.parse_args()
 
     import torch
@@ -118,6 +137,11 @@ def main() -> int:
     inputs = oracle_inputs()
     prompt = (inputs["prompt_tokens"], inputs["prompt_feat"], inputs["embedding"])
     ends = stream_ends_v1(N_TOKENS)
+    timed = {"tiny": (ours, model_dir, FlowV1Config.tiny(), HiFTConfig.tiny_v1())}
+    if args.timing_size == "full":
+        full_dir = full_model_dir(os.path.join(work, "full"))
+        timed["full"] = (Token2WavV1(full_dir, device="cpu", seed=SEED, flow_config=FlowV1Config.full(),
+                                     hift_config=HiFTConfig.v1()), full_dir, FlowV1Config.full(), HiFTConfig.v1())
 
     def ours_offline(speed=1.0):
         return [ours.synthesize(inputs["tokens"], *prompt, speed=speed)]
@@ -152,18 +176,27 @@ def main() -> int:
     os.replace(tmp, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e3:.0f} kB)")
 
-    figures = {"threads": args.threads, "repeats": args.repeats, "tokens": N_TOKENS}
-    for name, theirs, mine in (("offline", lambda: upstream.run(inputs, stream=False), ours_offline),
-                               ("stream", lambda: upstream.run(inputs, stream=True), ours_stream)):
-        times = medians({"upstream": theirs, "ours": mine}, args.repeats)
+    runtime, timed_dir, flow_config, hift_config = timed[args.timing_size]
+    timed_upstream = upstream if args.timing_size == "tiny" else UpstreamV1(
+        timed_dir, flow_config.to_dict(), hift_config.upstream_kwargs())
+    figures = {"threads": args.threads, "repeats": args.repeats, "tokens": N_TOKENS, "size": args.timing_size}
+    for name, stream in (("offline", False), ("stream", True)):
+        def mine(stream=stream):
+            if stream:
+                return list(runtime.stream(inputs["tokens"], *prompt))
+            return [runtime.synthesize(inputs["tokens"], *prompt)]
+
+        times = medians({"upstream": lambda stream=stream: timed_upstream.run(inputs, stream=stream), "ours": mine},
+                        args.repeats)
         figures[f"{name}_s"] = times
         figures[f"{name}_ratio"] = {k: times["ours"][k] / times["upstream"][k] for k in ("wall", "cpu")}
-        print(ratio_line(f"{name} token2wav (tiny v1 models, {N_TOKENS} tokens, prompt {PROMPT_TOKENS}; upstream's "
-                         f"stream loop sleeps 0.1 s per chunk, so compare CPU; {args.threads} threads, median of "
-                         f"{args.repeats})", times))
+        print(ratio_line(f"{name} token2wav ({args.timing_size} v1 models, {N_TOKENS} tokens, prompt {PROMPT_TOKENS}; "
+                         f"upstream's stream loop sleeps 0.1 s per chunk, so compare CPU; {args.threads} thread(s), "
+                         f"median of {args.repeats})", times))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        from figures import write_figures
+
+        write_figures(args.json, figures)
     return 0
 
 
