@@ -121,7 +121,11 @@ def main() -> int:
     ap.add_argument("--timing_size", choices=("tiny", "full"), default="tiny",
                     help="models timed: the oracle's tiny ones, or seeded CosyVoice-300M-size ones")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="token2wav_v1_") as work:  # the model files (full size: ~0.5 GB)
+        return run(args, work)
 
+
+def run(args, work: str) -> int:
     import torch
     from upstream_flow_v1 import medians, ratio_line, state_digest
 
@@ -130,7 +134,6 @@ def main() -> int:
     from cosyvoice.acoustic.token2wav_v1 import Token2WavV1, stream_ends_v1
 
     torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="token2wav_v1_")
     model_dir, states = tiny_model_dir(work)
     ours = Token2WavV1(model_dir, device="cpu", seed=SEED, flow_config=FlowV1Config.tiny(),
                        hift_config=HiFTConfig.tiny_v1())
