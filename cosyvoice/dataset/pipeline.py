@@ -51,6 +51,7 @@ class PipelineConfig:
     skip_unreadable_shards: bool = False  # log + count (stats["unreadable_shards"]) instead of failing the epoch
     gan: bool = False  # HiFT GAN batches: truncate + compute_f0, speech/pitch_feat, no whisper_feat
     token_mel_ratio: int = 0  # flow batches: tokens and mel cut to this many frames per token (0: off)
+    token_rate: float = 0.0  # CosyVoice1 flow: speech tokens per second, checked against the mel's duration (0: off)
     truncate_length: int = 24480  # gan: samples per training crop (recipe's truncate)
     f0_hop: int = 480  # gan: WORLD frame period in samples (recipe's compute_f0 hop_size)
 
@@ -179,6 +180,9 @@ class TrainingDataset(torch.utils.data.IterableDataset):
             data = P.compute_f0(data, sample_rate=c.resample_rate, hop_size=c.f0_hop, stats=stats)
         if c.token_mel_ratio:
             data = P.align_tokens_to_mel(data, token_mel_ratio=c.token_mel_ratio, stats=stats)
+        if c.token_rate:
+            data = P.check_token_rate(data, tokens_per_second=c.token_rate, frames_per_second=c.mel.sample_rate / c.mel.hop,
+                                      stats=stats)
         data = P.parse_embedding(data, stats=stats, campplus_onnx=c.campplus_onnx)
         if c.whisper_feat and not c.gan:
             data = P.compute_whisper_fbank(data, samples_per_token=c.samples_per_token)

@@ -342,6 +342,26 @@ def align_tokens_to_mel(data: Iterable[dict], *, token_mel_ratio: int = 2, toler
         yield sample
 
 
+def check_token_rate(data: Iterable[dict], *, tokens_per_second: float, frames_per_second: float,
+                     tolerance: float = 2, stats: Counter | None = None) -> Iterator[dict]:
+    """CosyVoice1 flow training (whole utterances): a row whose ``speech_token`` count is not the duration of
+    its ``speech_feat`` at ``tokens_per_second`` (within ``tolerance`` tokens + 2 %) is dropped, logged and
+    counted (``stats["token_rate_mismatch"]``). Upstream checks nothing and its interpolating length
+    regulator stretches any token count to the frames, so tokens of another tokenizer or rate (25 Hz codes
+    in a 50 Hz recipe) would train silently. Offline tokens come from the 16 kHz audio and the mel from the
+    resampled speech, so a token or so of difference is normal."""
+    for sample in data:
+        expected = sample["speech_feat"].shape[0] / frames_per_second * tokens_per_second
+        found = len(sample["speech_token"])
+        if abs(found - expected) > tolerance + 0.02 * expected:
+            log.warning("dropping %s: %d speech tokens for %.2f s of mel (%.0f expected at %g tokens/s)",
+                        sample.get("utt"), found, expected / tokens_per_second, expected, tokens_per_second)
+            if stats is not None:
+                stats["token_rate_mismatch"] += 1
+            continue
+        yield sample
+
+
 def compute_fbank(data: Iterable[dict], *, mel_config=None, samples_per_token: int = 960) -> Iterator[dict]:
     """Zero-pad ``speech`` to a multiple of ``samples_per_token`` (960 = one 25 Hz token at 24 kHz;
     0 disables) and compute ``speech_feat`` (T_mel, n_mels) with the recipe's mel."""

@@ -375,8 +375,10 @@ class Flow(TrainedModel):
     def pipeline_changes(self) -> dict:
         if self.generation == 1:
             # upstream's v1 pipeline keeps every token and the whole utterance's mel: the interpolating
-            # length regulator stretches the tokens to the frames (there is no whole frames-per-token ratio)
-            return {"whisper_feat": False, "token_mel_ratio": 0, **_text_changes(self.opts, self.configs)}
+            # length regulator stretches the tokens to the frames (there is no whole frames-per-token ratio);
+            # rows whose tokens do not span their mel at the recipe's token rate are dropped and counted
+            return {"whisper_feat": False, "token_mel_ratio": 0, "token_rate": self.module.config.input_frame_rate,
+                    **_text_changes(self.opts, self.configs)}
         # the shards carry the speech tokens; each utterance's tokens and mel cut to the same duration
         return {"whisper_feat": False, "token_mel_ratio": self.module.config.token_mel_ratio,
                 **_text_changes(self.opts, self.configs)}

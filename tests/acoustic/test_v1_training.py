@@ -8,6 +8,7 @@ and write files that load strictly into the v1 modules with the released key lay
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -132,9 +133,11 @@ def test_the_v1_flow_trains_on_whole_utterances_and_writes_the_released_flow_fil
     task = trained_model(opts)
     assert isinstance(task.module, FlowV1Model) and task.module.config == FlowV1Config.tiny()
     # upstream's v1 pipeline: every token and the mel of the unpadded utterance (no frames-per-token cut)
-    assert task.pipeline_changes()["token_mel_ratio"] == 0 and "qwen_pretrain_path" not in task.pipeline_changes()
+    changes = task.pipeline_changes()
+    assert (changes["token_mel_ratio"], changes["token_rate"]) == (0, 50) and "qwen_pretrain_path" not in changes
     report = train(opts)
     assert report.steps >= 2 and report.unit == "frames"
+    assert "token_rate_mismatch" not in report.data_stats[0]  # v1 tokens span their utterance's mel
     assert all(torch.isfinite(torch.tensor(loss)) for loss in report.train_losses)
     weights, _, step = load_model_weights(str(tmp_path / "epoch_0_whole.pt"))
     assert step == report.steps
@@ -143,10 +146,28 @@ def test_the_v1_flow_trains_on_whole_utterances_and_writes_the_released_flow_fil
     assert not torch.equal(loaded.input_embedding.weight, torch.load(tmp_path / "init.pt")["input_embedding.weight"])
 
 
-def test_the_v1_flow_refuses_v2_tokens_by_name(training_list, v1_lists, tmp_path):
-    """Shards of 25 Hz v2 codes (< 6561) are not CosyVoice1 tokens: the first batch says so."""
-    with pytest.raises(ValueError, match=r"outside the flow's vocabulary of 4096"):
-        train(_options((training_list, v1_lists[1]), tmp_path, model="flow", max_steps=1))
+def test_the_v1_flow_drops_and_counts_rows_of_25hz_tokens(training_list, tmp_path):
+    """Shards of 25 Hz v2 codes are not CosyVoice1 tokens: every row is dropped and counted by reason."""
+    with pytest.raises(RuntimeError, match="the CV list produced no batch"):
+        train(_options((training_list, training_list), tmp_path, model="flow", max_steps=1))
+    with open(tmp_path / "train_log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert not [r for r in records if r["tag"] == "TRAIN"]
+    (data,) = [r for r in records if r["tag"] == "DATA"]
+    assert data["token_rate_mismatch"] >= 12  # half the tokens each utterance's mel needs at 50 Hz
+
+
+def test_rows_whose_tokens_do_not_span_their_mel_are_dropped_and_counted():
+    from collections import Counter
+
+    from cosyvoice.dataset.processors import check_token_rate
+
+    fps = 22050 / 256
+    rows = [{"utt": f"u{n}", "speech_token": [1] * n, "speech_feat": torch.zeros(int(fps * 4), 80)}
+            for n in (200, 201, 197, 100, 190)]  # 4 s of mel: 200 tokens at 50 Hz
+    stats: Counter = Counter()
+    kept = list(check_token_rate(rows, tokens_per_second=50, frames_per_second=fps, stats=stats))
+    assert [r["utt"] for r in kept] == ["u200", "u201", "u197"] and stats == {"token_rate_mismatch": 2}
 
 
 @pytest.fixture(scope="module")
