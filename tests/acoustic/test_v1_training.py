@@ -157,6 +157,22 @@ def test_the_v1_flow_drops_and_counts_rows_of_25hz_tokens(training_list, tmp_pat
     assert data["token_rate_mismatch"] >= 12  # half the tokens each utterance's mel needs at 50 Hz
 
 
+def test_released_v1_files_seed_a_fine_tune_and_a_v2_flow_file_is_refused_by_key(tmp_path):
+    """``--checkpoint`` with a CosyVoice-300M ``flow.pt`` / ``hift.pt`` (here the seeded tiny reference files)."""
+    from cosyvoice.acoustic.reference import flow_state, flow_v1_state, hift_v1_state
+
+    flow = trained_model(_options(("unused", "unused"), tmp_path, model="flow"))
+    released = flow_v1_state(0, "tiny")
+    flow.load_weights(released, "flow.pt")
+    assert all(torch.equal(flow.module.state_dict()[k], v) for k, v in released.items())
+    with pytest.raises(ValueError, match=r"flow.pt does not match the model: missing keys \d+: decoder.estimator"):
+        flow.load_weights(flow_state(0, "tiny"), "flow.pt")
+    gan = trained_model(_options(("unused", "unused"), tmp_path, model="hifigan"))
+    hift = hift_v1_state(0, "tiny")
+    gan.load_weights(hift, "hift.pt")
+    assert gan.module.generator.training and all(torch.equal(gan.weights()[k], v) for k, v in hift.items())
+
+
 def test_rows_whose_tokens_do_not_span_their_mel_are_dropped_and_counted():
     from collections import Counter
 
