@@ -87,9 +87,14 @@ def cmd_triton_publish(args: argparse.Namespace) -> int:
         before, now = publish.rollback(args.root, to=args.to, channel=args.channel)
         print(f"{args.root}: {publish.CHANNELS[args.channel]} {before} -> {now}")
         return 0
-    missing = [f"--{k}" for k in ("engine_dir", "hf_dir", "model_dir") if not getattr(args, k)]
+    from cosyvoice.triton.runtime_v1 import model_family
+
+    v1 = bool(args.model_dir) and model_family(args.model_dir) == "cosyvoice"  # no engine or HF export
+    missing = [f"--{k}" for k in (("model_dir",) if v1 else ("engine_dir", "hf_dir", "model_dir")) if not getattr(args, k)]
     if missing:
         raise ValueError(f"triton-publish needs {', '.join(missing)} (or --rollback)")
+    if v1:
+        args.llm_backend = "python"  # a TransformerLM is served by the python backend: the cpu channel
     report = publish.publish_triton_repo(
         args.root, engine_dir=args.engine_dir, hf_dir=args.hf_dir, model_dir=args.model_dir, spk2info=args.spk2info,
         mount=args.mount, load_test=args.load_test, decoupled=args.decoupled, max_batch_size=args.max_batch_size,

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from cosyvoice import storage
-from cosyvoice.triton.render import MODELS, render_repo, replacing_dir, repo_values
+from cosyvoice.triton.render import MODELS, V1_MODELS, render_repo, replacing_dir, repo_values, repo_values_v1
 from cosyvoice.triton.validate import ACOUSTIC_FILES, ValidationReport, validate_repo
 
 MANIFEST = "manifest.json"
@@ -73,8 +73,15 @@ def build_bundle(out: str, *, engine_dir: str, hf_dir: str, model_dir: str, moun
                  spk2info: str | None = None, decoupled: bool = True, max_batch_size: int = 16, bls_instances: int = 4,
                  overrides: dict[str, str] | None = None, models=MODELS, llm_backend: str = "tensorrtllm") -> Bundle:
     """Stage a self-contained bundle in local folder ``out`` and validate it (paths mapped from
-    ``mount`` to ``out``). ``spk2info`` (a file URL) is copied into the model dir."""
+    ``mount`` to ``out``). ``spk2info`` (a file URL) is copied into the model dir. A CosyVoice1 model dir
+    (``cosyvoice.yaml`` building a TransformerLM) makes a CosyVoice1 bundle: the model dir alone, served
+    by ``V1_MODELS`` (its LLM on the python backend; ``engine_dir``/``hf_dir``/``models`` do not apply)."""
     os.makedirs(out, exist_ok=True)
+    from cosyvoice.triton.runtime_v1 import model_family
+
+    if model_family(model_dir) == "cosyvoice":
+        return _build_v1_bundle(out, model_dir=model_dir, mount=mount, spk2info=spk2info, decoupled=decoupled,
+                                max_batch_size=max_batch_size, bls_instances=bls_instances, overrides=overrides)
     sources = {"model_dir": model_dir, "hf_dir": hf_dir, "engine_dir": engine_dir}
     for key, folder in BUNDLE_DIRS.items():
         if key == "engine_dir" and llm_backend == "python":
@@ -93,6 +100,28 @@ def build_bundle(out: str, *, engine_dir: str, hf_dir: str, model_dir: str, moun
     validation = validate_repo(os.path.join(out, "model_repo"), path_map={mount: out},
                                require_reference_models=set(models) >= {"audio_tokenizer", "speaker_embedding"})
     return Bundle(out, mount, values, validation)
+
+
+def _build_v1_bundle(out: str, *, model_dir: str, mount: str, spk2info: str | None, decoupled: bool,
+                     max_batch_size: int, bls_instances: int, overrides: dict[str, str] | None) -> Bundle:
+    folder = BUNDLE_DIRS["model_dir"]
+    storage.download_dir(model_dir, os.path.join(out, folder))
+    if spk2info:
+        with open(os.path.join(out, folder, "spk2info.pt"), "wb") as f:
+            f.write(storage.read_bytes(spk2info))
+    values = repo_values_v1(model_dir=f"{mount.rstrip('/')}/{folder}", decoupled=decoupled,
+                            max_batch_size=max_batch_size, bls_instances=bls_instances, overrides=overrides)
+    # the token2wav rate comes from the bundle's own model dir (its serving path does not exist here)
+    values.setdefault("token2wav_sample_rate", str(_v1_sample_rate(os.path.join(out, folder))))
+    render_repo(os.path.join(out, "model_repo"), values, models=V1_MODELS)
+    validation = validate_repo(os.path.join(out, "model_repo"), path_map={mount: out}, require_reference_models=False)
+    return Bundle(out, mount, values, validation)
+
+
+def _v1_sample_rate(local_model_dir: str) -> int:
+    from cosyvoice.acoustic import runtimes
+
+    return runtimes.sample_rate(local_model_dir)
 
 
 def localize(bundle: Bundle, dest: str) -> str:

@@ -51,15 +51,17 @@ SEED = 42
 
 
 def model_family(model_dir: str) -> str:
-    """``"cosyvoice"`` when ``model_dir`` holds a v1 recipe (``cosyvoice.yaml`` whose ``llm`` is a
-    ``TransformerLM``), else ``"cosyvoice2"``. Read from the yaml's text: nothing is built."""
-    path = os.path.join(model_dir, RECIPE_FILE)
-    if not os.path.isfile(path):
+    """``"cosyvoice"`` when ``model_dir`` (a path or URL) holds a v1 recipe (``cosyvoice.yaml`` whose ``llm``
+    is a ``TransformerLM``), else ``"cosyvoice2"``: the name of the BLS that serves it. Read from the yaml's
+    text: nothing is built."""
+    from cosyvoice import storage
+
+    path = storage.join(model_dir, RECIPE_FILE)
+    if not storage.exists(path):
         return "cosyvoice2"
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("llm:"):
-                return "cosyvoice" if "TransformerLM" in line else "cosyvoice2"
+    for line in storage.read_text(path).splitlines():
+        if line.startswith("llm:"):
+            return "cosyvoice" if "TransformerLM" in line else "cosyvoice2"
     return "cosyvoice2"
 
 

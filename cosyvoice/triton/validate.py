@@ -214,14 +214,16 @@ def _check_model(repo: str, name: str, base_dir: str, path_map: dict[str, str]) 
                 errors.append(f"gpt_model_path {params['gpt_model_path']!r} holds no TensorRT-LLM engine "
                               "(config.json + rank<N>.engine from trtllm-build)")
     if name == "token2wav":
-        _check_token2wav_parameters(params, errors)
+        _check_token2wav_parameters(params, errors, _resolve(params.get("model_dir", ""), base_dir, path_map))
     if "llm_tokenizer_dir" in params:
         _check_tokenizer(_resolve(params["llm_tokenizer_dir"], base_dir, path_map), errors)
     return check, config
 
 
-def _check_token2wav_parameters(params: dict[str, str], errors: list[str]) -> None:
-    """The values the token2wav model parses at load time (so a bad one fails here, not on the server)."""
+def _check_token2wav_parameters(params: dict[str, str], errors: list[str], model_dir: str = "") -> None:
+    """The values the token2wav model parses at load time (so a bad one fails here, not on the server);
+    ``sample_rate`` is the rate of the acoustic models in ``model_dir`` when that folder is here (CosyVoice1
+    22050, CosyVoice2/3 24000), else one of those two."""
     from cosyvoice.triton import runtime
 
     checks = [lambda: runtime.token2wav_options(params),
@@ -232,10 +234,18 @@ def _check_token2wav_parameters(params: dict[str, str], errors: list[str]) -> No
             check()
         except ValueError as exc:
             errors.append(str(exc))
+    from cosyvoice.acoustic import runtimes
+
     rate = params.get("sample_rate")
-    if rate is not None and rate != str(runtime.TOKEN2WAV_SAMPLE_RATE):
-        errors.append(f"parameter sample_rate={rate!r}: the CosyVoice2 acoustic models produce "
-                      f"{runtime.TOKEN2WAV_SAMPLE_RATE} Hz")
+    if model_dir and os.path.isdir(model_dir):
+        generation = runtimes.acoustic_generation(model_dir)
+        expected = {str(runtimes.SAMPLE_RATES[generation])}
+        what = f"the {'CosyVoice1' if generation == runtimes.V1 else 'CosyVoice2'} acoustic models produce"
+    else:
+        expected = {str(r) for r in runtimes.SAMPLE_RATES.values()}
+        what = "CosyVoice acoustic models produce"
+    if rate is not None and rate not in expected:
+        errors.append(f"parameter sample_rate={rate!r}: {what} {' or '.join(sorted(expected))} Hz")
 
 
 def _check_tokenizer(folder: str, errors: list[str]) -> None:

@@ -352,9 +352,8 @@ def test_triton_repo_renders_a_v1_repository_from_the_model_dirs_recipe(v1_model
     out = str(tmp_path / "repo")
     assert main(["triton-repo", "--model_dir", v1_model_dir, "--out", out, "--bls_instances", "1", "--no_validate"]) == 0
     assert sorted(os.listdir(out)) == ["cosyvoice", "token2wav", "transformer_llm"]
-    report = validate_repo(out)  # (token2wav's own checks are the acoustic side's)
-    assert report.errors == [] and report.models["cosyvoice"].errors == report.models["transformer_llm"].errors == []
-    assert report.models["cosyvoice"].schema_ok and report.models["transformer_llm"].schema_ok
+    report = validate_repo(out)
+    assert report.ok and report.problems() == [] and report.schema_ok
     assert main(["triton-repo", "--model_dir", str(tmp_path), "--out", str(tmp_path / "v2")]) == 2
     assert "needs --engine_dir, --hf_dir" in capsys.readouterr().err
     broken = tmp_path / "broken"
@@ -368,3 +367,24 @@ def test_triton_repo_renders_a_v1_repository_from_the_model_dirs_recipe(v1_model
     errors = " ".join(validate_repo(out).errors)
     assert "decoupled differs: cosyvoice=True, transformer_llm=False" in errors
     assert "lacks ['llm.pt']" in errors
+
+
+def test_a_v1_model_dir_publishes_a_versioned_v1_repository(v1_model_dir, tmp_path, capsys):
+    """``triton-publish --model_dir <CosyVoice1 dir>``: the bundle is the model dir alone, served by cosyvoice +
+    transformer_llm + token2wav at 22050 Hz, on the python-backend (cpu) channel."""
+    from cosyvoice.cli import main
+    from cosyvoice.triton import publish
+
+    root = str(tmp_path / "triton" / "cosyvoice")
+    assert main(["triton-publish", "--root", root, "--model_dir", v1_model_dir, "--load_test", "skip",
+                 "--mount", "/models/cosyvoice"]) == 0, capsys.readouterr()
+    assert publish.latest(root, "cpu") == 1 and publish.latest(root, "gpu") is None
+    manifest = publish.read_manifest(root, 1)
+    assert manifest["llm_backend"] == "python" and manifest["engine_present"] is False
+    assert manifest["values"]["model_dir"] == "/models/cosyvoice/cosyvoice2_model"
+    assert manifest["values"]["token2wav_sample_rate"] == "22050"
+    assert manifest["validation"]["valid"] and manifest["validation"]["problems"] == []
+    dest = str(tmp_path / "pulled")
+    publish.pull(root, dest, channel="cpu")
+    assert sorted(os.listdir(os.path.join(dest, "model_repo"))) == sorted(["cosyvoice", "transformer_llm", "token2wav"])
+    assert {"cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt"} <= set(os.listdir(os.path.join(dest, "cosyvoice2_model")))
