@@ -350,6 +350,10 @@ def build_synthesizer(settings: GatewaySettings, *, pool=None, registry=None, fr
             from transformers import AutoTokenizer
 
             tokenize = AutoTokenizer.from_pretrained(settings.tokenizer_dir).encode
+        elif settings.model == "cosyvoice":  # CosyVoice1 counts segment lengths in whisper ids, as its LLM reads them
+            from cosyvoice.dataset.text import get_whisper_tokenizer
+
+            tokenize = get_whisper_tokenizer().encode
         frontend = TextFrontend(tokenize)
     return Synthesizer(pool, registry, frontend, settings)
 

@@ -119,3 +119,15 @@ def test_an_upstream_sft_speaker_with_only_an_embedding_serves_sft_and_instruct(
         refused = client.post("/inference_cross_lingual", data={"tts_text": "Hi.", "spk_id": "中文女"})
         assert refused.status_code == 400 and "only a speaker embedding" in refused.json()["detail"]
     assert registry.get("中文女").to_spk2info().keys() == {"embedding"}  # written back in upstream's form
+
+
+def test_a_v1_gateway_measures_english_segments_in_whisper_ids():
+    from cosyvoice.dataset.text import get_whisper_tokenizer
+    from cosyvoice.serve.service import build_synthesizer
+
+    pool = ModelRecordingPool()
+    synthesizer = build_synthesizer(GatewaySettings(model="cosyvoice"), pool=pool,
+                                    registry=SpeakerRegistry(None, pool=pool, cache=PromptCache()))
+    text = "Hello there, the quick brown fox."
+    assert synthesizer.frontend.tokenize(text) == get_whisper_tokenizer().encode(text)
+    assert synthesizer.bls_model == "cosyvoice"
