@@ -14,6 +14,7 @@ from pydantic import Field
 from cosyvoice.acoustic import CONFIG_FILE, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.preview import sample_preview
 from cosyvoice.corpus.kaldi import read_table
+from cosyvoice.model_family import model_dir_family, recipe_family
 from cosyvoice.stages import STAGES
 from cosyvoice.triton.model_dir import ModelDirReport, check_acoustic_files, compose_model_dir
 from cosyvoice.triton.publish import DEFAULT_MOUNT, has_engine, publish_triton_repo
@@ -83,6 +84,22 @@ def pipeline_acoustic_files(instance: dg.DagsterInstance, source: AcousticSource
     return chosen
 
 
+def refuse_other_generations(chosen: dict[str, dict], released_dir: str) -> None:
+    """``dg.Failure`` before any work when what would be served is not a CosyVoice2/3 model: the recipe the
+    pipeline's acoustic files were trained with, else the released dir's own recipe, names the family.
+    A CosyVoice1 model (TransformerLM, 22.05 kHz) has no HF/TensorRT-LLM LLM and another repository."""
+    recipes = sorted({meta.get("recipe") for meta in chosen.values() if meta.get("recipe")})
+    family = recipe_family(recipes[0]) if recipes else model_dir_family(released_dir)
+    if family is not None and family.trtllm_unsupported:
+        source = f"the acoustic models' recipe {recipes[0]}" if recipes else f"the model dir {released_dir}"
+        raise dg.Failure(
+            f"{source} is a {family.name} model: triton_model_repo publishes the CosyVoice2/3 repository (LLM from "
+            f"hf_checkpoint/trtllm_engine), and {family.trtllm_unsupported}. Publish a CosyVoice1 model dir (llm.pt, "
+            f"flow.pt, hift.pt, {family.config_file}, campplus.onnx, {family.speech_tokenizer}) with "
+            "`cosyvoice-pipeline triton-publish --model_dir ...` (cosyvoice BLS + transformer_llm, cpu channel)",
+            allow_retries=False)
+
+
 def served_model_dir(dest: str, released_dir: str, chosen: dict[str, dict]) -> ModelDirReport:
     """The model dir to serve, composed in ``dest`` (:func:`compose_model_dir`): the released dir
     with the pipeline's files of ``chosen`` and, with them, the recipe they were trained with as
@@ -122,6 +139,7 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
     were served (``acoustic_files``: source, path, sha256) and ~2 s the published acoustic models
     speak for the default speaker (``sample``: waveform + spectrogram)."""
     chosen = pipeline_acoustic_files(context.instance, config.acoustic_source)
+    refuse_other_generations(chosen, config.model_dir or models.root)
     with tempfile.TemporaryDirectory(prefix="served-model-dir-") as work:
         served = served_model_dir(work, config.model_dir or models.root, chosen)
         context.log.info(f"acoustic files: {served.as_metadata()['acoustic_source'] or 'none'}")

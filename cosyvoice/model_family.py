@@ -84,6 +84,16 @@ def family_by_name(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; one of {', '.join(f.name for f in FAMILIES)}")
 
 
+def model_dir_family(model_dir: str) -> ModelFamily | None:
+    """The family of a released model dir (path or URL) by the recipe it carries (``cosyvoice.yaml``,
+    ``cosyvoice2.yaml`` or ``cosyvoice3.yaml``, read with :func:`recipe_family`); None without one."""
+    for family in FAMILIES:
+        url = storage.join(model_dir, family.config_file)
+        if storage.exists(url):
+            return recipe_family(url)
+    return None
+
+
 def recipe_family(recipe: str) -> ModelFamily:
     """The family of a recipe yaml (a path/URL or its text), from the class its ``llm`` section builds
     (or, for an acoustic-only model-dir yaml, its ``flow`` section)."""
