@@ -48,6 +48,10 @@ MIN_TOKEN_TEXT_RATIO, MAX_TOKEN_TEXT_RATIO = 2, 20
 TOKEN_HOP_LEN, TOKEN_OVERLAP_LEN = 100, 20
 #: the seed the BLS sends with every LLM request (as the v2 BLS does), so a text always sounds the same
 SEED = 42
+#: reference audio -> prompt: the v1 front-end ONNX models in the model dir, and the flow's prompt mel
+#: (the recipe's ``feat_extractor``: 22.05 kHz, n_fft 1024, hop 256, 80 bins, fmax 8000)
+CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE = "campplus.onnx", "speech_tokenizer_v1.onnx"
+PROMPT_MEL_RATE = 22050
 
 
 def model_family(model_dir: str) -> str:
@@ -176,6 +180,45 @@ def token2wav_prompt(mode: str, tokens: np.ndarray, feat: np.ndarray, embedding:
     if parse_mode(mode) in ("sft", "instruct"):
         return None, None, embedding
     return tokens, feat, embedding
+
+
+def prompt_speech_feat(wav_16k: np.ndarray) -> np.ndarray:
+    """``(frames, 80)`` float32 flow-prompt mel of 16 kHz samples: resampled to 22.05 kHz, the v1 recipe's mel
+    (upstream's v1 frontend; its HEAD loads the prompt at 24 kHz for every family, which does not match the
+    22.05 kHz mel the v1 flow was trained on)."""
+    from cosyvoice.dataset.mel import MelConfig, mel_spectrogram
+    from cosyvoice.features.frontend import resampler
+
+    wav = torch.from_numpy(np.ascontiguousarray(wav_16k, dtype=np.float32))[None]
+    config = MelConfig(sample_rate=PROMPT_MEL_RATE, n_fft=1024, hop=256, win=1024, n_mels=80, fmin=0.0, fmax=8000.0)
+    return mel_spectrogram(resampler(16000, PROMPT_MEL_RATE)(wav), config)[0].transpose(0, 1).contiguous().numpy()
+
+
+class ReferenceFrontend:
+    """A voice prompt from 16 kHz reference audio, as upstream's v1 ``frontend_zero_shot`` makes it: 50 Hz
+    ``speech_tokenizer_v1`` tokens, the CAM++ embedding and the 22.05 kHz prompt mel (no 1 : 2 trimming:
+    that is CosyVoice2's)."""
+
+    def __init__(self, tokenizer_session, campplus_session):
+        self.tokenizer, self.campplus = tokenizer_session, campplus_session
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str) -> ReferenceFrontend | None:
+        """The dir's sessions, or None when it lacks either ONNX model (no reference audio then)."""
+        from cosyvoice.triton.runtime import onnx_session
+
+        paths = [os.path.join(model_dir, name) for name in (SPEECH_TOKENIZER_FILE, CAMPPLUS_FILE)]
+        if not all(os.path.isfile(path) for path in paths):
+            return None
+        return cls(*(onnx_session(path) for path in paths))
+
+    def prompt(self, wav_16k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens int64 [T], mel float32 [F, 80], embedding float32 [192]) of the audio (at most 30 s)."""
+        from cosyvoice.triton.runtime import speaker_embedding, speech_tokens
+
+        wav = np.ascontiguousarray(wav_16k, dtype=np.float32).reshape(-1)
+        tokens = check_speech_tokens(speech_tokens(self.tokenizer, wav), SPEECH_TOKENIZER_FILE)
+        return tokens, prompt_speech_feat(wav), speaker_embedding(self.campplus, wav)
 
 
 class ServedLM:

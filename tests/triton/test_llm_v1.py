@@ -174,13 +174,13 @@ TOKEN2WAV_SEED = 1234
 
 @pytest.fixture(scope="module")
 def v1_model_dir(tmp_path_factory) -> str:
-    """The tiny CosyVoice1 reference dir (cosyvoice.yaml, llm.pt, flow.pt, hift.pt, spk2info.pt with an
-    SFT-style speaker 001: embedding only), its llm.pt changed so that eos never wins: a request then yields
+    """The tiny CosyVoice1 reference dir (cosyvoice.yaml, llm.pt, flow.pt, hift.pt, campplus.onnx,
+    speech_tokenizer_v1.onnx, spk2info.pt with an SFT-style speaker 001: embedding only), its llm.pt changed so that eos never wins: a request then yields
     20 tokens per target text token, enough for the 100 + 20 chunking."""
-    from cosyvoice.acoustic.reference import write_v1_model_files
+    from cosyvoice.features.reference_models import make_reference_models
 
     out = str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny")
-    write_v1_model_files(out, seed=0, size="tiny")
+    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1")
     state = torch.load(os.path.join(out, runtime_v1.LLM_FILE), weights_only=True)
     state["llm_decoder.bias"][4096] = -1e4
     torch.save(state, os.path.join(out, runtime_v1.LLM_FILE))
@@ -310,6 +310,24 @@ def test_instruct_through_the_v1_bls_is_upstreams_stream_of_the_llms_tokens(v1_s
     assert n == 20 * len(tokenizer.encode(SHORT_TARGET)) == 140
     assert len(chunks) == (n - 20) // 100 + 1
     _assert_audio(chunks, _expected_stream(acoustic, tokens, None, None, embedding, "instruct"))
+
+
+@pytest.mark.slow
+def test_zero_shot_with_reference_audio_through_the_v1_bls(v1_server, v1_model_dir, served_lm, acoustic, tokenizer):
+    """16 kHz reference audio: the BLS makes the prompt as upstream's v1 frontend (50 Hz v1 tokens, CAM++
+    embedding, 22.05 kHz mel), the LLM continues its transcript + tokens, token2wav speaks with the whole prompt."""
+    wav = (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 190)).astype(np.float32)
+    frontend = runtime_v1.ReferenceFrontend.from_model_dir(v1_model_dir)
+    tokens, feat, embedding = frontend.prompt(wav)
+    assert len(tokens) == 50 and feat.shape == (int(22050 / 256), 80) and embedding.shape == (192,)
+    request = runtime_v1.llm_request(tokenizer, "zero_shot", "hello", prompt_text="a prompt.",
+                                     prompt_speech_tokens=tokens, embedding=embedding)
+    speech = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len,
+                                     prompt_speech_tokens=tokens, embedding=embedding, seed=runtime_v1.SEED))
+    inputs = {"target_text": np.array([["hello"]], dtype=object), "reference_text": np.array([["a prompt."]], dtype=object),
+              "reference_wav": wav[None], "reference_wav_len": np.array([[len(wav)]], dtype=np.int32)}
+    chunks = [r.as_numpy("waveform").reshape(-1) for r in _stream(v1_server.grpc_url, "cosyvoice", inputs)]
+    _assert_audio(chunks, _expected_stream(acoustic, speech, tokens, feat, embedding, "zero-shot"))
 
 
 @pytest.mark.slow

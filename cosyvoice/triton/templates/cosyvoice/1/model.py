@@ -1,9 +1,11 @@
 """cosyvoice: the CosyVoice1 BLS that turns (a voice, text) into speech with transformer_llm + token2wav.
 
 The client protocol is cosyvoice2's (target_text, reference_text, the cached-prompt tensors, mode,
-speed -> waveform). The voice is a cached prompt (``prompt_speech_tokens`` 0-based v1 tokens,
-``prompt_speech_feat``, ``prompt_spk_embedding``: a registered speaker of the gateway) or, with none,
-speaker "001" of ``<model_dir>/spk2info.pt`` (an SFT model's entry may hold only its ``embedding``).
+speed -> waveform). The voice is 16 kHz reference audio (tokens, mel and embedding computed here by
+``runtime_v1.ReferenceFrontend`` from the dir's speech_tokenizer_v1.onnx and campplus.onnx), a cached
+prompt (``prompt_speech_tokens`` 0-based v1 tokens, ``prompt_speech_feat``, ``prompt_spk_embedding``: a
+registered speaker of the gateway) or, with none, speaker "001" of ``<model_dir>/spk2info.pt`` (an SFT
+model's entry may hold only its ``embedding``).
 ``mode`` (sft, zero_shot, cross_lingual, instruct) decides what the LLM and token2wav see
 (``runtime_v1.llm_request`` / ``token2wav_prompt``: upstream's v1 frontend). Text is tokenized with the
 model dir's recipe tokenizer (whisper's multilingual tiktoken). Decoupled: token2wav chunks of 100
@@ -63,6 +65,8 @@ class TritonPythonModel:
         params = runtime.parameters(self.config)
         self.tokenizer = runtime_v1.text_tokenizer(params["model_dir"])
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+        # reference audio -> prompt, when the dir has speech_tokenizer_v1.onnx and campplus.onnx
+        self.reference = runtime_v1.ReferenceFrontend.from_model_dir(params["model_dir"])
         self.default_speaker = None  # (transcript, tokens or None, mel or None, embedding) of speaker "001"
         cache = os.path.join(params["model_dir"], "spk2info.pt")
         if os.path.exists(cache):
@@ -77,11 +81,19 @@ class TritonPythonModel:
 
     def _voice(self, request):
         """(transcript, prompt tokens or None, mel or None, embedding [192]) of the request's voice."""
-        if _optional(request, "reference_wav") is not None:
-            raise ValueError("a CosyVoice1 repository takes a cached prompt (prompt_speech_tokens, prompt_speech_feat, "
-                             "prompt_spk_embedding; e.g. a speaker registered with the gateway) or spk2info.pt's "
-                             "speaker 001, not reference_wav")
         cached = [_optional(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
+        wav = _optional(request, "reference_wav")
+        if wav is not None:
+            if any(value is not None for value in cached):
+                raise ValueError("give either reference_wav or a cached prompt, not both")
+            if self.reference is None:
+                raise ValueError(f"reference_wav needs {runtime_v1.SPEECH_TOKENIZER_FILE} and {runtime_v1.CAMPPLUS_FILE} "
+                                 "in model_dir; send a cached prompt instead")
+            length = _optional(request, "reference_wav_len")
+            if length is None:
+                raise ValueError("reference_wav needs reference_wav_len")
+            tokens, feat, embedding = self.reference.prompt(np.asarray(wav, dtype=np.float32)[0, : int(length.reshape(-1)[0])])
+            return "", tokens, feat, embedding
         if all(value is None for value in cached):
             if self.default_speaker is None:
                 raise ValueError("no cached prompt and no speaker 001 in model_dir/spk2info.pt: send "
