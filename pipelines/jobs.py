@@ -7,7 +7,9 @@
 * ``retrain``: the training data lists plus every asset of the ``training`` group: the LLM, flow
   and HiFT checkpoints and their averages (and whatever groups are added to ``RETRAIN_GROUPS``
   later, e.g. export/publish). Selecting by group keeps this valid whether or not the training
-  assets are loaded.
+  assets are loaded. What is trained is the ``training`` resource's recipe (``COSYVOICE_TRAIN_RECIPE``:
+  CosyVoice2 by default, ``configs/cosyvoice.yaml`` for CosyVoice1); each checkpoint refuses to launch on
+  speech tokens of another generation, and its CV gate compares only within the recipe's family.
 """
 
 import dagster as dg

@@ -5,6 +5,11 @@
 * ``distributed``: both roots must come from the environment (typically ``s3://`` URLs; the S3
   endpoint and credentials are read by ``cosyvoice.storage`` from the environment too).
 
+The training recipe (``COSYVOICE_TRAIN_RECIPE``, on ``training``) is the one model-generation setting:
+its family (:mod:`cosyvoice.model_family`) picks the speech tokenizer of ``speech_tokens`` and its checks
+(CosyVoice1: ``speech_tokenizer_v1.onnx``, 50 Hz, < 4096), whether ``hf_checkpoint`` applies and what the
+CV gate compares with; ``models`` settings that contradict it are refused before any work.
+
 Each deployment also picks its launchers (``pipelines/launchers.py``): ``train_launcher`` (trainer
 subprocess here / GPU pods on Kubernetes) and ``engine_builder`` (``trtllm-build`` here / a pod). A
 setting that comes from the environment is a ``dg.EnvVar`` of exactly one resource (:func:`from_env`).
