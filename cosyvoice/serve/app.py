@@ -541,6 +541,9 @@ def _add_speaker_routes(app: FastAPI, settings: GatewaySettings) -> None:
     async def register_speaker(request: Request, prompt_wav: Annotated[UploadFile, File()], speaker_id: str = Form(),
                                prompt_text: str = Form(), overwrite: bool = Form(False)):
         registry = request.app.state.registry
+        if settings.model == "cosyvoice":  # the registry computes CosyVoice2 prompts (25 Hz tokens, 24 kHz mel)
+            raise BadRequest(400, "registering speakers from audio needs a CosyVoice2/3 deployment; a CosyVoice1 one "
+                             "serves spk2info.pt's speakers, and prompt_wav per request", reason="unsupported_mode")
         wav = await read_prompt(prompt_wav, settings.max_upload_bytes)
         if wav is None:
             raise BadRequest(400, "prompt_wav is required", reason="missing_field")

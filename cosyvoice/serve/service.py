@@ -268,9 +268,6 @@ class Synthesizer:
             if not req.speaker_id:
                 raise BadRequest(400, f"{mode.value} needs spk_id (a registered speaker; GET /speakers lists them)",
                                  reason="missing_field")
-        elif has_audio and self.settings.model == "cosyvoice":
-            raise BadRequest(400, "this CosyVoice1 deployment takes a registered spk_id, not prompt audio (the v1 "
-                             "repository computes no prompt from audio)", reason="bad_field")
         elif has_audio and req.speaker_id:
             raise BadRequest(400, "give prompt_wav or spk_id, not both", reason="bad_field")
         elif not has_audio and not req.speaker_id:
@@ -285,10 +282,40 @@ class Synthesizer:
         if mode is Mode.zero_shot and not prompt_text:
             raise BadRequest(400, "zero_shot needs prompt_text (the transcript of prompt_wav); without one use "
                              "/inference_cross_lingual", reason="missing_field")
+        if self.settings.model == "cosyvoice":  # the v1 BLS makes its prompt from the audio itself
+            return ReferenceAudio.of(req.prompt_wav_16k, prompt_text)
         try:
             return await self.registry.prompt_from_audio(req.prompt_wav_16k, prompt_text)
         except ValueError as exc:
             raise BadRequest(400, f"prompt_wav: {exc}", reason="bad_audio") from None
+
+
+#: the CosyVoice1 BLS turns at most 30 s of prompt audio into speech tokens (the v1 tokenizer's limit)
+MAX_REFERENCE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ReferenceAudio:
+    """Prompt audio sent as it is (``reference_wav``): the CosyVoice1 BLS computes its prompt (v1 tokens,
+    22.05 kHz mel, embedding) itself, so a v1 gateway neither asks Triton for v2 features nor caches them."""
+
+    text: str
+    wav_16k: np.ndarray
+    embedding_only = False
+
+    @classmethod
+    def of(cls, wav_16k: np.ndarray, text: str) -> ReferenceAudio:
+        wav = np.ascontiguousarray(np.asarray(wav_16k, dtype=np.float32).reshape(-1))
+        if not wav.size:
+            raise BadRequest(400, "prompt_wav: no samples", reason="bad_audio")
+        if wav.size > MAX_REFERENCE_SECONDS * 16000:
+            raise BadRequest(400, f"prompt_wav: {wav.size / 16000:.1f} s; at most {MAX_REFERENCE_SECONDS:g} s",
+                             reason="bad_audio")
+        return cls(text, wav)
+
+    def bls_inputs(self) -> dict[str, np.ndarray]:
+        return {"reference_wav": self.wav_16k[None], "reference_wav_len": np.array([[self.wav_16k.size]], dtype=np.int32),
+                "reference_text": np.array([[self.text]], dtype=object)}
 
 
 def _mode(mode: Mode | str) -> Mode:

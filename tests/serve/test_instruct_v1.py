@@ -78,11 +78,24 @@ def test_sft_is_v1s_own_sft_and_instruct2_is_refused_on_a_v1_model(v1_client):
     assert _sent(pool, "mode") == "zero_shot"
     sent = len(pool.sent)
     files = {"prompt_wav": ("p.wav", wav_bytes(1.0, 16000), "audio/wav")}
-    audio = client.post("/inference_zero_shot", data={"tts_text": "Hi.", "prompt_text": "x"}, files=files)
-    assert audio.status_code == 400 and "registered spk_id, not prompt audio" in audio.json()["detail"]
+    infers = list(pool.infers)
+    audio = client.post("/inference_zero_shot", data={"tts_text": "Hi.", "prompt_text": "the transcript"}, files=files)
+    assert audio.status_code == 200, audio.text
+    inputs = pool.sent[-1][0]  # the audio itself goes to the v1 BLS, which makes its own prompt from it
+    assert inputs["reference_wav"].shape == (1, 16000) and inputs["reference_wav_len"].tolist() == [[16000]]
+    assert _sent(pool, "reference_text") == "the transcript" and _sent(pool, "mode") == "zero_shot"
+    assert "prompt_speech_tokens" not in inputs and pool.infers == infers  # no v2 features asked of Triton
+    cross = client.post("/inference_cross_lingual", data={"tts_text": "Hi."}, files=files)
+    assert cross.status_code == 200 and _sent(pool, "mode") == "cross_lingual" and _sent(pool, "reference_text") == ""
+    long = {"prompt_wav": ("p.wav", wav_bytes(31.0, 16000), "audio/wav")}
+    too_long = client.post("/inference_cross_lingual", data={"tts_text": "Hi."}, files=long)
+    assert too_long.status_code == 400 and "1-30 s" in too_long.json()["detail"]
+    sent = len(pool.sent)
     refused = client.post("/inference_instruct2", data={"tts_text": "Hi.", "instruct_text": "Softly.", "spk_id": "theo"})
     assert refused.status_code == 400 and "/inference_instruct " in refused.json()["detail"]
     assert len(pool.sent) == sent  # nothing reached Triton
+    register = client.post("/speakers", data={"speaker_id": "bob", "prompt_text": "hi"}, files=files)
+    assert register.status_code == 400 and "CosyVoice2/3 deployment" in register.json()["detail"]
 
 
 def test_a_cosyvoice2_gateway_still_sends_to_the_cosyvoice2_bls():
