@@ -406,3 +406,28 @@ def test_a_v1_model_dir_publishes_a_versioned_v1_repository(v1_model_dir, tmp_pa
     publish.pull(root, dest, channel="cpu")
     assert sorted(os.listdir(os.path.join(dest, "model_repo"))) == sorted(["cosyvoice", "transformer_llm", "token2wav"])
     assert {"cosyvoice.yaml", "llm.pt", "flow.pt", "hift.pt"} <= set(os.listdir(os.path.join(dest, "cosyvoice2_model")))
+
+
+@pytest.mark.slow
+def test_the_gateway_serves_instruct_from_the_v1_repository(v1_server, v1_model_dir, served_lm, acoustic, tokenizer):
+    """``COSYVOICE_GATEWAY_MODEL=cosyvoice`` against the served v1 repository: ``/inference_instruct`` with
+    spk2info.pt's SFT speaker streams 22.05 kHz PCM, the audio of the instruction's tokens."""
+    from fastapi.testclient import TestClient
+
+    from cosyvoice.serve.app import create_app
+    from cosyvoice.serve.settings import GatewaySettings
+
+    settings = GatewaySettings(model="cosyvoice", triton=(f"{v1_server.grpc_url}|http://{v1_server.http_url}",),
+                               spk2info=os.path.join(v1_model_dir, "spk2info.pt"))
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/inference_instruct", data={"tts_text": "Hello.", "spk_id": "001",
+                                                             "instruct_text": INSTRUCTION})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-sample-rate"] == "22050"
+    spk = torch.load(os.path.join(v1_model_dir, "spk2info.pt"), weights_only=True)["001"]["embedding"].numpy()[0]
+    request = runtime_v1.llm_request(tokenizer, "instruct", "Hello.", prompt_text=INSTRUCTION)
+    tokens = list(served_lm.generate(request.text_ids, prompt_text_len=request.prompt_text_len, seed=runtime_v1.SEED))
+    want = np.concatenate(_expected_stream(acoustic, tokens, None, None, spk, "gateway"))
+    pcm = np.frombuffer(response.content, "<i2")
+    assert pcm.size == want.size  # the same samples, to the int16 step (the runtime's tolerance is 5e-5)
+    assert np.abs(pcm.astype(np.int32) - (np.clip(want, -1, 1) * 32767).astype("<i2")).max() <= 2
