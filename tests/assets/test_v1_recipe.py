@@ -22,7 +22,7 @@ from assets.shards import parquet_shards, training_data_lists
 from assets.training import LlmTrainConfig, llm_averaged, llm_checkpoint
 from cosyvoice.corpus.synthetic import make_synthetic_corpus
 from cosyvoice.features.feature_files import read_parquet
-from pipelines.launchers import SubprocessLauncher
+from pipelines.launchers import Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, ModelStore, TrainingResource, resources_for
 
 V1_TINY = "configs/cosyvoice-tiny.yaml"
@@ -133,6 +133,42 @@ def test_triton_model_repo_refuses_a_cosyvoice1_model_dir_naming_the_v1_publish_
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     message = failure.step_failure_data.user_failure_data.description
     assert "is a cosyvoice1 model" in message and "triton-publish --model_dir" in message
+
+
+class CannedLoss(Launcher):
+    """A train_launcher that launches nothing and reports the CV loss it is given."""
+
+    cv_loss: float = 1.0
+
+    def launch(self, context, cli_args, *, gpus_per_node=1, nodes=1, rdzv_endpoint=""):
+        loss = self.cv_loss
+
+        class Invocation:
+            def get_custom_messages(self):
+                return []
+
+            def get_materialize_result(self):
+                return dg.MaterializeResult(metadata={"cv_loss": dg.MetadataValue.float(loss)})
+
+        return Invocation()
+
+
+def test_the_cv_gate_does_not_compare_a_v1_loss_with_a_released_v2_one(tmp_path):
+    (tmp_path / "train.data.list").write_text("a.tar\n")
+    (tmp_path / "cv.data.list").write_text("a.tar\n")
+
+    def gate(recipe, loss):
+        res = {"store": DataStore(root=str(tmp_path)), "train_launcher": CannedLoss(cv_loss=loss),
+               "training": TrainingResource(model_dir=str(tmp_path / "llm"), recipe=recipe)}
+        result = dg.materialize([llm_checkpoint], instance=instance, resources=res, raise_on_error=False)
+        return result.get_asset_check_evaluations()[0]
+
+    with dg.instance_for_test() as instance:
+        assert gate("configs/cosyvoice2-tiny.yaml", 2.0).passed
+        v1 = gate(V1_TINY, 9.0)  # 4097 classes: a higher loss that says nothing about the v2 model
+        assert v1.passed and v1.metadata["baseline_reset"].value
+        assert "model family changed" in v1.description and "cosyvoice2 -> cosyvoice1" in v1.description
+        assert not gate(V1_TINY, 9.5).passed  # within the family the released v1 run is the baseline
 
 
 def test_a_v2_tokenizer_with_the_v1_recipe_is_refused_before_any_shard_is_written(small_corpus, tiny_models,
