@@ -227,7 +227,7 @@ class Synthesizer:
         if mode in (Mode.instruct, Mode.instruct2) and not (req.instruct_text or "").strip():
             raise BadRequest(400, f"{mode.value} needs instruct_text (the instruction)", reason="missing_field")
         prompt = await self._prompt(mode, req)
-        if prompt.embedding_only and (mode not in (Mode.sft, Mode.instruct) or self.settings.model != "cosyvoice"):
+        if getattr(prompt, "embedding_only", False) and (mode not in (Mode.sft, Mode.instruct) or self.settings.model != "cosyvoice"):
             raise BadRequest(400, f"speaker {req.speaker_id!r} has only a speaker embedding (a CosyVoice1 SFT speaker): "
                              f"it serves /inference_sft and /inference_instruct of a CosyVoice1 model, not {mode.value} "
                              f"on {self.settings.model}", reason="bad_field")
