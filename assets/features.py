@@ -21,6 +21,7 @@ from assets._per_shard import (
     log_run_totals,
     shard_report,
 )
+from cosyvoice import storage
 from cosyvoice.corpus.shard_plan import ShardKey
 from cosyvoice.features.options import (
     Device,
@@ -104,6 +105,14 @@ def _run_shards(context: dg.AssetExecutionContext, extract, options, check, budg
         check_results=[check_result(name, rows) for name, rows in outcomes.items()])
 
 
+def _require_model(url: str, what: str) -> None:
+    """A missing model file is a configuration error, said before any shard is read (extraction workers
+    that fail to load it would only report a broken process pool)."""
+    if not storage.exists(url):
+        raise dg.Failure(f"{url}: no such model file ({what}); put it in the models resource's root "
+                         "(COSYVOICE_MODEL_ROOT)", allow_retries=False)
+
+
 def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
     """Shared decorator arguments of the per-shard feature assets."""
     return dict(partitions_def=SHARDS, deps=[dg.AssetDep(MANIFEST, partition_mapping=dg.AllPartitionMapping())],
@@ -116,6 +125,7 @@ def _shard_asset(name: str, checks: tuple[str, ...], **extra) -> dict:
 def speaker_embeddings(context: dg.AssetExecutionContext, config: EmbeddingsConfig, store: DataStore,
                        models: ModelStore) -> dg.MaterializeResult:
     """CAM++ embeddings of each shard -> ``speaker_embeddings/<subset>/<shard>.parquet`` (utt, embedding, duration)."""
+    _require_model(models.campplus_url(), "the CAM++ speaker-embedding model")
     return _run_shards(context, extract_embedding, options_from(EmbeddingOptions, config), check_embedding_shard,
                        config.max_failed_fraction, store, models.campplus_url())
 
@@ -132,6 +142,7 @@ def speech_tokens(context: dg.AssetExecutionContext, config: SpeechTokensConfig,
         model, version = models.speech_tokenizer_for(family, training.recipe)
     except ValueError as exc:  # a tokenizer of another generation: refused before any shard is read
         raise dg.Failure(str(exc), allow_retries=False) from exc
+    _require_model(model, f"the {family.name} recipe {training.recipe} extracts {version} tokens with it")
     context.log.info(f"{training.recipe}: {family.name} recipe -> {version} speech tokens from {model}")
     check = functools.partial(check_token_shard, version=version)
     result = _run_shards(context, extract_speech_token, options_from(SpeechTokenOptions, config), check,

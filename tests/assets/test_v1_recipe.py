@@ -186,6 +186,19 @@ def test_a_v2_tokenizer_with_the_v1_recipe_is_refused_before_any_shard_is_writte
     assert not (tmp_path / "speech_tokens").exists()
 
 
+def test_a_models_root_without_the_v1_tokenizer_is_named_before_any_shard_is_read(small_corpus, tmp_path, monkeypatch):
+    """A CosyVoice2 model dir kept after switching the recipe to CosyVoice1: the missing file is named."""
+    (tmp_path / "models").mkdir()
+    res = v1_resources(small_corpus, tmp_path / "data", str(tmp_path / "models"), monkeypatch)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("shards", [SHARD])
+        result = dg.materialize([speech_tokens], partition_key=SHARD, instance=instance, resources=res,
+                                raise_on_error=False)
+    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.user_failure_data.description
+    assert "speech_tokenizer_v1.onnx: no such model file" in message and "cosyvoice1 recipe" in message
+
+
 def test_explicit_settings_of_the_recipes_generation_are_accepted_and_the_default_recipe_stays_v2(tiny_models):
     v1 = TrainingResource(model_dir="/m", recipe=V1_TINY)
     url, version = ModelStore(root=tiny_models, tokenizer_version="v1").speech_tokenizer_for(v1.family(), V1_TINY)
