@@ -9,6 +9,10 @@ left unfilled. The one exception is a ``parameters:`` line whose only placeholde
 ...): when the variable is not given the whole line is dropped, so the backend (or the runtime)
 uses its own default instead of parsing a literal ``${x}``.
 
+A CosyVoice1 (CosyVoice-300M) model dir has no upstream Triton repository: ``V1_MODELS`` serve it with
+the same client protocol (BLS ``cosyvoice``, its TransformerLM on the python backend as
+``transformer_llm``, ``token2wav`` at 22.05 kHz), rendered from ``repo_values_v1`` (only ``model_dir``).
+
 ``fill_template`` keeps upstream's semantics exactly, for users of upstream templates.
 """
 
