@@ -55,18 +55,11 @@ PROMPT_MEL_RATE = 22050
 
 
 def model_family(model_dir: str) -> str:
-    """``"cosyvoice"`` when ``model_dir`` (a path or URL) holds a v1 recipe (``cosyvoice.yaml`` whose ``llm``
-    is a ``TransformerLM``), else ``"cosyvoice2"``: the name of the BLS that serves it. Read from the yaml's
-    text: nothing is built."""
-    from cosyvoice import storage
+    """``"cosyvoice"`` when ``model_dir`` (a path or URL) is a CosyVoice1 dir (its ``cosyvoice.yaml``, read by
+    ``cosyvoice.model_family.model_dir_family``), else ``"cosyvoice2"``: the name of the BLS that serves it."""
+    from cosyvoice.model_family import COSYVOICE1, model_dir_family
 
-    path = storage.join(model_dir, RECIPE_FILE)
-    if not storage.exists(path):
-        return "cosyvoice2"
-    for line in storage.read_text(path).splitlines():
-        if line.startswith("llm:"):
-            return "cosyvoice" if "TransformerLM" in line else "cosyvoice2"
-    return "cosyvoice2"
+    return "cosyvoice" if model_dir_family(model_dir) is COSYVOICE1 else "cosyvoice2"
 
 
 def load_recipe_v1(model_dir: str, *, keep: str) -> dict:
