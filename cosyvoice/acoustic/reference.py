@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 
 from cosyvoice import storage
 from cosyvoice.acoustic import CONFIG_FILE, CONFIG_FILE_V1, FLOW_FILE, HIFT_FILE
@@ -175,17 +176,8 @@ def write_v1_model_files(out: str, *, seed: int = 0, size: str = "full",
     """Write the CosyVoice1 torch files (``llm.pt``, ``flow.pt``, ``hift.pt``, ``cosyvoice.yaml``,
     ``spk2info.pt``, or the ``parts`` asked for) into ``out``, atomically and only when the bytes differ.
     Returns, per part, ``{"file", "sha256", "bytes", "changed"}``."""
-    _check_size(size)
-    unknown = sorted(set(parts) - set(V1_PARTS))
-    if unknown:
-        raise ValueError(f"unknown CosyVoice1 model part(s) {unknown}; choose from {list(V1_PARTS)}")
-    report: dict[str, dict] = {}
-    for part in parts:
-        data = v1_part_bytes(part, seed=seed, size=size)
-        written = storage.write_bytes(storage.join(out, V1_FILES[part]), data)
-        report[part] = {"file": V1_FILES[part], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                        "changed": written.changed}
-    return report
+    return _write_parts(out, parts, V1_FILES, lambda part: v1_part_bytes(part, seed=seed, size=size),
+                        size=size, what="CosyVoice1 model")
 
 
 def _tensor_bytes(state: dict) -> bytes:
@@ -214,14 +206,22 @@ def write_acoustic_models(out: str, *, seed: int = 0, size: str = "full",
     Each file is written atomically (and left alone when identical bytes are there). Returns, per
     part, ``{"file", "sha256", "bytes", "changed"}``.
     """
+    return _write_parts(out, parts, FILES, lambda part: part_bytes(part, seed=seed, size=size),
+                        size=size, what="acoustic model")
+
+
+def _write_parts(out: str, parts, files: dict[str, str], build: Callable[[str], bytes], *, size: str,
+                 what: str) -> dict[str, dict]:
+    """Write each part's bytes to its file of ``files`` in ``out`` (both generations' writers: one
+    atomic, compare-before-write loop and one report shape)."""
     _check_size(size)
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(files))
     if unknown:
-        raise ValueError(f"unknown acoustic model part(s) {unknown}; choose from {list(PARTS)}")
+        raise ValueError(f"unknown {what} part(s) {unknown}; choose from {list(files)}")
     report: dict[str, dict] = {}
     for part in parts:
-        data = part_bytes(part, seed=seed, size=size)
-        written = storage.write_bytes(storage.join(out, FILES[part]), data)
-        report[part] = {"file": FILES[part], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        data = build(part)
+        written = storage.write_bytes(storage.join(out, files[part]), data)
+        report[part] = {"file": files[part], "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                         "changed": written.changed}
     return report
