@@ -36,6 +36,7 @@ class ModelFamily:
     sample_rate: int
     config_file: str  # the recipe's name in a released model dir
     trtllm_unsupported: str = ""
+    served_by: str = "cosyvoice2"  # the Triton BLS model (and gateway model name) that serves the family
 
     def check_tokenizer(self, speech_tokenizer: str, tokenizer_version: str, recipe: str) -> None:
         """Refuse a speech-tokenizer file or token version that belongs to another generation than
@@ -58,7 +59,7 @@ COSYVOICE1 = ModelFamily(
     "cosyvoice1", "TransformerLM", "v1", "speech_tokenizer_v1.onnx", 50, 4096, 22050, "cosyvoice.yaml",
     trtllm_unsupported="a CosyVoice1 LLM (TransformerLM: Conformer text encoder + transformer LM) is not a Qwen2 "
                        "model, so the HF Qwen2ForCausalLM / TensorRT-LLM export does not apply; it is served by the "
-                       "Triton python-backend LLM model")
+                       "Triton python-backend LLM model", served_by="cosyvoice")
 COSYVOICE2 = ModelFamily("cosyvoice2", "Qwen2LM", "v2", "speech_tokenizer_v2.onnx", 25, 6561, 24000, "cosyvoice2.yaml")
 COSYVOICE3 = ModelFamily("cosyvoice3", "CosyVoice3LM", "v3", "speech_tokenizer_v3.onnx", 25, 6561, 24000,
                          "cosyvoice3.yaml")
@@ -84,14 +85,22 @@ def family_by_name(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; one of {', '.join(f.name for f in FAMILIES)}")
 
 
+def config_file_family(model_dir: str) -> ModelFamily | None:
+    """The family whose recipe file name (``cosyvoice.yaml``, ``cosyvoice2.yaml``, ``cosyvoice3.yaml``) a model
+    dir (path or URL) holds -- upstream's ``AutoModel`` rule, nothing read; None without one. Two families'
+    files in one dir are a ValueError: a model dir is one generation."""
+    present = [f for f in FAMILIES if storage.exists(storage.join(model_dir, f.config_file))]
+    if len(present) > 1:
+        raise ValueError(f"{model_dir}: holds {' and '.join(f'{f.config_file} ({f.name})' for f in present)}; "
+                         "a model dir is one generation")
+    return present[0] if present else None
+
+
 def model_dir_family(model_dir: str) -> ModelFamily | None:
-    """The family of a released model dir (path or URL) by the recipe it carries (``cosyvoice.yaml``,
-    ``cosyvoice2.yaml`` or ``cosyvoice3.yaml``, read with :func:`recipe_family`); None without one."""
-    for family in FAMILIES:
-        url = storage.join(model_dir, family.config_file)
-        if storage.exists(url):
-            return recipe_family(url)
-    return None
+    """The family of a released model dir (path or URL) by the recipe it carries (the file
+    :func:`config_file_family` finds, read with :func:`recipe_family`); None without one."""
+    family = config_file_family(model_dir)
+    return None if family is None else recipe_family(storage.join(model_dir, family.config_file))
 
 
 def recipe_family(recipe: str) -> ModelFamily:

@@ -44,3 +44,24 @@ def test_what_is_not_a_cosyvoice_recipe_is_refused_by_name(tmp_path):
         recipe_family(str(tmp_path / "missing.yaml"))
     with pytest.raises(ValueError, match="unknown model family"):
         family_by_name("cosyvoice9")
+
+
+def test_a_model_dir_is_one_family_by_its_recipe_file_and_runtimes_read_the_same(tmp_path):
+    """The dir's recipe file name picks the family (and so the acoustic runtime's rate and the BLS that serves
+    it); no recipe: the CosyVoice2 runtime; two generations' recipes in one dir are refused, naming both."""
+    from cosyvoice.acoustic import runtimes
+    from cosyvoice.model_family import config_file_family, model_dir_family
+    from cosyvoice.triton.runtime_v1 import model_family
+
+    assert config_file_family(str(tmp_path)) is None and model_dir_family(str(tmp_path)) is None
+    assert (runtimes.sample_rate(str(tmp_path)), model_family(str(tmp_path))) == (24000, "cosyvoice2")
+    (tmp_path / "cosyvoice.yaml").write_text(UPSTREAM_V1)
+    assert config_file_family(str(tmp_path)) is COSYVOICE1 is model_dir_family(str(tmp_path))
+    assert (runtimes.sample_rate(str(tmp_path)), model_family(str(tmp_path))) == (22050, "cosyvoice")
+    assert runtimes.SAMPLE_RATES == {"cosyvoice": 22050, "cosyvoice2": 24000}
+    (tmp_path / "cosyvoice2.yaml").write_text("flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec\n  a: 1\n")
+    with pytest.raises(ValueError, match=r"cosyvoice.yaml \(cosyvoice1\) and cosyvoice2.yaml \(cosyvoice2\); a model "
+                                         r"dir is one generation"):
+        runtimes.acoustic_generation(str(tmp_path))
+    (tmp_path / "cosyvoice.yaml").unlink()
+    assert model_dir_family(str(tmp_path)) is COSYVOICE2 and runtimes.sample_rate(str(tmp_path)) == 24000

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cosyvoice.model_family import COSYVOICE1, COSYVOICE2, model_dir_family
+
 #: the v1 recipe file in a CosyVoice-300M model dir, and the LLM weights next to it
-RECIPE_FILE = "cosyvoice.yaml"
+RECIPE_FILE = COSYVOICE1.config_file
 LLM_FILE = "llm.pt"
 #: v1 speech tokens (speech_tokenizer_v1, 50 Hz): codes 0..4095; eos is 4096 inside the LLM only
-SPEECH_TOKEN_COUNT = 4096
+SPEECH_TOKEN_COUNT = COSYVOICE1.codebook_size
 SPEAKER_EMBEDDING_DIM = 192
 MODES = ("sft", "zero_shot", "cross_lingual", "instruct")
 DEFAULT_MODE = "zero_shot"
@@ -50,16 +52,14 @@ TOKEN_HOP_LEN, TOKEN_OVERLAP_LEN = 100, 20
 SEED = 42
 #: reference audio -> prompt: the v1 front-end ONNX models in the model dir, and the flow's prompt mel
 #: (the recipe's ``feat_extractor``: 22.05 kHz, n_fft 1024, hop 256, 80 bins, fmax 8000)
-CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE = "campplus.onnx", "speech_tokenizer_v1.onnx"
-PROMPT_MEL_RATE = 22050
+CAMPPLUS_FILE, SPEECH_TOKENIZER_FILE = "campplus.onnx", COSYVOICE1.speech_tokenizer
+PROMPT_MEL_RATE = COSYVOICE1.sample_rate
 
 
 def model_family(model_dir: str) -> str:
     """``"cosyvoice"`` when ``model_dir`` (a path or URL) is a CosyVoice1 dir (its ``cosyvoice.yaml``, read by
     ``cosyvoice.model_family.model_dir_family``), else ``"cosyvoice2"``: the name of the BLS that serves it."""
-    from cosyvoice.model_family import COSYVOICE1, model_dir_family
-
-    return "cosyvoice" if model_dir_family(model_dir) is COSYVOICE1 else "cosyvoice2"
+    return (model_dir_family(model_dir) or COSYVOICE2).served_by
 
 
 def load_recipe_v1(model_dir: str, *, keep: str) -> dict:
