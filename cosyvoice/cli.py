@@ -56,8 +56,9 @@ def cmd_make_synthetic_corpus(args: argparse.Namespace) -> int:
 def cmd_make_reference_models(args: argparse.Namespace) -> int:
     from cosyvoice.features.reference_models import make_reference_models
 
-    report = make_reference_models(args.out, seed=args.seed, size=args.size,
-                                   models=[m for m in args.models.split(",") if m], force=args.force)
+    models = [m for m in args.models.split(",") if m] or None  # None: every model of the family's dir
+    report = make_reference_models(args.out, seed=args.seed, size=args.size, models=models, force=args.force,
+                                   family=args.family)
     for name, info in report.items():
         print(f"{name}: {info['status']} ({info['bytes'] / 1e6:.1f} MB, sha256 {info['sha256'][:12]})")
     return 0
@@ -239,8 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("full", "tiny"), default="full",
                    help="full: the released architectures; tiny: same signatures, few layers (fast tests)")
-    p.add_argument("--models", default="campplus,speech_tokenizer_v1,speech_tokenizer_v2,speech_tokenizer_v2.batch,flow,hift",
-                   help="comma-separated; flow/hift also write the model dir's cosyvoice2.yaml")
+    p.add_argument("--family", choices=("cosyvoice2", "cosyvoice1"), default="cosyvoice2",
+                   help="cosyvoice2: the ONNX front-end models + the 24 kHz flow/hift (cosyvoice2.yaml); cosyvoice1: "
+                        "a CosyVoice-300M dir (llm.pt, 22.05 kHz flow/hift, cosyvoice.yaml, spk2info.pt, its ONNX models)")
+    p.add_argument("--models", default="",
+                   help="comma-separated subset (default: every model of the family's dir); for cosyvoice2, "
+                        "flow/hift also write the model dir's cosyvoice2.yaml")
     p.add_argument("--force", action="store_true", help="rebuild even if identical models are present")
     p.set_defaults(func=cmd_make_reference_models)
 

@@ -105,3 +105,21 @@ def test_cli_chain_accounts_for_a_20ms_clip_in_files_alone(clean_corpus, tiny_mo
     assert main(["extract-embedding", "--dir", str(data), "--onnx_path", os.path.join(tiny_models, "campplus.onnx"),
                  "--num_thread", "1"]) == 0
     assert (data / "failed_extract_embedding.tsv").read_text() == "utt\tpath\tstage\treason\tdetail\n"
+
+
+def test_make_reference_models_writes_the_family_named_by_family(tmp_path, capsys):
+    """``--family cosyvoice1`` writes a CosyVoice1 dir (cosyvoice.yaml: 22.05 kHz flow/HiFT), the default a
+    CosyVoice2 one (cosyvoice2.yaml, 24 kHz); an unknown family is a usage error."""
+    from cosyvoice.acoustic.runtimes import sample_rate
+    from cosyvoice.cli import main
+    from cosyvoice.model_family import COSYVOICE1, COSYVOICE2, model_dir_family
+
+    v1, v2 = str(tmp_path / "v1"), str(tmp_path / "v2")
+    args = ["make-reference-models", "--size", "tiny", "--models", "flow,hift"]
+    assert main([*args, "--out", v1, "--family", "cosyvoice1"]) == 0
+    assert main([*args, "--out", v2]) == 0
+    assert "cosyvoice.yaml: built" in capsys.readouterr().out
+    assert model_dir_family(v1) is COSYVOICE1 and sample_rate(v1) == 22050 and "cosyvoice2.yaml" not in os.listdir(v1)
+    assert model_dir_family(v2) is COSYVOICE2 and sample_rate(v2) == 24000
+    out = run("make-reference-models", "--out", str(tmp_path / "x"), "--family", "cosyvoice9")
+    assert out.returncode == 2 and "invalid choice: 'cosyvoice9'" in out.stderr
