@@ -133,10 +133,13 @@ def run_graph(counter: CountingS3, bucket: str, utts_per_shard: int, runs: int, 
     from assets.features import speaker_embeddings, speaker_means, speech_tokens, upstream_feature_files
     from assets.manifest import manifest
     from assets.shards import parquet_shards, training_data_lists
-    from pipelines.resources import CorpusResource, DataStore, ModelStore
+    from pipelines.resources import CorpusResource, DataStore, ModelStore, TrainingResource
 
+    # speech_tokens asks the training resource which recipe (so which speech tokenizer) it tokenizes for;
+    # nothing is trained here, so its model dir is only named
     resources = {"corpus": CorpusResource(root=f"s3://{bucket}/LibriTTS"), "store": DataStore(root=f"s3://{bucket}/data"),
-                 "models": ModelStore(root=f"s3://{bucket}/models")}
+                 "models": ModelStore(root=f"s3://{bucket}/models"),
+                 "training": TrainingResource(model_dir=os.path.join(tempfile.gettempdir(), "object_store_bench_llm"))}
     with dg.instance_for_test() as instance:
         def stage(name: str, assets: list, **kwargs) -> None:
             fresh_clients()
