@@ -243,20 +243,12 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
     enc = check.record("flow.encoder", flow["encoder"], EncoderRecord)
     est, params = _decoder(flow, check, CFMRecord, EstimatorRecord)
     if enc is not None:
-        check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
-        check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
-        for key, wanted in (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
-                            ("selfattention_layer_type", "rel_selfattn"), ("activation_type", "swish"),
-                            ("normalize_before", True), ("macaron_style", False), ("use_cnn_module", False),
-                            ("global_cmvn", None), ("key_bias", True)):
-            check.equal(f"flow.encoder.{key}", enc[key], wanted)
+        _check_encoder(enc, dim, check)
         if not (isinstance(enc["static_chunk_size"], int) and enc["static_chunk_size"] > 0):
             check.problems.append(f"flow.encoder.static_chunk_size = {enc['static_chunk_size']!r} (a positive "
                                   "token count is needed for streaming)")
     if est is not None:
-        check.equal("flow.decoder.estimator.in_channels", est["in_channels"], 4 * MEL_BINS, "x, mu, speaker, prompt")
-        check.equal("flow.decoder.estimator.out_channels", est["out_channels"], MEL_BINS)
-        check.equal("flow.decoder.estimator.act_fn", est["act_fn"], "gelu")
+        _check_estimator(est, check)
         channels = est["channels"]
         if not (isinstance(channels, (list, tuple)) and len(channels) == 1):
             check.problems.append(f"flow.decoder.estimator.channels = {channels!r} (one U-Net level, e.g. [256])")
@@ -281,6 +273,29 @@ def _flow_config(flow: Any, source: str) -> FlowConfig:
             training_cfg_rate=float(params["training_cfg_rate"]), only_mask_loss=flow["only_mask_loss"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: the `flow` section: {exc}") from exc
+
+
+#: the flow encoder settings both generations' Conformer implements (and only these)
+_ENCODER_SETTINGS = (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
+                     ("selfattention_layer_type", "rel_selfattn"), ("activation_type", "swish"),
+                     ("normalize_before", True), ("macaron_style", False), ("use_cnn_module", False),
+                     ("global_cmvn", None), ("key_bias", True))
+
+
+def _check_encoder(enc: _Record, dim: Any, check: _Checker, **more: Any) -> None:
+    """``flow.encoder``'s sizes against ``flow.input_size`` and its fixed settings (both flows; ``more``: a
+    generation's own fixed settings, checked after the common ones)."""
+    check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
+    check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
+    for key, wanted in (*_ENCODER_SETTINGS, *more.items()):
+        check.equal(f"flow.encoder.{key}", enc[key], wanted)
+
+
+def _check_estimator(est: _Record, check: _Checker) -> None:
+    """``flow.decoder.estimator``'s channels and activation, which both generations' U-Nets fix."""
+    check.equal("flow.decoder.estimator.in_channels", est["in_channels"], 4 * MEL_BINS, "x, mu, speaker, prompt")
+    check.equal("flow.decoder.estimator.out_channels", est["out_channels"], MEL_BINS)
+    check.equal("flow.decoder.estimator.act_fn", est["act_fn"], "gelu")
 
 
 def _decoder(flow: _Record, check: _Checker, cfm_cls: type[_Record], estimator_cls: type[_Record]
@@ -327,13 +342,7 @@ def _flow_v1_config(flow: Any, source: str) -> FlowV1Config:
     regulator = check.record("flow.length_regulator", flow["length_regulator"], RegulatorRecord)
     est, params = _decoder(flow, check, CFMV1Record, EstimatorV1Record)
     if enc is not None:
-        check.equal("flow.encoder.input_size", enc["input_size"], dim, "it must equal flow.input_size")
-        check.equal("flow.encoder.output_size", enc["output_size"], dim, "it must equal flow.input_size")
-        for key, wanted in (("input_layer", "linear"), ("pos_enc_layer_type", "rel_pos_espnet"),
-                            ("selfattention_layer_type", "rel_selfattn"), ("activation_type", "swish"),
-                            ("normalize_before", True), ("macaron_style", False), ("use_cnn_module", False),
-                            ("global_cmvn", None), ("key_bias", True), ("use_dynamic_chunk", False)):
-            check.equal(f"flow.encoder.{key}", enc[key], wanted)
+        _check_encoder(enc, dim, check, use_dynamic_chunk=False)
         check.equal("flow.encoder.static_chunk_size", enc["static_chunk_size"], 0,
                     "the CosyVoice1 flow's encoder attends to every token")
         heads = enc["attention_heads"]
@@ -347,9 +356,7 @@ def _flow_v1_config(flow: Any, source: str) -> FlowV1Config:
             check.problems.append(f"flow.length_regulator.sampling_ratios = {regulator['sampling_ratios']!r} (a list: "
                                   "one convolution layer per entry)")
     if est is not None:
-        check.equal("flow.decoder.estimator.in_channels", est["in_channels"], 4 * MEL_BINS, "x, mu, speaker, prompt")
-        check.equal("flow.decoder.estimator.out_channels", est["out_channels"], MEL_BINS)
-        check.equal("flow.decoder.estimator.act_fn", est["act_fn"], "gelu")
+        _check_estimator(est, check)
         channels = est["channels"]
         if not (isinstance(channels, (list, tuple)) and channels and all(isinstance(c, int) for c in channels)):
             check.problems.append(f"flow.decoder.estimator.channels = {channels!r} (a list of channel widths, "
