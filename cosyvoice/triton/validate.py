@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from cosyvoice.acoustic import CONFIG_FILE, MODEL_FILES
+from cosyvoice.acoustic import CONFIG_FILE, CONFIG_FILE_V1, MODEL_FILES
 from cosyvoice.triton.render import MODELS, REFERENCE_AUDIO_MODELS, V1_MODELS
 
 GPT_MODEL_TYPES = ("V1", "v1", "inflight_batching", "inflight_fused_batching")
@@ -275,9 +275,10 @@ def _acoustic_warnings(params: dict[str, str], folder: str) -> list[str]:
         return [f"token2wav: model_dir lacks the acoustic model files {absent} that the default runtime "
                 f"({spec}) loads; token2wav will not load until they are there (make-reference-models writes "
                 "random-weight ones)"]
-    if not os.path.isfile(os.path.join(folder, ACOUSTIC_CONFIG)):
-        return [f"token2wav: model_dir has no {ACOUSTIC_CONFIG}; the runtime assumes the released (full-size) flow "
-                "and HiFT settings, so flow.pt/hift.pt of another size will not load"]
+    # runtimes.load_token2wav sizes the models by either generation's recipe
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (ACOUSTIC_CONFIG, CONFIG_FILE_V1)):
+        return [f"token2wav: model_dir has no {ACOUSTIC_CONFIG} (or {CONFIG_FILE_V1}); the runtime assumes the "
+                "released (full-size) flow and HiFT settings, so flow.pt/hift.pt of another size will not load"]
     return []
 
 
