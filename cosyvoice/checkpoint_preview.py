@@ -10,8 +10,11 @@ The ``flow_checkpoint`` / ``hift_checkpoint`` assets show it beside their loss c
   spectrogram (:func:`cosyvoice.acoustic.preview.render_png`), with the difference between the mel
   of the vocoded audio and the input mel.
 
+Either generation: a CosyVoice1 recipe (``MaskedDiffWithXvec``) previews its 50 Hz tokens through
+``FlowV1Model`` and a 22.05 kHz HiFT, a CosyVoice2 one its 25 Hz tokens at 24 kHz; the recipe decides.
+
 The checkpoint must load strictly into the runtime's module (:func:`load_trained`: ``load_flow`` /
-``load_hift`` with the training recipe's sizes): a file in another layout raises ``ValueError``,
+``load_flow_v1`` / ``load_hift`` with the training recipe's sizes): a file in another layout raises ``ValueError``,
 since the averaged file would not serve either. What comes after loading (reading the CV
 utterance, inference, drawing) only illustrates: a problem there gives a preview with ``status``
 ``failed`` and the reason. A checkpoint this process cannot see (the trainer wrote it on a volume
@@ -30,14 +33,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TOKEN_RATE = 25  # CosyVoice2 speech tokens per second (2 mel frames each)
 DEFAULT_SECONDS = 4.0
 
 
 @dataclass
 class CvUtterance:
-    """One CV utterance as the acoustic models see it: speech tokens (N,), the embedding (192,) the
-    recipe's padding picks (utterance or speaker), the ground-truth mel (2 N, 80), the recipe's mel
+    """One CV utterance as the acoustic models see it: speech tokens (N,) at ``token_rate`` per second,
+    the embedding (192,) the recipe's padding picks (utterance or speaker), the ground-truth mel of those
+    tokens (CosyVoice2: 2 N frames; CosyVoice1: N / 50 s of 22.05 kHz / 256 frames), the recipe's mel
     settings that computed it, and the audio."""
 
     utt: str
@@ -47,6 +50,7 @@ class CvUtterance:
     mel_config: object  # cosyvoice.dataset.mel.MelConfig
     speech: np.ndarray
     sample_rate: int
+    token_rate: int = 25
 
 
 @dataclass
@@ -81,15 +85,18 @@ class CheckpointPreview:
 
 def first_cv_utterance(cv_list: str, recipe: str, *, seconds: float = DEFAULT_SECONDS) -> CvUtterance:
     """The first utterance of the first shard of ``cv_list`` with tokens, embedding and audio, cut
-    to at most ``seconds`` (whole tokens), its mel computed with ``recipe``'s feature settings."""
+    to at most ``seconds`` (whole tokens), its mel computed with ``recipe``'s feature settings. The
+    token rate is the recipe's generation's (:func:`cosyvoice.model_family.recipe_family`)."""
     from cosyvoice.config import load_recipe
     from cosyvoice.dataset import processors as P
     from cosyvoice.dataset.pipeline import PipelineConfig, read_data_list
+    from cosyvoice.model_family import recipe_family
 
     shards = read_data_list(cv_list)
     if not shards:
         raise ValueError(f"{cv_list}: no CV shards listed")
     config = PipelineConfig.from_recipe(load_recipe(recipe, {k: None for k in ("llm", "flow", "hift", "hifigan")}))
+    token_rate = recipe_family(recipe).tokens_per_second
     rows = P.parquet_opener([{"src": shards[0]}], batch_rows=1)
     rows = P.decode_audio(rows)
     rows = P.resample(rows, resample_rate=config.resample_rate)
@@ -98,15 +105,25 @@ def first_cv_utterance(cv_list: str, recipe: str, *, seconds: float = DEFAULT_SE
     for row in rows:
         if not len(row.get("speech_token") or []) or row.get("utt_embedding") is None:
             continue
-        n = min(len(row["speech_token"]), row["speech_feat"].shape[0] // 2, max(1, round(seconds * TOKEN_RATE)))
+        available = row["speech_feat"].shape[0]
+        n = min(len(row["speech_token"]), max(1, round(seconds * token_rate)))
+        while n > 1 and mel_frames(n, token_rate, config.mel) > available:
+            n -= 1
+        frames = min(mel_frames(n, token_rate, config.mel), available)
         embedding = row["spk_embedding"] if config.use_spk_embedding else row["utt_embedding"]
-        samples = n * config.samples_per_token if config.samples_per_token else row["speech"].shape[1]
+        samples = n * config.samples_per_token if config.samples_per_token else frames * config.mel.hop
         return CvUtterance(utt=row["utt"], tokens=np.asarray(row["speech_token"][:n], dtype=np.int64),
                            embedding=np.asarray(embedding, dtype=np.float32).reshape(-1),
-                           mel=row["speech_feat"][: 2 * n].numpy().astype(np.float32), mel_config=config.mel,
+                           mel=row["speech_feat"][:frames].numpy().astype(np.float32), mel_config=config.mel,
                            speech=row["speech"][0, :samples].numpy().astype(np.float32),
-                           sample_rate=int(row["sample_rate"]))
+                           sample_rate=int(row["sample_rate"]), token_rate=token_rate)
     raise ValueError(f"{shards[0]}: no utterance with speech tokens and an embedding")
+
+
+def mel_frames(tokens: int, token_rate: int, mel_config) -> int:
+    """Mel frames the flow makes of ``tokens``: ``int(n / rate * sample_rate / hop)`` in integers (CosyVoice2:
+    2 per token; CosyVoice1: upstream's ``int(n / 50 * 22050 / 256)``)."""
+    return tokens * mel_config.sample_rate // (token_rate * mel_config.hop)
 
 
 #: the acoustic models this module previews (the pipeline's names: ``hift`` is trained as ``hifigan``)
@@ -116,17 +133,22 @@ ACOUSTIC_MODELS = ("flow", "hift")
 def load_trained(model: str, checkpoint: str, recipe: str):
     """The trained ``flow`` or ``hift`` (generator) of ``checkpoint`` (a trainer checkpoint, with its
     ``epoch``/``step`` entries, or an averaged file), built strictly with ``recipe``'s sizes, in eval
-    mode; ``ValueError`` naming the mismatching keys otherwise."""
+    mode; ``ValueError`` naming the mismatching keys otherwise. The recipe's flow class picks the
+    generation: ``FlowV1Model`` for CosyVoice1, ``FlowModel`` for CosyVoice2 (HiFT is one module)."""
     from cosyvoice.acoustic.flow import load_flow
+    from cosyvoice.acoustic.flow_v1 import load_flow_v1
     from cosyvoice.acoustic.hift import load_hift
-    from cosyvoice.acoustic.recipe import acoustic_configs
+    from cosyvoice.acoustic.recipe import acoustic_configs, acoustic_configs_v1, flow_generation
     from cosyvoice.train.checkpoint import load_model_weights
 
     if model not in ACOUSTIC_MODELS:
         raise ValueError(f"{model!r} is not an acoustic model (one of {', '.join(ACOUSTIC_MODELS)})")
     weights, _, _ = load_model_weights(checkpoint)
-    flow_config, hift_config = acoustic_configs(recipe)
-    return load_flow(weights, flow_config) if model == "flow" else load_hift(weights, hift_config)
+    v1 = flow_generation(recipe) == 1
+    flow_config, hift_config = (acoustic_configs_v1 if v1 else acoustic_configs)(recipe)
+    if model == "hift":
+        return load_hift(weights, hift_config)
+    return (load_flow_v1 if v1 else load_flow)(weights, flow_config)
 
 
 def checkpoint_preview(model: str, checkpoint: str, recipe: str, cv_list: str, *,
@@ -157,11 +179,19 @@ def _render_flow(flow, utt: CvUtterance, label: str) -> tuple[bytes, np.ndarray,
     """The flow's mel for the utterance's tokens (no prompt) drawn over the ground truth."""
     import torch
 
-    mel = flow.inference(torch.from_numpy(utt.tokens)[None], torch.zeros(1, 0, dtype=torch.int64),
-                         torch.zeros(1, 0, utt.mel.shape[1]), torch.from_numpy(utt.embedding)[None],
-                         finalize=True, chunked=False)[0].T.numpy()  # the flow's noise table is fixed
-    png = mel_png({f"trained flow ({label})": mel, f"ground truth ({utt.utt})": utt.mel})
-    return png, mel, len(utt.tokens) / TOKEN_RATE
+    from cosyvoice.acoustic.flow_v1 import FlowV1Model
+
+    args = (torch.from_numpy(utt.tokens)[None], torch.zeros(1, 0, dtype=torch.int64),
+            torch.zeros(1, 0, utt.mel.shape[1]), torch.from_numpy(utt.embedding)[None])
+    if isinstance(flow, FlowV1Model):  # its noise is drawn from torch's global generator: seeded, left untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mel = flow.inference(*args)[0][0].T.numpy()
+    else:  # the CosyVoice2 flow's noise table is fixed
+        mel = flow.inference(*args, finalize=True, chunked=False)[0].T.numpy()
+    frame_ms = 1000 * utt.mel_config.hop / utt.mel_config.sample_rate
+    png = mel_png({f"trained flow ({label})": mel, f"ground truth ({utt.utt})": utt.mel}, frame_ms=frame_ms)
+    return png, mel, len(utt.tokens) / utt.token_rate
 
 
 def _render_hift(hift, utt: CvUtterance, label: str) -> tuple[bytes, np.ndarray, float]:
@@ -177,9 +207,9 @@ def _render_hift(hift, utt: CvUtterance, label: str) -> tuple[bytes, np.ndarray,
     return png, mel_spectrogram(wav, utt.mel_config)[0].T.numpy(), wav.shape[1] / rate
 
 
-def mel_png(mels: dict[str, np.ndarray]) -> bytes:
-    """(frames, bins) log-mels, one panel each, top to bottom on one colour scale, as PNG bytes.
-    Drawn on a private Agg canvas (no pyplot state)."""
+def mel_png(mels: dict[str, np.ndarray], *, frame_ms: float = 20.0) -> bytes:
+    """(frames, bins) log-mels (``frame_ms`` apart), one panel each, top to bottom on one colour scale,
+    as PNG bytes. Drawn on a private Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -192,7 +222,7 @@ def mel_png(mels: dict[str, np.ndarray]) -> bytes:
         image = ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", vmin=low, vmax=high)
         ax.set_title(name, fontsize=9)
         ax.set_ylabel("mel bin")
-    axes[-1].set_xlabel("frame (20 ms)")
+    axes[-1].set_xlabel(f"frame ({frame_ms:.3g} ms)")
     fig.colorbar(image, ax=list(axes), label="log mel")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})

@@ -1,7 +1,8 @@
 """The tiny CosyVoice1 recipe end to end through Dagster (in-process execution, the real trainer as a Pipes
 subprocess): ``COSYVOICE_TRAIN_RECIPE=configs/cosyvoice-tiny.yaml`` alone makes the feature stage extract 50 Hz
-v1 tokens, the parquet shards carry them, the LLM trains as a TransformerLM, the HF/TensorRT-LLM export is
-skipped with its reason, and a v2 tokenizer setting is refused before any work."""
+v1 tokens, the parquet shards carry them, the LLM trains as a TransformerLM, the flow and HiFT train, are previewed
+and averaged as CosyVoice1 modules (22.05 kHz), the HF/TensorRT-LLM export is skipped with its reason, and a v2
+tokenizer setting is refused before any work."""
 
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ from assets.features import speaker_embeddings, speaker_means, speech_tokens
 from assets.manifest import manifest
 from assets.serving import triton_model_repo
 from assets.shards import parquet_shards, training_data_lists
-from assets.training import LlmTrainConfig, llm_averaged, llm_checkpoint
+from assets.training import (
+    LlmTrainConfig,
+    TrainConfig,
+    flow_averaged,
+    flow_checkpoint,
+    hift_averaged,
+    hift_checkpoint,
+    llm_averaged,
+    llm_checkpoint,
+)
 from cosyvoice.corpus.synthetic import make_synthetic_corpus
 from cosyvoice.features.feature_files import read_parquet
 from pipelines.launchers import Launcher, SubprocessLauncher
@@ -65,7 +75,11 @@ def v1_run(small_corpus, tiny_models, tmp_path_factory):
             ops={"llm_checkpoint": LlmTrainConfig(use_amp=False, num_workers=0, max_epoch=1)}))
         exported = dg.materialize([hf_checkpoint, trtllm_checkpoint], instance=instance, resources=res)
         export_logs = [r.user_message for r in instance.all_logs(exported.run_id)]
-        yield root, features, shards, trained, (exported, export_logs), (instance, res)
+        one_epoch = TrainConfig(use_amp=False, num_workers=0, max_epoch=1)
+        acoustic = dg.materialize([flow_checkpoint, flow_averaged, hift_checkpoint, hift_averaged], instance=instance,
+                                  resources=res, run_config=dg.RunConfig(
+                                      ops={"flow_checkpoint": one_epoch, "hift_checkpoint": one_epoch}))
+        yield root, features, shards, (trained, acoustic), (exported, export_logs), (instance, res)
 
 
 def test_the_v1_recipe_alone_makes_the_token_stage_extract_50hz_v1_tokens(v1_run):
@@ -88,7 +102,7 @@ def test_the_v1_recipe_alone_makes_the_token_stage_extract_50hz_v1_tokens(v1_run
 
 
 def test_the_v1_recipe_trains_a_transformer_lm_and_skips_the_qwen2_export(v1_run):
-    root, _, _, trained, (exported, export_logs), _ = v1_run
+    root, _, _, (trained, _), (exported, export_logs), _ = v1_run
     assert trained.success
     meta = trained.asset_materializations_for_node("llm_checkpoint")[0].metadata
     assert meta["model_family"].value == "cosyvoice1" and meta["recipe"].value.endswith(V1_TINY)
@@ -109,6 +123,30 @@ def test_the_v1_recipe_trains_a_transformer_lm_and_skips_the_qwen2_export(v1_run
     (reason,) = [m for m in export_logs if "hf_checkpoint skipped" in m]
     assert "cosyvoice1" in reason and "not a Qwen2 model" in reason and "python-backend" in reason
     assert not os.path.exists(root / "export" / "hf")
+
+
+def test_the_v1_recipe_trains_flow_and_hift_previewed_and_averaged_as_22khz_cosyvoice1_modules(v1_run):
+    from cosyvoice.acoustic.flow_v1 import FlowV1Model, load_flow_v1
+    from cosyvoice.acoustic.hift import load_hift
+    from cosyvoice.acoustic.recipe import acoustic_configs_v1
+
+    root, *_, (_, acoustic), _, _ = v1_run
+    assert acoustic.success
+    checks = {e.asset_key.path[-1]: e.passed for e in acoustic.get_asset_check_evaluations()}
+    assert checks == {"flow_checkpoint": True, "hift_checkpoint": True}
+    for name in ("flow", "hift"):
+        meta = {k: v.value for k, v in acoustic.asset_materializations_for_node(f"{name}_checkpoint")[0].metadata.items()}
+        assert meta["model_family"] == "cosyvoice1" and meta["preview_status"] == "rendered", meta
+        assert "data:image/png;base64," in meta["preview"] and meta["preview_mel_l1"] >= 0
+        # 22050 / 256 mel frames per second (a CosyVoice2 preview: 50); the flow's seconds are 50 Hz tokens
+        assert abs(meta["preview_seconds"] * 22050 / 256 - meta["preview_frames"]) <= 1, (name, meta)
+        averaged = acoustic.asset_materializations_for_node(f"{name}_averaged")[0].metadata
+        assert averaged["path"].value.endswith(f"{name}/{name}.pt") and averaged["averaged"].value >= 1
+    flow_config, hift_config = acoustic_configs_v1(V1_TINY)
+    flow = load_flow_v1(str(root / "flow" / "flow.pt"), flow_config)  # strict: every key, every shape
+    hift = load_hift(str(root / "hift" / "hift.pt"), hift_config)
+    assert isinstance(flow, FlowV1Model) and flow.config.input_frame_rate == 50
+    assert hift.config.sampling_rate == 22050 and hift.config.samples_per_frame == 256
 
 
 def test_switching_back_to_a_v2_recipe_refuses_to_train_on_the_v1_tokens_before_launching(v1_run, tmp_path):
