@@ -1,9 +1,11 @@
-"""Fixtures for the Triton tests: the CPU tritonserver environment, a tiny HF LLM, a serving model dir."""
+"""Fixtures for the Triton tests: the CPU tritonserver environment, a tiny HF LLM, a serving model dir, and one
+tiny CosyVoice1 dir with its served repository (a tritonserver shared by the v1 tests)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -53,3 +55,69 @@ def model_dir(tiny_models, data_dir, tmp_path_factory) -> str:
     first = sorted(set(read_table(data_dir, "utt2spk").values()))[0]
     build_spk2info(data_dir, out, os.path.join(out, "spk2info.pt"), speakers=[first])
     return out
+
+
+#: the tritonserver's environment additions for the shared v1 server (its python backends' torch thread pools)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="package")
+def v1_oracle() -> dict:
+    """Upstream's CosyVoice1 token2wav record (tests/acoustic/test_token2wav_v1.py): inputs, seed and audio."""
+    from tests.acoustic.test_token2wav_v1 import oracle
+
+    return oracle()
+
+
+@pytest.fixture(scope="package")
+def v1_model_dir(v1_oracle, tmp_path_factory) -> str:
+    """One tiny CosyVoice1 dir for every v1 serving test: the reference dir (cosyvoice.yaml, llm.pt, campplus.onnx,
+    speech_tokenizer_v1.onnx, spk2info.pt with an SFT-style speaker 001: embedding only) with the token2wav
+    oracle's flow.pt / hift.pt (same tiny sizes), so upstream's recorded audio holds for it; its llm.pt changed
+    so that eos never wins: a request then yields 20 tokens per target text token, enough for 100 + 20 chunking."""
+    import torch
+
+    from cosyvoice.features.reference_models import make_reference_models
+    from cosyvoice.triton.runtime_v1 import LLM_FILE
+    from tests.acoustic.test_token2wav_v1 import write_tiny_v1_model_dir
+
+    out = str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny")
+    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1")
+    with open(os.path.join(out, "cosyvoice.yaml"), "rb") as f:
+        recipe = f.read()
+    write_tiny_v1_model_dir(out)
+    with open(os.path.join(out, "cosyvoice.yaml"), "rb") as f:
+        assert f.read() == recipe, "the oracle's acoustic models are sized by another recipe than the reference dir's"
+    state = torch.load(os.path.join(out, LLM_FILE), weights_only=True)
+    state["llm_decoder.bias"][4096] = -1e4
+    torch.save(state, os.path.join(out, LLM_FILE))
+    return out
+
+
+@pytest.fixture(scope="package")
+def v1_server(triton_env, v1_model_dir, v1_oracle, tmp_path_factory):
+    """One CPU tritonserver (127.0.0.1) serving the CosyVoice1 repository of ``v1_model_dir`` -- ``cosyvoice`` BLS,
+    ``transformer_llm`` (python backend) and the real v1 ``token2wav`` seeded with the oracle's seed -- shared by
+    test_token2wav_v1 and test_llm_v1 (one server start for both)."""
+    from cosyvoice.triton.render import V1_MODELS, render_repo, repo_values_v1
+    from cosyvoice.triton.server import TritonServer
+    from tests.support.tritonserver import stop_servers
+
+    repo = str(tmp_path_factory.mktemp("v1_served") / "model_repo")
+    values = repo_values_v1(model_dir=v1_model_dir, bls_instances=1, overrides={
+        "token2wav_seed": str(int(v1_oracle["seed"])), "token2wav_device": "cpu", "transformer_llm_device": "cpu"})
+    report = render_repo(repo, values, models=V1_MODELS)
+    assert sorted(os.listdir(repo)) == sorted(V1_MODELS) and report.models == list(V1_MODELS)
+    assert report.values["token2wav_sample_rate"] == "22050"
+    assert os.listdir(os.path.join(repo, "transformer_llm", "1")) == ["model.py"]
+    # one torch thread per python model (as the in-process side runs): on a small shared machine, several
+    # models' OpenMP pools spinning on the same cores made each request many times slower
+    srv = TritonServer(repo, env=triton_env, explicit=False, extra_env=ONE_THREAD).start()  # models load side by side
+    try:
+        deadline = time.monotonic() + 300
+        while not srv.ready():
+            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log_tail()
+            time.sleep(0.2)
+        yield srv
+    finally:
+        stop_servers([srv])

@@ -3,7 +3,8 @@ tritonserver running the ``transformer_llm`` python model behind the ``cosyvoice
 
 The sampled oracle (``tests/llm/data/upstream_transformer_lm_sampled.npz``) was recorded from upstream's
 ``TransformerLM.inference`` with upstream's ``ras_sampling`` by ``bench/upstream_transformer_lm_sampling.py``
-on the greedy oracle's weights. The server serves the tiny CosyVoice1 reference dir (cosyvoice/acoustic/reference.py)
+on the greedy oracle's weights. The server (tests/triton/conftest.py ``v1_server``, shared with
+test_token2wav_v1) serves the tiny CosyVoice1 reference dir (cosyvoice/acoustic/reference.py, eos suppressed)
 with the real v1 token2wav (22.05 kHz, seeded), so the BLS's audio is compared with what the acoustic runtime
 makes in-process of the tokens the LLM samples.
 """
@@ -14,7 +15,6 @@ import functools
 import json
 import os
 import queue
-import time
 
 import numpy as np
 import pytest
@@ -169,59 +169,17 @@ def test_each_mode_gives_the_llm_and_token2wav_upstreams_v1_inputs(tokenizer):
 
 # --- a CPU tritonserver: transformer_llm, the cosyvoice BLS and the real v1 token2wav -------------
 
-TOKEN2WAV_SEED = 1234
-
-
-@pytest.fixture(scope="module")
-def v1_model_dir(tmp_path_factory) -> str:
-    """The tiny CosyVoice1 reference dir (cosyvoice.yaml, llm.pt, flow.pt, hift.pt, campplus.onnx,
-    speech_tokenizer_v1.onnx, spk2info.pt with an SFT-style speaker 001: embedding only), its llm.pt changed so that eos never wins: a request then yields
-    20 tokens per target text token, enough for the 100 + 20 chunking."""
-    from cosyvoice.features.reference_models import make_reference_models
-
-    out = str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny")
-    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1")
-    state = torch.load(os.path.join(out, runtime_v1.LLM_FILE), weights_only=True)
-    state["llm_decoder.bias"][4096] = -1e4
-    torch.save(state, os.path.join(out, runtime_v1.LLM_FILE))
-    return out
-
-
 @pytest.fixture(scope="module")
 def served_lm(v1_model_dir):
     return runtime_v1.ServedLM.from_model_dir(v1_model_dir, "cpu")
 
 
 @pytest.fixture(scope="module")
-def acoustic(v1_model_dir):
-    """The acoustic runtime token2wav serves, in-process, with the served model's seed."""
+def acoustic(v1_model_dir, v1_oracle):
+    """The acoustic runtime token2wav serves, in-process, with the served model's seed (the oracle's)."""
     from cosyvoice.acoustic.token2wav_v1 import Token2WavV1
 
-    return Token2WavV1(v1_model_dir, device="cpu", seed=TOKEN2WAV_SEED)
-
-
-@pytest.fixture(scope="module")
-def v1_server(triton_env, v1_model_dir, tmp_path_factory):
-    from cosyvoice.triton.render import V1_MODELS, render_repo, repo_values_v1
-    from cosyvoice.triton.server import TritonServer
-    from tests.support.tritonserver import stop_servers
-
-    repo = str(tmp_path_factory.mktemp("v1_served") / "model_repo")
-    values = repo_values_v1(model_dir=v1_model_dir, bls_instances=1, overrides={
-        "token2wav_seed": str(TOKEN2WAV_SEED), "token2wav_device": "cpu", "transformer_llm_device": "cpu"})
-    report = render_repo(repo, values, models=V1_MODELS)
-    assert sorted(os.listdir(repo)) == sorted(V1_MODELS) and report.models == list(V1_MODELS)
-    assert report.values["token2wav_sample_rate"] == "22050"
-    assert os.listdir(os.path.join(repo, "transformer_llm", "1")) == ["model.py"]
-    srv = TritonServer(repo, env=triton_env, explicit=False).start()  # the three models load side by side
-    try:
-        deadline = time.monotonic() + 300
-        while not srv.ready():
-            assert srv.process.poll() is None and time.monotonic() < deadline, srv.log_tail()
-            time.sleep(0.2)
-        yield srv
-    finally:
-        stop_servers([srv])
+    return Token2WavV1(v1_model_dir, device="cpu", seed=int(v1_oracle["seed"]))
 
 
 def _expected_stream(acoustic, tokens, prompt_tokens, prompt_feat, embedding, request_id):

@@ -1,9 +1,9 @@
 """The Triton ``token2wav`` model serving a CosyVoice1 model dir (a real CPU tritonserver, 127.0.0.1).
 
-The repository is rendered for the tiny v1 model dir of tests/acoustic/test_token2wav_v1.py with the
-default runtime and ``token2wav_seed`` = the oracle's seed; ``sample_rate`` comes out 22050 (the dir's
-``cosyvoice.yaml``). Speech tokens go in as the BLS sends them (LLM ids, 151663 + k, k < 4096; prompt mel
-and embedding as FP16): offline, at speed 1.5 and as a stream of three chunks (the prefix up to each
+The server is the package's shared CosyVoice1 one (tests/triton/conftest.py ``v1_server``): its token2wav runs
+the default runtime on the oracle's flow.pt / hift.pt (tests/acoustic/test_token2wav_v1.py) with
+``token2wav_seed`` = the oracle's seed; ``sample_rate`` comes out 22050 (the dir's ``cosyvoice.yaml``).
+Speech tokens go in as the BLS sends them (LLM ids, 151663 + k, k < 4096; prompt mel and embedding as FP16): offline, at speed 1.5 and as a stream of three chunks (the prefix up to each
 chunk's end + 20 overlap tokens, ``token_offset`` where it starts), each equal to upstream's
 ``CosyVoiceModel`` (bench/upstream_token2wav_v1.py) within the library test's tolerance.
 """
@@ -13,41 +13,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cosyvoice.triton.render import render_repo
 from cosyvoice.triton.runtime import ORIGINAL_VOCAB_SIZE
-from cosyvoice.triton.server import TritonServer
-from tests.acoustic.test_token2wav_v1 import ATOL, oracle, write_tiny_v1_model_dir
-from tests.support.tritonserver import stop_servers
+from tests.acoustic.test_token2wav_v1 import ATOL
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def recorded() -> dict:
-    return oracle()
+def recorded(v1_oracle) -> dict:
+    return v1_oracle
 
 
 @pytest.fixture(scope="module")
-def server(triton_env, recorded, tmp_path_factory):
-    model_dir = write_tiny_v1_model_dir(str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny"))
-    repo = str(tmp_path_factory.mktemp("v1_token2wav") / "model_repo")
-    values = {"model_dir": model_dir, "triton_max_batch_size": "4", "max_queue_delay_microseconds": "0",
-              "token2wav_seed": str(int(recorded["seed"])), "token2wav_device": "cpu"}
-    report = render_repo(repo, values, models=("token2wav",))
-    assert report.values["token2wav_sample_rate"] == "22050"
-    srv = TritonServer(repo, env=triton_env).start()
-    try:
-        srv.load("token2wav")
-        yield srv
-    finally:
-        stop_servers([srv])
-
-
-@pytest.fixture(scope="module")
-def client(server):
+def client(v1_server):
     import tritonclient.grpc as grpcclient
 
-    return grpcclient.InferenceServerClient(server.grpc_url)
+    return grpcclient.InferenceServerClient(v1_server.grpc_url)
 
 
 def _ids(tokens) -> np.ndarray:
