@@ -101,6 +101,48 @@ def fade_in_out(new: torch.Tensor, previous: torch.Tensor, window: torch.Tensor)
     return out
 
 
+def stretch_chunk(stream, mel: torch.Tensor) -> torch.Tensor:
+    """A streamed chunk's new mel frames at the stream's speed (``stream`` has ``speed``, ``mel_in``,
+    ``mel_out``; both generations' runtimes). The rounding is cumulative, so the stream ends with
+    int(frames / speed) frames like an offline call, and a one-chunk stream is exactly its interpolation."""
+    if stream.speed == 1.0:
+        return mel
+    stream.mel_in += mel.shape[2]
+    size = int(stream.mel_in / stream.speed) - stream.mel_out
+    stream.mel_out += size
+    if size <= 0:
+        return mel[:, :, :0]
+    return F.interpolate(mel, size=size, mode="linear")
+
+
+def vocode_chunk(hift: HiFTGenerator, stream, mel: torch.Tensor, *, finalize: bool, mel_cache: int,
+                 source_cache: int, window: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(waveform, vocoded mel) of a streamed chunk's mel, as upstream's HiFT streams in both generations:
+    the previous chunk's last ``mel_cache`` frames go in front and its last ``source_cache`` excitation
+    samples are the vocoder's ``cache_source``; the start is cross-faded with the held-back audio and a
+    non-final chunk holds back its last ``source_cache`` samples (``stream``: ``mel``, ``source``, ``speech``)."""
+    cache_source = None
+    if stream.mel is not None:
+        mel = torch.cat([stream.mel, mel], dim=2)
+        cache_source = stream.source
+    wav, source = hift.inference(mel, cache_source=cache_source, generator=generator)
+    if stream.speech is not None:
+        wav = fade_in_out(wav, stream.speech, window)
+    if not finalize:
+        stream.mel = mel[:, :, -mel_cache:]
+        stream.source = source[:, :, -source_cache:]
+        stream.speech = wav[:, -source_cache:]
+        wav = wav[:, :-source_cache]
+    return wav, mel
+
+
+def runtime_output(wav: torch.Tensor, mel: torch.Tensor, return_mel: bool):
+    """What ``synthesize`` returns: float32 samples on the CPU (and the mel when asked)."""
+    samples = wav.reshape(-1).float().cpu().numpy()
+    return (samples, mel.float().cpu()) if return_mel else samples
+
+
 class Token2Wav:
     """Speech tokens -> 24 kHz waveform with the CosyVoice2 flow + HiFT of ``model_dir``.
 
@@ -209,7 +251,7 @@ class Token2Wav:
                 if speed != 1.0:
                     mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
                 wav, _ = self.hift.inference(mel, generator=generator)
-            return self._out(wav, mel, return_mel)
+            return runtime_output(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
         with self._lock:
@@ -233,7 +275,7 @@ class Token2Wav:
             raise
         if finalize:
             self.release(request_id)
-        return self._out(wav, mel, return_mel)
+        return runtime_output(wav, mel, return_mel)
 
     def release(self, request_id: str) -> None:
         """Forget a stream's state (after its final chunk, an error or a cancellation)."""
@@ -255,38 +297,9 @@ class Token2Wav:
                         "from now on", flow_stream.nbytes() / 1e9, self.max_stream_cache_bytes / 1e9)
             stream.flow.reset()
             stream.cached = False
-        mel = self._stretch(stream, mel[:, :, offset * self.flow.config.token_mel_ratio:])
-        cache_source = None
-        if stream.mel is not None:
-            mel = torch.cat([stream.mel, mel], dim=2)
-            cache_source = stream.source
-        wav, source = self.hift.inference(mel, cache_source=cache_source, generator=generator)
-        if stream.speech is not None:
-            wav = fade_in_out(wav, stream.speech, self.window)
-        if not finalize:
-            stream.mel = mel[:, :, -MEL_CACHE_FRAMES:]
-            stream.source = source[:, :, -SOURCE_CACHE_SAMPLES:]
-            stream.speech = wav[:, -SOURCE_CACHE_SAMPLES:]
-            wav = wav[:, :-SOURCE_CACHE_SAMPLES]
-        return wav, mel
-
-    @staticmethod
-    def _stretch(stream: _Stream, mel: torch.Tensor) -> torch.Tensor:
-        """A chunk's new frames at the stream's speed; the rounding is cumulative, so the stream ends
-        with int(frames / speed) frames like an offline call."""
-        if stream.speed == 1.0:
-            return mel
-        stream.mel_in += mel.shape[2]
-        size = int(stream.mel_in / stream.speed) - stream.mel_out
-        stream.mel_out += size
-        if size <= 0:
-            return mel[:, :, :0]
-        return F.interpolate(mel, size=size, mode="linear")
-
-    @staticmethod
-    def _out(wav: torch.Tensor, mel: torch.Tensor, return_mel: bool):
-        samples = wav.reshape(-1).float().cpu().numpy()
-        return (samples, mel.float().cpu()) if return_mel else samples
+        mel = stretch_chunk(stream, mel[:, :, offset * self.flow.config.token_mel_ratio:])
+        return vocode_chunk(self.hift, stream, mel, finalize=finalize, mel_cache=MEL_CACHE_FRAMES,
+                            source_cache=SOURCE_CACHE_SAMPLES, window=self.window, generator=generator)
 
     # -- conveniences -----------------------------------------------------------------------------
 

@@ -43,7 +43,14 @@ from cosyvoice.acoustic import CONFIG_FILE_V1, FLOW_FILE, HIFT_FILE
 from cosyvoice.acoustic.flow import MEL_BINS, token_tensor
 from cosyvoice.acoustic.flow_v1 import FlowV1Config, FlowV1Model, load_flow_v1
 from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, load_hift
-from cosyvoice.acoustic.token2wav import DTYPES, check_speed, fade_in_out
+from cosyvoice.acoustic.token2wav import (
+    DTYPES,
+    check_speed,
+    fade_in_out,
+    runtime_output,
+    stretch_chunk,
+    vocode_chunk,
+)
 
 SAMPLE_RATE = 22050
 #: upstream CosyVoiceModel: token_min_hop_len = 2 * 50 (its stream_scale_factor 1 keeps it there)
@@ -188,7 +195,7 @@ class Token2WavV1:
                 if speed != 1.0:
                     mel = F.interpolate(mel, size=int(mel.shape[2] / speed), mode="linear")
                 wav, _ = self.hift.inference(mel)
-            return self._out(wav, mel, return_mel)
+            return runtime_output(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
         with self._lock:
@@ -204,7 +211,7 @@ class Token2WavV1:
             raise
         if finalize:
             self.release(request_id)
-        return self._out(wav, mel, return_mel)
+        return runtime_output(wav, mel, return_mel)
 
     def release(self, request_id: str) -> None:
         """Forget a stream's state (after its final chunk, an error or a cancellation)."""
@@ -242,41 +249,13 @@ class Token2WavV1:
         if not finalize:
             stream.mel_overlap = mel[:, :, -self.mel_overlap:]
             mel = mel[:, :, :-self.mel_overlap]
-        mel = self._stretch(stream, mel)
-        cache_source = None
-        if stream.mel is not None:
-            mel = torch.cat([stream.mel, mel], dim=2)
-            cache_source = stream.source
-        if not finalize and mel.shape[2] < MEL_CACHE_FRAMES:
-            raise ValueError(f"a non-final chunk gives the vocoder {mel.shape[2]} mel frames at speed {stream.speed}; "
+        mel = stretch_chunk(stream, mel)
+        frames = mel.shape[2] + (0 if stream.mel is None else stream.mel.shape[2])
+        if not finalize and frames < MEL_CACHE_FRAMES:
+            raise ValueError(f"a non-final chunk gives the vocoder {frames} mel frames at speed {stream.speed}; "
                              f"it needs {MEL_CACHE_FRAMES} for the next chunk's cache (send longer chunks)")
-        wav, source = self.hift.inference(mel, cache_source=cache_source)
-        if stream.speech is not None:
-            wav = fade_in_out(wav, stream.speech, self.speech_window)
-        if not finalize:
-            stream.mel = mel[:, :, -MEL_CACHE_FRAMES:]
-            stream.source = source[:, :, -self.source_cache:]
-            stream.speech = wav[:, -self.source_cache:]
-            wav = wav[:, :-self.source_cache]
-        return wav, mel
-
-    @staticmethod
-    def _stretch(stream: _StreamV1, mel: torch.Tensor) -> torch.Tensor:
-        """A chunk's new frames at the stream's speed, rounding cumulatively (a one-chunk stream is
-        exactly the offline interpolation)."""
-        if stream.speed == 1.0:
-            return mel
-        stream.mel_in += mel.shape[2]
-        size = int(stream.mel_in / stream.speed) - stream.mel_out
-        stream.mel_out += size
-        if size <= 0:
-            return mel[:, :, :0]
-        return F.interpolate(mel, size=size, mode="linear")
-
-    @staticmethod
-    def _out(wav: torch.Tensor, mel: torch.Tensor, return_mel: bool):
-        samples = wav.reshape(-1).float().cpu().numpy()
-        return (samples, mel.float().cpu()) if return_mel else samples
+        return vocode_chunk(self.hift, stream, mel, finalize=finalize, mel_cache=MEL_CACHE_FRAMES,
+                            source_cache=self.source_cache, window=self.speech_window)
 
     # -- conveniences -----------------------------------------------------------------------------
 
