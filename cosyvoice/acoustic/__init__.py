@@ -1,9 +1,11 @@
-"""CosyVoice2 acoustic models: speech tokens -> mel (flow matching) -> 24 kHz waveform (HiFT).
+"""CosyVoice acoustic models: speech tokens -> mel (flow matching) -> waveform (HiFT).
 
-``token2wav.Token2Wav`` is the runtime the Triton ``token2wav`` model serves; ``flow`` and ``hift``
-are the networks, loadable strictly from the released ``flow.pt`` / ``hift.pt``. CosyVoice1
-(CosyVoice-300M, 22.05 kHz) has its own flow in ``flow_v1`` (``FlowV1Model``, ``load_flow_v1``; its
-U-Net in ``estimator_v1``), not yet wired into the runtime.
+CosyVoice2: ``token2wav.Token2Wav`` (25 Hz tokens, 24 kHz) over ``flow`` and ``hift``, loadable strictly
+from the released ``flow.pt`` / ``hift.pt``. CosyVoice1 (CosyVoice-300M): ``token2wav_v1.Token2WavV1``
+(50 Hz tokens, 22.05 kHz) over its own flow in ``flow_v1`` (``FlowV1Model``, ``load_flow_v1``; its U-Net
+in ``estimator_v1``) and the same HiFT at 22.05 kHz. ``runtimes.load_token2wav`` picks one by the model
+dir's recipe file (``cosyvoice.yaml``: CosyVoice1); the Triton ``token2wav`` model, ``synthesize`` and
+the published sample preview all load through it.
 """
 
 #: what the runtime loads from a model dir (flow, vocoder) and the recipe giving their sizes (without

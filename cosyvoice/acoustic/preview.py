@@ -1,10 +1,13 @@
 """A short spoken sample of a published model dir, drawn as waveform + spectrogram (PNG).
 
 What an operator sees of a published Triton repository before listening to it: ``sample_preview``
-runs the served ``Token2Wav`` on about two seconds of the default speaker's speech tokens (speaker
-``"001"`` of the ``spk2info.pt`` the BLS falls back to) with that speaker's CAM++ embedding, and
-``render_png`` draws the result. A model dir without the acoustic models, or one whose models do not
-load, gives a preview that says so instead of an image (the publication does not depend on it).
+runs the served acoustic runtime (:func:`cosyvoice.acoustic.runtimes.load_token2wav`: ``Token2Wav``
+at 24 kHz for a CosyVoice2 dir, ``Token2WavV1`` at 22.05 kHz for a CosyVoice1 one) on about two
+seconds of the default speaker's speech tokens (speaker ``"001"`` of the ``spk2info.pt`` the BLS
+falls back to; 25 or 50 tokens per second, the dir's generation's rate) with that speaker's CAM++
+embedding, and ``render_png`` draws the result. A model dir without the acoustic models, a speaker
+entry without speech tokens (a CosyVoice1 SFT entry holds the embedding only), or models that do not
+load give a preview that says so instead of an image (the publication does not depend on it).
 """
 
 from __future__ import annotations
@@ -21,14 +24,13 @@ from cosyvoice import storage
 
 log = logging.getLogger(__name__)
 
-TOKEN_RATE = 25  # CosyVoice2 speech tokens per second
 DEFAULT_SECONDS = 2.0
 
 
 @dataclass
 class SamplePreview:
-    """``status``: ``rendered`` (``png`` holds the picture), ``skipped`` (no acoustic models) or
-    ``failed`` (they did not load or run); ``reason`` says why for the last two."""
+    """``status``: ``rendered`` (``png`` holds the picture), ``skipped`` (no acoustic models, or no
+    speech tokens for the speaker) or ``failed`` (they did not load or run); ``reason`` says why for the last two."""
 
     status: str
     reason: str = ""
@@ -113,19 +115,25 @@ def sample_preview(model_dir: str, spk2info_url: str, *, speaker: str = "001", u
     """About ``seconds`` of speech from ``model_dir``'s flow + HiFT: the first tokens of ``speaker``'s
     prompt utterance in ``spk2info_url`` (``utterance`` is its id, for the label), in that speaker's
     embedding, vocoder noise seeded with ``seed``; drawn with :func:`render_png`."""
-    from cosyvoice.acoustic.synthesis import ACOUSTIC_FILES, missing_files
+    from cosyvoice.acoustic.runtimes import load_token2wav
+    from cosyvoice.acoustic.synthesis import ACOUSTIC_FILES, missing_files, token_rate
 
     absent = missing_files(model_dir, ACOUSTIC_FILES)
     if absent:
         return SamplePreview("skipped", f"{model_dir} has no {', '.join(absent)}: token2wav cannot speak",
                              speaker=speaker, utterance=utterance)
     entry = _speaker(spk2info_url, speaker)
-    tokens = np.asarray(entry["speech_token"]).reshape(-1)[: max(1, round(seconds * TOKEN_RATE))]
+    if entry.get("speech_token") is None or np.asarray(entry["speech_token"]).size == 0:
+        return SamplePreview("skipped", f"speaker {speaker!r} of {spk2info_url} has no speech_token (an SFT entry "
+                             "with the embedding only): no tokens to speak", speaker=speaker, utterance=utterance)
+    try:
+        rate = token_rate(model_dir)
+    except ValueError as exc:  # a dir of both generations (or an unknown recipe): say so, publish anyway
+        return SamplePreview("failed", f"{type(exc).__name__}: {exc}", speaker=speaker, utterance=utterance)
+    tokens = np.asarray(entry["speech_token"]).reshape(-1)[: max(1, round(seconds * rate))]
     embedding = np.asarray(entry["embedding"], dtype=np.float32).reshape(-1)
     try:
-        from cosyvoice.acoustic.token2wav import Token2Wav
-
-        model = Token2Wav(model_dir, device=device, seed=seed)
+        model = load_token2wav(model_dir, device=device, seed=seed)
         samples = model.synthesize(tokens, embedding=embedding)
         if not np.isfinite(samples).all():
             raise ValueError("non-finite samples")

@@ -1,8 +1,11 @@
-"""``synthesize``: speech tokens (or text, through the HF export of the LLM) -> a 24 kHz WAV file.
+"""``synthesize``: speech tokens (or text, through the HF export of the LLM) -> a WAV file at the model dir's rate.
 
-The quick-listen face of the served model: the same ``Token2Wav`` runtime the Triton ``token2wav``
-model serves, the same prompt computations as the ``cosyvoice2`` BLS (``cosyvoice.triton.runtime``:
-S3 tokens, CAM++ embedding and flow-prompt mel of 16 kHz reference audio) and, for text, the same
+The quick-listen face of the served model: the same acoustic runtime the Triton ``token2wav`` model
+serves, picked by the model dir (:func:`cosyvoice.acoustic.runtimes.load_token2wav`: ``Token2Wav``,
+24 kHz, for CosyVoice2; ``Token2WavV1``, 22.05 kHz and 50 Hz tokens, for a dir with ``cosyvoice.yaml``),
+the same prompt computations as the BLS (CosyVoice2: ``cosyvoice.triton.runtime``, S3 tokens, CAM++
+embedding and flow-prompt mel of 16 kHz reference audio; CosyVoice1: the v1 BLS's
+``runtime_v1.ReferenceFrontend``) and, for text (CosyVoice2 only), the same
 LLM prompt (``<|sos|>`` + reference text + text + ``<|task_id|>`` + prompt speech ids), sampling
 settings and stop id (``<|eos1|>``) as the BLS sends to ``tensorrt_llm``, run by the HF stand-in's
 sampler on the CPU/GPU with transformers.
@@ -21,11 +24,12 @@ import numpy as np
 from cosyvoice import storage
 from cosyvoice.acoustic import MODEL_FILES
 
-#: CosyVoice2 speech tokens are ids 0..6560
+#: CosyVoice2 speech tokens are ids 0..6560 (CosyVoice1's 0..4095: its runtime checks them)
 SPEECH_TOKEN_COUNT = 6561
 #: what a model dir needs for token2wav (``Token2Wav`` loads them; the yaml is optional there)
 ACOUSTIC_FILES = MODEL_FILES
 PROMPT_FILES = ("speech_tokenizer_v2.onnx", "campplus.onnx")
+V1_PROMPT_FILES = ("speech_tokenizer_v1.onnx", "campplus.onnx")
 
 
 @dataclass
@@ -172,15 +176,33 @@ def missing_files(model_dir: str, names: Iterable[str]) -> list[str]:
     return [n for n in names if not os.path.isfile(os.path.join(model_dir, n))]
 
 
+def is_v1_dir(model_dir: str) -> bool:
+    """Whether ``model_dir`` is a CosyVoice1 dir (``cosyvoice.yaml``; ``ValueError`` when it holds both recipes)."""
+    from cosyvoice.acoustic.runtimes import V1, acoustic_generation
+
+    return acoustic_generation(model_dir) == V1
+
+
+def token_rate(model_dir: str) -> int:
+    """Speech tokens per second of ``model_dir``'s acoustic models: 50 for CosyVoice1, 25 for CosyVoice2."""
+    from cosyvoice.model_family import COSYVOICE1, COSYVOICE2
+
+    return (COSYVOICE1 if is_v1_dir(model_dir) else COSYVOICE2).tokens_per_second
+
+
 def prompt_from_wav(model_dir: str, wav_url: str, text: str = "") -> Prompt:
     """The BLS's prompt of reference audio: S3 tokens (``speech_tokenizer_v2.onnx``), CAM++ embedding
-    (``campplus.onnx``) and the flow-prompt mel, trimmed to 2 frames per token."""
+    (``campplus.onnx``) and the flow-prompt mel, trimmed to 2 frames per token; for a CosyVoice1 dir
+    the v1 BLS's (50 Hz ``speech_tokenizer_v1.onnx`` tokens, 22.05 kHz mel, no trimming)."""
     from cosyvoice.features import frontend
     from cosyvoice.triton import runtime
 
-    absent = missing_files(model_dir, PROMPT_FILES)
+    v1 = is_v1_dir(model_dir)
+    needed = (V1_PROMPT_FILES if v1 else PROMPT_FILES)
+    absent = missing_files(model_dir, needed)
     if absent:
-        raise FileNotFoundError(f"{model_dir}: a prompt needs {absent} (the CosyVoice2 model dir's ONNX models)")
+        raise FileNotFoundError(f"{model_dir}: a prompt needs {absent} (the {'CosyVoice1' if v1 else 'CosyVoice2'} "
+                                "model dir's ONNX models)")
     if not storage.exists(wav_url):
         raise FileNotFoundError(f"{wav_url}: prompt audio not found")
     try:
@@ -188,6 +210,13 @@ def prompt_from_wav(model_dir: str, wav_url: str, text: str = "") -> Prompt:
     except frontend.AudioDecodeError as exc:
         raise ValueError(f"{wav_url}: cannot decode the prompt audio ({exc})") from None
     wav = frontend.mono_16k(audio, rate)[0].numpy()
+    if v1:
+        from cosyvoice.triton.runtime_v1 import ReferenceFrontend
+
+        tokens, feat, embedding = ReferenceFrontend.from_model_dir(model_dir).prompt(wav)
+        if len(tokens) == 0:
+            raise ValueError(f"{wav_url}: {len(wav) / 16000:.2f} s of audio give no prompt speech tokens")
+        return Prompt(tokens.astype(np.int64), feat.astype(np.float32), embedding.astype(np.float32), text)
     tokens = runtime.speech_tokens(runtime.onnx_session(os.path.join(model_dir, PROMPT_FILES[0])), wav)
     tokens, feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav))
     if len(tokens) == 0:
@@ -256,14 +285,15 @@ def synthesize(model_dir: str, out: str, *, tokens: str | None = None, utt: str 
                prompt_text: str | None = None, stream: bool = False, seed: int = 0,
                chunk_causal_final: bool = False, max_new_tokens: int | None = None, device: str | None = None,
                progress: Callable[[Iterable], Iterable] | None = None) -> SynthesisReport:
-    """Write ``out`` (path or URL, atomically): a 24 kHz float WAV of ``tokens`` (a token file, see
-    :func:`read_speech_tokens`) or of ``text`` (sampled by the LLM in ``llm_dir``), spoken with the
-    flow + HiFT of ``model_dir``, optionally in the voice of ``prompt_wav`` (its transcript
-    ``prompt_text`` is needed with ``text``). ``stream`` runs ``Token2Wav.stream`` (upstream's chunk
-    schedule) and records when each chunk was ready; ``seed`` fixes the LLM's sampling and the
-    vocoder's noise, so a re-run writes the same bytes.
+    """Write ``out`` (path or URL, atomically): a float WAV at the model dir's rate (24 kHz CosyVoice2,
+    22.05 kHz CosyVoice1) of ``tokens`` (a token file, see :func:`read_speech_tokens`) or of ``text``
+    (sampled by the CosyVoice2 LLM in ``llm_dir``), spoken with the flow + HiFT of ``model_dir``,
+    optionally in the voice of ``prompt_wav`` (its transcript ``prompt_text`` is needed with ``text``).
+    ``stream`` runs the runtime's ``stream`` (upstream's chunk schedule) and records when each chunk was
+    ready; ``seed`` fixes the LLM's sampling and the vocoder's noise, so a re-run writes the same bytes.
+    ``chunk_causal_final`` is a CosyVoice2 option (a CosyVoice1 dir refuses it).
     """
-    from cosyvoice.acoustic.token2wav import Token2Wav
+    from cosyvoice.acoustic.runtimes import load_token2wav
 
     if (tokens is None) == (text is None):
         raise ValueError("give exactly one of tokens (a token file) or text")
@@ -280,6 +310,10 @@ def synthesize(model_dir: str, out: str, *, tokens: str | None = None, utt: str 
         raise ValueError("prompt_text is only used with text (the LLM's prompt); token files need none")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: model dir not found")
+    if text is not None and is_v1_dir(model_dir):
+        raise ValueError(f"{model_dir} is a CosyVoice1 model dir: text goes through the HF export of a CosyVoice2 "
+                         "(Qwen2) LLM, which a TransformerLM has none of; give speech tokens (--tokens), or serve "
+                         "the dir (triton-publish) for text")
     absent = missing_files(model_dir, ACOUSTIC_FILES)
     if absent:
         raise FileNotFoundError(f"{model_dir}: lacks the acoustic models {absent} (the released CosyVoice2 files, "
@@ -292,7 +326,8 @@ def synthesize(model_dir: str, out: str, *, tokens: str | None = None, utt: str 
         speech = text_to_tokens(llm_dir, text, prompt=prompt, seed=seed, max_new_tokens=max_new_tokens)
         llm_seconds = time.perf_counter() - llm_started
     load_started = time.perf_counter()
-    model = Token2Wav(model_dir, device=device, chunk_causal_final=chunk_causal_final, seed=seed)
+    options = {"chunk_causal_final": True} if chunk_causal_final else {}  # CosyVoice1's runtime refuses the option
+    model = load_token2wav(model_dir, device=device, seed=seed, **options)
     load_seconds = time.perf_counter() - load_started
     args = (speech, *((prompt.tokens, prompt.feat, prompt.embedding) if prompt else (None, None, None)))
     chunks: list[ChunkTiming] = []
