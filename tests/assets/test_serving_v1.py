@@ -23,13 +23,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def v1_released(tmp_path_factory) -> str:
+def v1_released(tiny_models, tmp_path_factory) -> str:
     """The tiny CosyVoice1 reference dir (llm.pt, flow.pt, hift.pt, cosyvoice.yaml, campplus.onnx,
-    speech_tokenizer_v1.onnx, an SFT-style spk2info.pt)."""
-    from cosyvoice.features.reference_models import make_reference_models
+    speech_tokenizer_v1.onnx, an SFT-style spk2info.pt); its two ONNX models are the session's tiny ones
+    (the same seed and size: exporting them again would cost ~15 s)."""
+    from cosyvoice.features.reference_models import V1_ONNX_MODELS, V1_TORCH_MODELS, make_reference_models
 
     out = str(tmp_path_factory.mktemp("v1-released") / "CosyVoice-300M-tiny")
-    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1")
+    os.makedirs(out)
+    for name in V1_ONNX_MODELS:
+        shutil.copy(os.path.join(tiny_models, f"{name}.onnx"), out)
+    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1", models=V1_TORCH_MODELS)
     return out
 
 
@@ -102,8 +106,9 @@ def test_a_cosyvoice1_model_is_published_as_the_load_tested_v1_repository_with_v
 def test_the_v1_repository_serves_the_pipelines_llm_only_when_a_v1_recipe_trained_it(
         tmp_path, data_dir, v1_released):  # noqa: F811
     """llm_averaged of the v1 recipe: served as llm.pt with that recipe as cosyvoice.yaml; an averaged LLM of
-    a CosyVoice2 recipe: auto serves the released llm.pt (and yaml); a TensorRT-LLM backend is refused."""
-    from cosyvoice.acoustic.reference import llm_v1_state
+    a CosyVoice2 recipe: auto serves the released llm.pt (and yaml); a TensorRT-LLM backend and an averaged llm.pt
+that does not load under the recipe are refused before anything is published."""
+    from cosyvoice.acoustic.reference import flow_v1_state, llm_v1_state
 
     layout = DataLayout(str(tmp_path / "data"))
     path = layout.model_file("llm")
@@ -137,3 +142,9 @@ def test_the_v1_repository_serves_the_pipelines_llm_only_when_a_v1_recipe_traine
         assert meta["acoustic_source"].value["cosyvoice.yaml"] == "released"
         message = failure(llm_backend="tensorrtllm", load_test="skip")
         assert "is a cosyvoice1 model" in message and "llm_backend: tensorrtllm" in message
+
+        torch.save(flow_v1_state(7, "tiny"), path)  # an averaged "LLM" that is no TransformerLM of the recipe
+        averaged_llm(V1_TINY)
+        message = failure(load_test="skip")
+        assert "do not fit together: llm.pt from" in message and "(pipeline) does not load under cosyvoice.yaml" in message
+    assert not os.path.exists(os.path.join(meta["root"].value, "3"))  # two versions published, the refusals none
