@@ -29,6 +29,9 @@ TARGET = "the quick brown fox jumps over the lazy dog"
 SHORT_TARGET = "the quick brown fox jumps over the"  # 7 whisper ids: 140 tokens, a chunk of 100 + 20 and the rest
 INSTRUCTION = "Theo is a fiery, passionate rebel leader."
 
+#: the in-process side (sampling, the expected audio) on one torch thread, as the served models run
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: a tiny v1 model dir's recipe: upstream's class paths and sampling, whisper text ids, 4096 speech codes
 TINY_V1_YAML = """
 llm: !new:cosyvoice.llm.llm.TransformerLM
@@ -110,7 +113,6 @@ def _oracle_lm():
     return lm.eval(), record, sampled
 
 
-@pytest.mark.usefixtures("one_torch_thread")
 def test_sampled_generation_equals_upstreams_for_a_fixed_seed():
     """Upstream's ras_sampling (nucleus top_p 0.8/top_k 25, resampled from the full distribution when the pick
     repeats within 10 tokens) and ours make the same draws from torch's generator: same ids per seed, with the
