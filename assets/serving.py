@@ -9,6 +9,7 @@ alone (cosyvoice BLS + python-backend ``transformer_llm`` + 22.05 kHz ``token2wa
 metadata records which files were served (path + sha256).
 """
 
+import os
 import tempfile
 from enum import Enum
 
@@ -174,8 +175,24 @@ def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfi
         chosen.update(pipeline_llm_file(context, config.acoustic_source))
     with tempfile.TemporaryDirectory(prefix="served-model-dir-") as work:
         served = served_model_dir(work, released_dir, chosen, family)
+        if family is COSYVOICE1:
+            require_v1_files(served.path, released_dir)
         context.log.info(f"model files: {served.as_metadata()['acoustic_source'] or 'none'}")
         return _publish(context, config, store, served, family)
+
+
+#: what a CosyVoice1 repository serves from its model dir (spk2info.pt is built here from the corpus)
+V1_SERVED_FILES = (LLM_FILE, FLOW_FILE, HIFT_FILE, CONFIG_FILE_V1, "campplus.onnx", COSYVOICE1.speech_tokenizer)
+
+
+def require_v1_files(model_dir: str, released_dir: str) -> None:
+    """``dg.Failure`` before the prompts are built when the composed CosyVoice1 dir lacks a file its repository
+    serves (the LLM, the acoustic models, the recipe, the front-end ONNX models the prompts come from)."""
+    absent = [name for name in V1_SERVED_FILES if not os.path.isfile(os.path.join(model_dir, name))]
+    if absent:
+        raise dg.Failure(f"{released_dir} is a {COSYVOICE1.name} model dir ({CONFIG_FILE_V1}) but the model to serve "
+                         f"lacks {', '.join(absent)}: a CosyVoice1 repository serves {', '.join(V1_SERVED_FILES)} "
+                         "(make-reference-models --family cosyvoice1 writes stand-ins)", allow_retries=False)
 
 
 def refuse_llm_export_settings(config: TritonRepoConfig, family: ModelFamily) -> None:

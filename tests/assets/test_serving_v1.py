@@ -148,3 +148,15 @@ that does not load under the recipe are refused before anything is published."""
         message = failure(load_test="skip")
         assert "do not fit together: llm.pt from" in message and "(pipeline) does not load under cosyvoice.yaml" in message
     assert not os.path.exists(os.path.join(meta["root"].value, "3"))  # two versions published, the refusals none
+
+
+def test_a_cosyvoice1_dir_lacking_what_its_repository_serves_fails_naming_the_files(tmp_path, data_dir):  # noqa: F811
+    released = tmp_path / "CosyVoice-300M"
+    released.mkdir()
+    shutil.copy(V1_TINY, released / "cosyvoice.yaml")
+    result = materialize(tmp_path, data_dir, str(released), raise_on_error=False, load_test="skip")
+    assert not result.success
+    message = result.get_step_failure_events()[0].step_failure_data.user_failure_data.description
+    assert "is a cosyvoice1 model dir (cosyvoice.yaml)" in message
+    assert "lacks llm.pt, flow.pt, hift.pt, campplus.onnx, speech_tokenizer_v1.onnx" in message
+    assert not os.path.exists(DataLayout(str(tmp_path / "data")).triton_root("cosyvoice"))
