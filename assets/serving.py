@@ -161,8 +161,9 @@ def served_model_dir(dest: str, released_dir: str, chosen: dict[str, dict],
 def triton_model_repo(context: dg.AssetExecutionContext, config: TritonRepoConfig, store: DataStore,
                       models: ModelStore) -> dg.MaterializeResult:
     """Render + validate + load-test the repository (CosyVoice2: five models; CosyVoice1: cosyvoice +
-    transformer_llm + token2wav) and publish it to ``<data root>/triton/<name>/<version>/``; the channel's pointer (``LATEST`` for the TensorRT-LLM
-    repository, ``LATEST-cpu`` for the python-backend fallback) switches only after the upload
+    transformer_llm + token2wav) and publish it to ``<data root>/triton/<name>/<version>/``; the channel's
+    pointer (``LATEST`` for the TensorRT-LLM repository, ``LATEST-cpu`` for the python-backend fallback and
+    every CosyVoice1 version) switches only after the upload
     verifies and the load test passed (or ``load_test: skip`` was configured). Nothing is published
     when the repository is invalid or the load test fails. The metadata shows which acoustic files
     were served (``acoustic_files``: source, path, sha256) and ~2 s the published acoustic models
