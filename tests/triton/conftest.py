@@ -70,19 +70,31 @@ def v1_oracle() -> dict:
 
 
 @pytest.fixture(scope="package")
-def v1_model_dir(v1_oracle, tmp_path_factory) -> str:
+def v1_model_dir(v1_oracle, tiny_models, tmp_path_factory) -> str:
     """One tiny CosyVoice1 dir for every v1 serving test: the reference dir (cosyvoice.yaml, llm.pt, campplus.onnx,
     speech_tokenizer_v1.onnx, spk2info.pt with an SFT-style speaker 001: embedding only) with the token2wav
     oracle's flow.pt / hift.pt (same tiny sizes), so upstream's recorded audio holds for it; its llm.pt changed
-    so that eos never wins: a request then yields 20 tokens per target text token, enough for 100 + 20 chunking."""
+    so that eos never wins: a request then yields 20 tokens per target text token, enough for 100 + 20 chunking.
+    Its ONNX models are the session's ``tiny_models`` ones (same seed and size), copied with their spec entries,
+    so only the torch files are built here."""
+    import json
+
     import torch
 
-    from cosyvoice.features.reference_models import make_reference_models
+    from cosyvoice.features.reference_models import SPEC_FILE, V1_ONNX_MODELS, make_reference_models
     from cosyvoice.triton.runtime_v1 import LLM_FILE
     from tests.acoustic.test_token2wav_v1 import write_tiny_v1_model_dir
 
     out = str(tmp_path_factory.mktemp("v1") / "CosyVoice-300M-tiny")
-    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1")
+    os.makedirs(out)
+    with open(os.path.join(tiny_models, SPEC_FILE)) as f:
+        spec = json.load(f)
+    for name in V1_ONNX_MODELS:
+        shutil.copyfile(os.path.join(tiny_models, f"{name}.onnx"), os.path.join(out, f"{name}.onnx"))
+    with open(os.path.join(out, SPEC_FILE), "w") as f:
+        json.dump({name: spec[name] for name in V1_ONNX_MODELS}, f)
+    # the ONNX files are up to date; flow.pt / hift.pt come from the oracle below
+    make_reference_models(out, seed=0, size="tiny", family="cosyvoice1", models=[*V1_ONNX_MODELS, "llm", "spk2info"])
     with open(os.path.join(out, "cosyvoice.yaml"), "rb") as f:
         recipe = f.read()
     write_tiny_v1_model_dir(out)
