@@ -90,7 +90,7 @@ _ROWS = (
     Stage("training_data_lists", "cosyvoice.shards.lists:make_data_lists", "training-data-lists",
           "train.data.list / cv.data.list over every prepared subset (and each subset's data.list)"),
     Stage("llm_checkpoint", "cosyvoice.train.trainer:train", "train",
-          "train the CosyVoice2/3 LLM, SFT or DPO (flags of upstream cosyvoice/bin/train.py)"),
+          "train the LLM (CosyVoice1 TransformerLM; CosyVoice2/3, SFT or DPO) (flags of upstream cosyvoice/bin/train.py)"),
     Stage("llm_averaged", "cosyvoice.train.checkpoint:average_checkpoints", "average-checkpoints",
           "average the best checkpoints into llm.pt (upstream cosyvoice/bin/average_model.py)"),
     Stage("flow_checkpoint", "cosyvoice.train.trainer:train", "train",
@@ -108,7 +108,8 @@ _ROWS = (
     Stage("trtllm_engine", "cosyvoice.export.engine:build_engine", "build-engine",
           "trtllm-build a TensorRT-LLM checkpoint into an engine (in the TensorRT-LLM container)"),
     Stage("triton_model_repo", "cosyvoice.triton.publish:publish_triton_repo", "triton-publish",
-          "render, validate and load-test the Triton model repository, then publish it as a new version"),
+          "render, validate and load-test the Triton model repository (CosyVoice2: cosyvoice2 BLS + TensorRT-LLM; "
+          "CosyVoice1: cosyvoice BLS + python-backend transformer_llm), then publish it as a new version"),
 )
 
 #: the help line of a subcommand that several stages share (each stage's row describes its own use)
