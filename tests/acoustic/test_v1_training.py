@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
 import pytest
 import torch
@@ -106,18 +105,12 @@ def test_a_foreign_encoder_class_is_refused_before_it_is_imported():
 # -- training by recipe ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def v1_lists(training_list, tiny_models, tmp_path_factory) -> tuple[str, str]:
-    """(train, cv) data lists of the synthetic corpus with 50 Hz speech_tokenizer_v1 tokens (< 4096)."""
-    from cosyvoice.features.stages import extract_speech_token
-    from cosyvoice.shards.make_parquet import make_parquet
+    """(train, cv) data lists of the synthetic corpus with 50 Hz speech_tokenizer_v1 tokens (< 4096): the
+    session's v1 shards (tests/train/test_llm_v1.py), the first shard as CV."""
+    from tests.train.test_llm_v1 import v1_data_list
 
-    root = tmp_path_factory.mktemp("v1_shards")
-    data = root / "data"
-    shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(training_list)), "data"), data,
-                    ignore=shutil.ignore_patterns("utt2speech_token.pt", "failed_extract_speech_token.tsv"))
-    extract_speech_token(str(data), os.path.join(tiny_models, "speech_tokenizer_v1.onnx"), num_workers=1)
-    make_parquet(str(data), str(root / "parquet"), num_utts_per_parquet=4)
-    train_list = str(root / "parquet" / "data.list")
-    cv_list = root / "cv.data.list"
+    train_list = v1_data_list(training_list, tiny_models, tmp_path_factory)
+    cv_list = tmp_path_factory.mktemp("v1_cv") / "cv.data.list"
     cv_list.write_text(open(train_list).read().split()[0] + "\n")
     return train_list, str(cv_list)
 

@@ -33,10 +33,15 @@ UPSTREAM_V1 = os.path.join(ROOT, "tests", "llm", "data", "upstream_cosyvoice.yam
 KEY_TABLE = os.path.join(ROOT, "tests", "llm", "data", "transformer_lm_keys.tsv")
 
 
-@pytest.fixture(scope="module")
-def v1_list(training_list, tiny_models, tmp_path_factory) -> str:
+_V1_LISTS: dict[str, str] = {}
+
+
+def v1_data_list(training_list: str, tiny_models: str, tmp_path_factory) -> str:
     """The training fixture's shards with v1 speech tokens (the tiny ``speech_tokenizer_v1.onnx`` run over
-    the same audio) in their ``speech_token`` column; every other column is kept."""
+    the same audio) in their ``speech_token`` column; every other column is kept. Built once per session
+    (the v1 LLM tests here and the v1 flow/HiFT tests in tests/acoustic/test_v1_training.py share it)."""
+    if training_list in _V1_LISTS:
+        return _V1_LISTS[training_list]
     import pyarrow as pa
 
     from cosyvoice.features.feature_files import read_parquet, write_parquet
@@ -58,7 +63,13 @@ def v1_list(training_list, tiny_models, tmp_path_factory) -> str:
         shards.append(str(root / os.path.basename(url)))
         write_parquet(shards[-1], table.set_column(column, "speech_token", v1))
     (root / "data.list").write_text("\n".join(shards) + "\n")
-    return str(root / "data.list")
+    _V1_LISTS[training_list] = str(root / "data.list")
+    return _V1_LISTS[training_list]
+
+
+@pytest.fixture(scope="module")
+def v1_list(training_list, tiny_models, tmp_path_factory) -> str:
+    return v1_data_list(training_list, tiny_models, tmp_path_factory)
 
 
 def options(v1_list: str, model_dir, **kw) -> TrainOptions:
