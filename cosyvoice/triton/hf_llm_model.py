@@ -7,7 +7,8 @@ streaming, temperature, runtime_top_k/top_p, repetition_penalty, random_seed, em
 the backend: streaming -> one response per new token with ``output_ids [1, 1, n]`` and
 ``sequence_length [1, 1]``, then an empty final response; otherwise one response with every
 generated id (prompt included unless ``exclude_input_in_output``). CPU serving and tests only:
-it decodes one request at a time per instance, without inflight batching.
+it decodes one request at a time per instance, without inflight batching. The serving loop is
+``python_backend.TokenServer`` (as transformer_llm's); a stream the BLS cancels stops sampling.
 """
 
 import json
@@ -18,21 +19,12 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice.triton import runtime
+from cosyvoice.triton.python_backend import TokenServer, optional, scalar
 
 
-def _scalar(request, name, default):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+class TritonPythonModel(TokenServer):
+    who = "tensorrt_llm (HF)"
 
-
-def _ids_response(ids):
-    ids = np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", ids),
-        pb_utils.Tensor("sequence_length", np.array([[ids.shape[2]]], dtype=np.int32))])
-
-
-class TritonPythonModel:
     def initialize(self, args):
         from transformers import AutoModelForCausalLM
 
@@ -46,58 +38,16 @@ class TritonPythonModel:
         self.threads = []
 
     def _generate(self, request):
-        ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)
-        length = int(_scalar(request, "input_lengths", len(ids)))
+        ids = optional(request, "input_ids").reshape(-1)
+        length = int(scalar(request, "input_lengths", len(ids)))
         prompt = torch.from_numpy(ids[:length].astype(np.int64))[None]
-        end_id = int(_scalar(request, "end_id", -1))
-        bias = pb_utils.get_input_tensor_by_name(request, "embedding_bias")
-        bias = None if bias is None else torch.from_numpy(bias.as_numpy().reshape(-1).astype(np.float32))
-        stop = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
+        bias = optional(request, "embedding_bias")
+        bias = None if bias is None else torch.from_numpy(bias.reshape(-1).astype(np.float32))
         stream = runtime.sample_stream(
-            self.model, prompt, max_new_tokens=int(_scalar(request, "request_output_len", 16)), end_id=end_id,
-            temperature=float(_scalar(request, "temperature", 1.0)), top_k=int(_scalar(request, "runtime_top_k", 0)),
-            top_p=float(_scalar(request, "runtime_top_p", 1.0)),
-            repetition_penalty=float(_scalar(request, "repetition_penalty", 1.0)),
-            seed=int(_scalar(request, "random_seed", 0)), embedding_bias=bias, stop_ids=runtime.parse_stop_words(
-                None if stop is None else stop.as_numpy()))
-        return ids[:length], stream
-
-    def _serve_stream(self, request):
-        sender = request.get_response_sender()
-        try:
-            prompt, tokens = self._generate(request)
-            streaming = bool(_scalar(request, "streaming", False))
-            with self.lock:
-                if streaming:
-                    for token in tokens:
-                        sender.send(_ids_response([token]))
-                else:
-                    out = list(tokens)
-                    sender.send(_ids_response(out if self.exclude_input else list(prompt) + out))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as exc:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm (HF): {exc}")),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                thread = threading.Thread(target=self._serve_stream, args=(request,), daemon=True)
-                thread.start()
-                self.threads.append(thread)
-            self.threads = [t for t in self.threads if t.is_alive()]
-            return None
-        responses = []
-        for request in requests:
-            try:
-                prompt, tokens = self._generate(request)
-                with self.lock:
-                    out = list(tokens)
-                responses.append(_ids_response(out if self.exclude_input else list(prompt) + out))
-            except Exception as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tensorrt_llm (HF): {exc}")))
-        return responses
-
-    def finalize(self):
-        for thread in self.threads:
-            thread.join(timeout=30)
+            self.model, prompt, max_new_tokens=int(scalar(request, "request_output_len", 16)),
+            end_id=int(scalar(request, "end_id", -1)), temperature=float(scalar(request, "temperature", 1.0)),
+            top_k=int(scalar(request, "runtime_top_k", 0)), top_p=float(scalar(request, "runtime_top_p", 1.0)),
+            repetition_penalty=float(scalar(request, "repetition_penalty", 1.0)),
+            seed=int(scalar(request, "random_seed", 0)), embedding_bias=bias,
+            stop_ids=runtime.parse_stop_words(optional(request, "stop_words_list")))
+        return stream, [] if self.exclude_input else list(ids[:length])

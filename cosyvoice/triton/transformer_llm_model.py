@@ -12,38 +12,17 @@ draws from torch's global generator, seeded per request, as upstream's does).
 """
 
 import json
-import threading
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from cosyvoice.triton import runtime, runtime_v1
+from cosyvoice.triton.python_backend import TokenServer, optional, scalar
 
 
-def _optional(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+class TritonPythonModel(TokenServer):
+    who = "transformer_llm"
 
-
-def _scalar(request, name, default):
-    value = _optional(request, name)
-    return default if value is None else value.reshape(-1)[0].item()
-
-
-def _cancelled(request) -> bool:
-    is_cancelled = getattr(request, "is_cancelled", None)  # python backend >= 23.10
-    return bool(is_cancelled()) if is_cancelled is not None else False
-
-
-def _ids_response(ids):
-    ids = np.asarray(ids, dtype=np.int32).reshape(1, 1, -1)
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", ids),
-        pb_utils.Tensor("sequence_length", np.array([[ids.shape[2]]], dtype=np.int32))])
-
-
-class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = runtime.parameters(config)
@@ -55,49 +34,13 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.threads = []
 
-    def _tokens(self, request):
-        ids = _optional(request, "input_ids").reshape(-1)
-        length = int(_scalar(request, "input_lengths", len(ids)))
-        limit = _optional(request, "request_output_len")
-        return self.served.generate(
-            ids[:length], prompt_text_len=int(_scalar(request, "prompt_text_len", 0)),
-            prompt_speech_tokens=_optional(request, "prompt_speech_tokens"),
-            embedding=_optional(request, "speaker_embedding"), seed=int(_scalar(request, "random_seed", 0)),
+    def _generate(self, request):
+        ids = optional(request, "input_ids").reshape(-1)
+        length = int(scalar(request, "input_lengths", len(ids)))
+        limit = optional(request, "request_output_len")
+        tokens = self.served.generate(
+            ids[:length], prompt_text_len=int(scalar(request, "prompt_text_len", 0)),
+            prompt_speech_tokens=optional(request, "prompt_speech_tokens"),
+            embedding=optional(request, "speaker_embedding"), seed=int(scalar(request, "random_seed", 0)),
             max_new_tokens=None if limit is None else int(limit.reshape(-1)[0]))
-
-    def _serve_stream(self, request):
-        sender = request.get_response_sender()
-        try:
-            tokens = self._tokens(request)
-            if bool(_scalar(request, "streaming", False)):
-                for token in tokens:
-                    if _cancelled(request):  # the BLS abandoned the stream: stop sampling for it
-                        tokens.close()
-                        break
-                    sender.send(_ids_response([token]))
-            else:
-                sender.send(_ids_response(list(tokens)))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as exc:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"transformer_llm: {exc}")),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def execute(self, requests):
-        if self.decoupled:
-            for request in requests:
-                thread = threading.Thread(target=self._serve_stream, args=(request,), daemon=True)
-                thread.start()
-                self.threads.append(thread)
-            self.threads = [t for t in self.threads if t.is_alive()]
-            return None
-        responses = []
-        for request in requests:
-            try:
-                responses.append(_ids_response(list(self._tokens(request))))
-            except Exception as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"transformer_llm: {exc}")))
-        return responses
-
-    def finalize(self):
-        for thread in self.threads:
-            thread.join(timeout=30)
+        return tokens, []

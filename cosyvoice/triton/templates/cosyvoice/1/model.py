@@ -23,40 +23,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from cosyvoice.triton import python_backend as backend
 from cosyvoice.triton import runtime, runtime_v1
-
-
-def _check(response):
-    if response.has_error():
-        raise pb_utils.TritonModelException(response.error().message())
-    return response
-
-
-def _output(response, name):
-    tensor = pb_utils.get_output_tensor_by_name(response, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _optional(request, name):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-def _text(request, name):
-    value = _optional(request, name)
-    if value is None:
-        return None
-    value = value.reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _cancelled(request) -> bool:
-    is_cancelled = getattr(request, "is_cancelled", None)
-    return bool(is_cancelled()) if is_cancelled is not None else False
-
-
-class _Cancelled(Exception):
-    """The client cancelled a streaming request."""
 
 
 class TritonPythonModel:
@@ -81,15 +49,15 @@ class TritonPythonModel:
 
     def _voice(self, request):
         """(transcript, prompt tokens or None, mel or None, embedding [192]) of the request's voice."""
-        cached = [_optional(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
-        wav = _optional(request, "reference_wav")
+        cached = [backend.optional(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
+        wav = backend.optional(request, "reference_wav")
         if wav is not None:
             if any(value is not None for value in cached):
                 raise ValueError("give either reference_wav or a cached prompt, not both")
             if self.reference is None:
                 raise ValueError(f"reference_wav needs {runtime_v1.SPEECH_TOKENIZER_FILE} and {runtime_v1.CAMPPLUS_FILE} "
                                  "in model_dir; send a cached prompt instead")
-            length = _optional(request, "reference_wav_len")
+            length = backend.optional(request, "reference_wav_len")
             if length is None:
                 raise ValueError("reference_wav needs reference_wav_len")
             tokens, feat, embedding = self.reference.prompt(np.asarray(wav, dtype=np.float32)[0, : int(length.reshape(-1)[0])])
@@ -117,30 +85,7 @@ class TritonPythonModel:
         inputs = llm_request.tensors()
         inputs["streaming"] = np.array([[self.decoupled]], dtype=np.bool_)
         inputs["random_seed"] = np.array([[runtime_v1.SEED]], dtype=np.uint64)
-        request = pb_utils.InferenceRequest(model_name="transformer_llm",
-                                            requested_output_names=["output_ids", "sequence_length"],
-                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
-        responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
-        finished = False
-        try:
-            for response in responses:
-                _check(response)
-                ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
-                if ids is None:  # the empty final response of a decoupled stream
-                    continue
-                yield ids[0][0][: int(lengths[0][0])].tolist()
-            finished = True
-        finally:
-            if not finished:
-                cancel = getattr(responses, "cancel", None)
-                if cancel is not None:
-                    cancel()
-                else:
-                    try:
-                        for _ in responses:
-                            pass
-                    except Exception as exc:
-                        pb_utils.Logger.log_verbose(f"cosyvoice: draining an abandoned LLM stream: {exc}")
+        return backend.llm_stream("transformer_llm", inputs, self.decoupled, "cosyvoice")
 
     def _token2wav(self, tokens, prompt, request_id, speed, offset=None, finalize=None):
         prompt_tokens, feat, embedding = prompt
@@ -154,21 +99,19 @@ class TritonPythonModel:
         if offset is not None:
             inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
             inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
-        request = pb_utils.InferenceRequest(model_name="token2wav", requested_output_names=["waveform"],
-                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
-                                            request_id=request_id)
-        return _output(_check(request.exec()), "waveform").astype(np.float32)
+        waveform = backend.output(backend.infer("token2wav", inputs, ["waveform"], request_id), "waveform")
+        return waveform.astype(np.float32)
 
     def _synthesize(self, request, send):
-        mode = runtime_v1.parse_mode(_text(request, "mode"))
-        speed = runtime.parse_speed(_optional(request, "speed"))
+        mode = runtime_v1.parse_mode(backend.text(request, "mode"))
+        speed = runtime.parse_speed(backend.optional(request, "speed"))
         transcript, tokens, feat, embedding = self._voice(request)
-        reference_text = _text(request, "reference_text")
+        reference_text = backend.text(request, "reference_text")
         prompt_text = transcript if reference_text is None else reference_text
         if mode in ("zero_shot", "cross_lingual") and (tokens is None or feat is None):
             raise ValueError(f"mode {mode} needs a prompt with speech tokens and mel; this voice has only an embedding "
                              "(use sft or instruct)")
-        llm_request = runtime_v1.llm_request(self.tokenizer, mode, _text(request, "target_text"), prompt_text=prompt_text,
+        llm_request = runtime_v1.llm_request(self.tokenizer, mode, backend.text(request, "target_text"), prompt_text=prompt_text,
                                              prompt_speech_tokens=tokens, embedding=embedding)
         prompt = runtime_v1.token2wav_prompt(mode, tokens, feat, embedding)
         request_id = request.request_id() or str(uuid4())
@@ -182,8 +125,8 @@ class TritonPythonModel:
         ids = []
         with closing(self._llm_stream(llm_request)) as stream:
             for chunk in stream:
-                if _cancelled(request):
-                    raise _Cancelled(repr(request_id))
+                if backend.cancelled(request):
+                    raise backend.Cancelled(repr(request_id))
                 ids.extend(chunk)
                 while schedule.ready(len(ids)):
                     send(self._token2wav(ids[: schedule.chunk_end()], prompt, request_id, speed, schedule.offset, False))
@@ -191,30 +134,4 @@ class TritonPythonModel:
         send(self._token2wav(ids, prompt, request_id, speed, schedule.offset, True))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            if self.decoupled:
-                sender = request.get_response_sender()
-
-                def send(wav, sender=sender):
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", wav)]))
-                try:
-                    self._synthesize(request, send)
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                except _Cancelled as stopped:
-                    pb_utils.Logger.log_info(f"cosyvoice: request {stopped} cancelled by the client; stopped")
-                    try:
-                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    except Exception as exc:
-                        pb_utils.Logger.log_verbose(f"cosyvoice: closing cancelled request {stopped}: {exc}")
-                except Exception as exc:
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice: {exc}")),
-                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                out = []
-                try:
-                    self._synthesize(request, out.append)
-                    responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", out[0])]))
-                except Exception as exc:
-                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice: {exc}")))
-        return None if self.decoupled else responses
+        return backend.serve_waveforms(requests, self.decoupled, self._synthesize, "cosyvoice")

@@ -15,7 +15,6 @@ last one with ``finalize``. Not decoupled: one waveform per request.
 
 import json
 import os
-import time
 from contextlib import closing
 from uuid import uuid4
 
@@ -23,44 +22,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
+from cosyvoice.triton import python_backend as backend
 from cosyvoice.triton import runtime
-
-
-def _check(response):
-    if response.has_error():
-        raise pb_utils.TritonModelException(response.error().message())
-    return response
-
-
-def _output(response, name):
-    tensor = pb_utils.get_output_tensor_by_name(response, name)
-    return None if tensor is None else tensor.as_numpy()
-
-
-class _Cancelled(Exception):
-    """The client cancelled a streaming request (Triton's request cancellation)."""
-
-
-def _cancelled(request) -> bool:
-    is_cancelled = getattr(request, "is_cancelled", None)  # python backend >= 23.10
-    return bool(is_cancelled()) if is_cancelled is not None else False
-
 
 #: optional inputs whose presence decides where the prompt comes from (``runtime.prompt_source``)
 _OPTIONAL_INPUTS = ("reference_wav", "reference_wav_len", "reference_text", *runtime.CACHED_PROMPT_INPUTS)
-
-
-def _input(request, name):
-    return pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-
-
-def _text(request, name):
-    """The first string of a TYPE_STRING input, or None when the request lacks it."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class TritonPythonModel:
@@ -84,12 +50,6 @@ class TritonPythonModel:
                                                                                  spk["embedding"]))
 
     # --- sub-models --------------------------------------------------------------------------
-    def _infer(self, model, inputs, outputs, request_id=""):
-        request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs,
-                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()],
-                                            request_id=request_id)
-        return _check(request.exec())
-
     def _llm_stream(self, input_ids):
         """Speech ids from tensorrt_llm, yielded per response as they arrive."""
         sampling = runtime.SAMPLING
@@ -109,35 +69,13 @@ class TritonPythonModel:
         }
         if self.embedding_bias is not None:
             inputs["embedding_bias"] = self.embedding_bias[None, :]
-        request = pb_utils.InferenceRequest(model_name="tensorrt_llm",
-                                            requested_output_names=["output_ids", "sequence_length"],
-                                            inputs=[pb_utils.Tensor(k, v) for k, v in inputs.items()])
-        responses = request.exec(decoupled=True) if self.decoupled else [request.exec()]
-        finished = False
-        try:
-            for response in responses:
-                _check(response)
-                ids, lengths = _output(response, "output_ids"), _output(response, "sequence_length")
-                if ids is None:  # the empty final response of a decoupled stream
-                    continue
-                ids = ids[0][0][: int(lengths[0][0])].tolist()
+        with closing(backend.llm_stream("tensorrt_llm", inputs, self.decoupled, "cosyvoice2")) as responses:
+            for ids in responses:
                 end = runtime.end_of_speech(ids, self.eos_id)  # an engine may return the stop token itself
                 if end is not None:
                     yield ids[:end]
-                    break
+                    return  # closing the stream ends the LLM request
                 yield ids
-            finished = True
-        finally:
-            if not finished:  # abandoned (client cancelled, token2wav failed): end the LLM request too
-                cancel = getattr(responses, "cancel", None)  # newer python backends can cancel a BLS stream
-                if cancel is not None:
-                    cancel()
-                else:  # drained unvoiced: an abandoned in-flight LLM request would block the model's unload
-                    try:
-                        for _ in responses:
-                            pass
-                    except Exception as exc:  # the reason this stream was abandoned is what gets reported
-                        pb_utils.Logger.log_verbose(f"cosyvoice2: draining an abandoned LLM stream: {exc}")
 
     def _prompt(self, request, source):
         """(speaker transcript, prompt LLM ids, mel [2T, 80], embedding [192]) of the request's voice."""
@@ -147,15 +85,16 @@ class TritonPythonModel:
                                  "audio and text, or a cached prompt")
             return self.default_speaker
         if source == "cached":
-            tensors = [_input(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
+            tensors = [backend.optional(request, name) for name in runtime.CACHED_PROMPT_INPUTS]
             return ("", *runtime.cached_prompt(*tensors))
-        samples = _input(request, "reference_wav").astype(np.float32)
-        length = np.asarray(_input(request, "reference_wav_len")).reshape(-1)[:1].astype(np.int32)
+        samples = backend.optional(request, "reference_wav").astype(np.float32)
+        length = np.asarray(backend.optional(request, "reference_wav_len")).reshape(-1)[:1].astype(np.int32)
         wav_16k = samples[0, : int(length[0])]
-        tokens = _output(self._infer("audio_tokenizer", {"reference_wav": wav_16k[None], "reference_wav_len": length[None]},
-                                     ["prompt_speech_tokens"]), "prompt_speech_tokens").reshape(-1)
-        embedding = _output(self._infer("speaker_embedding", {"reference_wav": wav_16k[None]},
-                                        ["prompt_spk_embedding"]), "prompt_spk_embedding").reshape(-1)
+        tokens = backend.output(backend.infer("audio_tokenizer", {"reference_wav": wav_16k[None],
+                                                                  "reference_wav_len": length[None]},
+                                              ["prompt_speech_tokens"]), "prompt_speech_tokens").reshape(-1)
+        embedding = backend.output(backend.infer("speaker_embedding", {"reference_wav": wav_16k[None]},
+                                                 ["prompt_spk_embedding"]), "prompt_spk_embedding").reshape(-1)
         tokens, feat = runtime.align_prompt(tokens, runtime.prompt_speech_feat(wav_16k))
         return "", tokens, feat, embedding.astype(np.float32)
 
@@ -170,18 +109,18 @@ class TritonPythonModel:
         if offset is not None:
             inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
             inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
-        return _output(self._infer("token2wav", inputs, ["waveform"], request_id), "waveform").astype(np.float32)
+        waveform = backend.output(backend.infer("token2wav", inputs, ["waveform"], request_id), "waveform")
+        return waveform.astype(np.float32)
 
     # --- requests ----------------------------------------------------------------------------
     def _synthesize(self, request, send):
-        mode = runtime.parse_mode(_text(request, "mode"))
-        speed_tensor = pb_utils.get_input_tensor_by_name(request, "speed")
-        speed = runtime.parse_speed(None if speed_tensor is None else speed_tensor.as_numpy())
+        mode = runtime.parse_mode(backend.text(request, "mode"))
+        speed = runtime.parse_speed(backend.optional(request, "speed"))
         given = {name for name in _OPTIONAL_INPUTS if pb_utils.get_input_tensor_by_name(request, name) is not None}
         source = runtime.prompt_source(given, mode)
         prompt = self._prompt(request, source)
-        text = runtime.llm_prompt_text(mode, source, _text(request, "reference_text"), prompt[0])
-        input_ids = runtime.llm_input_ids(self.tokenizer, mode, _text(request, "target_text"), prompt_text=text,
+        text = runtime.llm_prompt_text(mode, source, backend.text(request, "reference_text"), prompt[0])
+        input_ids = runtime.llm_input_ids(self.tokenizer, mode, backend.text(request, "target_text"), prompt_text=text,
                                           prompt_tokens=prompt[1])
         request_id = request.request_id() or str(uuid4())
         if not self.decoupled:
@@ -194,8 +133,8 @@ class TritonPythonModel:
         ids = []
         with closing(self._llm_stream(input_ids)) as stream:
             for chunk in stream:
-                if _cancelled(request):  # the client is gone: stop spending the LLM's and token2wav's time on it
-                    raise _Cancelled(repr(request_id))
+                if backend.cancelled(request):  # the client is gone: stop spending the LLM's and token2wav's time
+                    raise backend.Cancelled(repr(request_id))
                 ids.extend(chunk)
                 while schedule.ready(len(ids)):
                     upto = schedule.offset + schedule.hop + schedule.lookahead
@@ -204,33 +143,4 @@ class TritonPythonModel:
         send(self._token2wav(ids, prompt, request_id, schedule.offset, True, speed))
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            started = time.monotonic()
-            if self.decoupled:
-                sender = request.get_response_sender()
-
-                def send(wav, sender=sender):
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", wav)]))
-                try:
-                    self._synthesize(request, send)
-                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                except _Cancelled as stopped:
-                    # its token2wav stream is released by token2wav's idle timeout
-                    pb_utils.Logger.log_info(f"cosyvoice2: request {stopped} cancelled by the client; stopped")
-                    try:
-                        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-                    except Exception as exc:  # nobody is listening any more
-                        pb_utils.Logger.log_verbose(f"cosyvoice2: closing cancelled request {stopped}: {exc}")
-                except Exception as exc:
-                    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice2: {exc}")),
-                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                out = []
-                try:
-                    self._synthesize(request, out.append)
-                    responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("waveform", out[0])]))
-                except Exception as exc:
-                    responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"cosyvoice2: {exc}")))
-            pb_utils.Logger.log_verbose(f"cosyvoice2: request done in {time.monotonic() - started:.2f} s")
-        return None if self.decoupled else responses
+        return backend.serve_waveforms(requests, self.decoupled, self._synthesize, "cosyvoice2")
