@@ -7,7 +7,6 @@ tokenizer setting is refused before any work."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import dagster as dg
@@ -18,7 +17,6 @@ import torch
 from assets.export import hf_checkpoint, trtllm_checkpoint
 from assets.features import speaker_embeddings, speaker_means, speech_tokens
 from assets.manifest import manifest
-from assets.serving import triton_model_repo
 from assets.shards import parquet_shards, training_data_lists
 from assets.training import (
     LlmTrainConfig,
@@ -173,19 +171,6 @@ def test_switching_back_to_a_v2_recipe_refuses_to_train_on_the_v1_tokens_before_
     message = failure.step_failure_data.user_failure_data.description
     assert "trains cosyvoice2 on v2 speech tokens" in message and "extracted v1 tokens" in message
     assert "backfill speech_tokens and parquet_shards" in message
-
-
-def test_triton_model_repo_refuses_a_cosyvoice1_model_dir_naming_the_v1_publish_path(tmp_path):
-    released = tmp_path / "CosyVoice-300M"
-    released.mkdir()
-    shutil.copy(V1_TINY, released / "cosyvoice.yaml")
-    result = dg.materialize([triton_model_repo], resources={"store": DataStore(root=str(tmp_path / "data")),
-                                                            "models": ModelStore(root=str(released))},
-                            raise_on_error=False)
-    assert not result.success and not (tmp_path / "data").exists()
-    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    message = failure.step_failure_data.user_failure_data.description
-    assert "is a cosyvoice1 model" in message and "triton-publish --model_dir" in message
 
 
 class CannedLoss(Launcher):
