@@ -20,11 +20,13 @@ final pass is measured in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,6 +101,38 @@ def fade_in_out(new: torch.Tensor, previous: torch.Tensor, window: torch.Tensor)
     out = new.clone()
     out[..., :n] = (new[..., :n].double() * window[:n] + previous[..., -n:].double() * window[n:]).to(new.dtype)
     return out
+
+
+class StreamStates:
+    """The live streams of a token2wav runtime by request id (both generations): a stream's state is made
+    by its first chunk and forgotten after its final chunk, on an error and on ``release`` (a cancellation)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def open(self, request_id: str, new: Any) -> Any:
+        """The stream's state; ``new`` when the stream has none yet."""
+        with self._lock:
+            return self._states.setdefault(request_id, new)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._states.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @contextlib.contextmanager
+    def chunk(self, request_id: str, finalize: bool) -> Iterator[None]:
+        """Around one chunk's work: the stream is forgotten when the chunk fails or is the final one."""
+        try:
+            yield
+        except BaseException:
+            self.release(request_id)
+            raise
+        if finalize:
+            self.release(request_id)
 
 
 def stretch_chunk(stream, mel: torch.Tensor) -> torch.Tensor:
@@ -179,8 +213,7 @@ class Token2Wav:
         self.max_stream_cache_bytes = max_stream_cache_bytes
         self.seed = seed
         self.window = torch.from_numpy(np.hamming(2 * SOURCE_CACHE_SAMPLES)).to(self.device)
-        self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()
+        self._streams = StreamStates()
         if compile:
             self.flow.decoder.compile_estimator()
             self.synthesize(np.zeros(30, dtype=np.int64))  # compile now, not in the first request
@@ -254,9 +287,8 @@ class Token2Wav:
             return runtime_output(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
-        with self._lock:
-            stream = self._streams.setdefault(request_id, _Stream(cached=self.stream_cache, speed=speed))
-        try:
+        stream = self._streams.open(request_id, _Stream(cached=self.stream_cache, speed=speed))
+        with self._streams.chunk(request_id, finalize):
             if speed != stream.speed:
                 raise ValueError(f"request {request_id!r}: speed {speed} differs from the stream's {stream.speed} "
                                  "(a stream keeps the speed of its first chunk)")
@@ -270,17 +302,11 @@ class Token2Wav:
             stream.next_offset = tokens.shape[1] - held
             with torch.inference_mode():
                 wav, mel = self._chunk(stream, tokens, prompt, feat, emb, int(token_offset), finalize, generator)
-        except BaseException:
-            self.release(request_id)
-            raise
-        if finalize:
-            self.release(request_id)
         return runtime_output(wav, mel, return_mel)
 
     def release(self, request_id: str) -> None:
         """Forget a stream's state (after its final chunk, an error or a cancellation)."""
-        with self._lock:
-            self._streams.pop(request_id, None)
+        self._streams.release(request_id)
 
     @property
     def live_streams(self) -> int:

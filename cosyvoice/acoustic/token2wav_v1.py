@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -45,6 +44,7 @@ from cosyvoice.acoustic.flow_v1 import FlowV1Config, FlowV1Model, load_flow_v1
 from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, load_hift
 from cosyvoice.acoustic.token2wav import (
     DTYPES,
+    StreamStates,
     check_speed,
     fade_in_out,
     runtime_output,
@@ -131,8 +131,7 @@ class Token2WavV1:
         self.source_cache = MEL_CACHE_FRAMES * hift_config.samples_per_frame  # 5120
         self.mel_window = torch.from_numpy(np.hamming(2 * self.mel_overlap)).to(self.device)
         self.speech_window = torch.from_numpy(np.hamming(2 * self.source_cache)).to(self.device)
-        self._streams: dict[str, _StreamV1] = {}
-        self._lock = threading.Lock()
+        self._streams = StreamStates()
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -198,25 +197,18 @@ class Token2WavV1:
             return runtime_output(wav, mel, return_mel)
         if not request_id:
             raise ValueError("a streaming call needs a request_id (it keys the stream's state)")
-        with self._lock:
-            stream = self._streams.setdefault(request_id, _StreamV1(speed=speed))
-        try:
+        stream = self._streams.open(request_id, _StreamV1(speed=speed))
+        with self._streams.chunk(request_id, finalize):
             offset = int(token_offset)
             self._check_chunk(stream, request_id, tokens.shape[1], offset, finalize, speed)
             stream.next_offset = tokens.shape[1] - (0 if finalize else self.overlap)
             with torch.inference_mode(), self._draws():
                 wav, mel = self._chunk(stream, tokens[:, offset:], prompt, feat, emb, finalize)
-        except BaseException:
-            self.release(request_id)
-            raise
-        if finalize:
-            self.release(request_id)
         return runtime_output(wav, mel, return_mel)
 
     def release(self, request_id: str) -> None:
         """Forget a stream's state (after its final chunk, an error or a cancellation)."""
-        with self._lock:
-            self._streams.pop(request_id, None)
+        self._streams.release(request_id)
 
     @property
     def live_streams(self) -> int:
