@@ -321,7 +321,7 @@ def test_acoustic_file_warnings_name_what_our_runtime_loads_not_upstreams_files(
     for name in ("flow.pt", "hift.pt"):
         (tmp_path / "model" / name).write_bytes(b"weights")
     warnings = validate.validate_repo(repo).warnings
-    assert warnings == ["token2wav: model_dir has no cosyvoice2.yaml; the runtime assumes the released (full-size) "
+    assert warnings == ["token2wav: model_dir has no cosyvoice2.yaml (or cosyvoice.yaml); the runtime assumes the released (full-size) "
                         "flow and HiFT settings, so flow.pt/hift.pt of another size will not load"]
     (tmp_path / "model" / "cosyvoice2.yaml").write_text("flow: {}\n")
     # no flow.decoder.estimator.fp32.onnx / CosyVoice-BlankEN: upstream's runtime opens them, ours does not
