@@ -79,6 +79,24 @@ def ids_response(ids) -> pb_utils.InferenceResponse:
 
 # --- the BLS side ----------------------------------------------------------------------------------
 
+def token2wav(target_ids, prompt_ids, prompt_feat, embedding, request_id: str, *, speed: float = 1.0,
+              offset: int | None = None, finalize: bool | None = None) -> np.ndarray:
+    """Float32 samples from the token2wav model (both families' protocol): speech tokens as LLM ids, the
+    prompt's ids and mel (None for an embedding-only prompt), its embedding; ``speed`` only when not 1
+    (the mel stretched before the vocoder); ``offset``/``finalize`` for a streamed chunk."""
+    inputs = {"target_speech_tokens": np.asarray(target_ids, dtype=np.int32)[None]}
+    if prompt_ids is not None and prompt_feat is not None:
+        inputs["prompt_speech_tokens"] = np.asarray(prompt_ids).astype(np.int32)[None]
+        inputs["prompt_speech_feat"] = np.asarray(prompt_feat).astype(np.float16)[None]
+    inputs["prompt_spk_embedding"] = np.asarray(embedding).astype(np.float16)[None]
+    if speed != 1.0:
+        inputs["speed"] = np.array([[speed]], dtype=np.float32)
+    if offset is not None:
+        inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
+        inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
+    return output(infer("token2wav", inputs, ["waveform"], request_id), "waveform").astype(np.float32)
+
+
 def llm_stream(model: str, inputs: dict[str, np.ndarray], decoupled: bool, who: str) -> Iterator[list[int]]:
     """The ids of an LLM model's responses (``output_ids`` cut at ``sequence_length``), per response as
     they arrive. Closed early (the client cancelled, token2wav failed, the caller stopped at its end

@@ -89,18 +89,9 @@ class TritonPythonModel:
 
     def _token2wav(self, tokens, prompt, request_id, speed, offset=None, finalize=None):
         prompt_tokens, feat, embedding = prompt
-        inputs = {"target_speech_tokens": (np.asarray(tokens, dtype=np.int64) + runtime.ORIGINAL_VOCAB_SIZE).astype(np.int32)[None],
-                  "prompt_spk_embedding": embedding.astype(np.float16)[None]}
-        if prompt_tokens is not None and feat is not None:
-            inputs["prompt_speech_tokens"] = (prompt_tokens + runtime.ORIGINAL_VOCAB_SIZE).astype(np.int32)[None]
-            inputs["prompt_speech_feat"] = feat.astype(np.float16)[None]
-        if speed != 1.0:
-            inputs["speed"] = np.array([[speed]], dtype=np.float32)
-        if offset is not None:
-            inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
-            inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
-        waveform = backend.output(backend.infer("token2wav", inputs, ["waveform"], request_id), "waveform")
-        return waveform.astype(np.float32)
+        as_llm_ids = None if prompt_tokens is None else prompt_tokens + runtime.ORIGINAL_VOCAB_SIZE
+        return backend.token2wav(np.asarray(tokens, dtype=np.int64) + runtime.ORIGINAL_VOCAB_SIZE, as_llm_ids, feat,
+                                 embedding, request_id, speed=speed, offset=offset, finalize=finalize)
 
     def _synthesize(self, request, send):
         mode = runtime_v1.parse_mode(backend.text(request, "mode"))

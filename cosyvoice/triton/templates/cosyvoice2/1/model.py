@@ -100,17 +100,8 @@ class TritonPythonModel:
 
     def _token2wav(self, ids, prompt, request_id, offset=None, finalize=None, speed=1.0):
         _, tokens, feat, embedding = prompt
-        inputs = {"target_speech_tokens": np.asarray(ids, dtype=np.int32)[None],
-                  "prompt_speech_tokens": tokens.astype(np.int32)[None],
-                  "prompt_speech_feat": feat.astype(np.float16)[None],
-                  "prompt_spk_embedding": embedding.astype(np.float16)[None]}
-        if speed != 1.0:  # the mel stretched before the vocoder (token2wav)
-            inputs["speed"] = np.array([[speed]], dtype=np.float32)
-        if offset is not None:
-            inputs["token_offset"] = np.array([[offset]], dtype=np.int32)
-            inputs["finalize"] = np.array([[finalize]], dtype=np.bool_)
-        waveform = backend.output(backend.infer("token2wav", inputs, ["waveform"], request_id), "waveform")
-        return waveform.astype(np.float32)
+        return backend.token2wav(ids, tokens, feat, embedding, request_id, speed=speed, offset=offset,
+                                 finalize=finalize)
 
     # --- requests ----------------------------------------------------------------------------
     def _synthesize(self, request, send):
