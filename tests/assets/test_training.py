@@ -234,7 +234,7 @@ def test_multi_node_on_kubernetes_starts_workers_for_the_run_and_always_removes_
         raise RuntimeError("pod failed")
 
     monkeypatch.setattr(PipesK8sClient, "run", run)
-    training = TrainingResource(model_dir="/models/llm", recipe="/app/configs/cosyvoice2.yaml")
+    training = TrainingResource(model_dir="/models/llm", recipe="configs/cosyvoice2.yaml")  # read for its family
     launcher = K8sLauncher(image="cosyvoice-pipeline-gpu:1", namespace="cosyvoice", volume_claim="models")
     result = dg.materialize([llm_checkpoint], resources={"store": DataStore(root=data_root), "training": training,
                                                          "train_launcher": launcher},

@@ -28,6 +28,7 @@ from cosyvoice.triton import runtime
 from cosyvoice.triton.render import render_repo, repo_values
 from cosyvoice.triton.server import TritonServer
 from tests.support.tritonserver import stop_servers
+from tests.triton.conftest import ONE_THREAD
 from tests.triton.helpers import EOS1, ORIGINAL_VOCAB_SIZE
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,8 @@ def _serve(triton_env, hf_dir, model_dir, out, *, decoupled):
     values = repo_values(engine_dir=hf_dir, hf_dir=hf_dir, model_dir=model_dir, bls_instances=1, decoupled=decoupled,
                          overrides={"token2wav_seed": str(SEED), "token2wav_device": "cpu"})
     render_repo(out, values, llm_backend="python")
-    return TritonServer(out, env=triton_env)
+    # one OpenMP thread per served model: thread pools of the python models contend on the suite's 2 cores
+    return TritonServer(out, env=triton_env, extra_env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
