@@ -24,6 +24,7 @@ from cosyvoice.train.checkpoint import load_model_weights
 from cosyvoice.train.models import trained_model
 from cosyvoice.train.options import TrainOptions
 from cosyvoice.train.trainer import train
+from tests.support.v1_recipes import small_gan_recipe
 
 HERE = os.path.dirname(__file__)
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
@@ -181,16 +182,7 @@ def test_rows_whose_tokens_do_not_span_their_mel_are_dropped_and_counted():
 
 @pytest.fixture(scope="module")
 def gan_recipe(tmp_path_factory) -> str:
-    """The tiny v1 recipe with batches of 4 crops of 5 mel frames (1280 samples at 22.05 kHz): the
-    discriminators have upstream's fixed widths, so their cost grows with the audio per step."""
-    text = open(TINY_V1).read()
-    for old, new in (("    max_frames_in_batch: 2000", "    max_frames_in_batch: 20"),
-                     ("    truncate_length: 9216", "    truncate_length: 1280")):
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    path = tmp_path_factory.mktemp("v1_gan") / "cosyvoice-tiny-gan.yaml"
-    path.write_text(text)
-    return str(path)
+    return small_gan_recipe(tmp_path_factory.mktemp("v1_gan"), TINY_V1)
 
 
 def test_the_22k_vocoder_trains_and_writes_the_released_hift_file(v1_lists, gan_recipe, tmp_path):

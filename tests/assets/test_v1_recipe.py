@@ -32,6 +32,7 @@ from cosyvoice.corpus.synthetic import make_synthetic_corpus
 from cosyvoice.features.feature_files import read_parquet
 from pipelines.launchers import Launcher, SubprocessLauncher
 from pipelines.resources import DataStore, ModelStore, TrainingResource, resources_for
+from tests.support.v1_recipes import small_gan_recipe
 
 V1_TINY = "configs/cosyvoice-tiny.yaml"
 SHARD = "dev-clean-000000"  # the one shard of a 6-utterance corpus: the stages cost per utterance
@@ -57,17 +58,6 @@ def small_corpus(tmp_path_factory) -> str:
     return root
 
 
-def small_gan_recipe(folder) -> str:
-    """The tiny v1 recipe with GAN batches of 4 crops of 5 mel frames (tests/acoustic/test_v1_training.py): the
-    discriminators have upstream's fixed widths, so the HiFT step costs what its audio does."""
-    text = open(V1_TINY).read()
-    for old, new in (("    max_frames_in_batch: 2000", "    max_frames_in_batch: 20"),
-                     ("    truncate_length: 9216", "    truncate_length: 1280")):
-        assert text.count(old) == 1, old
-        text = text.replace(old, new)
-    path = folder / "cosyvoice-tiny-gan.yaml"
-    path.write_text(text)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
