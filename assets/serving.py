@@ -9,7 +9,6 @@ alone (cosyvoice BLS + python-backend ``transformer_llm`` + 22.05 kHz ``token2wa
 metadata records which files were served (path + sha256).
 """
 
-import os
 import tempfile
 from enum import Enum
 
@@ -189,7 +188,9 @@ V1_SERVED_FILES = (LLM_FILE, FLOW_FILE, HIFT_FILE, CONFIG_FILE_V1, "campplus.onn
 def require_v1_files(model_dir: str, released_dir: str) -> None:
     """``dg.Failure`` before the prompts are built when the composed CosyVoice1 dir lacks a file its repository
     serves (the LLM, the acoustic models, the recipe, the front-end ONNX models the prompts come from)."""
-    absent = [name for name in V1_SERVED_FILES if not os.path.isfile(os.path.join(model_dir, name))]
+    from cosyvoice.acoustic.synthesis import missing_files
+
+    absent = missing_files(model_dir, V1_SERVED_FILES)
     if absent:
         raise dg.Failure(f"{released_dir} is a {COSYVOICE1.name} model dir ({CONFIG_FILE_V1}) but the model to serve "
                          f"lacks {', '.join(absent)}: a CosyVoice1 repository serves {', '.join(V1_SERVED_FILES)} "
