@@ -137,13 +137,23 @@ class Postgres:
             conn.close()
         return name
 
-    def drop_database(self, name: str) -> None:
-        conn = self.connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
+    def drop_database(self, name: str, attempts: int = 20) -> None:
+        """Drop ``name``, ending its sessions. A session of another role (an autovacuum worker, a bouncer's
+        server connection being closed) makes FORCE refuse for a moment: retried."""
+        import psycopg2
+
+        for attempt in range(attempts):
+            conn = self.connect()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                return
+            except psycopg2.errors.InsufficientPrivilege:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5)
+            finally:
+                conn.close()
 
     def size(self, name: str) -> dict:
         """``pg_database_size`` and the row counts of the tables a backfill grows."""
@@ -384,19 +394,25 @@ def measure(partitions: int, *, workdir: Path, pg: Postgres, batch: int | None =
                         idle_window_s=idle_window_s, metadata=metadata, log=log)
     from bench.pgbouncer import PgBouncer
 
-    with PgBouncer(pg.host, pg.port, pg.user, pg.password) as bouncer:
-        result = _measure(partitions, workdir=workdir, pg=pg, stack_pg=Postgres("127.0.0.1", str(bouncer.port), pg.user,
-                                                                                 pg.password),
-                          batch=batch, keep=keep, max_concurrent_runs=max_concurrent_runs,
-                          planned_events=planned_events, timeout=timeout, idle_window_s=idle_window_s,
-                          metadata=metadata, log=log)
+    databases: list[str] = []  # dropped once the bouncer has closed its server connections to it
+    try:
+        with PgBouncer(pg.host, pg.port, pg.user, pg.password) as bouncer:
+            result = _measure(partitions, workdir=workdir, pg=pg,
+                              stack_pg=Postgres("127.0.0.1", str(bouncer.port), pg.user, pg.password),
+                              batch=batch, keep=True, max_concurrent_runs=max_concurrent_runs,
+                              planned_events=planned_events, timeout=timeout, idle_window_s=idle_window_s,
+                              metadata=metadata, log=log, created=databases)
+    finally:
+        if not keep:
+            for name in databases:
+                pg.drop_database(name)
     result["direct_connect_s"] = round(pg.connect_seconds(), 4)
     return result
 
 
 def _measure(partitions: int, *, workdir: Path, pg: Postgres, stack_pg: Postgres, batch: int | None, keep: bool,
              max_concurrent_runs: int, planned_events: str, timeout: float, idle_window_s: float, metadata: str,
-             log) -> dict:
+             log, created: list[str] | None = None) -> dict:
     """``measure`` with the stack (and the in-process instance) connecting through ``stack_pg``; ``pg`` creates,
     sizes and drops the database."""
     from dagster._core.storage.defs_state.base import _current_storage
@@ -406,6 +422,8 @@ def _measure(partitions: int, *, workdir: Path, pg: Postgres, stack_pg: Postgres
     corpus_root = home / "corpus"
     corpus_root.mkdir()
     dbname = pg.create_database()
+    if created is not None:
+        created.append(dbname)
     saved = {k: os.environ.get(k) for k in stack_pg.env(dbname)}
     os.environ.update(stack_pg.env(dbname))  # the instance config references the connection from the environment
     config = write_bench_instance(home / "home", records_path, max_concurrent_runs, metadata=metadata)
