@@ -137,7 +137,8 @@ def test_the_v1_flow_trains_on_whole_utterances_and_writes_the_released_flow_fil
     assert step == report.steps
     assert set(weights) <= set(_table("flow_v1_keys.tsv"))  # released names, no wrapper prefix
     loaded = load_flow_v1(weights, FlowV1Config.tiny())  # strictly
-    assert not torch.equal(loaded.input_embedding.weight, torch.load(tmp_path / "init.pt")["input_embedding.weight"])
+    initial = torch.load(tmp_path / "init.pt", weights_only=True)
+    assert not torch.equal(loaded.input_embedding.weight, initial["input_embedding.weight"])
 
 
 def test_the_v1_flow_drops_and_counts_rows_of_25hz_tokens(training_list, tmp_path):
