@@ -177,7 +177,21 @@ def runtime_output(wav: torch.Tensor, mel: torch.Tensor, return_mel: bool):
     return (samples, mel.float().cpu()) if return_mel else samples
 
 
-class Token2Wav:
+class StreamingRuntime:
+    """What both generations' runtimes expose about their live streams (``self._streams``)."""
+
+    _streams: StreamStates
+
+    def release(self, request_id: str) -> None:
+        """Forget a stream's state (after its final chunk, an error or a cancellation)."""
+        self._streams.release(request_id)
+
+    @property
+    def live_streams(self) -> int:
+        return len(self._streams)
+
+
+class Token2Wav(StreamingRuntime):
     """Speech tokens -> 24 kHz waveform with the CosyVoice2 flow + HiFT of ``model_dir``.
 
     ``model_dir`` holds ``cosyvoice2.yaml`` (its ``flow``/``hift`` sections say the sizes; the
@@ -303,14 +317,6 @@ class Token2Wav:
             with torch.inference_mode():
                 wav, mel = self._chunk(stream, tokens, prompt, feat, emb, int(token_offset), finalize, generator)
         return runtime_output(wav, mel, return_mel)
-
-    def release(self, request_id: str) -> None:
-        """Forget a stream's state (after its final chunk, an error or a cancellation)."""
-        self._streams.release(request_id)
-
-    @property
-    def live_streams(self) -> int:
-        return len(self._streams)
 
     # -- internals ----------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from cosyvoice.acoustic.flow_v1 import FlowV1Config, FlowV1Model, load_flow_v1
 from cosyvoice.acoustic.hift import HiFTConfig, HiFTGenerator, load_hift
 from cosyvoice.acoustic.token2wav import (
     DTYPES,
+    StreamingRuntime,
     StreamStates,
     check_speed,
     fade_in_out,
@@ -97,7 +98,7 @@ def read_configs_v1(model_dir: str) -> tuple[FlowV1Config, HiFTConfig]:
     return acoustic_configs_v1(path)
 
 
-class Token2WavV1:
+class Token2WavV1(StreamingRuntime):
     """CosyVoice1 speech tokens -> 22.05 kHz waveform with the flow + HiFT of ``model_dir``.
 
     ``model_dir`` holds ``flow.pt`` and ``hift.pt`` (loaded strictly) and ``cosyvoice.yaml`` (the
@@ -206,13 +207,6 @@ class Token2WavV1:
                 wav, mel = self._chunk(stream, tokens[:, offset:], prompt, feat, emb, finalize)
         return runtime_output(wav, mel, return_mel)
 
-    def release(self, request_id: str) -> None:
-        """Forget a stream's state (after its final chunk, an error or a cancellation)."""
-        self._streams.release(request_id)
-
-    @property
-    def live_streams(self) -> int:
-        return len(self._streams)
 
     # -- internals ----------------------------------------------------------------------------------
 
