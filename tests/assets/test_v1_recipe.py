@@ -58,8 +58,6 @@ def small_corpus(tmp_path_factory) -> str:
     return root
 
 
-
-
 @pytest.fixture(scope="module")
 def v1_run(small_corpus, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("v1")
